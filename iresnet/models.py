@@ -1,0 +1,227 @@
+"""The i-ResNet classifier (Sec. 5.1, App. C.2), its vanilla / BatchNorm baselines, and the multiscale flow (App. C.3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from iresnet.base import Invertible, InvertibleSequential
+from iresnet.blocks import InvertibleResidualBlock, conv_branch, residual_blocks
+from iresnet.layers import ActNorm, InjectivePad, Squeeze
+from iresnet.logdet import LogDetSettings
+from iresnet.priors import DiagonalGaussian
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """Options shared by the classifier and the flow; named after the paper's command line.
+
+    ``n_blocks`` / ``strides`` / ``channels`` are per stage (``--nBlocks --nStrides --nChannels``): a stride of 2
+    squeezes (spatial /2, channels x4) before the stage; ``channels`` is the hidden width of the residual branch.
+    ``coeff`` is the Lipschitz coefficient c (``--coeff``); ``None`` removes the constraint (vanilla baseline).
+    ``init_ds`` squeezes the input by that factor first (1: none); ``inj_pad`` appends zero channels (classifier).
+    """
+
+    in_shape: tuple[int, int, int]
+    n_blocks: tuple[int, ...] = (7, 7, 7)
+    strides: tuple[int, ...] = (1, 2, 2)
+    channels: tuple[int, ...] = (32, 64, 128)
+    coeff: float | None = 0.9
+    n_power_iter: int = 1
+    nonlin: str = "elu"
+    init_ds: int = 1
+    inj_pad: int = 0
+    actnorm: bool = True
+    batchnorm: bool = False
+    kernel_sizes: tuple[int, ...] = (3, 1, 3)
+
+    def __post_init__(self) -> None:
+        if not (len(self.n_blocks) == len(self.strides) == len(self.channels)) or not self.n_blocks:
+            raise ValueError(
+                f"n_blocks {self.n_blocks}, strides {self.strides} and channels {self.channels} must be non-empty "
+                "and of equal length (one entry per stage)"
+            )
+        if any(s not in (1, 2) for s in self.strides):
+            raise ValueError(f"strides must be 1 or 2 (2 squeezes), got {self.strides}")
+        if self.init_ds not in (1, 2):
+            raise ValueError(f"init_ds must be 1 (no squeeze) or 2, got {self.init_ds}")
+        if self.coeff is not None and not 0 < self.coeff < 1:
+            raise ValueError(f"coeff must lie in (0, 1) for an invertible network, or be None (vanilla); got {self.coeff}")
+        if self.inj_pad < 0 or any(n < 1 for n in self.n_blocks) or any(c < 1 for c in self.channels):
+            raise ValueError("inj_pad must be >= 0, and every n_blocks and channels entry >= 1")
+
+
+def _squeezed(shape: tuple[int, int, int], factor: int, where: str) -> tuple[int, int, int]:
+    c, h, w = shape
+    if h % factor or w % factor:
+        raise ValueError(
+            f"{where}: spatial size {h}x{w} is not divisible by the squeeze factor {factor}; "
+            "pad the input (e.g. data.pad_to_32) or use fewer stride-2 stages"
+        )
+    return (c * factor * factor, h // factor, w // factor)
+
+
+def _stage_blocks(
+    config: ResNetConfig, stage: int, shape: tuple[int, int, int], logdet: LogDetSettings
+) -> list[Invertible]:
+    """``n_blocks[stage]`` units of (ActNorm, residual block) on tensors of ``shape``."""
+    c, h, w = shape
+    layers: list[Invertible] = []
+    for _ in range(config.n_blocks[stage]):
+        if config.actnorm:
+            layers.append(ActNorm(c))
+        branch = conv_branch(
+            c, config.channels[stage], (h, w), config.coeff, config.n_power_iter, config.nonlin,
+            config.kernel_sizes, input_nonlin=True, batchnorm=config.batchnorm,
+        )
+        layers.append(InvertibleResidualBlock(branch, logdet))
+    return layers
+
+
+class IResNetClassifier(nn.Module):
+    """i-ResNet classifier: invertible body -> BN -> ReLU -> global average pool -> linear (App. C.2).
+
+    The body (``init_ds`` squeeze, injective padding, stages of ActNorm + residual blocks with squeezes between)
+    is an ``InvertibleSequential``, so the input can be reconstructed from the final features (Fig. 3/7/8).
+    ``x: (B, *in_shape) -> logits: (B, n_classes)``.
+    """
+
+    def __init__(self, config: ResNetConfig, n_classes: int = 10) -> None:
+        super().__init__()
+        self.config = config
+        no_logdet = LogDetSettings(estimator="none")
+        shape = config.in_shape
+        layers: list[Invertible] = []
+        if config.init_ds > 1:
+            shape = _squeezed(shape, config.init_ds, "init_ds")
+            layers.append(Squeeze(config.init_ds))
+        if config.inj_pad:
+            layers.append(InjectivePad(config.inj_pad))
+            shape = (shape[0] + config.inj_pad, shape[1], shape[2])
+        for stage, stride in enumerate(config.strides):
+            if stride == 2:
+                shape = _squeezed(shape, 2, f"stage {stage}")
+                layers.append(Squeeze(2))
+            layers.extend(_stage_blocks(config, stage, shape, no_logdet))
+        self.body = InvertibleSequential(layers)
+        self.feature_shape = shape
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(shape[0]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(shape[0], n_classes)
+        )
+
+    def features(self, x: Tensor) -> Tensor:
+        """Final features ``(B, *feature_shape)`` of the invertible body."""
+        return self.body(x)[0]
+
+    def reconstruct(self, features: Tensor) -> Tensor:
+        """Invert the body (Algorithm 1 in every block, with each block's ``inverse_settings``)."""
+        return self.body.inverse(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+@dataclass(frozen=True)
+class FlowConfig(ResNetConfig):
+    """A multiscale flow (App. C.3): after every stage but the last, half the channels are factored out.
+
+    Defaults follow the seed's density command (``--nBlocks 16 16 16 --nStrides 1 2 2 --nChannels 512 512 512
+    --coeff 0.9 --numSeriesTerms 5``) with an initial squeeze. ``learned_prior`` selects a learned diagonal Gaussian
+    per factored-out part instead of the standard normal.
+    """
+
+    n_blocks: tuple[int, ...] = (16, 16, 16)
+    channels: tuple[int, ...] = (512, 512, 512)
+    init_ds: int = 2
+    learned_prior: bool = True
+    logdet: LogDetSettings = field(default_factory=LogDetSettings)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inj_pad:
+            raise ValueError("a flow must be bijective: inj_pad must be 0 for the multiscale flow")
+        if self.coeff is None:
+            raise ValueError("a flow needs the Lipschitz constraint: coeff must lie in (0, 1), not None")
+
+
+class MultiscaleFlow(nn.Module):
+    """Multiscale i-ResNet flow like Glow / Real NVP: ``ln p(x) = Σ_i ln p(z_i) + ln|det J_F(x)|`` (Eq. 3).
+
+    ``x: (B, *in_shape)`` (dequantised, in ``[-0.5, 0.5]``) ``-> zs``: one latent per scale; ``log_prob(x): (B,)``.
+    ``block_dims[i]`` is the dimension of the input of ``residual_blocks(self)[i]`` (the ``d`` of Theorem 3).
+    """
+
+    def __init__(self, config: FlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        shape = config.in_shape
+        self.n_dims = math.prod(shape)
+        self.stages = nn.ModuleList()
+        self.priors = nn.ModuleList()
+        self.block_dims: list[int] = []
+        for stage, stride in enumerate(config.strides):
+            layers: list[Invertible] = []
+            squeeze = config.init_ds if stage == 0 else 1
+            squeeze *= stride
+            if squeeze > 1:
+                shape = _squeezed(shape, squeeze, f"stage {stage}")
+                layers.append(Squeeze(squeeze))
+            layers.extend(_stage_blocks(config, stage, shape, config.logdet))
+            self.block_dims.extend([math.prod(shape)] * config.n_blocks[stage])
+            self.stages.append(InvertibleSequential(layers))
+            last = stage == len(config.strides) - 1
+            if not last:
+                if shape[0] % 2:
+                    raise ValueError(f"stage {stage}: {shape[0]} channels cannot be split in half for factor-out")
+                shape = (shape[0] // 2, shape[1], shape[2])
+            self.priors.append(DiagonalGaussian(shape, learned=config.learned_prior))
+
+    def encode(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``x -> (zs, logdet)``: the latents of every scale and ``ln|det J_F(x)|`` of shape ``(B,)``."""
+        zs: list[Tensor] = []
+        logdet = x.new_zeros(x.shape[0])
+        h = x
+        for stage, layers in enumerate(self.stages):
+            h, stage_logdet = layers(h)
+            logdet = logdet + stage_logdet
+            if stage < len(self.stages) - 1:
+                z, h = h.chunk(2, dim=1)
+                zs.append(z)
+        zs.append(h)
+        return zs, logdet
+
+    def decode(self, zs: list[Tensor]) -> Tensor:
+        """Inverse of ``encode`` (fixed-point inverse in every block)."""
+        h = zs[-1]
+        for stage in reversed(range(len(self.stages))):
+            if stage < len(self.stages) - 1:
+                h = torch.cat([zs[stage], h], dim=1)
+            h = self.stages[stage].inverse(h)
+        return h
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``ln p(x)`` per example, shape ``(B,)`` (Eq. 3, with the configured log-det estimator)."""
+        zs, logdet = self.encode(x)
+        return sum(prior.log_prob(z) for prior, z in zip(self.priors, zs)) + logdet
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.log_prob(x)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` samples ``(n, *in_shape)`` drawn from the priors and pushed through the inverse."""
+        return self.decode([prior.sample(n, temperature, generator) for prior in self.priors])
+
+
+def bits_per_dim(log_prob: Tensor, n_dims: int, n_bins: int = 256) -> Tensor:
+    """Bits per dimension of discrete data from the density of its dequantised version.
+
+    With data scaled to bins of width ``1/n_bins``, ``P(x) ≈ p(x) / n_bins^D``, so
+    ``bpd = (-ln p(x) + D ln n_bins) / (D ln 2)``. ``n_dims`` (``D``) must be stated: MNIST counts 784 dimensions,
+    but 3072 once padded to 32x32 and repeated to 3 channels as in the authors' code. ``(B,) -> (B,)``.
+    """
+    return (-log_prob + n_dims * math.log(n_bins)) / (n_dims * math.log(2))
+
