@@ -11,6 +11,8 @@ import torch
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The tests use tiny tensors: one thread avoids thread start-up costs that dominate them on a busy 2-core machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,175 @@
+"""Volume-tracking building blocks around the residual blocks, and the 1-Lipschitz nonlinearities of ``g``.
+
+* ``ActNorm``: per-channel affine map with data-dependent initialisation (Kingma & Dhariwal 2018), placed before
+  each residual block (App. C.2); its "initialised" flag is a buffer, so a loaded model never re-initialises.
+* ``Squeeze``: invertible space-to-depth used for downsampling (spatial / f, channels x f^2).
+* ``InjectivePad``: appends zero channels (the classifier's ``inj_pad``).
+* ``make_nonlinearity``: the 1-Lipschitz ``phi`` of Sec. 2.1 (ELU, softplus, ReLU, max-min sorting, LipSwish).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iresnet.base import Invertible, zero_logdet
+
+
+class ActNorm(Invertible):
+    """``y = (x + bias) * exp(log_scale)`` per channel (dim 1), for ``(B, C)`` or ``(B, C, H, W)`` inputs.
+
+    On the first forward in training mode while ``initialized`` is False, ``bias`` and ``log_scale`` are set from
+    the batch (without gradient) so that every output channel has zero mean and unit (population) standard
+    deviation. ``logdet`` is ``H * W * sum(log_scale)`` per example (``sum(log_scale)`` for 2-D inputs), shape ``(B,)``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        self.num_features = num_features
+        self.eps = eps  # floor on the batch std, so a constant channel does not give an infinite scale
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.log_scale = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _view(self, p: Tensor, x: Tensor) -> Tensor:
+        return p.view(1, -1, *([1] * (x.ndim - 2)))
+
+    def _check(self, x: Tensor) -> None:
+        if x.ndim not in (2, 4) or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"ActNorm({self.num_features}) expects (B, {self.num_features}) or (B, {self.num_features}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+
+    @torch.no_grad()
+    def _initialise(self, x: Tensor) -> None:
+        dims = [d for d in range(x.ndim) if d != 1]
+        mean = x.mean(dim=dims)
+        std = x.std(dim=dims, unbiased=False)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std.clamp_min(self.eps)))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(x)
+        if self.training and not bool(self.initialized):
+            self._initialise(x)
+        y = (x + self._view(self.bias, x)) * self._view(self.log_scale, x).exp()
+        pixels = math.prod(x.shape[2:])  # H * W for images, 1 for vectors
+        logdet = (pixels * self.log_scale.sum()).expand(x.shape[0])
+        return y, logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        self._check(y)
+        return y * self._view(-self.log_scale, y).exp() - self._view(self.bias, y)
+
+
+class Squeeze(Invertible):
+    """Space-to-depth ``(B, C, H, W) -> (B, C f^2, H / f, W / f)``; a permutation, so ``logdet = 0``.
+
+    Output channel ``c f^2 + i f + j`` at ``(h, w)`` holds input channel ``c`` at ``(h f + i, w f + j)``
+    (``torch.nn.functional.pixel_unshuffle``).
+    """
+
+    def __init__(self, factor: int = 2) -> None:
+        super().__init__()
+        if factor < 1:
+            raise ValueError(f"factor must be a positive int, got {factor}")
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.ndim != 4 or x.shape[2] % self.factor or x.shape[3] % self.factor:
+            raise ValueError(
+                f"Squeeze({self.factor}) needs (B, C, H, W) with H and W divisible by {self.factor}, "
+                f"got {tuple(x.shape)}; pad or crop the input first"
+            )
+        return F.pixel_unshuffle(x, self.factor), zero_logdet(x)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        if y.ndim != 4 or y.shape[1] % (self.factor**2):
+            raise ValueError(
+                f"Squeeze({self.factor}).inverse needs (B, C, H, W) with C divisible by {self.factor ** 2}, "
+                f"got {tuple(y.shape)}"
+            )
+        return F.pixel_shuffle(y, self.factor)
+
+
+class InjectivePad(Invertible):
+    """Append ``pad_channels`` zero channels: ``(B, C, ...) -> (B, C + pad_channels, ...)``.
+
+    The map is injective, not bijective: ``inverse`` drops the padded channels and is only a left inverse (it
+    ignores whatever they hold). Its Jacobian is an isometric embedding, ``sqrt(det(J^T J)) = 1``, so the volume
+    term is ``logdet = 0``. The paper's classifier pads 3 -> 16 channels (13 zeros).
+    """
+
+    def __init__(self, pad_channels: int) -> None:
+        super().__init__()
+        if pad_channels < 0:
+            raise ValueError(f"pad_channels must be >= 0, got {pad_channels}")
+        self.pad_channels = pad_channels
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.ndim < 2:
+            raise ValueError(f"InjectivePad needs (B, C, ...), got {tuple(x.shape)}")
+        zeros = x.new_zeros(x.shape[0], self.pad_channels, *x.shape[2:])
+        return torch.cat([x, zeros], dim=1), zero_logdet(x)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        if y.ndim < 2 or y.shape[1] < self.pad_channels:
+            raise ValueError(f"InjectivePad({self.pad_channels}).inverse got {tuple(y.shape)}: too few channels")
+        return y[:, : y.shape[1] - self.pad_channels]
+
+
+class MaxMin(nn.Module):
+    """"Sorting" nonlinearity: split dim 1 into halves ``a, b`` and return ``cat(max(a, b), min(a, b))``.
+
+    It permutes coordinates locally, so it is 1-Lipschitz (and norm preserving); needs an even channel count.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim < 2 or x.shape[1] % 2:
+            raise ValueError(f"the sorting (max-min) nonlinearity needs an even number of channels, got {tuple(x.shape)}")
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
+class LipSwish(nn.Module):
+    """``x * sigmoid(beta x) / 1.1`` with ``beta = softplus(raw_beta) > 0`` learnable (Chen et al. 2019).
+
+    The derivative of ``x sigmoid(beta x)`` peaks at about 1.0998 for every ``beta``, so dividing by 1.1 makes the
+    map 1-Lipschitz. ``raw_beta`` starts at 0.5 as in Residual Flows.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw_beta = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(F.softplus(self.raw_beta) * x) / 1.1
+
+
+NONLINEARITIES: tuple[str, ...] = ("elu", "softplus", "relu", "sorting", "lipswish")
+
+
+def make_nonlinearity(name: str) -> nn.Module:
+    """A fresh 1-Lipschitz nonlinearity by name, one of ``NONLINEARITIES``.
+
+    ELU (alpha = 1) and softplus have derivatives in (0, 1] and are continuously differentiable, as the log-det
+    estimator needs (App. C.3); ReLU and sorting are 1-Lipschitz but not smooth.
+    """
+    if name == "elu":
+        return nn.ELU(alpha=1.0)
+    if name == "softplus":
+        return nn.Softplus()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "sorting":
+        return MaxMin()
+    if name == "lipswish":
+        return LipSwish()
+    raise ValueError(f"unknown nonlinearity {name!r}; choose one of {', '.join(NONLINEARITIES)}")

@@ -1,0 +1,304 @@
+"""Spectral normalisation (Eq. 2) against dense operators, and the exact / certified norm helpers (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from iresnet.layers import Squeeze
+from iresnet.spectral_norm import (
+    LipschitzConv2d,
+    LipschitzLinear,
+    conv_norm_lower_bound,
+    conv_norm_upper_bound,
+    conv_singular_values,
+    dense_operator,
+    layer_lipschitz_bound,
+    operator_norm,
+    project_to_bound,
+)
+
+F64 = torch.float64
+
+# (in_channels, out_channels, kernel_size, input_hw); the last one is the shape after Squeeze(2) of (2, 8, 8).
+CONV_CASES = [(3, 4, 3, (5, 5)), (4, 4, 1, (5, 5)), (8, 8, 3, (4, 4)), (4, 6, 3, (6, 5))]
+
+
+def zero_padded_norm(weight: Tensor, input_hw: tuple[int, int], padding: int) -> float:
+    """Exact norm of the zero-padded stride-1 convolution, from its dense matrix."""
+    return operator_norm(lambda z: F.conv2d(z, weight, padding=padding), (1, weight.shape[1], *input_hw))
+
+
+def inflated_conv(c_in: int, c_out: int, k: int, hw: tuple[int, int], coeff: float | None, n_iter: int) -> LipschitzConv2d:
+    layer = LipschitzConv2d(c_in, c_out, k, hw, coeff=coeff, n_power_iter=n_iter).to(F64)
+    with torch.no_grad():
+        layer.weight.mul_(10.0)
+    return layer
+
+
+# ------------------------------------------------------------------ the normalised layers
+
+
+@pytest.mark.parametrize("coeff", [0.9, 0.5])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}to{c[1]}_k{c[2]}_{c[3][0]}x{c[3][1]}")
+def test_conv_normalised_to_coeff_on_exact_operator(case: tuple, coeff: float) -> None:
+    c_in, c_out, k, hw = case
+    layer = inflated_conv(c_in, c_out, k, hw, coeff, n_iter=20)
+    assert zero_padded_norm(layer.weight.detach(), hw, layer.padding) > 5 * coeff  # really inflated
+    x = torch.randn(2, c_in, *hw, dtype=F64)
+    for _ in range(50):  # 50 training forwards x 20 power iterations
+        layer(x)
+    layer.eval()
+    exact = zero_padded_norm(layer.effective_weight().detach(), hw, layer.padding)
+    assert exact <= coeff * (1 + 1e-3)
+    assert exact >= coeff * (1 - 1e-2)
+    # sigma estimates the zero-padded operator at input_hw (Gouk et al.), not the reshaped kernel matrix.
+    sigma_exact = zero_padded_norm(layer.weight.detach(), hw, layer.padding)
+    assert float(layer.sigma) == pytest.approx(sigma_exact, rel=1e-3)
+    kernel_matrix_norm = float(torch.linalg.matrix_norm(layer.weight.detach().reshape(c_out, -1), ord=2))
+    if k > 1:
+        assert abs(kernel_matrix_norm - sigma_exact) > 1e-2 * sigma_exact
+
+
+def test_conv_after_squeeze_uses_the_real_input_shape() -> None:
+    x = torch.randn(2, 2, 8, 8, dtype=F64)
+    squeezed, _ = Squeeze(2)(x)
+    assert squeezed.shape == (2, 8, 4, 4)
+    layer = inflated_conv(8, 8, 3, (4, 4), coeff=0.7, n_iter=20)
+    for _ in range(50):
+        layer(squeezed)
+    layer.eval()
+    exact = zero_padded_norm(layer.effective_weight().detach(), (4, 4), 1)
+    assert 0.7 * (1 - 1e-2) <= exact <= 0.7 * (1 + 1e-3)
+    with pytest.raises(ValueError, match="input_hw"):
+        layer(x.repeat(1, 4, 1, 1))  # pre-squeeze spatial size 8x8: the wrong operator
+
+
+@pytest.mark.parametrize("coeff", [0.9, 0.5])
+def test_linear_normalised_to_coeff(coeff: float) -> None:
+    layer = LipschitzLinear(5, 4, coeff=coeff, n_power_iter=20).to(F64)
+    with torch.no_grad():
+        layer.weight.mul_(10.0)
+    x = torch.randn(3, 5, dtype=F64)
+    for _ in range(50):
+        layer(x)
+    layer.eval()
+    exact = float(torch.linalg.matrix_norm(layer.effective_weight().detach(), ord=2))
+    assert coeff * (1 - 1e-2) <= exact <= coeff * (1 + 1e-3)
+    assert layer_lipschitz_bound(layer) == pytest.approx(exact, rel=1e-12)
+
+
+def test_weight_only_scaled_down() -> None:
+    layer = LipschitzConv2d(2, 3, 3, (4, 4), coeff=0.9, n_power_iter=50).to(F64)
+    with torch.no_grad():
+        layer.weight.mul_(0.1 / zero_padded_norm(layer.weight.detach(), (4, 4), 1))  # norm 0.1 < c
+    layer(torch.randn(1, 2, 4, 4, dtype=F64))
+    assert torch.equal(layer.effective_weight(), layer.weight)
+
+
+def test_gradient_flows_through_sigma() -> None:
+    """Finite differences of the eval forward (sigma depends on W) agree with autograd: sigma is not detached."""
+    layer = inflated_conv(2, 2, 3, (3, 3), coeff=0.8, n_iter=5)
+    layer(torch.randn(1, 2, 3, 3, dtype=F64))
+    layer.eval()
+    assert float(layer.sigma) > 0.8  # Eq. 2 active
+    x = torch.randn(2, 2, 3, 3, dtype=F64)
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    fn = lambda w: torch.func.functional_call(layer, {"weight": w}, (x,))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (weight,))
+
+
+def test_eval_keeps_buffers_and_is_deterministic() -> None:
+    layer = LipschitzConv2d(2, 3, 3, (4, 4), coeff=0.9, n_power_iter=1).to(F64)
+    x = torch.randn(2, 2, 4, 4, dtype=F64)
+    layer.eval()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    out1, out2 = layer(x), layer(x)
+    assert torch.equal(out1, out2)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    layer.train()
+    layer(x)
+    assert not torch.equal(layer.u, before["u"])  # training does update, so the check above can fail
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_state_dict_round_trip_is_bitwise(kind: str) -> None:
+    def make() -> LipschitzConv2d | LipschitzLinear:
+        if kind == "conv":
+            return LipschitzConv2d(2, 3, 3, (4, 4), coeff=0.9, n_power_iter=2).to(F64)
+        return LipschitzLinear(3, 4, coeff=0.9, n_power_iter=2).to(F64)
+
+    x = torch.randn(2, 2, 4, 4, dtype=F64) if kind == "conv" else torch.randn(2, 3, dtype=F64)
+    saved = make()
+    with torch.no_grad():
+        saved.weight.mul_(5.0)
+    for _ in range(3):
+        saved(x)
+    assert {"weight", "bias", "u", "v", "sigma"} <= set(saved.state_dict())
+    loaded = make()  # different random u, v, weight
+    loaded.load_state_dict(saved.state_dict())
+    saved.eval(), loaded.eval()
+    assert torch.equal(saved(x), loaded(x))
+    saved.train(), loaded.train()  # the next training step continues from the same vectors
+    assert torch.equal(saved(x), loaded(x))
+    assert torch.equal(saved.sigma, loaded.sigma)
+
+
+def test_coeff_none_is_a_plain_conv() -> None:
+    layer = inflated_conv(2, 3, 3, (4, 4), coeff=None, n_iter=1)
+    x = torch.randn(2, 2, 4, 4, dtype=F64)
+    expected = F.conv2d(x, layer.weight, layer.bias, padding=1)
+    assert torch.equal(layer(x), expected)
+    layer.eval()
+    assert torch.equal(layer(x), expected)
+    assert layer.effective_weight() is layer.weight
+    assert layer_lipschitz_bound(layer) >= zero_padded_norm(layer.weight.detach(), (4, 4), 1) > 1.0
+
+    linear = LipschitzLinear(3, 2, coeff=None).to(F64)
+    z = torch.randn(4, 3, dtype=F64)
+    assert torch.equal(linear(z), F.linear(z, linear.weight, linear.bias))
+
+
+def test_construction_is_reproducible_under_a_seed() -> None:
+    torch.manual_seed(3)
+    a = LipschitzConv2d(2, 3, 3, (4, 4), coeff=0.9)
+    torch.manual_seed(3)
+    b = LipschitzConv2d(2, 3, 3, (4, 4), coeff=0.9)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert a.u.shape == (1, 3, 4, 4) and a.v.shape == (1, 2, 4, 4) and a.sigma.shape == ()
+    assert float(a.sigma) > 0
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="coeff"):
+        LipschitzConv2d(2, 2, 3, (4, 4), coeff=0.0)
+    with pytest.raises(ValueError, match="coeff"):
+        LipschitzLinear(2, 2, coeff=-1.0)
+    with pytest.raises(ValueError, match="n_power_iter"):
+        LipschitzConv2d(2, 2, 3, (4, 4), coeff=0.9, n_power_iter=-1)
+    with pytest.raises(ValueError, match="odd"):
+        LipschitzConv2d(2, 2, 2, (4, 4), coeff=0.9)
+    with pytest.raises(ValueError, match="input_hw"):
+        LipschitzConv2d(2, 2, 3, (4, 0), coeff=0.9)
+    with pytest.raises(ValueError, match="expected input"):
+        LipschitzLinear(2, 2, coeff=0.9)(torch.randn(3, 5))
+    LipschitzConv2d(2, 2, 3, (4, 4), coeff=1.5)  # c >= 1 is allowed here; the models validate c < 1
+
+
+# ------------------------------------------------------------------ exact and certified norms
+
+
+def test_dense_operator_matches_autograd_jacobian() -> None:
+    weight = torch.randn(3, 2, 3, 3, dtype=F64)
+    fn = lambda z: F.conv2d(z, weight, padding=1)  # noqa: E731
+    shape = (1, 2, 4, 3)
+    dense = dense_operator(fn, shape, chunk=5)  # several chunks
+    jac = torch.autograd.functional.jacobian(fn, torch.zeros(shape, dtype=F64)).reshape(3 * 4 * 3, 2 * 4 * 3)
+    assert torch.allclose(dense, jac, rtol=0, atol=1e-14)
+    # a batch dimension > 1: the map acts per example, so its matrix is block diagonal
+    dense2 = dense_operator(fn, (2, 2, 4, 3))
+    assert torch.allclose(dense2, torch.block_diag(jac, jac), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "c_out, c_in, k, hw", [(3, 2, 3, (5, 4)), (2, 3, 1, (4, 4)), (2, 2, 5, (6, 5)), (1, 1, 3, (3, 3)), (4, 4, 3, (2, 2))]
+)
+def test_conv_singular_values_match_dense_circular_operator(c_out: int, c_in: int, k: int, hw: tuple) -> None:
+    weight = torch.randn(c_out, c_in, k, k, dtype=F64)
+    p = k // 2  # F.pad's circular mode wraps at most the input size: every case has p <= min(hw)
+    circular = lambda z: F.conv2d(F.pad(z, (p, p, p, p), mode="circular"), weight)  # noqa: E731
+    expected = torch.linalg.svdvals(dense_operator(circular, (1, c_in, *hw)))
+    got = conv_singular_values(weight, hw)
+    assert got.shape == expected.shape == (hw[0] * hw[1] * min(c_in, c_out),)
+    assert torch.all(got[:-1] >= got[1:])
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6)
+    assert float((got - expected).abs().max()) < 1e-12  # in fact exact up to rounding
+
+
+@pytest.mark.parametrize("c_out, c_in, k, hw", [(3, 2, 3, (5, 4)), (4, 4, 3, (4, 4)), (2, 3, 5, (6, 6)), (3, 3, 1, (4, 5))])
+def test_upper_and_lower_bounds_bracket_the_zero_padded_norm(c_out: int, c_in: int, k: int, hw: tuple) -> None:
+    weight = torch.randn(c_out, c_in, k, k, dtype=F64)
+    p = k // 2
+    exact = zero_padded_norm(weight, hw, p)
+    upper = conv_norm_upper_bound(weight, hw, p)
+    lower = conv_norm_lower_bound(weight, hw, p)
+    assert upper >= exact * (1 - 1e-12)  # only rounding separates them when the bound is tight (k = 1)
+    assert lower <= exact * (1 + 1e-12)
+    assert lower == pytest.approx(exact, rel=1e-10)
+    if k == 1:
+        assert upper == pytest.approx(exact, rel=1e-12)  # circular = zero-padded for 1x1 kernels
+    else:
+        assert upper > exact  # strictly an upper bound on small inputs
+
+
+def test_upper_bound_covers_other_paddings() -> None:
+    weight = torch.randn(2, 3, 3, 3, dtype=F64)
+    for padding in (0, 1, 2):
+        exact = operator_norm(lambda z: F.conv2d(z, weight, padding=padding), (1, 3, 5, 5))
+        assert conv_norm_upper_bound(weight, (5, 5), padding) >= exact
+        assert conv_norm_lower_bound(weight, (5, 5), padding) == pytest.approx(exact, rel=1e-10)
+    with pytest.raises(ValueError, match="padding"):
+        conv_norm_upper_bound(weight, (5, 5), -1)
+
+
+def test_upper_bound_uses_the_padded_grid() -> None:
+    """A kernel whose taps cancel when wrapped on the 2x2 input grid: circular norm 0 there, zero-padded norm 1."""
+    weight = torch.zeros(1, 1, 3, 3, dtype=F64)
+    weight[0, 0, 1, 0], weight[0, 0, 1, 2] = 1.0, -1.0  # y[i, j] = x[i, j - 1] - x[i, j + 1]
+    assert float(conv_singular_values(weight, (2, 2))[0]) == pytest.approx(0.0, abs=1e-15)
+    assert zero_padded_norm(weight, (2, 2), 1) == pytest.approx(1.0, rel=1e-14)
+    assert conv_norm_upper_bound(weight, (2, 2), 1) >= 1.0
+
+
+def test_layer_bound_is_certified() -> None:
+    layer = LipschitzConv2d(3, 4, 3, (5, 5), coeff=0.9, n_power_iter=3).to(F64)
+    layer(torch.randn(1, 3, 5, 5, dtype=F64))
+    layer.eval()
+    effective = layer.effective_weight().detach()
+    bound = layer_lipschitz_bound(layer)
+    assert bound == conv_norm_upper_bound(effective, (5, 5), 1)
+    assert bound >= zero_padded_norm(effective, (5, 5), 1)
+    with pytest.raises(ValueError, match="LipschitzConv2d"):
+        layer_lipschitz_bound(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("layer_coeff", [None, 0.9, 0.5])
+def test_project_to_bound_repairs_a_lagging_conv(layer_coeff: float | None) -> None:
+    layer = inflated_conv(3, 4, 3, (5, 5), layer_coeff, n_iter=0)
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    with torch.no_grad():  # the weights moved after the last power iteration: sigma now under-estimates
+        layer.weight.add_(3.0 * torch.randn_like(layer.weight))
+    layer.eval()
+    assert layer_lipschitz_bound(layer) > 0.9
+    raw_before, sigma_before = layer.weight.detach().clone(), layer.sigma.clone()
+    scale = project_to_bound(layer, 0.9)
+    assert 0 < scale < 1
+    assert torch.allclose(layer.weight.detach(), raw_before * scale, rtol=1e-14, atol=0)
+    # re-measure: certified bound and the exact dense norm of the effective weight
+    assert layer_lipschitz_bound(layer) <= 0.9
+    assert zero_padded_norm(layer.effective_weight().detach(), (5, 5), 1) <= 0.9
+    assert layer_lipschitz_bound(layer) >= 0.9 * (1 - 1e-6)  # shrunk no more than needed
+    assert float(layer.sigma) == pytest.approx(float(sigma_before) * scale, rel=1e-14)  # the record follows W
+    # later training-mode power iterations only shrink the effective weight further
+    layer.train()
+    layer.n_power_iter = 10
+    layer(x)
+    layer.eval()
+    assert layer_lipschitz_bound(layer) <= 0.9
+    assert project_to_bound(layer, 0.9) == 1.0  # nothing to do
+
+
+def test_project_to_bound_linear() -> None:
+    layer = LipschitzLinear(4, 3, coeff=0.8, n_power_iter=0).to(F64)
+    with torch.no_grad():
+        layer.weight.mul_(10.0).add_(5.0 * torch.randn_like(layer.weight))
+    layer.eval()
+    assert layer_lipschitz_bound(layer) > 0.8
+    project_to_bound(layer, 0.8)
+    assert float(torch.linalg.matrix_norm(layer.effective_weight().detach(), ord=2)) <= 0.8
+    with pytest.raises(ValueError, match="coeff"):
+        project_to_bound(layer, 0.0)
