@@ -1,0 +1,162 @@
+"""The ``iresnet`` command line: one command per DVC stage, plus ``ui`` for the MLflow UI.
+
+Each stage command loads ``params.yaml`` (or ``--params FILE``), applies ``--set KEY=VALUE`` and its own explicit
+options, runs the stage module's ``run(params, paths, tracker)`` inside an MLflow run, and prints the returned
+metrics as a table. A user error (bad param, missing data, missing stage input) prints one paragraph and exits 1.
+
+Adding a stage::
+
+    @app.command()
+    def train_flow(ctx: typer.Context, epochs: Optional[int] = typer.Option(None, help="override flow.epochs")) -> None:
+        \"\"\"Train the multiscale flow.\"\"\"
+        from pipeline import train_flow as stage
+        run_stage(ctx, "flow", "train_flow", stage.run, ("seed", "data", "flow"), {"flow.epochs": epochs})
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import typer
+
+from pipeline.console import console, metrics_table, print_error
+from pipeline.errors import TrackingError, UserError
+from pipeline.params import Params, load_params, parse_override
+from pipeline.paths import Paths
+
+app = typer.Typer(
+    name="iresnet",
+    help="Invertible Residual Networks (Behrmann et al., 2019): the experiment pipeline's stages.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+StageRun = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Global options, shared by every command through ``ctx.obj``."""
+
+    root: Path
+    params_file: Path | None
+    sets: tuple[str, ...]
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    params: Optional[Path] = typer.Option(None, "--params", "-p", help="Params file (default: ROOT/params.yaml)."),
+    root: Path = typer.Option(Path("."), "--root", help="Project root holding data/, models/, reports/."),
+    set_: list[str] = typer.Option(
+        [], "--set", "-S", help="Override a param, KEY=VALUE (YAML value), e.g. -S data.dataset=cifar10. Repeatable."
+    ),
+) -> None:
+    """Invertible Residual Networks: run one pipeline stage (normally through `dvc repro`)."""
+    ctx.obj = Settings(root=root, params_file=params, sets=tuple(set_))
+
+
+def fail(err: BaseException) -> NoReturn:
+    """Print a user error as one paragraph and exit with status 1 (no traceback)."""
+    print_error(str(err))
+    raise typer.Exit(1)
+
+
+def load(ctx: typer.Context, overrides: Mapping[str, Any] | None = None) -> tuple[Params, Paths]:
+    """Params (with ``--set`` and explicit ``overrides`` applied, explicit options winning) and paths."""
+    settings: Settings = ctx.obj
+    paths = Paths.at(settings.root)
+    merged = dict(parse_override(text) for text in settings.sets)
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    params = load_params(settings.params_file or paths.params_file, merged)
+    return params, paths
+
+
+def run_stage(
+    ctx: typer.Context,
+    family: str,
+    stage: str,
+    runner: StageRun,
+    sections: Sequence[str],
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load params, run ``runner(params, paths, tracker)`` in an MLflow run of ``family``, print its metrics.
+
+    ``sections``: the top-level params sections the stage reads; they are logged to MLflow and hashed into the
+    run's ``params_hash`` tag.
+    """
+    from pipeline.tracking import stage_run
+
+    try:
+        params, paths = load(ctx, overrides)
+        with stage_run(family, stage, params.section_dict(*sections), paths, params.tracking.enabled) as tracker:
+            metrics = runner(params, paths, tracker)
+            tracker.log_results(metrics)
+    except UserError as err:
+        fail(err)
+    console.print(metrics_table(f"{stage}: results", metrics))
+    return metrics
+
+
+@app.command()
+def prepare(
+    ctx: typer.Context,
+    dataset: Optional[str] = typer.Option(None, help="Override data.dataset (mnist-5k, mnist, ..., idx:<folder>)."),
+    download: Optional[bool] = typer.Option(None, "--download/--no-download", help="Override data.download."),
+) -> None:
+    """Load and split the dataset, fit normalisation and ZCA on train, write data/prepared/ and a preview grid."""
+    from pipeline import prepare as stage
+
+    run_stage(ctx, "data", "prepare", stage.run, ("data",), {"data.dataset": dataset, "data.download": download})
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def ui_command(uri: str, port: int) -> list[str]:
+    """The ``mlflow server`` command line for the project's store, bound to 127.0.0.1 with one worker."""
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+
+
+@app.command()
+def ui(ctx: typer.Context, port: int = typer.Option(5000, help="Port on 127.0.0.1.")) -> None:
+    """Start the MLflow UI on http://127.0.0.1:PORT against this project's tracking store (Ctrl-C stops it)."""
+    from pipeline.tracking import FAMILIES, init_store, tracking_uri
+
+    paths = Paths.at(ctx.obj.root)
+    uri = tracking_uri(paths)
+    try:
+        ids = init_store(paths, uri)
+    except Exception as err:  # e.g. a locked or unreadable database
+        fail(TrackingError(f"cannot open the MLflow store {uri}: {err}"))
+    console.print(f"MLflow UI for {uri}; runs tables:")
+    for family in FAMILIES:
+        console.print(f"  {family:<10} http://127.0.0.1:{port}/#/experiments/{ids[family]}/runs", highlight=False)
+    # Job execution would start extra worker processes the UI does not need.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(ui_command(uri, port), env=env, start_new_session=True)  # own process group
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` of this command also stops the server
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's workers are in the same group
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.wait()
+    raise typer.Exit(code if code and code > 0 else 0)
+
+
+if __name__ == "__main__":
+    app()

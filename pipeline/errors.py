@@ -1,0 +1,23 @@
+"""Errors a user can fix: the CLI prints them as one paragraph and exits 1, without a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base class of every error caused by input the user controls (params, data, missing stage outputs)."""
+
+
+class ParamsError(UserError, ValueError):
+    """A parameter value is invalid; the message names the key path, the value and what is allowed."""
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"invalid parameter `{key}` = {value!r}: expected {allowed}.")
+
+
+class DataError(UserError):
+    """A dataset is missing or corrupt, or a stage's input has not been produced yet."""
+
+
+class TrackingError(UserError):
+    """The MLflow store cannot be opened (locked, unreadable, unreachable server)."""

@@ -1,0 +1,53 @@
+"""Atomic, deterministic file writing shared by every stage.
+
+A stage killed mid-write must never leave a truncated file that a later run trusts, and re-running a stage with
+the same inputs must give byte-identical outputs (DVC then sees no change). Each writer renders the whole content
+in memory, writes it to a temporary file in the same folder and renames it over the target (atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, creating parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name opened with "x" (not mkstemp, whose files are private 0600): the result gets the umask's mode.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` atomically and deterministically.
+
+    ``torch.save`` names the records inside its zip archive after the target file, so saving straight to a
+    temporary name would change the bytes; saving to memory first gives the same bytes for the same object.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Pretty, key-sorted JSON with a trailing newline, written atomically."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

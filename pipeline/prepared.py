@@ -1,0 +1,98 @@
+"""The prepared dataset on disk (written by the ``prepare`` stage) and the loaders every later stage uses.
+
+``data/prepared/``:
+
+- ``train.pt``, ``test.pt``: ``{"images": float32 (N, C, H, W) in [0, 1], "labels": int64 (N,),
+  "indices": int64 (N,)}`` (``indices``: position of each example in its source, which records the split);
+- ``stats.json``: dataset, source, split, counts, shape, per-channel mean/std of the train split, ZCA summary;
+- ``zca.pt`` (when ``data.zca.enabled``): :meth:`pipeline.preprocess.ZCA.state_dict`.
+
+Images are stored unnormalised so that classification (normalise with ``stats.json``) and density estimation
+(dequantise, optionally whiten) start from the same files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.errors import DataError
+from pipeline.files import read_json
+from pipeline.paths import Paths
+from pipeline.preprocess import ZCA, ChannelStats
+
+SPLITS = ("train", "test")
+_HINT = "run `dvc repro prepare` (or `iresnet prepare`) first"
+
+
+def split_file(paths: Paths, split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return paths.prepared / f"{split}.pt"
+
+
+def stats_file(paths: Paths) -> Path:
+    return paths.prepared / "stats.json"
+
+
+def zca_file(paths: Paths) -> Path:
+    return paths.prepared / "zca.pt"
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise DataError(f"prepared data {path} does not exist: {_HINT}.")
+    return path
+
+
+def _load(path: Path) -> dict[str, Tensor]:
+    try:
+        return torch.load(_require(path), map_location="cpu", weights_only=True)
+    except DataError:
+        raise
+    except Exception as err:  # truncated zip, pickle error, ...: the file cannot be trusted
+        raise DataError(f"prepared data {path} is unreadable ({err}); delete it and {_HINT}.") from None
+
+
+def load_stats(paths: Paths) -> dict[str, Any]:
+    """The contents of ``stats.json``."""
+    return read_json(_require(stats_file(paths)))
+
+
+def load_prepared(paths: Paths, split: str) -> tuple[Tensor, Tensor]:
+    """``(images float32 (N, C, H, W) in [0, 1], labels int64 (N,))`` of ``split``, checked against ``stats.json``."""
+    path = split_file(paths, split)
+    data = _load(path)
+    stats = load_stats(paths)
+    images, labels = data.get("images"), data.get("labels")
+    expected = tuple(stats["shape"])
+    problems = []
+    if not isinstance(images, Tensor) or images.dtype != torch.float32 or tuple(images.shape[1:]) != expected:
+        problems.append(f"images should be float32 (N, {', '.join(map(str, expected))})")
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.ndim != 1:
+        problems.append("labels should be int64 (N,)")
+    elif isinstance(images, Tensor) and len(labels) != len(images):
+        problems.append(f"{len(labels)} labels for {len(images)} images")
+    elif len(labels) != stats[f"n_{split}"]:
+        problems.append(f"{len(labels)} examples but stats.json says {stats[f'n_{split}']}")
+    if problems:
+        raise DataError(f"prepared data {path} is inconsistent ({'; '.join(problems)}); {_HINT} again.")
+    return images, labels  # type: ignore[return-value]
+
+
+def load_channel_stats(paths: Paths) -> ChannelStats:
+    """Per-channel train mean/std (float64) for ``(x - mean) / std``."""
+    stats = load_stats(paths)
+    mean, std = (torch.tensor(stats[key], dtype=torch.float64) for key in ("mean", "std"))
+    return ChannelStats(mean, std)
+
+
+def load_zca(paths: Paths) -> ZCA:
+    """The fitted ZCA transform; :class:`DataError` if ``data.zca.enabled`` was false when preparing."""
+    path = zca_file(paths)
+    if not path.is_file():
+        raise DataError(f"no ZCA at {path}: set `data.zca.enabled: true` and {_HINT}.")
+    return ZCA.from_state_dict(_load(path))

@@ -1,0 +1,82 @@
+"""The typer CLI through ``CliRunner``: help everywhere, user errors as one paragraph with exit 1, a real stage run."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app, ui_command
+from pipeline.paths import Paths
+from pipeline.prepared import load_prepared
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["prepare", "--help"], ["ui", "--help"]])
+def test_help(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and "--help" in result.output
+
+
+def test_bad_param_exits_1_naming_the_key(tiny_project: Path, tiny_params: dict) -> None:
+    raw = copy.deepcopy(tiny_params)
+    raw["classifier"]["coeffs"][2] = 1.5
+    (tiny_project / "bad.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["--root", str(tiny_project), "--params", str(tiny_project / "bad.yaml"), "prepare"])
+    assert result.exit_code == 1
+    assert "classifier.coeffs[2]" in result.output and "1.5" in result.output and "< 1" in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    assert not (tiny_project / "data" / "prepared").exists()  # stopped before any compute
+
+
+def test_set_override_is_validated(tiny_project: Path) -> None:
+    result = runner.invoke(app, ["--root", str(tiny_project), "-S", "flow.coeff=0", "prepare"])
+    assert result.exit_code == 1 and "flow.coeff" in result.output and "> 0" in result.output
+
+
+def test_missing_dataset_is_a_user_error(tiny_project: Path) -> None:
+    result = runner.invoke(app, ["--root", str(tiny_project), "prepare", "--dataset", "mnist"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "not found" in result.output and "data.download: true" in result.output
+
+
+def test_prepare_runs_and_prints_a_table(tiny_project: Path) -> None:
+    result = runner.invoke(app, ["--root", str(tiny_project), "prepare"])
+    assert result.exit_code == 0, result.output
+    assert "prepare: results" in result.output and "n_train" in result.output and "zca_logdet" in result.output
+    images, _ = load_prepared(Paths.at(tiny_project), "train")
+    assert images.shape == (30, 1, 8, 8)
+
+
+def test_prepare_is_tracked(
+    tiny_project: Path, fresh_store: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("IRESNET_TRACKING", "1")
+    fresh_store(tiny_project)
+    ok = runner.invoke(app, ["--root", str(tiny_project), "-S", "data.max_train=12", "prepare"])
+    bad = runner.invoke(app, ["--root", str(tiny_project), "prepare", "--dataset", "idx:missing"])
+    assert ok.exit_code == 0 and bad.exit_code == 1, ok.output + bad.output
+    client = MlflowClient(f"sqlite:///{tiny_project.resolve()}/mlflow.db")
+    exp = client.get_experiment_by_name("iresnet-data")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
+    assert runs[0].data.params["data.max_train"] == "12" and runs[0].data.metrics["n_train"] == 12
+    assert "not found" in runs[1].data.tags["error"]
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"figures", "prepared"}
+
+
+def test_ui_command_targets_the_project_store(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = ui_command(uri, 5055)
+    assert cmd[1:4] == ["-m", "mlflow", "server"]
+    assert cmd[cmd.index("--backend-store-uri") + 1] == uri
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5055"
+    assert cmd[cmd.index("--workers") + 1] == "1"

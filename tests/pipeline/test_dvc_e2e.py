@@ -1,0 +1,79 @@
+"""End to end: ``dvc repro prepare`` in a fresh git + DVC copy of the repository, with a tiny params file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_dvc_repro_prepare(
+    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, fresh_store: Callable
+) -> None:
+    from mlflow import MlflowClient
+
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
+    make_idx_folder(repo / "tiny")
+    fresh_store(repo)  # a migrated, empty MLflow store: the stage logs into it
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "IRESNET_TRACKING": "1",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    env.pop("PYTHONPATH", None)
+    dvc = [sys.executable, "-m", "dvc"]
+    _sh(["git", "init", "-q"], repo, env)
+    _sh([*dvc, "init", "-q"], repo, env)
+    _sh([*dvc, "config", "core.analytics", "false"], repo, env)
+    _sh(["git", "add", "-A"], repo, env)
+    _sh(["git", "commit", "-q", "-m", "tiny"], repo, env)
+
+    out = _sh([*dvc, "repro", "prepare"], repo, env)
+    assert "Running stage 'prepare'" in out and "n_train" in out
+    for name in ("train.pt", "test.pt", "stats.json", "zca.pt"):
+        assert (repo / "data" / "prepared" / name).is_file()
+    assert (repo / "reports" / "figures" / "data_preview.png").is_file()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]
+    assert lock["params"]["params.yaml"]["data.dataset"] == "idx:tiny"
+    assert "seed" not in lock["params"]["params.yaml"]  # only the leaf keys the stage reads
+    assert "/prepared" in (repo / "data" / ".gitignore").read_text()
+
+    assert "up to date" in _sh([*dvc, "repro", "prepare"], repo, env).lower()
+    assert "up to date" in _sh([*dvc, "status"], repo, env).lower()
+
+    client = MlflowClient(f"sqlite:///{repo.resolve()}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("iresnet-data").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dvc_stage"] == "prepare" and run.data.tags["dvc_root"] == str(repo.resolve())
+    commit = _sh(["git", "rev-parse", "HEAD"], repo, env).strip()
+    assert run.data.tags["git_commit"] == commit
+
+
+def test_dvc_yaml_tracks_exactly_the_params_prepare_reads() -> None:
+    """prepare reads every ``data.*`` leaf and nothing else: all of them, and only them, are its DVC params."""
+    from dataclasses import fields
+
+    from pipeline.params import DataParams, ZCAParams
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
+    leaves = {f"data.{f.name}" for f in fields(DataParams) if f.name != "zca"}
+    leaves |= {f"data.zca.{f.name}" for f in fields(ZCAParams)}
+    assert set(stage["params"]) == leaves
+    assert {"pipeline/prepare.py", "pipeline/datasets.py", "pipeline/preprocess.py"} <= set(stage["deps"])
