@@ -24,12 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
-import typer
+try:
+    import typer
 
-from pipeline.console import console, metrics_table, print_error
-from pipeline.errors import TrackingError, UserError
-from pipeline.params import Params, load_params, parse_override
-from pipeline.paths import Paths
+    from pipeline.console import console, metrics_table, print_error
+    from pipeline.errors import TrackingError, UserError
+    from pipeline.params import Params, load_params, parse_override
+    from pipeline.paths import Paths
+except ImportError as _missing:  # a Python without the project installed, e.g. `dvc repro` outside `.venv`
+    raise SystemExit(
+        f"error: {_missing} in {sys.executable}. Activate the project's environment (`. .venv/bin/activate`), or "
+        "create it with step 1 of README.md, then run the command again."
+    ) from None
 
 app = typer.Typer(
     name="iresnet",
@@ -59,8 +65,16 @@ def main(
     set_: list[str] = typer.Option(
         [], "--set", "-S", help="Override a param, KEY=VALUE (YAML value), e.g. -S data.dataset=cifar10. Repeatable."
     ),
+    threads: int = typer.Option(
+        1, "--threads", envvar="IRESNET_THREADS", min=1, help="torch CPU threads (env IRESNET_THREADS)."
+    ),
 ) -> None:
     """Invertible Residual Networks: run one pipeline stage (normally through `dvc repro`)."""
+    import torch
+
+    # One thread by default: on the shared 2-core machine a second thread made training steps 5-15x slower
+    # (threads spin-waiting for a busy core); raise it on a machine with cores to spare.
+    torch.set_num_threads(threads)
     ctx.obj = Settings(root=root, params_file=params, sets=tuple(set_))
 
 
@@ -118,6 +132,78 @@ def prepare(
     run_stage(ctx, "data", "prepare", stage.run, ("data",), {"data.dataset": dataset, "data.download": download})
 
 
+@app.command()
+def train_classifier(
+    ctx: typer.Context,
+    coeff: str = typer.Option(..., help="Which entry of classifier.coeffs: vanilla, batchnorm, or c (e.g. 0.9)."),
+    epochs: Optional[int] = typer.Option(None, help="Override classifier.epochs."),
+) -> None:
+    """Train one classifier of Table 2 (resumes from its last epoch checkpoint if an earlier run was killed)."""
+    from pipeline import train_classifier as stage
+
+    def runner(params: Params, paths: Paths, tracker: Any) -> dict[str, Any]:
+        return stage.run(params, paths, tracker, coeff=coeff)
+
+    run_stage(ctx, "classifier", f"train_classifier@{coeff}", runner, ("seed", "data", "classifier"),
+              {"classifier.epochs": epochs})  # fmt: skip
+
+
+@app.command()
+def singular_values(ctx: typer.Context) -> None:
+    """Exact/certified largest singular value of every conv of every classifier, certificates, Fig. 6."""
+    from pipeline import singular_values as stage
+
+    run_stage(ctx, "analysis", "singular_values", stage.run, ("classifier", "singular_values"))
+
+
+@app.command()
+def reconstruction(ctx: typer.Context) -> None:
+    """Invert every classifier's features back to its input: error vs fixed-point iterations, timing, Fig. 3/8."""
+    from pipeline import reconstruction as stage
+
+    run_stage(ctx, "analysis", "reconstruction", stage.run, ("classifier", "reconstruction"))
+
+
+@app.command()
+def train_flow(ctx: typer.Context, epochs: Optional[int] = typer.Option(None, help="Override flow.epochs.")) -> None:
+    """Train the multiscale flow (Table 4), samples grid (Fig. 5); resumes from its last epoch checkpoint."""
+    from pipeline import train_flow as stage
+
+    run_stage(ctx, "flow", "train_flow", stage.run, ("seed", "flow"), {"flow.epochs": epochs})
+
+
+@app.command()
+def evaluate_flow(ctx: typer.Context) -> None:
+    """Test bits/dim by the App. C.3 protocol: series terms from the Theorem 3 bound, probes to a standard error."""
+    from pipeline import evaluate_flow as stage
+
+    run_stage(ctx, "flow", "evaluate_flow", stage.run, ("seed", "evaluate_flow"))
+
+
+@app.command()
+def logdet_bias(ctx: typer.Context) -> None:
+    """Bias and std of the truncated log-det estimator vs series terms, against exact per-block log-dets (Fig. 4)."""
+    from pipeline import logdet_bias as stage
+
+    run_stage(ctx, "analysis", "logdet_bias", stage.run, ("seed", "logdet_bias"))
+
+
+@app.command()
+def toy_density(ctx: typer.Context, steps: Optional[int] = typer.Option(None, help="Override toy.steps.")) -> None:
+    """Fit 2-D densities with an i-ResNet flow (exact log-det) and a Glow-style flow: Fig. 2, test NLL per dataset."""
+    from pipeline import toy_density as stage
+
+    run_stage(ctx, "toy", "toy_density", stage.run, ("seed", "toy"), {"toy.steps": steps})
+
+
+@app.command()
+def report(ctx: typer.Context) -> None:
+    """Write reports/tables/*, reports/metrics/summary.json and reports/README.md from every stage's metrics files."""
+    from pipeline import report as stage
+
+    run_stage(ctx, "analysis", "report", stage.run, ("classifier",))
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -138,7 +224,11 @@ def ui(ctx: typer.Context, port: int = typer.Option(5000, help="Port on 127.0.0.
     try:
         ids = init_store(paths, uri)
     except Exception as err:  # e.g. a locked or unreadable database
-        fail(TrackingError(f"cannot open the MLflow store {uri}: {err}"))
+        fail(TrackingError(
+            f"cannot open the MLflow store {uri}: {err}. If another process holds the database (a stage still "
+            "running), wait for it or stop it; otherwise move the damaged file away or point MLFLOW_TRACKING_URI "
+            "at another store."
+        ))  # fmt: skip
     console.print(f"MLflow UI for {uri}; runs tables:")
     for family in FAMILIES:
         console.print(f"  {family:<10} http://127.0.0.1:{port}/#/experiments/{ids[family]}/runs", highlight=False)

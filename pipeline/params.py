@@ -125,6 +125,7 @@ class ClassifierParams:
 @dataclass(frozen=True)
 class SingularValuesParams:
     project: bool = param(boolean(), "project trained weights onto the constraint and re-measure")
+    lower_iters: int = param(_positive_int, "block power iterations for each layer's lower bound (more: tighter)")
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class FlowParams:
     nonlin: str = param(choice(*NONLINEARITIES), "1-Lipschitz nonlinearity (smooth: elu, softplus, lipswish)")
     n_power_iter: int = param(_positive_int, "spectral-norm power iterations per training step")
     actnorm: bool = param(boolean(), "ActNorm before each residual block")
-    n_terms: int = param(_positive_int, "power-series terms while training")
+    n_terms: int = param(_positive_int, "power-series terms while training (unbiased: terms always evaluated)")
     n_samples: int = param(_positive_int, "Hutchinson probes per example while training")
     estimator: str = param(choice("truncated", "unbiased"), "log-det estimator")
     memory_efficient: bool = param(boolean(), "Neumann-series gradient instead of backprop through the series")
@@ -163,6 +164,10 @@ class FlowParams:
 
     def check(self, key: str) -> None:
         _check_stages(key, self.n_blocks, self.strides, self.channels)
+        if self.memory_efficient and self.estimator != "truncated":
+            raise ParamsError(
+                f"{key}.memory_efficient", True, "false with estimator unbiased (the Neumann gradient is for truncated)"
+            )
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ class EvaluateFlowParams:
     max_bias_bits: float = param(real(0.0, lo_open=True), "bound on the truncation bias, bits/dim")
     max_stderr_bits: float = param(real(0.0, lo_open=True), "target standard error, bits/dim")
     max_terms: int = param(_positive_int, "most power-series terms the budget allows")
-    max_samples: int = param(_positive_int, "most Hutchinson probes per example the budget allows")
+    max_samples: int = param(integer(lo=2), "most Hutchinson probes per example (>= 2 for a standard error)")
     n_examples: int | None = param(optional(_positive_int), "test examples evaluated (null = all)")
     batch_size: int = param(_positive_int, "evaluation batch size")
 
@@ -179,21 +184,31 @@ class EvaluateFlowParams:
 class LogdetBiasParams:
     n_examples: int = param(_positive_int, "test examples averaged over")
     max_terms: int = param(_positive_int, "largest number of series terms")
-    n_samples: int = param(_positive_int, "Hutchinson probes per example and term count")
+    n_samples: int = param(integer(lo=2), "Hutchinson probes per example (>= 2 for a standard deviation)")
 
 
 @dataclass(frozen=True)
 class ToyParams:
     datasets: tuple[str, ...] = param(list_of(choice(*TOY_DATASETS), unique=True), "2-D densities")
     n_blocks: int = param(_positive_int, "residual blocks (coupling layers for the Glow-style flow)")
-    hidden: tuple[int, ...] = param(_per_stage_ints, "hidden widths of each block's MLP")
+    hidden: tuple[int, ...] = param(_per_stage_ints, "hidden widths of each block's MLP (all equal)")
     coeff: float = param(_open_unit, "Lipschitz coefficient c")
     nonlin: str = param(choice(*NONLINEARITIES), "1-Lipschitz nonlinearity")
+    n_power_iter: int = param(_positive_int, "spectral-norm power iterations per training step")
     steps: int = param(_positive_int, "optimiser steps")
     batch_size: int = param(_positive_int, "samples per step")
-    lr: float = param(real(0.0, lo_open=True), "learning rate")
+    lr: float = param(real(0.0, lo_open=True), "Adam learning rate of the i-ResNet flow")
+    glow_lr: float = param(real(0.0, lo_open=True), "Adam learning rate of the Glow-style flow")
     n_test: int = param(_positive_int, "test samples for the NLL")
     grid_size: int = param(integer(lo=2), "heatmap resolution per axis")
+
+    def check(self, key: str) -> None:
+        if len(set(self.hidden)) != 1:
+            raise ParamsError(f"{key}.hidden", list(self.hidden), "equal widths (the toy MLPs have one hidden width)")
+
+    def mlp_shape(self) -> tuple[int, int]:
+        """``(width, n_hidden_layers)`` of each block's MLP, e.g. ``[64, 64, 64]`` -> ``(64, 3)``."""
+        return self.hidden[0], len(self.hidden)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""What every training stage shares: seeding, resumable checkpoints, finite-loss checks, model files.
+"""What every training stage shares: seeding, resumable checkpoints, finite-loss checks, model files, optimisers,
+and the resumable epoch loop (:class:`EpochLoop`).
 
 Resume state lives outside DVC's outputs (DVC deletes a stage's outputs before it runs, which would throw away the
 very checkpoint a crashed run needs). It sits in ``<workspace>/.resume/<name>-<fingerprint>.pt``, keyed by a hash of
@@ -9,9 +10,10 @@ instead of failing), and it is deleted once the stage has written its final outp
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -116,3 +118,105 @@ def load_state_checked(model: nn.Module, state_dict: dict[str, Tensor], source: 
             f"{source} was trained with another configuration than the one now built ({first}). "
             "Re-run the stage that writes it with the current params."
         ) from None
+
+
+OPTIMIZERS = ("sgd", "adam", "adamax")
+
+
+def build_optimizer(
+    name: str, parameters: Iterable[nn.Parameter], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """``sgd`` (heavy-ball momentum; App. C.2), ``adam`` or ``adamax`` (App. C.3; ``momentum`` unused).
+
+    ``weight_decay`` is the L2 term added to the gradient (``torch.optim``'s coupled decay, as in the paper's code).
+    """
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adamax":
+        return torch.optim.Adamax(parameters, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+class Stateful(Protocol):
+    """Anything with ``state_dict`` / ``load_state_dict`` (modules, optimisers, LR schedulers)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+class EpochLoop:
+    """Epochs ``1..epochs`` that survive a crash, with everything a bit-identical continuation needs.
+
+    ::
+
+        loop = EpochLoop(resume, epochs, {"model": model, "optimizer": opt, "scheduler": sched})
+        for epoch in loop:            # first restores the last saved state (if any), then yields the epochs left
+            ...                       # train, evaluate, scheduler.step()
+            loop.save(epoch, record)  # appends ``record`` to ``loop.history``; saves states + RNG + history atomically
+        ...                           # write the final outputs
+        loop.finish()                 # then remove the resume file
+
+    Restoring happens when iteration starts, so build the objects (which may draw random numbers) before it: the RNG
+    state of the saved epoch then replaces whatever construction left. ``resumed_from`` is the epoch restored (0:
+    fresh start). A run killed at any point redoes at most the epoch it was in, from the same state.
+    """
+
+    def __init__(self, resume: ResumeFile, epochs: int, stateful: Mapping[str, Stateful]) -> None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+        self.resume, self.epochs, self.stateful = resume, epochs, dict(stateful)
+        self.history: list[dict[str, Any]] = []
+        self.resumed_from = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for epoch in range(self._restore() + 1, self.epochs + 1):
+            yield epoch
+            if len(self.history) != epoch:
+                raise RuntimeError(f"epoch {epoch} ended without loop.save(epoch, record)")
+
+    def _restore(self) -> int:
+        state = self.resume.load()
+        if state is None:
+            return 0
+        if set(state.get("states", {})) != set(self.stateful) or not 1 <= state.get("epoch", 0) <= self.epochs:
+            raise DataError(f"the resume checkpoint {self.resume.path} does not fit this run; delete it to start over.")
+        try:
+            for name, obj in self.stateful.items():
+                obj.load_state_dict(state["states"][name])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise DataError(
+                f"the resume checkpoint {self.resume.path} does not fit this run ({err}); delete it to start over."
+            ) from None
+        restore_rng(state["rng"])
+        self.history = [dict(record) for record in state["history"]]
+        self.resumed_from = int(state["epoch"])
+        return self.resumed_from
+
+    def save(self, epoch: int, record: Mapping[str, Any]) -> None:
+        """Close ``epoch``: record its numbers and write the resume state (atomic: a kill leaves the previous one)."""
+        if epoch != len(self.history) + 1:
+            raise ValueError(f"epoch {epoch} saved out of order: {len(self.history)} epochs are recorded")
+        self.history.append(dict(record))
+        states = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        self.resume.save({"epoch": epoch, "history": self.history, "rng": capture_rng(), "states": states})
+
+    def finish(self) -> None:
+        """Remove the resume file (call after the final outputs are written)."""
+        self.resume.remove()
+
+
+class GeneratorState:
+    """A ``torch.Generator`` as a :class:`Stateful`, so an :class:`EpochLoop` saves and restores its stream too
+    (e.g. dequantisation noise drawn from its own seeded generator, apart from the global RNG)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.generator.set_state(state_dict["state"])

@@ -56,7 +56,7 @@ def test_dvc_repro_prepare(
     assert "/prepared" in (repo / "data" / ".gitignore").read_text()
 
     assert "up to date" in _sh([*dvc, "repro", "prepare"], repo, env).lower()
-    assert "up to date" in _sh([*dvc, "status"], repo, env).lower()
+    assert "up to date" in _sh([*dvc, "status", "prepare"], repo, env).lower()
 
     client = MlflowClient(f"sqlite:///{repo.resolve()}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("iresnet-data").experiment_id])

@@ -1,0 +1,183 @@
+"""What the three flow stages share: the flow built from params or from its model file, and the space it models.
+
+The flow models dequantised pixels ``x = (k + u) / 256 - 0.5`` in ``[-0.5, 0.5)^D`` (:func:`pipeline.preprocess.
+dequantize`), or with ``flow.use_zca`` their ZCA-whitened version ``z = W (x + 0.5 - mean)``. Since
+``ln p_x(x) = ln p_flow(z) + ln|det W|``, adding the stored ZCA log-det reports every likelihood in the original
+space's units, so bits/dim always count ``D = C·H·W`` dimensions of 256 bins (784 for 28x28 MNIST); a ZCA result is
+still marked † (the model saw whitened data, as in the paper's Table 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from iresnet.blocks import residual_blocks
+from iresnet.logdet import LogDetSettings
+from iresnet.models import FlowConfig, MultiscaleFlow, bits_per_dim
+from pipeline.errors import DataError
+from pipeline.params import FlowParams
+from pipeline.paths import Paths
+from pipeline.prepared import load_zca
+from pipeline.preprocess import ZCA, dequantize
+from pipeline.training import load_model_file, load_state_checked
+
+MODEL_KIND = "flow"
+ZCA_MARK = "†"
+
+
+def model_file(paths: Paths) -> Path:
+    """``models/flow/model.pt``, written by ``train_flow``."""
+    return paths.models / "flow" / "model.pt"
+
+
+def logdet_settings(flow: FlowParams) -> LogDetSettings:
+    """``flow.estimator`` x ``flow.memory_efficient`` -> the library's estimator while training.
+
+    truncated -> ``series`` (Algorithm 2, backprop through the series) or ``neumann`` (same value, memory-saving
+    gradient); unbiased -> ``unbiased`` (Russian roulette; ``n_terms`` terms always evaluated, then Geometric(1/2)
+    more). The params check rejects unbiased + memory_efficient.
+    """
+    if flow.estimator == "unbiased":
+        return LogDetSettings("unbiased", n_samples=flow.n_samples, n_exact_terms=flow.n_terms)
+    return LogDetSettings("neumann" if flow.memory_efficient else "series", flow.n_terms, flow.n_samples)
+
+
+def flow_config(flow: FlowParams, in_shape: tuple[int, int, int]) -> FlowConfig:
+    """The library config of the flow that ``flow.*`` describes, for images of ``in_shape = (C, H, W)``."""
+    return FlowConfig(
+        in_shape=tuple(in_shape), n_blocks=flow.n_blocks, strides=flow.strides, channels=flow.channels,
+        coeff=flow.coeff, n_power_iter=flow.n_power_iter, nonlin=flow.nonlin, init_ds=flow.init_ds,
+        actnorm=flow.actnorm, learned_prior=flow.prior == "learned", logdet=logdet_settings(flow),
+    )  # fmt: skip
+
+
+def config_to_dict(config: FlowConfig) -> dict[str, Any]:
+    """Plain data (dicts, lists, numbers) that ``torch.load(weights_only=True)`` reads back."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict[str, Any]) -> FlowConfig:
+    """Inverse of :func:`config_to_dict` (lists back to tuples, the log-det settings back to their dataclass)."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    fields["logdet"] = LogDetSettings(**data["logdet"])
+    return FlowConfig(**fields)
+
+
+def dims_text(shape: tuple[int, ...]) -> str:
+    """``"784 = 1x28x28"``: the dimension count a bits/dim value divides by, and where it comes from."""
+    return f"{math.prod(shape)} = {'x'.join(map(str, shape))}"
+
+
+@dataclass(frozen=True)
+class FlowSpace:
+    """Pixels in ``[0, 1]`` <-> the flow's input space, and bits/dim in the original space.
+
+    ``zca``: the whitening the flow was trained with (None: dequantised pixels directly). ``shape``: ``(C, H, W)``.
+    """
+
+    shape: tuple[int, int, int]
+    zca: ZCA | None = None
+
+    @property
+    def n_dims(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def log_det_correction(self) -> float:
+        """``ln|det W|`` of the whitening (0 without ZCA), added to the flow's ``ln p`` (nats per example)."""
+        return self.zca.logdet if self.zca is not None else 0.0
+
+    def to_model(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        """``(B, C, H, W)`` pixels ``k/255`` -> dequantised (fresh uniform noise from ``generator``), whitened."""
+        x = dequantize(images, generator)
+        return x if self.zca is None else self.zca.whiten(x + 0.5)
+
+    def to_images(self, x: Tensor) -> Tensor:
+        """Flow inputs (e.g. samples) -> pixels, clamped to ``[0, 1]`` for display."""
+        pixels = x + 0.5 if self.zca is None else self.zca.unwhiten(x)
+        return pixels.clamp(0.0, 1.0)
+
+    def bpd(self, log_prob: Tensor) -> Tensor:
+        """Bits/dim ``(B,)`` of the discrete data from the flow's ``ln p`` ``(B,)`` in its input space."""
+        return bits_per_dim(log_prob + self.log_det_correction, self.n_dims)
+
+
+def log_prob_parts(model: MultiscaleFlow, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ln p(z), ln|det J_F(x)|)``, each ``(B,)``: the two terms of Eq. 3 (``log_prob`` is their sum)."""
+    zs, logdet = model.encode(x)
+    logpz = sum(prior.log_prob(z) for prior, z in zip(model.priors, zs))
+    return logpz, logdet
+
+
+@contextmanager
+def logdet_settings_as(model: MultiscaleFlow, settings: LogDetSettings) -> Iterator[None]:
+    """Every residual block uses ``settings`` inside the block; each block's own settings come back after."""
+    blocks = residual_blocks(model)
+    saved = [block.logdet_settings for block in blocks]
+    try:
+        for block in blocks:
+            block.logdet_settings = settings
+        yield
+    finally:
+        for block, own in zip(blocks, saved):
+            block.logdet_settings = own
+
+
+@dataclass(frozen=True)
+class TrainedFlow:
+    """A flow loaded from ``models/flow/model.pt`` in eval mode, its data space and the file's metadata."""
+
+    model: MultiscaleFlow
+    space: FlowSpace
+    dataset: str
+    meta: dict[str, Any]
+
+
+def load_trained_flow(paths: Paths) -> TrainedFlow:
+    """Rebuild the flow from the config stored with it (training params need not match any more).
+
+    A flow trained on whitened data needs the very ZCA it was trained with: its log-det is stored in the model file
+    and checked against ``data/prepared/zca.pt``.
+    """
+    path = model_file(paths)
+    state = load_model_file(path, MODEL_KIND)
+    model = MultiscaleFlow(config_from_dict(state["config"]))
+    load_state_checked(model, state["state_dict"], path)
+    model.eval()
+    zca = None
+    if state["zca"]:
+        zca = load_zca(paths)
+        if not math.isclose(zca.logdet, state["zca_logdet"], rel_tol=1e-12, abs_tol=1e-9):
+            raise DataError(
+                f"{path} was trained on data whitened with a ZCA of log-det {state['zca_logdet']}, but "
+                f"data/prepared/zca.pt has {zca.logdet}: the data were prepared again since. "
+                "Re-run `dvc repro train_flow`."
+            )
+    space = FlowSpace(tuple(state["image_shape"]), zca)
+    return TrainedFlow(model, space, state["dataset"], {k: v for k, v in state.items() if k != "state_dict"})
+
+
+def evenly_spaced(images: Tensor, n: int | None) -> Tensor:
+    """``n`` images at evenly spaced positions of ``images`` (all when ``n`` is None or larger).
+
+    Prepared splits may be ordered by class (mnist-5k is), so the first n would be a handful of classes.
+    """
+    if n is None or n >= len(images):
+        return images
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (or None for all), got {n}")
+    return images[torch.linspace(0, len(images) - 1, n).round().long()]
+
+
+def fixed_noise_inputs(space: FlowSpace, images: Tensor, seed: int) -> Tensor:
+    """Every image dequantised once with noise from a generator seeded with ``seed``: the evaluation stages' inputs."""
+    return space.to_model(images, torch.Generator().manual_seed(seed))

@@ -1,0 +1,162 @@
+"""Stage ``reconstruction``: invert each classifier's final features back to its input (Fig. 3/7/8, App. D).
+
+``reconstruction.n_images`` test images, evenly spaced over the test split, are encoded to the final features. For
+every count ``n`` of ``reconstruction.iterations``, every residual block runs exactly ``n`` fixed-point steps
+(Algorithm 1 with ``atol = 0``) and the result is compared with the original test images in pixel units (``[0, 1]``,
+after undoing the normalisation): mean and max absolute error. This runs in float64, so the geometric decay of
+Eq. 1 is visible far below float32's rounding floor. ``iterations_to[tol]`` is the smallest tested count whose max
+error is ``<= tol`` (null if none). ``converged`` says whether the largest count reached the smallest tolerance
+with finite values; a model that does not (e.g. an unconstrained baseline whose blocks are not contractions) is
+reported as measured. ``seconds_per_100`` times one float32 reconstruction of the first 100 test images (repeated
+when the test split is smaller) for each of ``reconstruction.timing_iterations``.
+
+Writes ``reports/curves/reconstruction.csv``, ``reports/metrics/reconstruction.json`` and the figures
+``fig8_reconstruction_error.png`` and ``fig3_reconstructions.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from iresnet.blocks import residual_blocks, set_inverse_settings
+from iresnet.inverse import InverseSettings
+from pipeline.classifiers import LoadedClassifier, classifier_specs, load_classifier
+from pipeline.console import track
+from pipeline.errors import DataError
+from pipeline.files import write_bytes_atomic, write_json
+from pipeline.params import Params
+from pipeline.paths import Paths
+from pipeline.plots_classifier import finite_or_none, plot_reconstruction_error, plot_reconstructions
+from pipeline.prepared import load_prepared
+from pipeline.tracking import NullTracker, Tracker
+from pipeline.training import seed_everything
+
+CSV_NAME = "reconstruction.csv"
+JSON_NAME = "reconstruction.json"
+FIG8_NAME = "fig8_reconstruction_error.png"
+FIG3_NAME = "fig3_reconstructions.png"
+CSV_COLUMNS = ("model", "iterations", "mean_error", "max_error", "max_residual")
+TIMING_BATCH = 100
+N_SHOWN = 10  # images per row of Fig. 3
+
+
+def evenly_spaced(n: int, k: int) -> Tensor:
+    """``k`` indices spread evenly over ``range(n)`` (first and last included): a split sorted by class then
+    contributes every class, not only its first."""
+    return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long()
+
+
+def tolerance_key(tol: float) -> str:
+    """``1e-3 -> "1e-03"``: the JSON key of a tolerance."""
+    return f"{tol:.0e}"
+
+
+@torch.no_grad()
+def reconstruct(loaded: LoadedClassifier, x: Tensor, iterations: int) -> tuple[Tensor, float]:
+    """``x`` (normalised inputs) -> (reconstruction from its final features with ``iterations`` steps per block,
+    the largest last-step residual over the blocks). Runs in ``x``'s dtype; the model must match it."""
+    set_inverse_settings(loaded.model, InverseSettings(max_iter=iterations, atol=0.0))
+    x_rec = loaded.model.reconstruct(loaded.model.features(x))
+    residual = max(block.last_inverse_info.residual for block in residual_blocks(loaded.model))  # type: ignore[union-attr]
+    return x_rec, residual
+
+
+def error_curve(loaded: LoadedClassifier, images: Tensor, iterations: tuple[int, ...]) -> tuple[list[dict], Tensor]:
+    """Rows of the CSV for one model (float64), and its pixel-space reconstruction at the largest count."""
+    model64 = LoadedClassifier(loaded.spec, copy.deepcopy(loaded.model).double(), loaded.stats, loaded.path)
+    x = loaded.stats.normalize(images.double())
+    rows, pixels = [], images
+    for n in iterations:
+        x_rec, residual = reconstruct(model64, x, n)
+        pixels = loaded.stats.denormalize(x_rec)
+        error = (pixels - images.double()).abs()
+        rows.append({"model": loaded.spec.label, "iterations": n, "mean_error": float(error.mean()),
+                     "max_error": float(error.max()), "max_residual": residual})  # fmt: skip
+    return rows, pixels
+
+
+def seconds_per_batch(loaded: LoadedClassifier, images: Tensor, counts: tuple[int, ...]) -> dict[str, float]:
+    """Wall seconds of one float32 reconstruction of a ``TIMING_BATCH``-image batch, per iteration count."""
+    batch = images[:TIMING_BATCH]
+    batch = batch.repeat(-(-TIMING_BATCH // len(batch)), 1, 1, 1)[:TIMING_BATCH]
+    x = loaded.stats.normalize(batch)
+    reconstruct(loaded, x[:2], 1)  # warm-up: first-call allocations are not part of the cost
+    timings = {}
+    for n in counts:
+        t0 = time.perf_counter()
+        reconstruct(loaded, x, n)
+        timings[str(n)] = time.perf_counter() - t0
+    return timings
+
+
+def summarise(rows: list[dict[str, Any]], tolerances: tuple[float, ...]) -> dict[str, Any]:
+    """``iterations_to`` each tolerance, the final errors, and whether the strictest tolerance was reached."""
+    final = rows[-1]
+    return {
+        "iterations_to": {
+            tolerance_key(tol): next((r["iterations"] for r in rows if r["max_error"] <= tol), None)
+            for tol in tolerances
+        },
+        "final_mean_error": finite_or_none(final["mean_error"]),
+        "final_max_error": finite_or_none(final["max_error"]),
+        "final_max_residual": finite_or_none(final["max_residual"]),
+        "converged": math.isfinite(final["max_error"]) and final["max_error"] <= min(tolerances),
+    }
+
+
+def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Reconstruct ``reconstruction.n_images`` test images with every model; write CSV, JSON, Fig. 3 and Fig. 8."""
+    tracker = tracker or NullTracker()
+    start = time.perf_counter()
+    seed_everything(params.seed)  # convention; the measurements themselves draw no random numbers
+    p = params.reconstruction
+    test, _ = load_prepared(paths, "test")
+    if len(test) < p.n_images:
+        raise DataError(
+            f"reconstruction.n_images = {p.n_images} but the test split holds {len(test)} images; "
+            "lower reconstruction.n_images or prepare more test data."
+        )
+    images = test[evenly_spaced(len(test), p.n_images)]
+    rows: list[dict[str, Any]] = []
+    models: dict[str, Any] = {}
+    show = evenly_spaced(p.n_images, min(N_SHOWN, p.n_images))
+    shown: dict[str, Tensor] = {"original": images[show]}
+    for spec in track(classifier_specs(params.classifier), "reconstruction"):
+        loaded = load_classifier(paths, spec)
+        model_rows, pixels = error_curve(loaded, images, p.iterations)
+        rows += model_rows
+        shown[spec.label] = pixels[show]
+        models[spec.label] = {"kind": spec.kind, "coeff": spec.coeff, **summarise(model_rows, p.tolerances),
+                              "seconds_per_100": seconds_per_batch(loaded, test, p.timing_iterations)}  # fmt: skip
+
+    frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    csv_path, json_path = paths.curves / CSV_NAME, paths.metrics / JSON_NAME
+    fig8, fig3 = paths.figures / FIG8_NAME, paths.figures / FIG3_NAME
+    write_bytes_atomic(csv_path, frame.to_csv(index=False, lineterminator="\n").encode())
+    plot_reconstruction_error(fig8, frame, p.tolerances)
+    # Fig. 3 rows: originals, the i-ResNets, then the baselines.
+    order = ["original"] + [s.label for s in classifier_specs(params.classifier) if s.coeff is not None]
+    order += [label for label in shown if label not in order]
+    plot_reconstructions(fig3, {label: shown[label] for label in order}, p.iterations[-1])
+    result = {"models": models, "n_images": p.n_images, "error_units": "pixels in [0, 1]", "dtype": "float64",
+              "wall_time_s": time.perf_counter() - start}  # fmt: skip
+    write_json(json_path, result)
+    for path, folder in ((csv_path, "curves"), (json_path, "metrics"), (fig8, "figures"), (fig3, "figures")):
+        tracker.log_artifact(path, folder)
+    flat: dict[str, Any] = {}
+    for label, summary in models.items():
+        flat[f"{label}/final_max_error"] = summary["final_max_error"]
+        flat[f"{label}/converged"] = summary["converged"]
+        for key, n in summary["iterations_to"].items():
+            flat[f"{label}/iterations_to_{key}"] = n
+        for key, seconds in summary["seconds_per_100"].items():
+            flat[f"{label}/seconds_per_100_at_{key}"] = seconds
+    flat["wall_time_s"] = result["wall_time_s"]
+    return flat

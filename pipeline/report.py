@@ -1,0 +1,78 @@
+"""Stage ``report``: the paper-style tables, one aggregate summary and the results page, from the metrics files.
+
+Reads (never MLflow): ``data/prepared/stats.json``, ``reports/metrics/{classifier/<label>, singular_values,
+reconstruction, flow, evaluate_flow, logdet_bias, toy}.json``, ``reports/curves/logdet_bias.csv`` and the figures.
+Writes:
+
+- ``reports/tables/{table2,table4,toy,runcost}.{md,tex,csv}`` (:mod:`pipeline.report_tables`);
+- ``reports/metrics/summary.json``: the few headline numbers ``dvc exp show`` / ``dvc metrics diff`` compare;
+- ``reports/README.md``: every table and figure with what the paper and this run found (:mod:`pipeline.report_page`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pipeline.files import write_bytes_atomic, write_json
+from pipeline.params import Params
+from pipeline.paths import Paths
+from pipeline.report_inputs import ReportInputs, load_inputs
+from pipeline.report_page import all_certified, render_page
+from pipeline.report_tables import build_tables, finite_or_none, percent
+from pipeline.tracking import NullTracker, Tracker
+
+SUMMARY = "summary.json"
+PAGE = "README.md"
+
+
+def summary(inputs: ReportInputs, total_wall_time_s: float) -> dict[str, Any]:
+    """Headline numbers: test error (%) and certificate per classifier, bits/dim, toy NLLs, total compute time.
+
+    Kept small and nested (``dvc exp show`` flattens it into columns such as ``classifier.0.9.test_error_pct``).
+    """
+    certs = inputs.singular_values["models"]
+    ev = inputs.evaluate_flow
+    out: dict[str, Any] = {
+        "classifier": {
+            label: {"test_error_pct": percent(m["test_error"]),
+                    "guaranteed_inverse": bool(certs[label]["guaranteed_inverse"])}
+            for label, m in inputs.classifiers.items()
+        },  # fmt: skip
+        "flow": {"bpd": float(ev["bpd"]), "stderr": float(ev["stderr"]), "bias_bound_bits": finite_or_none(ev["bias_bound_bits"])},
+        "toy": {
+            name: {"iresnet_nll": finite_or_none(e["iresnet_nll"]), "glow_nll": finite_or_none(e["glow_nll"])}
+            for name, e in inputs.toy["datasets"].items()
+        },
+        "total_wall_time_s": total_wall_time_s,
+    }
+    certified = all_certified(inputs)
+    if certified is not None:
+        out["all_iresnets_certified"] = certified
+    return out
+
+
+def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Build every table, the summary and the page; returns headline metrics (flat) for the CLI and MLflow."""
+    tracker = tracker or NullTracker()
+    start = time.perf_counter()
+    inputs = load_inputs(paths, params.classifier.coeffs)
+    tables = {t.name: t for t in build_tables(inputs)}
+    for table in tables.values():
+        table.write(paths)
+    total = float(tables["runcost"].data.loc["total", "wall_time_s"])
+    head = summary(inputs, total)
+    write_json(paths.metrics / SUMMARY, head)
+    write_bytes_atomic(paths.reports / PAGE, render_page(inputs, tables).encode())
+    for path in (paths.tables, paths.metrics / SUMMARY, paths.reports / PAGE):
+        tracker.log_artifact(path, "report")
+
+    metrics: dict[str, Any] = {
+        f"test_error_pct.{label}": v["test_error_pct"] for label, v in head["classifier"].items()
+    }
+    if "all_iresnets_certified" in head:
+        metrics["all_iresnets_certified"] = head["all_iresnets_certified"]
+    metrics.update({"bpd": head["flow"]["bpd"], "bpd_stderr": head["flow"]["stderr"]})
+    metrics["pipeline_wall_time_s"] = total
+    metrics["wall_time_s"] = time.perf_counter() - start
+    return metrics

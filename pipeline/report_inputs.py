@@ -1,0 +1,162 @@
+"""What the ``report`` stage reads: every metrics/curves file the experiment stages write, and nothing from MLflow.
+
+DVC's run cache can restore a stage's outputs without running it, so MLflow may lack runs whose results the
+workspace holds; the files DVC tracks are the single source of every number in the report (DESIGN.md).
+
+A missing file is a :class:`DataError` that names the file and the stage that writes it; so is a file without a
+key the report needs (written by an older version of that stage).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DataError
+from pipeline.paths import Paths
+
+# Figures the report page shows: file name under reports/figures/ -> the stage that draws it.
+FIGURES = {
+    "data_preview.png": "prepare",
+    "fig2_toy_densities.png": "toy_density",
+    "fig3_reconstructions.png": "reconstruction",
+    "fig4_logdet_bias.png": "logdet_bias",
+    "fig5_samples.png": "train_flow",
+    "fig6_singular_values.png": "singular_values",
+    "fig8_reconstruction_error.png": "reconstruction",
+}
+
+# Keys the report reads from each metrics file (a subset of what the stages write).
+CLASSIFIER_KEYS = ("coeff", "kind", "dataset", "test_error", "epochs", "wall_time_s", "n_params", "throughput_img_s")
+CERTIFICATE_KEYS = ("guaranteed_inverse", "max_block_bound", "max_layer_upper", "frac_layers_above_1", "n_layers")
+RECONSTRUCTION_KEYS = ("iterations_to", "final_mean_error", "final_max_error", "converged")
+FLOW_KEYS = ("dataset", "epochs", "zca", "n_dims", "train_bpd", "wall_time_s", "n_params", "throughput_img_s")
+EVALUATE_KEYS = ("bpd", "stderr", "bias_bound_bits", "n_terms", "n_samples", "n_dims", "n_examples", "dataset", "zca",
+                 "lemma7_lower_bpd", "lemma7_upper_bpd", "bias_target_met", "stderr_target_met", "wall_time_s")  # fmt: skip
+TOY_KEYS = ("iresnet_nll", "glow_nll", "iresnet_params", "glow_params")
+LOGDET_CURVE_COLUMNS = ("n_terms", "bias", "abs_bias", "std", "theorem3_bound")
+
+
+def coeff_label(coeff: float | str) -> str:
+    """The name of a classifier's files and DVC stage: ``vanilla``, ``batchnorm``, or ``str(float(c))`` (``0.9``),
+    as :class:`pipeline.classifiers.ClassifierSpec` names them."""
+    return coeff if isinstance(coeff, str) else str(float(coeff))
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Every file's contents; ``classifiers`` keeps the order of ``classifier.coeffs``."""
+
+    stats: dict[str, Any]
+    classifiers: dict[str, dict[str, Any]]
+    singular_values: dict[str, Any]
+    reconstruction: dict[str, Any]
+    flow: dict[str, Any]
+    evaluate_flow: dict[str, Any]
+    logdet_bias: dict[str, Any]
+    logdet_curve: list[dict[str, float]]
+    toy: dict[str, Any]
+
+
+def required_files(paths: Paths, labels: list[str]) -> dict[Path, str]:
+    """Every input of the report -> the DVC stage that writes it."""
+    m = paths.metrics
+    files = {paths.prepared / "stats.json": "prepare"}
+    files.update({m / "classifier" / f"{label}.json": f"train_classifier@{label}" for label in labels})
+    files.update({
+        m / "singular_values.json": "singular_values",
+        m / "reconstruction.json": "reconstruction",
+        m / "flow.json": "train_flow",
+        m / "evaluate_flow.json": "evaluate_flow",
+        m / "logdet_bias.json": "logdet_bias",
+        paths.curves / "logdet_bias.csv": "logdet_bias",
+        m / "toy.json": "toy_density",
+    })  # fmt: skip
+    files.update({paths.figures / name: stage for name, stage in FIGURES.items()})
+    return files
+
+
+def check_present(paths: Paths, labels: list[str]) -> None:
+    """Raise one :class:`DataError` listing every missing input with the stage that writes it."""
+    by_stage: dict[str, list[str]] = {}
+    for path, stage in required_files(paths, labels).items():
+        if not path.is_file():
+            by_stage.setdefault(stage, []).append(str(path.relative_to(paths.root)))
+    if by_stage:
+        lines = "; ".join(f"`{stage}` writes {', '.join(files)}" for stage, files in by_stage.items())
+        raise DataError(
+            f"the report needs files that do not exist yet ({lines}). Run `dvc repro` to build everything, or the "
+            f"missing stages first: `dvc repro {' '.join(by_stage)}`."
+        )
+
+
+def _read(path: Path, stage: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is unreadable ({err}); re-run stage `{stage}`: `dvc repro -f {stage}`.") from None
+    _require_keys(data, keys, path, stage)
+    return data
+
+
+def _require_keys(data: Any, keys: tuple[str, ...], path: Path, stage: str, where: str = "") -> None:
+    if not isinstance(data, dict):
+        raise DataError(f"{path}{where} should hold a JSON object; re-run stage `{stage}`: `dvc repro -f {stage}`.")
+    absent = [k for k in keys if k not in data]
+    if absent:
+        raise DataError(
+            f"{path}{where} lacks {', '.join(absent)} (written by an older `{stage}`?); re-run it: "
+            f"`dvc repro -f {stage}`."
+        )
+
+
+def _per_model(path: Path, stage: str, labels: list[str], keys: tuple[str, ...]) -> dict[str, Any]:
+    data = _read(path, stage, ("models",))
+    models = data["models"]
+    _require_keys(models, tuple(labels), path, stage, " `models`")
+    for label in labels:
+        _require_keys(models[label], keys, path, stage, f" `models.{label}`")
+    return data
+
+
+def read_curve(path: Path, stage: str, columns: tuple[str, ...]) -> list[dict[str, float]]:
+    """Rows of a numeric CSV curve as dicts of floats, checking the ``columns`` the report needs."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    header = set(rows[0]) if rows else set()
+    if not rows or not set(columns) <= header:
+        raise DataError(
+            f"{path} should have rows with columns {', '.join(columns)}; re-run stage `{stage}`: `dvc repro -f {stage}`."
+        )
+    try:
+        return [{c: float(row[c]) for c in columns} for row in rows]
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{path} holds a non-number ({err}); re-run stage `{stage}`.") from None
+
+
+def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:
+    """Read and check every input (``coeffs``: ``classifier.coeffs``, naming the classifier files)."""
+    labels = [coeff_label(c) for c in coeffs]
+    check_present(paths, labels)
+    m = paths.metrics
+    classifiers = {
+        label: _read(m / "classifier" / f"{label}.json", f"train_classifier@{label}", CLASSIFIER_KEYS)
+        for label in labels
+    }
+    toy = _read(m / "toy.json", "toy_density", ("datasets",))
+    for name, entry in toy["datasets"].items():
+        _require_keys(entry, TOY_KEYS, m / "toy.json", "toy_density", f" `datasets.{name}`")
+    return ReportInputs(
+        stats=_read(paths.prepared / "stats.json", "prepare", ("dataset", "n_train", "n_test", "shape")),
+        classifiers=classifiers,
+        singular_values=_per_model(m / "singular_values.json", "singular_values", labels, CERTIFICATE_KEYS),
+        reconstruction=_per_model(m / "reconstruction.json", "reconstruction", labels, RECONSTRUCTION_KEYS),
+        flow=_read(m / "flow.json", "train_flow", FLOW_KEYS),
+        evaluate_flow=_read(m / "evaluate_flow.json", "evaluate_flow", EVALUATE_KEYS),
+        logdet_bias=_read(m / "logdet_bias.json", "logdet_bias"),
+        logdet_curve=read_curve(paths.curves / "logdet_bias.csv", "logdet_bias", LOGDET_CURVE_COLUMNS),
+        toy=toy,
+    )

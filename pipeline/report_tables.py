@@ -1,0 +1,234 @@
+"""The paper-style tables of the report, as pandas frames built only from the stages' metrics files.
+
+Each builder returns a :class:`ReportTable`: ``data`` (raw numbers, written as CSV for machines) and ``shown``
+(formatted text, written as Markdown for the report page and as LaTeX for a paper).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from pipeline.files import write_bytes_atomic
+from pipeline.paths import Paths
+from pipeline.report_inputs import ReportInputs
+
+# Table 4's published bits/dim on the test sets, as PAPER.md gives them: (method, source, MNIST, CIFAR10).
+PUBLISHED_BPD = (
+    ("i-ResNet", "published: Behrmann et al. 2019, Table 4", 1.06, 3.45),
+    ("Glow", "published: as cited in Behrmann et al. 2019, Table 4", 1.05, 3.35),
+    ("FFJORD", "published: as cited in Behrmann et al. 2019, Table 4", 0.99, 3.40),
+    ("Real NVP", "published: as cited in Behrmann et al. 2019, Table 4", 1.06, 3.49),
+    ("Residual Flows", "published: Chen et al. 2019", 0.97, 3.28),
+)
+PUBLISHED_DATASETS = {"mnist": "MNIST", "cifar10": "CIFAR10"}  # our dataset name -> the paper's column
+ZCA_MARK = "†"
+MISSING = "–"
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """One table: ``data`` for the CSV, ``shown`` for Markdown/LaTeX, ``index`` whether the row labels are shown."""
+
+    name: str
+    data: pd.DataFrame
+    shown: pd.DataFrame
+    index: bool = True
+
+    def markdown(self) -> str:
+        # Cells are already formatted text: tabulate must not re-parse "1.200" into 1.2.
+        return self.shown.to_markdown(index=self.index, disable_numparse=True) + "\n"
+
+    def latex(self) -> str:
+        styler = self.shown.style.format(escape="latex").format_index(escape="latex", axis=1)
+        if self.index:
+            styler = styler.format_index(escape="latex", axis=0)
+        else:
+            styler = styler.hide(axis="index")
+        return styler.to_latex(hrules=True).replace("±", r"$\pm$").replace(ZCA_MARK, r"$^\dagger$")
+
+    def write(self, paths: Paths) -> list[str]:
+        """``reports/tables/<name>.{md,tex,csv}``; returns the file paths written."""
+        out = []
+        for ext, text in (("md", self.markdown()), ("tex", self.latex()), ("csv", self.data.to_csv(index=self.index))):
+            path = paths.tables / f"{self.name}.{ext}"
+            write_bytes_atomic(path, text.encode())
+            out.append(str(path))
+        return out
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number with ``digits`` decimals, a bool as Yes/No, None/NaN as a dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if isinstance(value, bool):
+        return "Yes" if value else "No"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def num(value: Any, spec: str, missing: str = "n/a") -> str:
+    """``value`` formatted with ``spec``; ``missing`` for None/NaN (a stage's "no value"), ``inf`` stays ``inf``."""
+    if value is None or math.isnan(float(value)):
+        return missing
+    return format(float(value), spec) if math.isfinite(float(value)) else str(float(value))
+
+
+def finite_or_none(value: Any) -> float | None:
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def percent(fraction: float) -> float:
+    """A fraction as a percentage, rounded to 1e-6 points (drops float noise such as 1.8900000000000001)."""
+    return round(100.0 * float(fraction), 6)
+
+
+def column_name(label: str) -> str:
+    """``vanilla`` / ``batchnorm`` stay, a coefficient ``0.9`` becomes ``c = 0.9``."""
+    return label if label in ("vanilla", "batchnorm") else f"c = {label}"
+
+
+def table2(inputs: ReportInputs) -> ReportTable:
+    """Table 2: test error (%) per classifier, and whether its inverse is guaranteed by the exact certificate.
+
+    Rows: one per dataset (the run's), ``guaranteed inverse`` (``singular_values.json``, never assumed from the
+    model kind), and the largest certified block Lipschitz bound behind it.
+    """
+    labels = list(inputs.classifiers)
+    certs = inputs.singular_values["models"]
+    datasets = list(dict.fromkeys(m["dataset"] for m in inputs.classifiers.values()))
+    rows: dict[str, list[Any]] = {}
+    for ds in datasets:
+        rows[f"test error (%), {ds}"] = [
+            percent(m["test_error"]) if m["dataset"] == ds else None for m in inputs.classifiers.values()
+        ]
+    rows["guaranteed inverse"] = [bool(certs[label]["guaranteed_inverse"]) for label in labels]
+    rows["max block Lipschitz bound"] = [float(certs[label]["max_block_bound"]) for label in labels]
+    data = pd.DataFrame.from_dict(rows, orient="index", columns=labels)
+    shown = pd.DataFrame(
+        {column_name(label): [fmt(v, 2) for v in data[label]] for label in labels}, index=data.index
+    )
+    return ReportTable("table2", data, shown)
+
+
+def table4(inputs: ReportInputs) -> ReportTable:
+    """Table 4: our test bits/dim (App. C.3 protocol) next to the published values, each row with its source.
+
+    Our row sits in the paper's column when the dataset is ``mnist`` or ``cifar10``, else in a column named after
+    the dataset (``mnist-5k`` is not the MNIST test set). A ZCA-whitened result is marked with a dagger.
+    """
+    ev = inputs.evaluate_flow
+    ours_col = PUBLISHED_DATASETS.get(ev["dataset"], ev["dataset"])
+    records = [
+        {"method": "i-ResNet (this run)", "source": "this run (evaluate_flow)", "dataset": ev["dataset"],
+         "bpd": ev["bpd"], "stderr": ev["stderr"], "bias_bound_bits": ev["bias_bound_bits"], "n_terms": ev["n_terms"],
+         "n_samples": ev["n_samples"], "n_dims": ev["n_dims"], "zca": bool(ev["zca"])}
+    ]  # fmt: skip
+    for method, source, mnist, cifar in PUBLISHED_BPD:
+        for ds, value in (("MNIST", mnist), ("CIFAR10", cifar)):
+            records.append({"method": method, "source": source, "dataset": ds, "bpd": value})
+    data = pd.DataFrame.from_records(records)
+
+    columns = ["MNIST", "CIFAR10"] + ([] if ours_col in ("MNIST", "CIFAR10") else [ours_col])
+    ours = f"{ev['bpd']:.4f} ± {ev['stderr']:.4f}" + (ZCA_MARK if ev["zca"] else "")
+    shown_rows = [
+        {"method": "i-ResNet (this run)", "source": "this run", **{c: MISSING for c in columns}, ours_col: ours,
+         "series terms": str(ev["n_terms"]), "probes": str(ev["n_samples"]), "dims": f"{ev['n_dims']:,}",
+         "bias bound (bits/dim)": num(ev["bias_bound_bits"], ".1e")}
+    ]  # fmt: skip
+    for method, source, mnist, cifar in PUBLISHED_BPD:
+        shown_rows.append({"method": method, "source": source, "MNIST": f"{mnist:.2f}", "CIFAR10": f"{cifar:.2f}",
+                           **{c: MISSING for c in columns[2:]}, "series terms": MISSING, "probes": MISSING,
+                           "dims": MISSING, "bias bound (bits/dim)": MISSING})  # fmt: skip
+    shown = pd.DataFrame(shown_rows, columns=["method", "source", *columns, "series terms", "probes", "dims",
+                                              "bias bound (bits/dim)"])  # fmt: skip
+    return ReportTable("table4", data, shown, index=False)
+
+
+def iresnet_lower(entry: dict[str, Any]) -> bool:
+    """Whether the i-ResNet's test NLL is below Glow's; a missing or non-finite NLL loses."""
+    a, b = finite_or_none(entry["iresnet_nll"]), finite_or_none(entry["glow_nll"])
+    return a is not None and (b is None or a < b)
+
+
+def toy_table(inputs: ReportInputs) -> ReportTable:
+    """Fig. 2's numbers: test NLL (nats) of the i-ResNet flow and the Glow-style flow per 2-D dataset."""
+    sets = inputs.toy["datasets"]
+    data = pd.DataFrame.from_dict(
+        {name: {"iresnet_nll": e["iresnet_nll"], "glow_nll": e["glow_nll"], "iresnet_params": e["iresnet_params"],
+                "glow_params": e["glow_params"]} for name, e in sets.items()},
+        orient="index",
+    )  # fmt: skip
+    data.index.name = "dataset"
+    data["lower_nll"] = ["i-ResNet" if iresnet_lower(e) else "Glow" for e in sets.values()]
+    references = [finite_or_none(e.get("reference_nll")) for e in sets.values()]
+    columns = {
+        "i-ResNet NLL": [num(v, ".3f") for v in data["iresnet_nll"]],
+        "Glow NLL": [num(v, ".3f") for v in data["glow_nll"]],
+    }
+    if any(r is not None for r in references):  # the true density's NLL, where it is closed-form
+        data["reference_nll"] = references
+        columns["true density NLL"] = [num(r, ".3f") for r in references]
+    columns.update({
+        "i-ResNet params": [fmt(int(v)) for v in data["iresnet_params"]],
+        "Glow params": [fmt(int(v)) for v in data["glow_params"]],
+        "lower NLL": list(data["lower_nll"]),
+    })  # fmt: skip
+    shown = pd.DataFrame(columns, index=data.index)
+    return ReportTable("toy", data, shown)
+
+
+def stage_costs(inputs: ReportInputs) -> list[tuple[str, dict[str, Any]]]:
+    """(stage, metrics) for every stage whose metrics file the report read, in pipeline order."""
+    out = [(f"train_classifier@{label}", m) for label, m in inputs.classifiers.items()]
+    out += [
+        ("singular_values", inputs.singular_values),
+        ("reconstruction", inputs.reconstruction),
+        ("train_flow", inputs.flow),
+        ("evaluate_flow", inputs.evaluate_flow),
+        ("logdet_bias", inputs.logdet_bias),
+        ("toy_density", inputs.toy),
+    ]
+    return out
+
+
+def _params_text(n_params: Any) -> str:
+    """A parameter count; a stage with several kinds of model (toy: ``{"iresnet": n, "glow": m}``) lists each."""
+    if isinstance(n_params, dict):
+        return " / ".join(f"{kind} {fmt(int(n))}" for kind, n in n_params.items())
+    return fmt(None if n_params is None else int(n_params))
+
+
+def runcost_table(inputs: ReportInputs) -> ReportTable:
+    """Wall time, throughput and parameter count per stage (from each metrics file), with the total time.
+
+    The CSV keeps numbers only: a per-kind parameter count (the toy stage) is in the Markdown/LaTeX and toy tables.
+    """
+    costs = stage_costs(inputs)
+    records = [
+        {"stage": stage, "wall_time_s": finite_or_none(m.get("wall_time_s")),
+         "throughput_img_s": finite_or_none(m.get("throughput_img_s")),
+         "n_params": None if isinstance(m.get("n_params"), dict) else m.get("n_params")}
+        for stage, m in costs
+    ]  # fmt: skip
+    data = pd.DataFrame.from_records(records).set_index("stage")
+    data.loc["total"] = [data["wall_time_s"].sum(min_count=1), None, None]
+    shown = pd.DataFrame(
+        {
+            "wall time (s)": [num(v, ".1f", MISSING) for v in data["wall_time_s"]],
+            "throughput (img/s)": [num(v, ".1f", MISSING) for v in data["throughput_img_s"]],
+            "parameters": [_params_text(m.get("n_params")) for _, m in costs] + [MISSING],
+        },
+        index=data.index,
+    )
+    return ReportTable("runcost", data, shown)
+
+
+def build_tables(inputs: ReportInputs) -> list[ReportTable]:
+    return [table2(inputs), table4(inputs), toy_table(inputs), runcost_table(inputs)]

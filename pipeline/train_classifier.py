@@ -1,0 +1,226 @@
+"""Stage ``train_classifier@<label>``: one classifier of Table 2 / Fig. 6 (App. C.2).
+
+Momentum SGD with weight decay and a step schedule (``classifier.milestones``, ``gamma``), random shifts (and flips)
+on the ``[0, 1]`` images, then normalisation by the train split's per-channel mean and std. Each epoch logs train
+loss/accuracy, test loss/error, the learning rate and the running power-iteration estimate ``sigma~`` of every
+convolution to MLflow, and saves a resume checkpoint (model, optimiser, scheduler, RNG; :class:`EpochLoop`), so a
+killed run continues where it stopped and ends with the same numbers. A NaN/inf loss stops with
+:class:`TrainingDiverged` naming the model, epoch and batch.
+
+Writes ``models/classifier/<label>/model.pt``, ``reports/metrics/classifier/<label>.json`` and
+``reports/curves/classifier/<label>.csv``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from iresnet.layers import ActNorm
+from iresnet.models import IResNetClassifier
+from pipeline.classifier_data import augment, batch_indices, n_batches
+from pipeline.classifiers import (
+    MODEL_KIND,
+    ClassifierSpec,
+    config_to_dict,
+    conv_layers,
+    curve_file,
+    metrics_file,
+    model_file,
+    resnet_config,
+    resolve_spec,
+)
+from pipeline.console import progress
+from pipeline.files import write_bytes_atomic, write_json
+from pipeline.params import Params, check_spatial, params_hash
+from pipeline.paths import Paths
+from pipeline.prepared import load_channel_stats, load_prepared, load_stats
+from pipeline.preprocess import ChannelStats
+from pipeline.tracking import NullTracker, Tracker
+from pipeline.training import EpochLoop, ResumeFile, build_optimizer, check_finite, save_model, seed_everything
+
+CURVE_COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_error", "lr", "sigma_max")
+# Unconstrained layers never use their sigma~; a few power iterations per epoch keep it a current norm estimate
+# for monitoring (starting from the previous vectors, it converges over the epochs).
+_MONITOR_ITERS = 10
+_HINT = (
+    "Lower classifier.lr or add a warm-up; an unconstrained (vanilla) network can blow up where the "
+    "Lipschitz-constrained ones do not."
+)
+
+
+def running_sigmas(model: IResNetClassifier) -> dict[str, float]:
+    """The stored power-iteration estimate ``sigma~`` of each convolution's raw weight, keyed ``sigma.BB.I``."""
+    return {f"sigma.{b:02d}.{i}": float(layer.sigma) for b, i, layer in conv_layers(model)}
+
+
+@torch.no_grad()
+def init_actnorm(model: IResNetClassifier, x: Tensor) -> int:
+    """Data-dependent ActNorm initialisation on ``x`` (normalised inputs), treating constant channels as scale 1.
+
+    The injective padding's zero channels are constant, and ``ActNorm`` floors their std at ``eps`` = 1e-6, which
+    gives them a scale of 1e6: the first gradient step on their bias then blows the loss up to NaN within a few
+    batches. A constant channel cannot be standardised, so it keeps the identity scale here. Returns how many
+    channels were reset. Deterministic (no random numbers), so a resumed run initialises identically.
+    """
+    model.train()
+    model(x)
+    reset = 0
+    for layer in model.modules():
+        if isinstance(layer, ActNorm):
+            floored = layer.log_scale >= -math.log(layer.eps) - 1e-3  # std was at (or below) the eps floor
+            layer.log_scale[floored] = 0.0
+            reset += int(floored.sum())
+    return reset
+
+
+def refresh_unconstrained(model: IResNetClassifier) -> None:
+    """Advance the (unused) power iteration of every unconstrained convolution, so its logged sigma~ is current."""
+    for _, _, layer in conv_layers(model):
+        if layer.coeff is None:
+            layer.power_iterate(_MONITOR_ITERS)
+
+
+def train_epoch(
+    model: IResNetClassifier,
+    optimizer: torch.optim.Optimizer,
+    data: tuple[Tensor, Tensor],
+    stats: ChannelStats,
+    params: Params,
+    where: str,
+    advance: Callable[..., None],
+) -> tuple[float, float, int]:
+    """One pass over the (augmented, shuffled) train split; returns (mean loss, accuracy, images seen)."""
+    p = params.classifier
+    images, labels = data
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for k, idx in enumerate(batch_indices(len(images), p.batch_size, True, p.max_train_batches), start=1):
+        x = stats.normalize(augment(images[idx], p.shift_px, p.hflip))
+        logits = model(x)
+        loss = F.cross_entropy(logits, labels[idx])
+        check_finite(loss, "training loss", f"{where}, batch {k}", _HINT)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        loss_sum += value * len(idx)
+        correct += int((logits.argmax(1) == labels[idx]).sum())
+        seen += len(idx)
+        advance(info=f"loss {value:.3f}")
+    return loss_sum / seen, correct / seen, seen
+
+
+@torch.no_grad()
+def evaluate(
+    model: IResNetClassifier, data: tuple[Tensor, Tensor], stats: ChannelStats, batch_size: int
+) -> tuple[float, float]:
+    """(mean cross-entropy, error fraction) on ``data`` in eval mode."""
+    images, labels = data
+    model.eval()
+    loss_sum, wrong = 0.0, 0
+    for idx in batch_indices(len(images), batch_size, shuffle=False):
+        logits = model(stats.normalize(images[idx]))
+        loss_sum += float(F.cross_entropy(logits, labels[idx], reduction="sum"))
+        wrong += int((logits.argmax(1) != labels[idx]).sum())
+    return loss_sum / len(images), wrong / len(images)
+
+
+def run_fingerprint(params: Params, spec: ClassifierSpec, data_summary: dict[str, Any]) -> str:
+    """Hash of everything that defines this run (not the list of other coefficients), keying its resume file."""
+    section = {k: v for k, v in params.section_dict("classifier")["classifier"].items() if k != "coeffs"}
+    return params_hash({"seed": params.seed, "label": spec.label, "classifier": section, "data": data_summary})
+
+
+def _write_curve(path: Path, history: list[dict[str, Any]]) -> None:
+    frame = pd.DataFrame([{c: record[c] for c in CURVE_COLUMNS} for record in history], columns=list(CURVE_COLUMNS))
+    write_bytes_atomic(path, frame.to_csv(index=False, lineterminator="\n").encode())
+
+
+def run(params: Params, paths: Paths, tracker: Tracker | None = None, coeff: str | float | None = None) -> dict[str, Any]:
+    """Train the model ``coeff`` names (an entry of ``classifier.coeffs``); returns its metrics (the JSON's content)."""
+    tracker = tracker or NullTracker()
+    start = time.perf_counter()
+    spec = resolve_spec(params.classifier, coeff)
+    p = params.classifier
+    seed_everything(params.seed)
+    train, test = load_prepared(paths, "train"), load_prepared(paths, "test")
+    summary = load_stats(paths)
+    stats = load_channel_stats(paths)
+    in_shape = tuple(train[0].shape[1:])
+    check_spatial(params, in_shape[1], in_shape[2])
+    config = resnet_config(p, spec, in_shape)  # type: ignore[arg-type]
+    model = IResNetClassifier(config, n_classes=int(summary["n_classes"]))
+    optimizer = build_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(p.milestones), p.gamma)
+    data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "mean", "std")}
+    resume = ResumeFile.for_run(paths, f"classifier-{spec.label}", run_fingerprint(params, spec, data_summary))
+    if p.actnorm:
+        init_actnorm(model, stats.normalize(train[0][: p.batch_size]))
+    loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "scheduler": scheduler})
+
+    per_epoch = n_batches(len(train[0]), p.batch_size, p.max_train_batches)
+    with progress(f"train {spec.label}", p.epochs * per_epoch) as advance:
+        for epoch in loop:
+            if epoch == loop.resumed_from + 1 and loop.resumed_from:
+                advance(loop.resumed_from * per_epoch, info=f"resumed after epoch {loop.resumed_from}")
+                tracker.set_tags({"resumed_from_epoch": loop.resumed_from})
+                for done, record in enumerate(loop.history, start=1):
+                    tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=done)
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            where = f"model {spec.label}, epoch {epoch}"
+            train_loss, train_acc, seen = train_epoch(model, optimizer, train, stats, params, where, advance)
+            train_seconds = time.perf_counter() - t0
+            scheduler.step()
+            refresh_unconstrained(model)
+            test_loss, test_error = evaluate(model, test, stats, p.eval_batch_size)
+            sigmas = running_sigmas(model)
+            record = {
+                "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss,
+                "test_error": test_error, "lr": lr, "sigma_max": max(sigmas.values()),
+                "sigma_mean": sum(sigmas.values()) / len(sigmas), "images": seen, "train_seconds": train_seconds,
+                "seconds": time.perf_counter() - t0, **sigmas,
+            }  # fmt: skip
+            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            loop.save(epoch, record)
+
+    history = loop.history
+    last = history[-1]
+    earlier = sum(r["seconds"] for r in history[: loop.resumed_from])  # epochs done by an interrupted run
+    n_params = sum(t.numel() for t in model.parameters())
+    save_model(
+        model_file(paths, spec.label), MODEL_KIND, config_to_dict(config), model, label=spec.label, model_kind=spec.kind,
+        coeff=spec.coeff, n_classes=int(summary["n_classes"]), dataset=summary["dataset"],
+        mean=stats.mean.tolist(), std=stats.std.tolist(),
+    )  # fmt: skip
+    _write_curve(curve_file(paths, spec.label), history)
+    metrics = {
+        "model": spec.label,
+        "coeff": spec.coeff,
+        "kind": spec.kind,
+        "dataset": summary["dataset"],
+        "n_train": len(train[0]),
+        "n_test": len(test[0]),
+        "epochs": len(history),
+        "test_error": last["test_error"],
+        "test_loss": last["test_loss"],
+        "train_loss": last["train_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "n_params": n_params,
+        "throughput_img_s": sum(r["images"] for r in history) / sum(r["train_seconds"] for r in history),
+        "wall_time_s": earlier + time.perf_counter() - start,
+    }
+    write_json(metrics_file(paths, spec.label), metrics)
+    tracker.log_artifact(metrics_file(paths, spec.label), "metrics")
+    tracker.log_artifact(curve_file(paths, spec.label), "curves")
+    loop.finish()
+    return metrics

@@ -1,0 +1,163 @@
+"""The App. C.3 evaluation protocol: term choice from Theorem 3, probe standard error, closed-form flows, the stage."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from iresnet.blocks import residual_blocks
+from iresnet.layers import ActNorm
+from iresnet.logdet import LogDetSettings
+from iresnet.models import FlowConfig, MultiscaleFlow
+from iresnet.spectral_norm import LipschitzConv2d
+from pipeline import evaluate_flow
+from pipeline.files import read_json
+from pipeline.flow_data import FlowSpace, log_prob_parts, logdet_settings_as
+from pipeline.params import parse_params
+
+from tests.pipeline.flow_helpers import linear_flow, trained_project, with_section
+
+LN2 = math.log(2)
+
+
+def tail(lip: float, n: int) -> float:
+    """``Σ_{k>n} L^k / k`` summed directly (independent of the library's closed form)."""
+    return math.fsum(lip**k / k for k in range(n + 1, 5000))
+
+
+def test_choose_terms_is_the_smallest_n_below_the_target() -> None:
+    lips, dims, n_dims, target = [0.5, 0.8, 0.3], [64, 32, 32], 64, 1e-4
+
+    def bound(n: int) -> float:
+        return sum(d * tail(lip, n) for lip, d in zip(lips, dims)) / (n_dims * LN2)
+
+    n, got = evaluate_flow.choose_terms(lips, dims, n_dims, target, max_terms=200)
+    assert got == pytest.approx(bound(n), rel=1e-9) and bound(n) < target <= bound(n - 1)
+    n_small, got_small = evaluate_flow.choose_terms(lips, dims, n_dims, target, max_terms=n - 1)
+    assert n_small == n - 1 and got_small == pytest.approx(bound(n - 1), rel=1e-9) and got_small >= target
+    assert evaluate_flow.choose_terms([0.5, 1.02], [4, 4], 8, target, max_terms=30) == (30, None)
+    assert evaluate_flow.bias_bound_bits([0.0, 0.0], [4, 4], 8, 1) == 0.0
+
+
+def test_probe_stderr_closed_form() -> None:
+    a = torch.arange(5, dtype=torch.float64)[:, None]  # examples differ a lot; probes by ±e
+    e = 0.3
+    samples = torch.cat([a + e, a - e], dim=1)  # per-example sample variance 2e², so stderr = e / sqrt(N)
+    assert evaluate_flow.probe_stderr(samples) == pytest.approx(e / math.sqrt(5), rel=1e-12)
+    assert evaluate_flow.examples_stderr(samples) == pytest.approx(float(a.std()) / math.sqrt(5), rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2 probes"):
+        evaluate_flow.probe_stderr(samples[:, :1])
+
+
+def _flow(n_blocks: tuple[int, int]) -> MultiscaleFlow:
+    config = FlowConfig(in_shape=(1, 8, 8), n_blocks=n_blocks, strides=(1, 2), channels=(4, 4))
+    return MultiscaleFlow(config).double().eval()
+
+
+@torch.no_grad()
+def test_actnorm_flow_bits_per_dim_equal_the_closed_form() -> None:
+    """Residual branches g = 0 and every ActNorm scaling by s: on a constant image the flow is two scalings.
+
+    1x8x8 -> 4x4x4 (stage 0: n0 ActNorms) -> half (32 dims) factored out at κ s^n0 -> 8x2x2 (stage 1: n1 ActNorms)
+    -> 32 dims at κ s^(n0+n1). ln p = Σ ln N(z; 0, 1) + 64 n0 ln s + 32 n1 ln s (standard-normal priors at init).
+    """
+    n0, n1, s, kappa = 2, 1, 1.7, 0.31
+    model = _flow((n0, n1))
+    for module in model.modules():
+        if isinstance(module, LipschitzConv2d):
+            module.weight.zero_()
+            module.bias.zero_()
+        if isinstance(module, ActNorm):
+            module.log_scale.fill_(math.log(s))
+            module.bias.zero_()
+            module.initialized.fill_(True)
+    x = torch.full((3, 1, 8, 8), kappa, dtype=torch.float64)
+    z0, z1 = kappa * s**n0, kappa * s ** (n0 + n1)
+    log_p = -0.5 * 32 * (z0**2 + z1**2) - 32 * math.log(2 * math.pi) + (64 * n0 + 32 * n1) * math.log(s)
+    expected = (-log_p + 64 * math.log(256)) / (64 * LN2)
+
+    space = FlowSpace((1, 8, 8))
+    lips = [block.lipschitz_bound() for block in residual_blocks(model)]
+    assert lips == [0.0] * 3
+    n_terms, bound = evaluate_flow.choose_terms(lips, model.block_dims, 64, 1e-4, 40)
+    assert (n_terms, bound) == (1, 0.0)
+    samples = evaluate_flow.hutchinson_rounds(model, x, space, n_terms, 2, max_samples=5, max_stderr_bits=1e-3)
+    assert samples.shape == (3, 2)  # zero variance: the first standard error (after 2 rounds) meets the target
+    torch.testing.assert_close(samples, torch.full_like(samples, expected), rtol=0, atol=1e-12)
+    assert evaluate_flow.probe_stderr(samples) == 0.0
+    lower, upper = evaluate_flow.lemma7_bpd(model, x, space, lips, model.block_dims, 2)
+    assert lower == pytest.approx(expected, abs=1e-12) and upper == pytest.approx(expected, abs=1e-12)
+
+
+def test_linear_residual_flow_matches_its_exact_log_density() -> None:
+    """Linear residual maps with known log-dets: the protocol's value lies within its bias bound + 4 standard errors,
+    its Lemma 7 bounds enclose the exact value, and the certified Lipschitz bounds are the exact ‖A‖₂."""
+    model, maps = linear_flow((0.5, 0.6))
+    exact_logdet = sum(pixels * torch.linalg.slogdet(torch.eye(len(a), dtype=a.dtype) + a)[1] for a, pixels in maps)
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.5
+    space = FlowSpace((1, 8, 8))
+    with torch.no_grad(), logdet_settings_as(model, LogDetSettings("none")):
+        logpz, actnorm = log_prob_parts(model, x)
+    assert actnorm.abs().max() == 0
+    expected = float(space.bpd(logpz + exact_logdet).mean())
+
+    lips = [block.lipschitz_bound() for block in residual_blocks(model)]
+    assert lips == pytest.approx([0.5, 0.6], rel=1e-12)
+    n_terms, bound = evaluate_flow.choose_terms(lips, model.block_dims, 64, 1e-4, 60)
+    torch.manual_seed(0)
+    samples = evaluate_flow.hutchinson_rounds(model, x, space, n_terms, 8, max_samples=400, max_stderr_bits=3e-3)
+    stderr = evaluate_flow.probe_stderr(samples)
+    assert stderr < 3e-3 and samples.shape[1] < 400
+    assert abs(float(samples.mean()) - expected) <= bound + 4 * stderr
+    lower, upper = evaluate_flow.lemma7_bpd(model, x, space, lips, model.block_dims, 8)
+    assert lower <= expected <= upper
+
+
+def test_lemma7_without_a_certificate_keeps_only_the_lower_bound() -> None:
+    """A block with Lip(g) = 1.2: no Theorem 3 or Lemma 7 lower log-det bound, but |det| <= (1 + L)^d still holds."""
+    model, maps = linear_flow((0.5, 1.2))
+    exact_logdet = sum(pixels * torch.linalg.slogdet(torch.eye(len(a), dtype=a.dtype) + a)[1] for a, pixels in maps)
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.5
+    space = FlowSpace((1, 8, 8))
+    with torch.no_grad(), logdet_settings_as(model, LogDetSettings("none")):
+        logpz, _ = log_prob_parts(model, x)
+    lips = [block.lipschitz_bound() for block in residual_blocks(model)]
+    lower, upper = evaluate_flow.lemma7_bpd(model, x, space, lips, model.block_dims, 4)
+    expected_lower = float(space.bpd(logpz).mean()) - (64 * math.log1p(0.5) + 32 * math.log1p(1.2)) / (64 * LN2)
+    assert upper is None and lower == pytest.approx(expected_lower, abs=1e-12)
+    assert lower <= float(space.bpd(logpz + exact_logdet).mean())
+    assert evaluate_flow.choose_terms(lips, model.block_dims, 64, 1e-4, 30) == (30, None)
+
+
+def test_stage_metrics_and_chosen_terms(tiny_project: Path, tiny_params: dict) -> None:
+    # c = 0.5 keeps the certified bounds (loose on 4x4 and 2x2 inputs: padded to 6x6 and 4x4) well below 1
+    params, paths, _ = trained_project(tiny_project, tiny_params, epochs=1, coeff=0.5)
+    params = with_section(params, "evaluate_flow", max_bias_bits=1e-3, max_stderr_bits=0.05, max_samples=6)
+    metrics = evaluate_flow.run(params, paths)
+    assert read_json(evaluate_flow.metrics_file(paths)) == metrics
+    assert metrics["n_dims"] == 64 and metrics["n_examples"] == 12 and metrics["dataset"] == "idx:tiny"
+    lips, n = metrics["block_lipschitz"], metrics["n_terms"]
+    assert len(lips) == 2 and max(lips) < 1 and metrics["bias_target_met"] is True
+
+    def bound(k: int) -> float:  # blocks on 4x4x4 (d = 64) and 8x2x2 (d = 32)
+        return (64 * tail(lips[0], k) + 32 * tail(lips[1], k)) / (64 * LN2)
+
+    assert metrics["bias_bound_bits"] == pytest.approx(bound(n), rel=1e-9) and bound(n) < 1e-3 <= bound(n - 1)
+    assert 2 <= metrics["n_samples"] <= 6
+    assert metrics["stderr_target_met"] == (metrics["stderr"] < 0.05)
+    assert metrics["lemma7_lower_bpd"] <= metrics["bpd"] <= metrics["lemma7_upper_bpd"]
+    assert metrics["stderr_examples"] > metrics["stderr"]  # over examples the spread is far larger
+    assert "bias_note" not in metrics
+
+    short = evaluate_flow.run(with_section(params, "evaluate_flow", max_terms=n - 1), paths)
+    assert short["n_terms"] == n - 1 and short["bias_target_met"] is False and "raise max_terms" in short["bias_note"]
+    assert short["bias_bound_bits"] == pytest.approx(bound(n - 1), rel=1e-9)
+
+
+def test_max_samples_below_two_is_rejected(repo_params: dict) -> None:
+    raw = {**repo_params, "evaluate_flow": {**repo_params["evaluate_flow"], "max_samples": 1}}
+    with pytest.raises(Exception, match="evaluate_flow.max_samples"):
+        parse_params(raw)

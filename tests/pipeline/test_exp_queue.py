@@ -1,0 +1,42 @@
+"""A real ``dvc exp run --queue`` of the ``prepare`` stage: the queued run executes in DVC's temporary copy of the repo
+and must still log into the workspace's MLflow store, tagged with the DVC experiment's name."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from repo_copy import commit_all, make_repo_copy
+
+
+def test_queued_experiment_logs_into_the_workspace_store(
+    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, fresh_store: Callable
+) -> None:
+    from mlflow import MlflowClient
+
+    repo = make_repo_copy(tmp_path / "repo", tiny_params)
+    make_idx_folder(repo.root / "tiny")
+    commit_all(repo)  # a queued experiment starts from a commit: the dataset must be in it
+    fresh_store(repo.root)  # git-ignored: only the workspace has it
+
+    repo.dvc("exp", "run", "--queue", "-n", "tiny-exp", "-S", "data.max_train=20", "prepare")
+    ran = repo.dvc("exp", "run", "--run-all", timeout=180)  # runs the queue and waits for it
+    status = repo.dvc("queue", "status")
+    assert "Success" in status, f"{ran}\n{status}\n{repo.dvc('queue', 'logs', 'tiny-exp')}"
+
+    shown = json.loads(repo.dvc("exp", "show", "--json"))
+    exps = [e for rev in shown for e in (rev.get("experiments") or [])]
+    names = [run["name"] for e in exps for run in (e.get("revs") or [])]
+    assert "tiny-exp" in names, names
+
+    client = MlflowClient(f"sqlite:///{repo.root.resolve()}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("iresnet-data").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dvc_exp_name"] == "tiny-exp" and run.data.tags["dvc_stage"] == "prepare"
+    assert run.data.params["data.max_train"] == "20" and run.data.metrics["n_train"] == 20
+    artifact_root = client.get_experiment(run.info.experiment_id).artifact_location
+    assert artifact_root == (repo.root.resolve() / "mlartifacts" / "data").as_uri()
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"figures", "prepared"}
+    # The stage wrote its outputs in DVC's temporary copy (deleted since), not here, yet its run is in this store.
+    assert not (repo.root / "data" / "prepared").exists()

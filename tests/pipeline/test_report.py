@@ -1,0 +1,287 @@
+"""The ``report`` stage on fixture metrics files in ``tmp_path``: tables hold the files' numbers, the guaranteed-inverse
+row follows the certificate, findings are computed, missing inputs name the stage that writes them."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import report
+from pipeline.cli import app
+from pipeline.errors import DataError
+from pipeline.params import Params, parse_params
+from pipeline.paths import Paths
+from pipeline.report_inputs import FIGURES
+
+LABELS = ["vanilla", "0.9", "0.7", "0.5"]
+ERRORS = {"vanilla": 0.0123, "0.9": 0.0151, "0.7": 0.0189, "0.5": 0.0342}
+CERTIFIED = {"vanilla": False, "0.9": True, "0.7": True, "0.5": True}
+BOUNDS = {"vanilla": 3.71, "0.9": 0.97, "0.7": 0.68, "0.5": 0.49}
+WALL = {"vanilla": 40.0, "0.9": 61.5, "0.7": 60.25, "0.5": 59.0}
+ITER_TO = {"vanilla": None, "0.9": 14, "0.7": 8, "0.5": 5}
+
+
+def _metrics(labels: list[str]) -> dict[str, Any]:
+    """Every metrics file the report reads, in the stages' formats (relative path -> contents)."""
+    files: dict[str, Any] = {}
+    for label in labels:
+        coeff = None if label in ("vanilla", "batchnorm") else float(label)
+        files[f"classifier/{label}.json"] = {
+            "model": "classifier", "coeff": coeff, "kind": "iresnet" if coeff else label, "dataset": "mnist-5k",
+            "test_error": ERRORS[label], "test_loss": 0.05, "train_loss": 0.04, "train_accuracy": 0.99,
+            "epochs": 3, "wall_time_s": WALL[label], "n_params": 12345, "throughput_img_s": 200.0 + len(label),
+        }  # fmt: skip
+    files["singular_values.json"] = {
+        "models": {
+            label: {"guaranteed_inverse": CERTIFIED[label], "max_block_bound": BOUNDS[label],
+                    "max_layer_upper": BOUNDS[label] / 2 if label != "vanilla" else 2.5,
+                    "frac_layers_above_1": 0.0 if label != "vanilla" else 0.5, "n_layers": 18, "n_blocks": 6,
+                    "layers_above_coeff": 0 if label != "vanilla" else None}
+            for label in labels
+        },
+        "wall_time_s": 5.0,
+    }  # fmt: skip
+    files["reconstruction.json"] = {
+        "models": {
+            label: {"iterations_to": {"1e-03": ITER_TO[label], "1e-05": None},
+                    "seconds_per_100": {"5": 0.01, "20": 0.04, "100": 0.2},
+                    "final_mean_error": 1e-7 if label != "vanilla" else 0.3, "final_max_error": 1e-6,
+                    "converged": label != "vanilla"}
+            for label in labels
+        },
+        "wall_time_s": 7.0,
+    }  # fmt: skip
+    files["flow.json"] = {
+        "train_bpd": 1.61, "test_bpd_estimate": 1.65, "n_dims": 784, "dataset": "mnist-5k", "zca": False, "epochs": 2,
+        "wall_time_s": 120.0, "n_params": 54321, "throughput_img_s": 80.0, "samples_converged": True,
+    }  # fmt: skip
+    files["evaluate_flow.json"] = {
+        "bpd": 1.6523, "stderr": 0.0008, "bias_bound_bits": 8.5e-5, "n_terms": 14, "n_samples": 8, "n_dims": 784,
+        "n_examples": 500, "dataset": "mnist-5k", "zca": False, "lemma7_lower_bpd": 0.9, "lemma7_upper_bpd": 2.8,
+        "bias_target_met": True, "stderr_target_met": True, "wall_time_s": 30.0,
+    }  # fmt: skip
+    files["logdet_bias.json"] = {"n_examples": 100, "wall_time_s": 20.0}
+    files["toy.json"] = {
+        "datasets": {
+            "moons": {"iresnet_nll": 1.20, "glow_nll": 1.35, "iresnet_params": 9000, "glow_params": 9100},
+            "checkerboard": {"iresnet_nll": 3.60, "glow_nll": 3.55, "iresnet_params": 9000, "glow_params": 9100},
+        },
+        "n_params": {"iresnet": 9000, "glow": 9100},
+        "wall_time_s": 90.0,
+    }
+    return files
+
+
+def write_fixture(root: Path, labels: list[str] = LABELS, files: dict[str, Any] | None = None) -> Paths:
+    """A project root holding every input of the report (figures are placeholder bytes: the report only links them)."""
+    paths = Paths.at(root)
+    for rel, data in (files or _metrics(labels)).items():
+        path = paths.metrics / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+    paths.curves.mkdir(parents=True, exist_ok=True)
+    with (paths.curves / "logdet_bias.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["n_terms", "bias", "abs_bias", "std", "theorem3_bound"])
+        for n in range(1, 21):
+            writer.writerow([n, -(0.5**n), 0.5**n, 0.01, 2 * 0.5**n])
+    paths.prepared.mkdir(parents=True, exist_ok=True)
+    stats = {"dataset": "mnist-5k", "n_train": 4000, "n_test": 1000, "shape": [1, 28, 28], "zca": {"enabled": True}}
+    (paths.prepared / "stats.json").write_text(json.dumps(stats))
+    paths.figures.mkdir(parents=True, exist_ok=True)
+    for name in FIGURES:
+        (paths.figures / name).write_bytes(b"\x89PNG")
+    return paths
+
+
+@pytest.fixture
+def params(repo_params: dict) -> Params:
+    raw = copy.deepcopy(repo_params)
+    raw["classifier"]["coeffs"] = ["vanilla", 0.9, 0.7, 0.5]
+    return parse_params(raw)
+
+
+def test_tables_hold_the_metrics_numbers(tmp_path: Path, params: Params) -> None:
+    paths = write_fixture(tmp_path)
+    report.run(params, paths)
+    t2 = pd.read_csv(paths.tables / "table2.csv", index_col=0)
+    assert list(t2.columns) == LABELS
+    for label in LABELS:
+        assert float(t2.loc["test error (%), mnist-5k", label]) == pytest.approx(100 * ERRORS[label], rel=1e-12)
+        assert float(t2.loc["max block Lipschitz bound", label]) == BOUNDS[label]
+    assert list(t2.loc["guaranteed inverse"]) == ["False", "True", "True", "True"]
+    md = (paths.tables / "table2.md").read_text()
+    assert "| c = 0.9" in md and "1.51" in md and "3.42" in md and "No" in md and "Yes" in md
+    tex = (paths.tables / "table2.tex").read_text()
+    assert "\\begin{tabular}" in tex and "test error (\\%), mnist-5k" in tex
+
+    cost = pd.read_csv(paths.tables / "runcost.csv", index_col=0)
+    expected_total = sum(WALL.values()) + 5.0 + 7.0 + 120.0 + 30.0 + 20.0 + 90.0
+    assert cost.loc["total", "wall_time_s"] == pytest.approx(expected_total, rel=1e-12)
+    assert cost.loc["train_classifier@0.7", "wall_time_s"] == 60.25
+    assert cost.loc["train_flow", "n_params"] == 54321 and pd.isna(cost.loc["logdet_bias", "n_params"])
+    assert "| toy_density              | 90.0            | –                    | iresnet 9,000 / glow 9,100" in (
+        paths.tables / "runcost.md"
+    ).read_text()
+
+    toy = pd.read_csv(paths.tables / "toy.csv", index_col=0)
+    assert toy.loc["moons", "lower_nll"] == "i-ResNet" and toy.loc["checkerboard", "lower_nll"] == "Glow"
+    assert toy.loc["checkerboard", "glow_nll"] == 3.55
+
+
+def test_table4_ours_and_published_rows(tmp_path: Path, params: Params) -> None:
+    paths = write_fixture(tmp_path)
+    report.run(params, paths)
+    t4 = pd.read_csv(paths.tables / "table4.csv")
+    ours = t4[t4.method == "i-ResNet (this run)"].iloc[0]
+    assert (ours.bpd, ours.stderr, ours.n_terms, ours.n_dims) == (1.6523, 0.0008, 14, 784)
+    published = t4[t4.source.str.startswith("published")].set_index(["method", "dataset"]).bpd
+    assert published["i-ResNet", "MNIST"] == 1.06 and published["i-ResNet", "CIFAR10"] == 3.45
+    assert published["Residual Flows", "CIFAR10"] == 3.28 and published["Real NVP", "CIFAR10"] == 3.49
+    assert published["Glow", "MNIST"] == 1.05 and published["FFJORD", "MNIST"] == 0.99 and len(published) == 10
+    md = (paths.tables / "table4.md").read_text()
+    assert "1.6523 ± 0.0008" in md and "| mnist-5k" in md and "†" not in md  # mnist-5k is not the MNIST test set
+
+
+def test_table4_zca_dagger_and_paper_column(tmp_path: Path, params: Params) -> None:
+    files = _metrics(LABELS)
+    files["evaluate_flow.json"].update({"zca": True, "dataset": "mnist"})
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    md = (paths.tables / "table4.md").read_text()
+    ours = next(line for line in md.splitlines() if "this run" in line)
+    cells = [c.strip() for c in ours.strip("|").split("|")]
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert cells[header.index("MNIST")] == "1.6523 ± 0.0008†" and "mnist" not in header
+
+
+def test_guaranteed_row_follows_the_certificate(tmp_path: Path, params: Params) -> None:
+    """An i-ResNet whose certificate fails reads No, a vanilla net that happens to certify reads Yes."""
+    files = _metrics(LABELS)
+    files["singular_values.json"]["models"]["0.7"]["guaranteed_inverse"] = False
+    files["singular_values.json"]["models"]["vanilla"]["guaranteed_inverse"] = True
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    t2 = pd.read_csv(paths.tables / "table2.csv", index_col=0)
+    assert list(t2.loc["guaranteed inverse"]) == ["True", "True", "False", "True"]
+    summary = json.loads((paths.metrics / "summary.json").read_text())
+    assert summary["all_iresnets_certified"] is False
+    assert summary["classifier"]["vanilla"]["guaranteed_inverse"] is True
+    page = (paths.reports / "README.md").read_text()
+    assert "all i-ResNets certified: no" in page and "vanilla certified: yes" in page
+
+
+def test_summary_and_page(tmp_path: Path, params: Params) -> None:
+    paths = write_fixture(tmp_path)
+    metrics = report.run(params, paths)
+    summary = json.loads((paths.metrics / "summary.json").read_text())
+    assert set(summary) == {"classifier", "flow", "toy", "total_wall_time_s", "all_iresnets_certified"}
+    assert summary["classifier"]["0.5"] == {"test_error_pct": pytest.approx(3.42, rel=1e-12), "guaranteed_inverse": True}
+    assert summary["flow"] == {"bpd": 1.6523, "stderr": 0.0008, "bias_bound_bits": 8.5e-5}
+    assert summary["toy"]["moons"] == {"iresnet_nll": 1.2, "glow_nll": 1.35} and summary["all_iresnets_certified"]
+    assert metrics["test_error_pct.vanilla"] == pytest.approx(1.23, rel=1e-12) and metrics["bpd"] == 1.6523
+
+    page = (paths.reports / "README.md").read_text()
+    for name in FIGURES:
+        assert f"(figures/{name})" in page
+    assert page.count("**Paper:**") == page.count("**This run:**") == 10
+    assert "dataset `mnist-5k` (4,000 train / 1,000 test images, 1x28x28)" in page and "trained 3 epochs" in page
+    assert "at most 0.66 points worse than vanilla" in page  # max(1.89, 1.51) - 1.23 over c >= 0.7
+    assert "until the max error is ≤ 0.001: c = 0.9: 14, c = 0.7: 8, c = 0.5: 5; ≤ 1e-05: c = 0.9: not reached" in page
+    assert "smaller c never needs more: yes" in page
+    assert "1.6523 ± 0.0008 bits/dim" in page and "between 0.900 and 2.800" in page
+    assert "lower test NLL on 1 of 2 datasets (moons)" in page
+    assert "10 terms 9.77e-04" in page and "20 terms 9.54e-07" in page and "within the Theorem 3 bound at every n: yes" in page
+    assert (paths.tables / "table2.md").read_text() in page
+
+
+def test_findings_report_what_did_not_reproduce(tmp_path: Path, params: Params) -> None:
+    files = _metrics(LABELS)
+    files["reconstruction.json"]["models"]["0.5"]["iterations_to"]["1e-03"] = None  # smaller c, never reached
+    paths = write_fixture(tmp_path, files=files)
+    with (paths.curves / "logdet_bias.csv").open("a") as f:
+        f.write("21,0.5,0.5,0.01,0.1\n")  # a bias above its Theorem 3 bound
+    report.run(params, paths)
+    page = (paths.reports / "README.md").read_text()
+    assert "c = 0.5: not reached" in page and "smaller c never needs more: no" in page
+    assert "within the Theorem 3 bound at every n: no" in page
+
+
+def test_outputs_are_deterministic(tmp_path: Path, params: Params) -> None:
+    paths = write_fixture(tmp_path)
+    report.run(params, paths)
+    outputs = sorted(paths.tables.iterdir()) + [paths.metrics / "summary.json", paths.reports / "README.md"]
+    first = {p: p.read_bytes() for p in outputs}
+    report.run(params, paths)
+    assert {p: p.read_bytes() for p in outputs} == first and len(first) == 14
+
+
+def test_missing_inputs_name_their_stages(tmp_path: Path, params: Params) -> None:
+    paths = write_fixture(tmp_path)
+    (paths.metrics / "flow.json").unlink()
+    (paths.metrics / "classifier" / "0.7.json").unlink()
+    with pytest.raises(DataError) as err:
+        report.run(params, paths)
+    text = str(err.value)
+    assert "`train_flow` writes reports/metrics/flow.json" in text
+    assert "`train_classifier@0.7` writes reports/metrics/classifier/0.7.json" in text
+    assert "dvc repro train_classifier@0.7 train_flow" in text
+
+
+def test_missing_key_names_file_and_stage(tmp_path: Path, params: Params) -> None:
+    files = _metrics(LABELS)
+    del files["singular_values.json"]["models"]["0.9"]["guaranteed_inverse"]
+    paths = write_fixture(tmp_path, files=files)
+    with pytest.raises(DataError, match=r"singular_values.json `models.0.9` lacks guaranteed_inverse.*dvc repro -f"):
+        report.run(params, paths)
+
+
+def test_cli_report(tmp_path: Path, repo_params: dict) -> None:
+    import yaml
+
+    raw = copy.deepcopy(repo_params)
+    raw["classifier"]["coeffs"] = ["vanilla", 0.9, 0.7, 0.5]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    missing = runner.invoke(app, ["--root", str(tmp_path), "report"])
+    assert missing.exit_code == 1 and "`prepare` writes data/prepared/stats.json" in missing.output and "Traceback" not in missing.output
+    write_fixture(tmp_path)
+    ok = runner.invoke(app, ["--root", str(tmp_path), "report"])
+    assert ok.exit_code == 0, ok.output
+    assert "report: results" in ok.output and "all_iresnets_certified" in ok.output
+
+
+def test_missing_values_read_as_such(tmp_path: Path, params: Params) -> None:
+    """Stages write null for "no bound" / a non-finite error; the report says so instead of failing."""
+    files = _metrics(LABELS)
+    files["evaluate_flow.json"].update({"bias_bound_bits": None, "bias_target_met": False})
+    files["reconstruction.json"]["models"]["vanilla"].update({"final_mean_error": None, "final_max_error": None})
+    files["toy.json"]["datasets"]["moons"]["glow_nll"] = None
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    page = (paths.reports / "README.md").read_text()
+    assert "no Theorem 3 bound" in page and "(target met: no)" in page
+    assert "vanilla: final mean error n/a, max n/a, converged no" in page
+    assert "lower test NLL on 1 of 2 datasets (moons)" in page  # a missing Glow NLL loses
+    summary = json.loads((paths.metrics / "summary.json").read_text())
+    assert summary["flow"]["bias_bound_bits"] is None and summary["toy"]["moons"]["glow_nll"] is None
+    assert "| n/a" in (paths.tables / "table4.md").read_text()
+    assert "| moons        | 1.200          | n/a" in (paths.tables / "toy.md").read_text()
+
+
+def test_toy_reference_column_only_when_known(tmp_path: Path, params: Params) -> None:
+    files = _metrics(LABELS)
+    files["toy.json"]["datasets"]["moons"]["reference_nll"] = 1.1
+    files["toy.json"]["datasets"]["checkerboard"]["reference_nll"] = None
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    toy = pd.read_csv(paths.tables / "toy.csv", index_col=0)
+    assert toy.loc["moons", "reference_nll"] == 1.1 and pd.isna(toy.loc["checkerboard", "reference_nll"])
+    assert "true density NLL" in (paths.tables / "toy.md").read_text()

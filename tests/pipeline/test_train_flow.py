@@ -1,0 +1,206 @@
+"""The ``train_flow`` stage on an 8x8 dataset: outputs, warm-up schedule, ZCA units, kill-and-resume, NaN diagnosis."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from iresnet.logdet import LogDetSettings
+from iresnet.models import MultiscaleFlow, bits_per_dim
+from iresnet.priors import standard_normal_logprob
+from pipeline import train_flow
+from pipeline.errors import ParamsError
+from pipeline.files import read_json
+from pipeline.flow_data import (
+    FlowSpace,
+    config_from_dict,
+    config_to_dict,
+    evenly_spaced,
+    flow_config,
+    load_trained_flow,
+    logdet_settings,
+)
+from pipeline.params import EvaluateFlowParams, FlowParams, LogdetBiasParams, parse_params
+from pipeline.preprocess import ZCA
+from pipeline.training import TrainingDiverged
+
+from tests.pipeline.flow_helpers import prepared_project, tiny_flow_params, trained_project
+
+REPO = Path(__file__).resolve().parents[2]
+
+FLOW_KEYS = {
+    "dataset", "zca", "n_dims", "dims", "epochs", "train_bpd", "test_bpd_estimate", "test_logpz", "test_logdet",
+    "recon_error", "estimator", "n_terms", "samples_converged", "samples_converged_fraction", "samples_max_residual",
+    "samples_max_iterations", "n_params", "throughput_img_s", "wall_time_s",
+}  # fmt: skip
+
+
+def test_warmup_lr_values() -> None:
+    lr = 0.003
+    assert [train_flow.warmup_lr(s, lr, 4) for s in range(6)] == [lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr]
+    assert train_flow.warmup_lr(0, lr, 0) == lr  # no warm-up
+    with pytest.raises(ValueError, match="step and warmup_steps"):
+        train_flow.warmup_lr(-1, lr, 4)
+
+
+def test_stage_outputs_and_applied_learning_rates(tiny_project: Path, tiny_params: dict) -> None:
+    applied: list[float] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"])
+    )
+    try:
+        params, paths, metrics = trained_project(tiny_project, tiny_params)
+    finally:
+        hook.remove()
+    # 30 train images in batches of 8: 4 steps per epoch; the warm-up spans exactly the first epoch.
+    lr = params.flow.lr
+    assert applied == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr, lr, lr], rel=1e-15)
+
+    assert set(metrics) == FLOW_KEYS and read_json(train_flow.metrics_file(paths)) == metrics
+    assert metrics["n_dims"] == 64 and metrics["dims"] == "64 = 1x8x8" and metrics["zca"] is False
+    assert metrics["epochs"] == 2 and metrics["dataset"] == "idx:tiny"
+    assert metrics["estimator"] == logdet_settings(params.flow).estimator
+    assert math.isfinite(metrics["train_bpd"]) and metrics["recon_error"] < 1e-3
+    curve = pd.read_csv(train_flow.curve_file(paths))
+    assert tuple(curve.columns) == train_flow.CURVE_COLUMNS and curve["epoch"].tolist() == [1, 2]
+    assert curve["lr"].tolist() == [lr, lr] and curve["test_bpd"].iloc[-1] == metrics["test_bpd_estimate"]
+    assert (paths.figures / train_flow.FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((paths.root / ".resume").glob("*.pt"))  # removed once the outputs are written
+
+    # The saved model is the trained one: re-evaluating it reproduces the last epoch's numbers exactly.
+    flow = load_trained_flow(paths)
+    assert flow.meta["n_dims"] == 64 and flow.dataset == "idx:tiny"
+    assert sum(t.numel() for t in flow.model.parameters()) == metrics["n_params"]
+    from pipeline.prepared import load_prepared
+
+    test_images, _ = load_prepared(paths, "test")
+    again = train_flow.evaluate_epoch(flow.model, flow.space, test_images, 12, params.seed + 1)
+    assert again["test_bpd"] == metrics["test_bpd_estimate"] and again["logdet"] == metrics["test_logdet"]
+
+
+def test_kill_and_resume_gives_identical_results(
+    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roots = [tmp_path / "straight", tmp_path / "killed"]
+    for root in roots:
+        make_idx_folder(root / "tiny")
+    raw = tiny_flow_params(tiny_params, epochs=3)
+    params, straight = prepared_project(roots[0], raw)
+    expected = train_flow.run(params, straight)
+
+    params, killed = prepared_project(roots[1], raw)
+    real_epoch = train_flow.train_epoch
+    calls = {"n": 0}
+
+    def dies_in_epoch_2(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        result = real_epoch(*args, **kwargs)  # epoch 2 changes the model and RNGs, then the process "dies"
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(train_flow, "train_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_flow.run(params, killed)
+    assert len(list((killed.root / ".resume").glob("*.pt"))) == 1
+    monkeypatch.setattr(train_flow, "train_epoch", real_epoch)
+    resumed = train_flow.run(params, killed)
+
+    timing = {"wall_time_s", "throughput_img_s"}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in expected.items() if k not in timing
+    }
+    assert train_flow.curve_file(killed).read_bytes() == train_flow.curve_file(straight).read_bytes()
+    a = torch.load(killed.models / "flow" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(straight.models / "flow" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("estimator", "library"), [("truncated", "series"), ("unbiased", "unbiased")])
+def test_other_estimators_train(tiny_project: Path, tiny_params: dict, estimator: str, library: str) -> None:
+    _, _, metrics = trained_project(tiny_project, tiny_params, epochs=1, estimator=estimator, memory_efficient=False)
+    assert metrics["estimator"] == library and math.isfinite(metrics["test_bpd_estimate"])
+
+
+def test_nan_stops_with_a_diagnosis(
+    tiny_project: Path, tiny_params: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params, paths = prepared_project(tiny_project, tiny_flow_params(tiny_params))
+    monkeypatch.setattr(MultiscaleFlow, "log_prob", lambda self, x: torch.full((x.shape[0],), float("nan")))
+    with pytest.raises(TrainingDiverged, match=r"training loss \(bits/dim\) became nan at epoch 1, batch 1.*Lip\(g\)"):
+        train_flow.run(params, paths)
+
+
+def test_zca_space_reports_original_units() -> None:
+    """A standard normal on whitened data is the Gaussian N(mean, W⁻²) on the original pixels: same bits/dim."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(50, 1, 3, 3, generator=gen, dtype=torch.float64)
+    zca = ZCA.fit(images, 0.01)
+    space = FlowSpace((1, 3, 3), zca)
+    x = torch.rand(4, 1, 3, 3, generator=gen, dtype=torch.float64) - 0.5  # dequantised pixels
+    z = zca.whiten(x + 0.5)
+    gaussian = torch.distributions.MultivariateNormal(zca.mean, precision_matrix=zca.matrix @ zca.matrix)
+    expected = bits_per_dim(gaussian.log_prob((x + 0.5).reshape(4, 9)), 9)
+    torch.testing.assert_close(space.bpd(standard_normal_logprob(z)), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(space.to_images(z), (x + 0.5).clamp(0, 1), rtol=0, atol=1e-12)
+    assert space.n_dims == 9 and space.log_det_correction == zca.logdet
+
+
+def test_zca_training_is_marked_and_corrected(tiny_project: Path, tiny_params: dict) -> None:
+    params, paths, metrics = trained_project(tiny_project, tiny_params, use_zca=True, epochs=1)
+    assert metrics["zca"] is True and metrics["n_dims"] == 64
+    flow = load_trained_flow(paths)
+    assert flow.space.zca is not None and flow.space.log_det_correction == flow.meta["zca_logdet"] != 0
+
+
+def test_estimator_params_map_to_library_settings(repo_params: dict) -> None:
+    flow = parse_params(repo_params).flow
+    cases = {
+        ("truncated", False): LogDetSettings("series", flow.n_terms, flow.n_samples),
+        ("truncated", True): LogDetSettings("neumann", flow.n_terms, flow.n_samples),
+        ("unbiased", False): LogDetSettings("unbiased", n_samples=flow.n_samples, n_exact_terms=flow.n_terms),
+    }
+    for (estimator, efficient), expected in cases.items():
+        raw = copy.deepcopy(repo_params)
+        raw["flow"].update({"estimator": estimator, "memory_efficient": efficient})
+        assert logdet_settings(parse_params(raw).flow) == expected
+    raw = copy.deepcopy(repo_params)
+    raw["flow"].update({"estimator": "unbiased", "memory_efficient": True})
+    with pytest.raises(ParamsError, match="flow.memory_efficient"):
+        parse_params(raw)
+
+
+def test_evenly_spaced_subset_covers_a_class_sorted_split() -> None:
+    images = torch.arange(10.0).repeat_interleave(10)[:, None, None, None]  # 100 "images", 10 per class, sorted
+    assert evenly_spaced(images, 10).flatten().tolist() == list(map(float, range(10)))  # one per class
+    assert evenly_spaced(images, None) is images and evenly_spaced(images, 500) is images
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        evenly_spaced(images, 0)
+
+
+def test_config_round_trip(repo_params: dict) -> None:
+    config = flow_config(parse_params(repo_params).flow, (1, 28, 28))
+    assert config_from_dict(config_to_dict(config)) == config
+    assert MultiscaleFlow(config).n_dims == 784
+
+
+@pytest.mark.parametrize(
+    ("stage", "section", "cls"),
+    [("train_flow", "flow", FlowParams), ("evaluate_flow", "evaluate_flow", EvaluateFlowParams),
+     ("logdet_bias", "logdet_bias", LogdetBiasParams)],
+)  # fmt: skip
+def test_dvc_yaml_tracks_exactly_the_params_each_flow_stage_reads(stage: str, section: str, cls: type) -> None:
+    """Each flow stage reads ``seed`` and every leaf of its own section, and nothing else."""
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    assert set(spec["params"]) == {"seed"} | {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
+    assert f"pipeline/{stage}.py" in spec["deps"] and "iresnet" in spec["deps"]
