@@ -38,11 +38,13 @@ class ClassifierSpec:
 
     @classmethod
     def of(cls, value: float | str) -> ClassifierSpec:
-        if isinstance(value, str):
-            if value not in BASELINES:
-                raise ValueError(f"unknown baseline {value!r}; expected one of {', '.join(BASELINES)} or a float c")
+        """From an entry of ``classifier.coeffs`` or a label: ``"vanilla"``, ``"batchnorm"``, ``0.9`` or ``"0.9"``."""
+        if isinstance(value, str) and value in BASELINES:
             return cls(value, None, value)
-        c = float(value)
+        try:
+            c = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"unknown model {value!r}; expected {', '.join(BASELINES)} or a coefficient c") from None
         if not 0.0 < c < 1.0:
             raise ValueError(f"a Lipschitz coefficient must lie in (0, 1), got {value!r}")
         return cls(str(c), c, "iresnet")
@@ -139,5 +141,5 @@ def load_classifier(paths: Paths, spec: ClassifierSpec) -> LoadedClassifier:
     model = IResNetClassifier(config, n_classes=int(state["n_classes"]))
     load_state_checked(model, state["state_dict"], path)
     model.eval()
-    stats = ChannelStats(torch.tensor(state["mean"], dtype=torch.float64), torch.tensor(state["std"], dtype=torch.float64))
-    return LoadedClassifier(spec, model, stats, path)
+    mean, std = (torch.tensor(state[key], dtype=torch.float64) for key in ("mean", "std"))
+    return LoadedClassifier(spec, model, ChannelStats(mean, std), path)

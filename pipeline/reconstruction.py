@@ -64,7 +64,8 @@ def reconstruct(loaded: LoadedClassifier, x: Tensor, iterations: int) -> tuple[T
     the largest last-step residual over the blocks). Runs in ``x``'s dtype; the model must match it."""
     set_inverse_settings(loaded.model, InverseSettings(max_iter=iterations, atol=0.0))
     x_rec = loaded.model.reconstruct(loaded.model.features(x))
-    residual = max(block.last_inverse_info.residual for block in residual_blocks(loaded.model))  # type: ignore[union-attr]
+    infos = [block.last_inverse_info for block in residual_blocks(loaded.model)]
+    residual = max(info.residual for info in infos if info is not None)
     return x_rec, residual
 
 

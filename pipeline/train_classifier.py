@@ -145,7 +145,9 @@ def _write_curve(path: Path, history: list[dict[str, Any]]) -> None:
     write_bytes_atomic(path, frame.to_csv(index=False, lineterminator="\n").encode())
 
 
-def run(params: Params, paths: Paths, tracker: Tracker | None = None, coeff: str | float | None = None) -> dict[str, Any]:
+def run(
+    params: Params, paths: Paths, tracker: Tracker | None = None, coeff: str | float | None = None
+) -> dict[str, Any]:
     """Train the model ``coeff`` names (an entry of ``classifier.coeffs``); returns its metrics (the JSON's content)."""
     tracker = tracker or NullTracker()
     start = time.perf_counter()
@@ -198,8 +200,8 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None, coeff: str
     earlier = sum(r["seconds"] for r in history[: loop.resumed_from])  # epochs done by an interrupted run
     n_params = sum(t.numel() for t in model.parameters())
     save_model(
-        model_file(paths, spec.label), MODEL_KIND, config_to_dict(config), model, label=spec.label, model_kind=spec.kind,
-        coeff=spec.coeff, n_classes=int(summary["n_classes"]), dataset=summary["dataset"],
+        model_file(paths, spec.label), MODEL_KIND, config_to_dict(config), model, label=spec.label,
+        model_kind=spec.kind, coeff=spec.coeff, n_classes=int(summary["n_classes"]), dataset=summary["dataset"],
         mean=stats.mean.tolist(), std=stats.std.tolist(),
     )  # fmt: skip
     _write_curve(curve_file(paths, spec.label), history)

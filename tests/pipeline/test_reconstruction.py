@@ -40,7 +40,7 @@ def reconstructed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Pat
 
 def _by_hand(label: str, paths: Paths, n: int) -> tuple[float, float]:
     """Mean and max pixel error of an inversion written out here: every layer's inverse, blocks by x <- y - g(x)."""
-    loaded = load_classifier(paths, ClassifierSpec.of(label if label == "vanilla" else float(label)))
+    loaded = load_classifier(paths, ClassifierSpec.of(label))
     model = copy.deepcopy(loaded.model).double()
     images = load_prepared(paths, "test")[0][[0, 2, 4, 7, 9, 11]].double()  # 6 of 12, evenly spaced
     with torch.no_grad():

@@ -43,7 +43,7 @@ def test_bounds_bracket_the_exact_norm_of_every_convolution(measured: tuple) -> 
     assert frame["model"].tolist() == [label for label in LABELS for _ in range(6)]  # 2 blocks x 3 convs
     assert set(frame["weights"]) == {"trained"}
     for label in LABELS:
-        model = load_classifier(paths, ClassifierSpec.of(label if label in ("vanilla", "batchnorm") else float(label))).model
+        model = load_classifier(paths, ClassifierSpec.of(label)).model
         rows = frame[frame["model"] == label].to_dict("records")
         for row, (block, index, layer) in zip(rows, conv_layers(model)):
             assert (row["block"], row["layer"], row["kernel_size"]) == (block, index, layer.kernel_size)
@@ -65,7 +65,7 @@ def test_block_bounds_and_certificates_follow_from_the_layers(measured: tuple) -
     assert set(result["models"]) == set(LABELS) and result["wall_time_s"] > 0
     for label in LABELS:
         summary, rows = result["models"][label], frame[frame["model"] == label]
-        model = load_classifier(paths, ClassifierSpec.of(label if label in ("vanilla", "batchnorm") else float(label))).model
+        model = load_classifier(paths, ClassifierSpec.of(label)).model
         for b, block in enumerate(residual_blocks(model)):
             product = math.prod(rows[rows["block"] == b]["sigma_upper"])
             for m in block.g.modules():
@@ -141,5 +141,6 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["singular_values"]
     read = {"seed", "classifier.coeffs"} | {f"singular_values.{f.name}" for f in fields(SingularValuesParams)}
     assert set(stage["params"]) == read
-    assert {"pipeline/singular_values.py", "pipeline/classifiers.py", "iresnet", "models/classifier"} <= set(stage["deps"])
+    deps = {"pipeline/singular_values.py", "pipeline/classifiers.py", "iresnet", "models/classifier"}
+    assert deps <= set(stage["deps"])
     assert {"reports/metrics/singular_values.json": {"cache": False}} in stage["outs"]

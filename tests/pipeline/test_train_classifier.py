@@ -78,7 +78,7 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, label: str, kind: 
     assert json.loads(metrics_file(paths, label).read_text()) == metrics
 
     # The model file rebuilds the trained network: its test error is the reported one.
-    loaded = load_classifier(paths, ClassifierSpec.of(label if label != "0.9" else 0.9))
+    loaded = load_classifier(paths, ClassifierSpec.of(label))
     assert loaded.model.config.coeff == metrics["coeff"] and loaded.model.config.batchnorm == (kind == "batchnorm")
     loss, error = train_classifier.evaluate(loaded.model, load_prepared(paths, "test"), loaded.stats, 4)
     assert error == metrics["test_error"] and loss == pytest.approx(metrics["test_loss"], rel=1e-6)
@@ -159,6 +159,10 @@ def test_bad_input_is_explained(tmp_path: Path) -> None:
     assert resolve_spec(params.classifier, "0.90").label == "0.9"
     with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
         ClassifierSpec.of(1.5)
+    with pytest.raises(ValueError, match="unknown model 'plain'; expected vanilla, batchnorm or a coefficient"):
+        ClassifierSpec.of("plain")
+    assert ClassifierSpec.of("0.9") == ClassifierSpec.of(0.9) == ClassifierSpec("0.9", 0.9, "iresnet")
+    assert ClassifierSpec.of("batchnorm") == ClassifierSpec("batchnorm", None, "batchnorm")
     for name in ("train.pt", "test.pt", "stats.json"):
         (paths.prepared / name).unlink()
     with pytest.raises(DataError, match="run `dvc repro prepare`"):
