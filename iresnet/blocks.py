@@ -55,7 +55,7 @@ class InvertibleResidualBlock(Invertible):
             if isinstance(module, (LipschitzConv2d, LipschitzLinear)):
                 bound *= layer_lipschitz_bound(module)
             elif isinstance(module, nn.BatchNorm2d):
-                scale = module.weight.abs() / (module.running_var + module.eps).sqrt()
+                scale = module.weight.detach().abs() / (module.running_var + module.eps).sqrt()
                 bound *= float(scale.max())
         return bound
 

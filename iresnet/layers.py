@@ -31,7 +31,7 @@ class ActNorm(Invertible):
         if num_features < 1:
             raise ValueError(f"num_features must be positive, got {num_features}")
         self.num_features = num_features
-        self.eps = eps  # floor on the batch std, so a constant channel does not give an infinite scale
+        self.eps = eps  # a channel whose batch std is at most eps counts as constant and keeps scale 1
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.log_scale = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("initialized", torch.tensor(False))
@@ -52,7 +52,9 @@ class ActNorm(Invertible):
         mean = x.mean(dim=dims)
         std = x.std(dim=dims, unbiased=False)
         self.bias.copy_(-mean)
-        self.log_scale.copy_(-torch.log(std.clamp_min(self.eps)))
+        # A constant channel (e.g. injective zero padding) cannot be standardised: dividing by a floored std would
+        # scale it by ~1/eps and blow up the first gradient steps, so it keeps the identity scale.
+        self.log_scale.copy_(torch.where(std > self.eps, -torch.log(std.clamp_min(self.eps)), torch.zeros_like(std)))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

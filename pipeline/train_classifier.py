@@ -13,7 +13,6 @@ Writes ``models/classifier/<label>/model.pt``, ``reports/metrics/classifier/<lab
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,23 +62,14 @@ def running_sigmas(model: IResNetClassifier) -> dict[str, float]:
 
 
 @torch.no_grad()
-def init_actnorm(model: IResNetClassifier, x: Tensor) -> int:
-    """Data-dependent ActNorm initialisation on ``x`` (normalised inputs), treating constant channels as scale 1.
+def init_actnorm(model: IResNetClassifier, x: Tensor) -> None:
+    """Data-dependent ActNorm initialisation on a fixed batch ``x`` (normalised inputs).
 
-    The injective padding's zero channels are constant, and ``ActNorm`` floors their std at ``eps`` = 1e-6, which
-    gives them a scale of 1e6: the first gradient step on their bias then blows the loss up to NaN within a few
-    batches. A constant channel cannot be standardised, so it keeps the identity scale here. Returns how many
-    channels were reset. Deterministic (no random numbers), so a resumed run initialises identically.
+    Deterministic (no random numbers, unlike the first augmented training batch), so a resumed run initialises
+    identically. Constant channels, such as the injective padding's zeros, keep scale 1 (``ActNorm``'s rule).
     """
     model.train()
     model(x)
-    reset = 0
-    for layer in model.modules():
-        if isinstance(layer, ActNorm):
-            floored = layer.log_scale >= -math.log(layer.eps) - 1e-3  # std was at (or below) the eps floor
-            layer.log_scale[floored] = 0.0
-            reset += int(floored.sum())
-    return reset
 
 
 def refresh_unconstrained(model: IResNetClassifier) -> None:

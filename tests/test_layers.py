@@ -203,3 +203,14 @@ def test_sorting_is_max_min_and_one_lipschitz() -> None:
     assert float(((f(a) - f(b)).norm(dim=1) / (a - b).norm(dim=1)).max()) <= 1.0 + 1e-12
     with pytest.raises(ValueError, match="even"):
         f(torch.randn(2, 3))
+
+
+def test_actnorm_keeps_a_constant_channel_at_scale_one() -> None:
+    """A constant channel (injective zero padding) cannot be standardised; a floored std would scale it by 1/eps."""
+    layer = ActNorm(3).double().train()
+    x = torch.randn(16, 3, 4, 4, dtype=torch.float64) * 3.0 + 1.0
+    x[:, 2] = 0.0
+    y, _ = layer(x)
+    assert layer.log_scale[2].item() == 0.0 and y[:, 2].abs().max().item() == 0.0
+    torch.testing.assert_close(y[:, :2].mean(dim=(0, 2, 3)), torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(y[:, :2].std(dim=(0, 2, 3), correction=0), torch.ones(2, dtype=torch.float64), atol=1e-12, rtol=0)
