@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,13 +74,8 @@ def power_series_logdet(
     Shapes: ``x: (B, *shape)`` -> ``(g(x): (B, *shape), logdet: (B,))``.
     """
     _check_count("n_terms", n_terms, minimum=1)
-    _check_count("n_samples", n_samples, minimum=1)
-    _check_probe(probe)
-    _check_input(x)
-    differentiable = torch.is_grad_enabled()
-    with torch.enable_grad():
-        x_in = _tracked(x, differentiable)
-        gx = _apply(g, x_in)
+    _check_hutchinson(x, n_samples, probe)
+    with _branch_graph(g, x) as (x_in, gx, differentiable):
         coefficients = _series_coefficients(n_terms, x)
         total = x.new_zeros(x.shape[0])
         for _ in range(n_samples):
@@ -108,13 +104,8 @@ def unbiased_logdet(
     """
     _check_count("n_exact_terms", n_exact_terms, minimum=0)
     _check_probability("p", p)
-    _check_count("n_samples", n_samples, minimum=1)
-    _check_probe(probe)
-    _check_input(x)
-    differentiable = torch.is_grad_enabled()
-    with torch.enable_grad():
-        x_in = _tracked(x, differentiable)
-        gx = _apply(g, x_in)
+    _check_hutchinson(x, n_samples, probe)
+    with _branch_graph(g, x) as (x_in, gx, differentiable):
         total = x.new_zeros(x.shape[0])
         for _ in range(n_samples):
             v = draw_probe(x, generator, probe)
@@ -148,13 +139,8 @@ def neumann_logdet(
     ``value.detach() + (s - s.detach())`` carries that gradient. Shapes as in :func:`power_series_logdet`.
     """
     _check_count("n_terms", n_terms, minimum=1)
-    _check_count("n_samples", n_samples, minimum=1)
-    _check_probe(probe)
-    _check_input(x)
-    differentiable = torch.is_grad_enabled()
-    with torch.enable_grad():
-        x_in = _tracked(x, differentiable)
-        gx = _apply(g, x_in)
+    _check_hutchinson(x, n_samples, probe)
+    with _branch_graph(g, x) as (x_in, gx, differentiable):
         coefficients = _series_coefficients(n_terms, x)
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])
@@ -184,10 +170,7 @@ def exact_logdet(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
     enabled. Shapes: ``x: (B, *shape)`` -> ``(g(x): (B, *shape), logdet: (B,))``.
     """
     _check_input(x)
-    differentiable = torch.is_grad_enabled()
-    with torch.enable_grad():
-        x_in = _tracked(x, differentiable)
-        gx = _apply(g, x_in)
+    with _branch_graph(g, x) as (x_in, gx, differentiable):
         batch, dim = x.shape[0], x[0].numel()
         rows = []
         for i in range(dim):
@@ -229,10 +212,7 @@ def hutchinson_traces(g: Branch, x: Tensor, probes: Tensor, n_powers: int) -> tu
     _check_input(x)
     if probes.dim() != x.dim() + 1 or probes.shape[1:] != x.shape:
         raise ValueError(f"probes must have shape (S, *x.shape) = (S, {tuple(x.shape)}), got {tuple(probes.shape)}")
-    differentiable = torch.is_grad_enabled()
-    with torch.enable_grad():
-        x_in = _tracked(x, differentiable)
-        gx = _apply(g, x_in)
+    with _branch_graph(g, x) as (x_in, gx, differentiable):
         traces = torch.stack(
             [
                 torch.stack([_dot(u, v) for u in _vjp_powers(gx, x_in, v, n_powers, differentiable)], dim=1)
@@ -294,6 +274,20 @@ def draw_probe(x: Tensor, generator: torch.Generator | None = None, probe: Probe
 # --- internals -------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _branch_graph(g: Branch, x: Tensor) -> Iterator[tuple[Tensor, Tensor, bool]]:
+    """``(x_in, g(x_in), differentiable)``, with autograd on inside the ``with`` whatever the caller's gradient mode.
+
+    The VJPs need a graph of ``g`` even under ``torch.no_grad()``; ``differentiable`` is the caller's mode, i.e.
+    whether the results keep their graph (:func:`_finish`). ``x_in`` is ``x`` or a detached copy (:func:`_tracked`);
+    ``x_in`` and ``g(x_in)`` are both ``(B, *shape)``.
+    """
+    differentiable = torch.is_grad_enabled()
+    with torch.enable_grad():
+        x_in = _tracked(x, differentiable)
+        yield x_in, _apply(g, x_in), differentiable
+
+
 def _tracked(x: Tensor, differentiable: bool) -> Tensor:
     """``x`` itself when gradients should reach it, else a detached copy that requires grad (VJPs need a graph)."""
     if torch.is_inference_mode_enabled():
@@ -352,6 +346,13 @@ def _check_input(x: Tensor) -> None:
     if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a floating-point tensor of shape (B, *shape) with at least 2 dims, got {shape}")
+
+
+def _check_hutchinson(x: Tensor, n_samples: int, probe: str) -> None:
+    """The arguments every Hutchinson estimator takes: the input, the number of probes and their law."""
+    _check_count("n_samples", n_samples, minimum=1)
+    _check_probe(probe)
+    _check_input(x)
 
 
 def _check_probe(probe: str) -> None:

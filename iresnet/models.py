@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from iresnet.base import Invertible, InvertibleSequential
-from iresnet.blocks import InvertibleResidualBlock, conv_branch, residual_blocks
+from iresnet.blocks import InvertibleResidualBlock, conv_branch
 from iresnet.layers import ActNorm, InjectivePad, Squeeze
 from iresnet.logdet import LogDetSettings
 from iresnet.priors import DiagonalGaussian

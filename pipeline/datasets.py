@@ -60,8 +60,8 @@ class RawData:
 
 def _missing(name: str, looked: Path, files: list[str], can_download: bool) -> DataError:
     ways = (
-        f"either put the files there (or point `data.root` to a folder that holds them), or set "
-        f"`data.download: true` (or `iresnet prepare --download`) to let torchvision download them"
+        "either put the files there (or point `data.root` to a folder that holds them), or set "
+        "`data.download: true` (or `iresnet prepare --download`) to let torchvision download them"
         if can_download
         else f"put the files there, or set `data.dataset: {IDX_PREFIX}<folder>` to a folder that holds them"
     )

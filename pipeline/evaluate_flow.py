@@ -31,17 +31,9 @@ from iresnet.models import MultiscaleFlow
 from pipeline.classifier_data import batch_indices
 from pipeline.console import progress
 from pipeline.files import write_json
-from pipeline.flow_data import (
-    FlowSpace,
-    dims_text,
-    evenly_spaced,
-    fixed_noise_inputs,
-    load_trained_flow,
-    logdet_settings_as,
-)
+from pipeline.flow_data import FlowSpace, dims_text, load_flow_with_test_inputs, logdet_settings_as
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.prepared import load_prepared
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.training import seed_everything
 
@@ -154,10 +146,8 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     start = time.perf_counter()
     p = params.evaluate_flow
     seed_everything(params.seed)
-    flow = load_trained_flow(paths)
+    flow, x = load_flow_with_test_inputs(paths, p.n_examples, params.seed)
     model, space = flow.model, flow.space
-    images, _ = load_prepared(paths, "test")
-    x = fixed_noise_inputs(space, evenly_spaced(images, p.n_examples), params.seed)
 
     blocks = residual_blocks(model)
     lipschitz = [block.lipschitz_bound() for block in blocks]

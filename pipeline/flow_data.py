@@ -26,7 +26,7 @@ from iresnet.models import FlowConfig, MultiscaleFlow, bits_per_dim
 from pipeline.errors import DataError
 from pipeline.params import FlowParams
 from pipeline.paths import Paths
-from pipeline.prepared import load_zca
+from pipeline.prepared import load_prepared, load_zca
 from pipeline.preprocess import ZCA, dequantize
 from pipeline.training import load_model_file, load_state_checked
 
@@ -181,3 +181,17 @@ def evenly_spaced(images: Tensor, n: int | None) -> Tensor:
 def fixed_noise_inputs(space: FlowSpace, images: Tensor, seed: int) -> Tensor:
     """Every image dequantised once with noise from a generator seeded with ``seed``: the evaluation stages' inputs."""
     return space.to_model(images, torch.Generator().manual_seed(seed))
+
+
+def load_flow_with_test_inputs(
+    paths: Paths, n_examples: int | None, seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[TrainedFlow, Tensor]:
+    """The trained flow (:func:`load_trained_flow`) in ``dtype``, and what the evaluation stages feed it: ``n_examples``
+    evenly spaced test images (all when None) dequantised with noise seeded by ``seed``, ``(N, C, H, W)`` in ``dtype``.
+
+    The images are cast before the noise is drawn, so float64 inputs carry float64 noise, not widened float32 noise.
+    """
+    flow = load_trained_flow(paths)
+    flow.model.to(dtype)
+    images, _ = load_prepared(paths, "test")
+    return flow, fixed_noise_inputs(flow.space, evenly_spaced(images, n_examples).to(dtype), seed)

@@ -23,7 +23,6 @@ Writes ``reports/curves/logdet_bias.csv``, ``reports/metrics/logdet_bias.json`` 
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -37,11 +36,11 @@ from iresnet.blocks import InvertibleResidualBlock, residual_blocks
 from iresnet.logdet import LogDetSettings, draw_probe, hutchinson_traces, truncation_bound
 from iresnet.models import MultiscaleFlow
 from pipeline.console import progress
+from pipeline.figures import pyplot, save_figure
 from pipeline.files import write_bytes_atomic, write_json
-from pipeline.flow_data import evenly_spaced, fixed_noise_inputs, load_trained_flow, logdet_settings_as
+from pipeline.flow_data import load_flow_with_test_inputs, logdet_settings_as
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.prepared import load_prepared
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.training import seed_everything
 
@@ -165,10 +164,7 @@ def bias_curve(est: Estimates, lipschitz: list[float], dims: list[int]) -> list[
 
 def write_figure(path: Any, rows: list[dict[str, float]], title: str) -> None:
     """|bias| (with its standard error), std and the Theorem 3 bound against n, log y (Fig. 4)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     n = [r["n_terms"] for r in rows]
@@ -187,10 +183,7 @@ def write_figure(path: Any, rows: list[dict[str, float]], title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_figure(fig, path, dpi=120)
 
 
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
@@ -199,10 +192,9 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     start = time.perf_counter()
     p = params.logdet_bias
     seed_everything(params.seed)
-    flow = load_trained_flow(paths)
-    model = flow.model.double()  # exact log-dets and small biases need float64
-    images, _ = load_prepared(paths, "test")
-    x = fixed_noise_inputs(flow.space, evenly_spaced(images, p.n_examples).double(), params.seed)
+    # exact log-dets and small biases need float64
+    flow, x = load_flow_with_test_inputs(paths, p.n_examples, params.seed, torch.float64)
+    model = flow.model
     lipschitz = [block.lipschitz_bound() for block in residual_blocks(model)]
     dims = list(model.block_dims)
     chunks = math.ceil(len(x) / max(1, _JACOBIAN_BYTES // (max(dims) ** 2 * 8)))

@@ -4,7 +4,6 @@ Fig. 6 (largest singular value per layer), Fig. 8 (reconstruction error vs itera
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -13,32 +12,13 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from pipeline.files import write_bytes_atomic
+from pipeline.figures import pyplot, save_figure
 
 DPI = 120
 
 
-def _pyplot() -> Any:
-    """pyplot on the Agg backend (no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    """PNG without a timestamp or version in its metadata, so equal figures give equal bytes."""
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
 def _colours(labels: list[str]) -> dict[str, Any]:
-    plt = _pyplot()
+    plt = pyplot()
     cmap = plt.get_cmap("tab10")
     return {label: cmap(i % 10) for i, label in enumerate(labels)}
 
@@ -51,7 +31,7 @@ def plot_singular_values(path: Path, rows: pd.DataFrame, models: dict[str, dict[
     to the true norm); the band reaches up to the certified ``sigma_upper``. A solid black line marks 1, a dashed
     line in each i-ResNet's colour its ``c``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
 
     labels = list(models)
@@ -81,12 +61,12 @@ def plot_singular_values(path: Path, rows: pd.DataFrame, models: dict[str, dict[
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=DPI)
 
 
 def plot_reconstruction_error(path: Path, curve: pd.DataFrame, tolerances: tuple[float, ...]) -> None:
     """Fig. 8: mean (solid) and max (dashed) absolute reconstruction error vs fixed-point iterations, log y."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(dict.fromkeys(curve["model"]))
     colour = _colours(labels)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -106,7 +86,7 @@ def plot_reconstruction_error(path: Path, curve: pd.DataFrame, tolerances: tuple
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=DPI)
 
 
 def plot_reconstructions(path: Path, rows: dict[str, Tensor], iterations: int) -> None:
@@ -114,7 +94,7 @@ def plot_reconstructions(path: Path, rows: dict[str, Tensor], iterations: int) -
 
     Values are clipped to ``[0, 1]``; non-finite pixels (a diverged inverse) are shown in red.
     """
-    plt = _pyplot()
+    plt = pyplot()
     names = list(rows)
     n = rows[names[0]].shape[0]
     fig, axes = plt.subplots(len(names), 1, figsize=(1.0 * n + 1.5, 1.15 * len(names) + 0.6), squeeze=False)
@@ -136,7 +116,7 @@ def plot_reconstructions(path: Path, rows: dict[str, Tensor], iterations: int) -
     fig.suptitle(f"Fig. 3: originals and reconstructions from the final features ({iterations} iterations per block)",
                  fontsize=10)  # fmt: skip
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=DPI)
 
 
 def finite_or_none(value: float) -> float | None:

@@ -30,6 +30,7 @@ from torch import Tensor
 from iresnet.blocks import residual_blocks
 from iresnet.toy import Flow2d, toy_glow, toy_iresnet
 from pipeline.console import progress
+from pipeline.figures import pyplot, save_figure
 from pipeline.files import write_bytes_atomic, write_json
 from pipeline.params import Params, ToyParams
 from pipeline.paths import Paths
@@ -149,10 +150,7 @@ Panel = tuple[str, dict[str, str], dict[str, Tensor]]  # dataset, column titles,
 
 def write_figure(path: Any, panels: list[Panel]) -> None:
     """Rows = datasets; columns = data histogram, i-ResNet density, Glow density (images ``(size, size)``, row = y)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     columns = ["data", *MODELS]
     fig, axes = plt.subplots(len(panels), 3, figsize=(7.5, 2.5 * len(panels) + 0.4), squeeze=False)
@@ -168,10 +166,7 @@ def write_figure(path: Any, panels: list[Panel]) -> None:
                 ax.set_ylabel(name, fontsize=10)
     fig.suptitle("Fig. 2: 2-D densities (test NLL in nats, lower is better)", fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_figure(fig, path, dpi=120)
 
 
 def data_histogram(name: str, seed: int, size: int) -> Tensor:

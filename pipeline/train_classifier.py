@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from iresnet.layers import ActNorm
 from iresnet.models import IResNetClassifier
 from pipeline.classifier_data import augment, batch_indices, n_batches
 from pipeline.classifiers import (
@@ -162,11 +161,7 @@ def run(
     per_epoch = n_batches(len(train[0]), p.batch_size, p.max_train_batches)
     with progress(f"train {spec.label}", p.epochs * per_epoch) as advance:
         for epoch in loop:
-            if epoch == loop.resumed_from + 1 and loop.resumed_from:
-                advance(loop.resumed_from * per_epoch, info=f"resumed after epoch {loop.resumed_from}")
-                tracker.set_tags({"resumed_from_epoch": loop.resumed_from})
-                for done, record in enumerate(loop.history, start=1):
-                    tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=done)
+            loop.replay(tracker, advance, per_epoch)
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             where = f"model {spec.label}, epoch {epoch}"

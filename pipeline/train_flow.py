@@ -13,7 +13,6 @@ through the inverse, with its convergence report in the metrics).
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from typing import Any, Callable
@@ -28,6 +27,7 @@ from iresnet.models import MultiscaleFlow
 from iresnet.spectral_norm import LipschitzConv2d
 from pipeline.classifier_data import batch_indices, n_batches
 from pipeline.console import progress
+from pipeline.figures import pyplot, save_figure
 from pipeline.files import write_bytes_atomic, write_json
 from pipeline.flow_data import (
     MODEL_KIND,
@@ -188,10 +188,7 @@ def reconstruction_error(model: MultiscaleFlow, x: Tensor) -> float:
 
 def write_samples_figure(path: Any, samples: Tensor, data: Tensor, title: str) -> None:
     """Test images beside samples of the flow, both ``(N, C, H, W)`` in ``[0, 1]`` (Fig. 5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def grid(images: Tensor) -> Any:
         n, c, h, w = images.shape
@@ -210,10 +207,7 @@ def write_samples_figure(path: Any, samples: Tensor, data: Tensor, title: str) -
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_figure(fig, path, dpi=120)
 
 
 def _write_curve(path: Any, history: list[dict[str, Any]]) -> None:
@@ -247,11 +241,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     per_epoch = n_batches(len(train_images), p.batch_size, p.max_train_batches)
     with progress("train flow", p.epochs * per_epoch) as advance:
         for epoch in loop:
-            if epoch == loop.resumed_from + 1 and loop.resumed_from:
-                advance(loop.resumed_from * per_epoch, info=f"resumed after epoch {loop.resumed_from}")
-                tracker.set_tags({"resumed_from_epoch": loop.resumed_from})
-                for done, record in enumerate(loop.history, start=1):
-                    tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=done)
+            loop.replay(tracker, advance, per_epoch)
             t0 = time.perf_counter()
             train_bpd, seen = train_epoch(model, optimizer, train_images, space, noise, params, epoch, advance)
             train_seconds = time.perf_counter() - t0

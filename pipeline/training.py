@@ -10,10 +10,10 @@ instead of failing), and it is deleted once the stage has written its final outp
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from pipeline.errors import DataError, UserError
 from pipeline.files import save_torch
 from pipeline.paths import Paths
+
+if TYPE_CHECKING:
+    from pipeline.tracking import Tracker
 
 
 class TrainingDiverged(UserError):
@@ -153,9 +156,11 @@ class EpochLoop:
     ::
 
         loop = EpochLoop(resume, epochs, {"model": model, "optimizer": opt, "scheduler": sched})
-        for epoch in loop:            # first restores the last saved state (if any), then yields the epochs left
-            ...                       # train, evaluate, scheduler.step()
-            loop.save(epoch, record)  # appends ``record`` to ``loop.history``; saves states + RNG + history atomically
+        with progress(name, epochs * per_epoch) as advance:
+            for epoch in loop:        # first restores the last saved state (if any), then yields the epochs left
+                loop.replay(tracker, advance, per_epoch)  # after a restore: catch up the bar and the MLflow curves
+                ...                   # train, evaluate, scheduler.step(), tracker.log_metrics(..., step=epoch)
+                loop.save(epoch, record)  # appends ``record`` to ``loop.history``; saves states, RNG, history
         ...                           # write the final outputs
         loop.finish()                 # then remove the resume file
 
@@ -194,6 +199,22 @@ class EpochLoop:
         self.history = [dict(record) for record in state["history"]]
         self.resumed_from = int(state["epoch"])
         return self.resumed_from
+
+    def replay(self, tracker: Tracker, advance: Callable[..., None], per_epoch: int) -> None:
+        """Call first thing in every epoch: on the first one after a restore, catch up with the epochs a killed run
+        already did; otherwise it does nothing.
+
+        The progress bar (``advance(n, info=...)`` of :func:`pipeline.console.progress`) moves past their
+        ``per_epoch`` steps each, the run is tagged ``resumed_from_epoch``, and every restored record is logged again
+        (without its ``epoch``, at ``step = epoch``): a resumed run is a new MLflow run, so its curves would
+        otherwise start at the resumed epoch.
+        """
+        if not self.resumed_from or len(self.history) != self.resumed_from:
+            return  # a fresh run, or an epoch after the first resumed one (it has saved since)
+        advance(self.resumed_from * per_epoch, info=f"resumed after epoch {self.resumed_from}")
+        tracker.set_tags({"resumed_from_epoch": self.resumed_from})
+        for done, record in enumerate(self.history, start=1):
+            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=done)
 
     def save(self, epoch: int, record: Mapping[str, Any]) -> None:
         """Close ``epoch``: record its numbers and write the resume state (atomic: a kill leaves the previous one)."""

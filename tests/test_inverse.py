@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from iresnet.inverse import InverseInfo, InverseSettings, fixed_point_inverse, lipschitz_error_bound
-
 from tests.helpers import DTYPE, conv_operator_norm, randn, scaled_to_norm
 
 Branch = Callable[[Tensor], Tensor]

@@ -30,7 +30,6 @@ from iresnet.logdet import (
     truncation_bound,
     unbiased_logdet,
 )
-
 from tests.helpers import DTYPE, conv_operator_norm, randn, scaled_to_norm
 
 ROWS = 4000  # Hutchinson samples for the statistical checks

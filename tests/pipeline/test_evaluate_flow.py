@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from iresnet.blocks import residual_blocks
 from iresnet.layers import ActNorm
@@ -17,7 +18,6 @@ from pipeline import evaluate_flow
 from pipeline.files import read_json
 from pipeline.flow_data import FlowSpace, log_prob_parts, logdet_settings_as
 from pipeline.params import parse_params
-
 from tests.pipeline.flow_helpers import linear_flow, trained_project, with_section
 
 LN2 = math.log(2)
@@ -92,16 +92,23 @@ def test_actnorm_flow_bits_per_dim_equal_the_closed_form() -> None:
     assert lower == pytest.approx(expected, abs=1e-12) and upper == pytest.approx(expected, abs=1e-12)
 
 
+def _linear_case(norms: tuple[float, float], n: int) -> tuple[MultiscaleFlow, Tensor, Tensor, Tensor]:
+    """A :func:`linear_flow` with residual norms ``norms``, ``n`` inputs ``x: (n, 1, 8, 8)`` in ``[-0.5, 0.5)``, and
+    the two parts of their exact ``ln p(x)``, each ``(n,)``: ``ln p(z)`` and the residual blocks' exact log-det."""
+    model, maps = linear_flow(norms)
+    x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.5
+    with torch.no_grad(), logdet_settings_as(model, LogDetSettings("none")):
+        logpz, actnorm = log_prob_parts(model, x)
+    assert actnorm.abs().max() == 0  # the ActNorms are the identity: ln p(z) and the blocks make up all of ln p(x)
+    exact_logdet = sum(pixels * torch.linalg.slogdet(torch.eye(len(a), dtype=a.dtype) + a)[1] for a, pixels in maps)
+    return model, x, logpz, exact_logdet
+
+
 def test_linear_residual_flow_matches_its_exact_log_density() -> None:
     """Linear residual maps with known log-dets: the protocol's value lies within its bias bound + 4 standard errors,
     its Lemma 7 bounds enclose the exact value, and the certified Lipschitz bounds are the exact ‖A‖₂."""
-    model, maps = linear_flow((0.5, 0.6))
-    exact_logdet = sum(pixels * torch.linalg.slogdet(torch.eye(len(a), dtype=a.dtype) + a)[1] for a, pixels in maps)
-    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.5
+    model, x, logpz, exact_logdet = _linear_case((0.5, 0.6), 16)
     space = FlowSpace((1, 8, 8))
-    with torch.no_grad(), logdet_settings_as(model, LogDetSettings("none")):
-        logpz, actnorm = log_prob_parts(model, x)
-    assert actnorm.abs().max() == 0
     expected = float(space.bpd(logpz + exact_logdet).mean())
 
     lips = [block.lipschitz_bound() for block in residual_blocks(model)]
@@ -118,12 +125,8 @@ def test_linear_residual_flow_matches_its_exact_log_density() -> None:
 
 def test_lemma7_without_a_certificate_keeps_only_the_lower_bound() -> None:
     """A block with Lip(g) = 1.2: no Theorem 3 or Lemma 7 lower log-det bound, but |det| <= (1 + L)^d still holds."""
-    model, maps = linear_flow((0.5, 1.2))
-    exact_logdet = sum(pixels * torch.linalg.slogdet(torch.eye(len(a), dtype=a.dtype) + a)[1] for a, pixels in maps)
-    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.5
+    model, x, logpz, exact_logdet = _linear_case((0.5, 1.2), 4)
     space = FlowSpace((1, 8, 8))
-    with torch.no_grad(), logdet_settings_as(model, LogDetSettings("none")):
-        logpz, _ = log_prob_parts(model, x)
     lips = [block.lipschitz_bound() for block in residual_blocks(model)]
     lower, upper = evaluate_flow.lemma7_bpd(model, x, space, lips, model.block_dims, 4)
     expected_lower = float(space.bpd(logpz).mean()) - (64 * math.log1p(0.5) + 32 * math.log1p(1.2)) / (64 * LN2)

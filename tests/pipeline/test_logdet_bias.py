@@ -18,7 +18,6 @@ from pipeline import logdet_bias
 from pipeline.files import read_json
 from pipeline.flow_data import logdet_settings_as
 from pipeline.params import parse_params
-
 from tests.pipeline.flow_helpers import linear_flow, trained_project
 
 

@@ -33,7 +33,6 @@ from pipeline.flow_data import (
 from pipeline.params import EvaluateFlowParams, FlowParams, LogdetBiasParams, parse_params
 from pipeline.preprocess import ZCA
 from pipeline.training import TrainingDiverged
-
 from tests.pipeline.flow_helpers import prepared_project, tiny_flow_params, trained_project
 
 REPO = Path(__file__).resolve().parents[2]
