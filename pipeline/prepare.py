@@ -1,12 +1,12 @@
 """Stage ``prepare``: load the dataset, split it, fit normalisation (and ZCA) on train, write ``data/prepared/``
-(format in :mod:`pipeline.prepared`) and a preview grid ``reports/figures/data_preview.png``.
+(format in :mod:`pipeline.prepared`), a preview grid ``reports/figures/data_preview.png`` and the stage's metrics
+``reports/metrics/prepare.json``.
 
-Deterministic: the same params give byte-identical files (seeded split, sorted JSON, in-memory ``torch.save``).
+Deterministic: the same params give byte-identical data files (seeded split, sorted JSON, in-memory ``torch.save``).
 """
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from pipeline.datasets import load_dataset
-from pipeline.files import save_torch, write_bytes_atomic, write_json
+from pipeline.figures import pyplot, save_figure
+from pipeline.files import save_torch, write_json
 from pipeline.params import Params, check_spatial
 from pipeline.paths import Paths
 from pipeline.prepared import split_file, stats_file, zca_file
@@ -25,6 +26,10 @@ from pipeline.tracking import NullTracker, Tracker
 PREVIEW = "data_preview.png"
 _PER_CLASS = 8  # preview columns
 _MAX_CLASSES = 10  # preview rows
+
+
+def metrics_file(paths: Paths) -> Any:
+    return paths.metrics / "prepare.json"
 
 
 def _preview_rows(images: Tensor, labels: Tensor) -> tuple[list[int], list[list[int]]]:
@@ -52,11 +57,7 @@ def _stretch(x: Tensor) -> Tensor:
 
 def write_preview(path: Any, images: Tensor, labels: Tensor, title: str, zca: ZCA | None) -> None:
     """Train examples by class (rows), and their ZCA-whitened versions beside them when ``zca`` is given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     classes, rows = _preview_rows(images, labels)
     panels = [("images", _tile(images, rows))]
     if zca is not None:
@@ -74,10 +75,7 @@ def write_preview(path: Any, images: Tensor, labels: Tensor, title: str, zca: ZC
         ax.set_yticks([r * h + h / 2 for r in range(len(classes))], [str(c) for c in classes], fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    save_figure(fig, path, dpi=100)
 
 
 def _per_class(labels: Tensor, n_classes: int) -> list[int]:
@@ -90,19 +88,20 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     start = time.perf_counter()
     data = params.data
     raw = load_dataset(data, paths.root)
-    train, test = to_unit(raw.train_images), to_unit(raw.test_images)
+    train_pixels, test_pixels = raw.train_images, raw.test_images
     if data.pad_to_32:
-        train, test = pad_to(train, 32), pad_to(test, 32)
+        train_pixels, test_pixels = pad_to(train_pixels, 32), pad_to(test_pixels, 32)
+    train, test = to_unit(train_pixels), to_unit(test_pixels)
     c, h, w = train.shape[1:]
     check_spatial(params, h, w)  # an idx: folder's size is known only now, still before any training
     stats = ChannelStats.fit(train)
     zca = ZCA.fit(train, data.zca.epsilon) if data.zca.enabled else None
 
-    for split, images, labels, indices in (
-        ("train", train, raw.train_labels, raw.train_indices),
-        ("test", test, raw.test_labels, raw.test_indices),
+    for split, pixels, labels, indices in (
+        ("train", train_pixels, raw.train_labels, raw.train_indices),
+        ("test", test_pixels, raw.test_labels, raw.test_indices),
     ):
-        save_torch(split_file(paths, split), {"images": images, "labels": labels, "indices": indices})
+        save_torch(split_file(paths, split), {"pixels": pixels, "labels": labels, "indices": indices})
     if zca is not None:
         save_torch(zca_file(paths), zca.state_dict())
     else:
@@ -122,7 +121,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "n_classes": n_classes,
         "shape": [c, h, w],
         "dims": c * h * w,
-        "pixel_values": "uint8 / 255, in [0, 1]",
+        "pixel_values": "stored as uint8 k; loaded as k / 255, in [0, 1]",
         "padded_to_32": data.pad_to_32,
         "mean": stats.mean.tolist(),
         "std": stats.std.tolist(),
@@ -148,5 +147,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         metrics[f"mean_c{i}"], metrics[f"std_c{i}"] = m, s
     if zca is not None:
         metrics["zca_logdet"] = zca.logdet
-    metrics["seconds"] = time.perf_counter() - start
+    metrics["wall_time_s"] = time.perf_counter() - start
+    # Apart from stats.json (kept byte-identical across re-runs), the stage's numbers, wall time included.
+    write_json(metrics_file(paths), metrics)
     return metrics

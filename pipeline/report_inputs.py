@@ -51,6 +51,7 @@ class ReportInputs:
     """Every file's contents; ``classifiers`` keeps the order of ``classifier.coeffs``."""
 
     stats: dict[str, Any]
+    prepare: dict[str, Any]
     classifiers: dict[str, dict[str, Any]]
     singular_values: dict[str, Any]
     reconstruction: dict[str, Any]
@@ -64,7 +65,7 @@ class ReportInputs:
 def required_files(paths: Paths, labels: list[str]) -> dict[Path, str]:
     """Every input of the report -> the DVC stage that writes it."""
     m = paths.metrics
-    files = {paths.prepared / "stats.json": "prepare"}
+    files = {paths.prepared / "stats.json": "prepare", m / "prepare.json": "prepare"}
     files.update({m / "classifier" / f"{label}.json": f"train_classifier@{label}" for label in labels})
     files.update({
         m / "singular_values.json": "singular_values",
@@ -151,6 +152,7 @@ def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:
         _require_keys(entry, TOY_KEYS, m / "toy.json", "toy_density", f" `datasets.{name}`")
     return ReportInputs(
         stats=_read(paths.prepared / "stats.json", "prepare", ("dataset", "n_train", "n_test", "shape")),
+        prepare=_read(m / "prepare.json", "prepare", ("wall_time_s",)),
         classifiers=classifiers,
         singular_values=_per_model(m / "singular_values.json", "singular_values", labels, CERTIFICATE_KEYS),
         reconstruction=_per_model(m / "reconstruction.json", "reconstruction", labels, RECONSTRUCTION_KEYS),

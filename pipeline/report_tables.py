@@ -186,7 +186,8 @@ def toy_table(inputs: ReportInputs) -> ReportTable:
 
 def stage_costs(inputs: ReportInputs) -> list[tuple[str, dict[str, Any]]]:
     """(stage, metrics) for every stage whose metrics file the report read, in pipeline order."""
-    out = [(f"train_classifier@{label}", m) for label, m in inputs.classifiers.items()]
+    out = [("prepare", inputs.prepare)]
+    out += [(f"train_classifier@{label}", m) for label, m in inputs.classifiers.items()]
     out += [
         ("singular_values", inputs.singular_values),
         ("reconstruction", inputs.reconstruction),

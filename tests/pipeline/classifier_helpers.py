@@ -45,7 +45,8 @@ def write_prepared(root: Path, n_train: int = 32, n_test: int = 12, n_classes: i
     train, train_labels = tiny_images(n_train, n_classes, seed=0)
     test, test_labels = tiny_images(n_test, n_classes, seed=1)
     for split, images, labels in (("train", train, train_labels), ("test", test, test_labels)):
-        save_torch(split_file(paths, split), {"images": images, "labels": labels, "indices": torch.arange(len(labels))})
+        pixels = torch.round(images * 255).to(torch.uint8)
+        save_torch(split_file(paths, split), {"pixels": pixels, "labels": labels, "indices": torch.arange(len(labels))})
     x = train.double()
     write_json(stats_file(paths), {
         "dataset": "idx:tiny", "n_train": n_train, "n_test": n_test, "n_classes": n_classes, "shape": [1, 8, 8],

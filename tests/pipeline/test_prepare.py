@@ -36,7 +36,9 @@ def test_prepare_writes_consistent_outputs(tiny_project: Path) -> None:
     raw = torch.load(split_file(paths, "train"), weights_only=True)
     assert torch.equal(raw["indices"], torch.arange(30))
     source = read_idx(tiny_project / "tiny" / "train-images-idx3-ubyte", 3)
-    assert np.array_equal(np.round(train[:, 0].numpy() * 255).astype(np.uint8), source)  # pixels k / 255
+    assert raw["pixels"].dtype == torch.uint8 and np.array_equal(raw["pixels"][:, 0].numpy(), source)  # stored raw
+    assert torch.equal(train, raw["pixels"].float() / 255)  # loaded as k / 255, bit for bit
+    assert read_json(paths.metrics / "prepare.json") == metrics and metrics["wall_time_s"] > 0
 
     stats = load_stats(paths)
     assert stats["shape"] == [1, 8, 8] and stats["n_classes"] == 3 and stats["dims"] == 64
@@ -103,11 +105,15 @@ def test_loaders_explain_missing_or_broken_outputs(tiny_project: Path) -> None:
     split_file(paths, "test").write_bytes(b"garbage")
     with pytest.raises(DataError, match="unreadable"):
         load_prepared(paths, "test")
-    torch.save({"images": torch.zeros(12, 1, 8, 9), "labels": torch.zeros(12, dtype=torch.int64)},
+    torch.save({"pixels": torch.zeros(12, 1, 8, 9, dtype=torch.uint8), "labels": torch.zeros(12, dtype=torch.int64)},
                split_file(paths, "test"))  # fmt: skip
-    with pytest.raises(DataError, match=r"images should be float32 \(N, 1, 8, 8\)"):
+    with pytest.raises(DataError, match=r"pixels should be uint8 \(N, 1, 8, 8\)"):
         load_prepared(paths, "test")
-    torch.save({"images": torch.zeros(11, 1, 8, 8), "labels": torch.zeros(11, dtype=torch.int64)},
+    torch.save({"pixels": torch.zeros(12, 1, 8, 8), "labels": torch.zeros(12, dtype=torch.int64)},
+               split_file(paths, "test"))  # fmt: skip
+    with pytest.raises(DataError, match=r"pixels should be uint8"):  # a float32 file from an older prepare
+        load_prepared(paths, "test")
+    torch.save({"pixels": torch.zeros(11, 1, 8, 8, dtype=torch.uint8), "labels": torch.zeros(11, dtype=torch.int64)},
                split_file(paths, "test"))  # fmt: skip
     with pytest.raises(DataError, match="11 examples but stats.json says 12"):
         load_prepared(paths, "test")

@@ -30,7 +30,7 @@ ITER_TO = {"vanilla": None, "0.9": 14, "0.7": 8, "0.5": 5}
 
 def _metrics(labels: list[str]) -> dict[str, Any]:
     """Every metrics file the report reads, in the stages' formats (relative path -> contents)."""
-    files: dict[str, Any] = {}
+    files: dict[str, Any] = {"prepare.json": {"dataset": "mnist-5k", "n_train": 4000, "wall_time_s": 3.5}}
     for label in labels:
         coeff = None if label in ("vanilla", "batchnorm") else float(label)
         files[f"classifier/{label}.json"] = {
@@ -123,9 +123,9 @@ def test_tables_hold_the_metrics_numbers(tmp_path: Path, params: Params) -> None
     assert "\\begin{tabular}" in tex and "test error (\\%), mnist-5k" in tex
 
     cost = pd.read_csv(paths.tables / "runcost.csv", index_col=0)
-    expected_total = sum(WALL.values()) + 5.0 + 7.0 + 120.0 + 30.0 + 20.0 + 90.0
+    expected_total = 3.5 + sum(WALL.values()) + 5.0 + 7.0 + 120.0 + 30.0 + 20.0 + 90.0
     assert cost.loc["total", "wall_time_s"] == pytest.approx(expected_total, rel=1e-12)
-    assert cost.loc["train_classifier@0.7", "wall_time_s"] == 60.25
+    assert cost.loc["train_classifier@0.7", "wall_time_s"] == 60.25 and cost.loc["prepare", "wall_time_s"] == 3.5
     assert cost.loc["train_flow", "n_params"] == 54321 and pd.isna(cost.loc["logdet_bias", "n_params"])
     assert "| toy_density              | 90.0            | –                    | iresnet 9,000 / glow 9,100" in (
         paths.tables / "runcost.md"
