@@ -148,6 +148,6 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     if zca is not None:
         metrics["zca_logdet"] = zca.logdet
     metrics["wall_time_s"] = time.perf_counter() - start
-    # Apart from stats.json (kept byte-identical across re-runs), the stage's numbers, wall time included.
+    # The wall time goes here, not into stats.json, which must stay byte-identical across re-runs.
     write_json(metrics_file(paths), metrics)
     return metrics
