@@ -68,23 +68,21 @@ def conv_branch(
     n_power_iter: int = 1,
     nonlin: str = "elu",
     kernel_sizes: Sequence[int] = (3, 1, 3),
-    input_nonlin: bool = True,
     batchnorm: bool = False,
 ) -> nn.Sequential:
-    """Residual branch ``g = W3 ∘ φ ∘ W2 ∘ φ ∘ W1`` of Eq. 2 (convs 3x3, 1x1, 3x3 by default).
+    """Residual branch ``g = W3 ∘ φ ∘ W2 ∘ φ ∘ W1 ∘ φ`` of Eq. 2 (convs 3x3, 1x1, 3x3 by default).
 
     Maps ``(B, channels, H, W) -> (B, channels, H, W)`` with ``hidden`` channels inside. Every conv is spectrally
     normalised to ``coeff`` on the operator at ``input_hw`` (``coeff=None``: unconstrained, the vanilla baseline).
-    ``input_nonlin`` puts a φ before ``W1`` (pre-activation, as in the classifier); ``batchnorm`` puts BatchNorm
-    before each nonlinearity (the non-invertible BatchNorm baseline of Fig. 6).
+    The first φ makes the branch pre-activated (as in the classifier); ``batchnorm`` puts BatchNorm before each
+    nonlinearity (the non-invertible BatchNorm baseline of Fig. 6).
     """
     widths = [channels] + [hidden] * (len(kernel_sizes) - 1) + [channels]
     layers: list[nn.Module] = []
     for i, kernel_size in enumerate(kernel_sizes):
-        if i > 0 or input_nonlin:
-            if batchnorm:
-                layers.append(nn.BatchNorm2d(widths[i]))
-            layers.append(make_nonlinearity(nonlin))
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(widths[i]))
+        layers.append(make_nonlinearity(nonlin))
         layers.append(
             LipschitzConv2d(widths[i], widths[i + 1], kernel_size, input_hw, coeff=coeff, n_power_iter=n_power_iter)
         )

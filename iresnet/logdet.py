@@ -76,11 +76,11 @@ def power_series_logdet(
     _check_count("n_terms", n_terms, minimum=1)
     _check_hutchinson(x, n_samples, probe)
     with _branch_graph(g, x) as (x_in, gx, differentiable):
-        coefficients = _series_coefficients(n_terms, x)
+        coefficients = series_coefficients(n_terms, x)
         total = x.new_zeros(x.shape[0])
         for _ in range(n_samples):
             v = draw_probe(x, generator, probe)
-            traces = torch.stack([_dot(u, v) for u in _vjp_powers(gx, x_in, v, n_terms, differentiable)], dim=1)
+            traces = _traces(gx, x_in, v, n_terms, differentiable)
             total = total + traces @ coefficients
     return _finish(gx, total / n_samples, differentiable)
 
@@ -116,8 +116,8 @@ def unbiased_logdet(
                 continue
             k = torch.arange(1, n_max + 1, device=x.device)
             survival = (1.0 - p) ** (k - n_exact_terms).clamp(min=0).to(x.dtype)  # P(N >= k)
-            weights = (k[None, :] <= length[:, None]).to(x.dtype) * (_series_coefficients(n_max, x) / survival)
-            traces = torch.stack([_dot(u, v) for u in _vjp_powers(gx, x_in, v, n_max, differentiable)], dim=1)
+            weights = (k[None, :] <= length[:, None]).to(x.dtype) * (series_coefficients(n_max, x) / survival)
+            traces = _traces(gx, x_in, v, n_max, differentiable)
             total = total + (traces * weights).sum(dim=1)
     return _finish(gx, total / n_samples, differentiable)
 
@@ -141,7 +141,7 @@ def neumann_logdet(
     _check_count("n_terms", n_terms, minimum=1)
     _check_hutchinson(x, n_samples, probe)
     with _branch_graph(g, x) as (x_in, gx, differentiable):
-        coefficients = _series_coefficients(n_terms, x)
+        coefficients = series_coefficients(n_terms, x)
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])
         for _ in range(n_samples):
@@ -162,12 +162,12 @@ def neumann_logdet(
     return gx, value.detach() + (surrogate - surrogate.detach())
 
 
-def exact_logdet(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Brute-force ``ln|det(I + J_g(x_b))|`` per example from the full Jacobian (Eq. 3; the 2-D toy flows, tests).
+def branch_jacobian(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(g(x), J)`` with ``J[b, i, j] = ∂g(x_b)_i / ∂x_b_j``, built from d vector-Jacobian products (basis vectors).
 
-    Builds ``J_g`` of shape ``(B, d, d)``, ``d = prod(shape)``, with d vector-Jacobian products (basis vectors), then
-    ``slogdet``. Costs d backward passes and ``B·d²`` memory: small inputs only. Differentiable when gradients are
-    enabled. Shapes: ``x: (B, *shape)`` -> ``(g(x): (B, *shape), logdet: (B,))``.
+    ``g`` must treat examples independently (each VJP through the batch sum gives row i for all of them). Costs d
+    backward passes and ``B·d²`` memory: small inputs only. Differentiable when gradients are enabled.
+    Shapes: ``x: (B, *shape)`` -> ``(g(x): (B, *shape), J: (B, d, d))``, ``d = prod(shape)``.
     """
     _check_input(x)
     with _branch_graph(g, x) as (x_in, gx, differentiable):
@@ -177,10 +177,18 @@ def exact_logdet(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
             basis = x.new_zeros(batch, dim)
             basis[:, i] = 1.0
             rows.append(_vjp(gx, x_in, basis.view_as(x), differentiable).reshape(batch, dim))  # ∂g_i/∂x
-        jacobian = torch.stack(rows, dim=1)
-        eye = torch.eye(dim, dtype=x.dtype, device=x.device)
-        logdet = torch.linalg.slogdet(eye + jacobian).logabsdet
-    return _finish(gx, logdet, differentiable)
+    return _finish(gx, torch.stack(rows, dim=1), differentiable)
+
+
+def exact_logdet(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Brute-force ``ln|det(I + J_g(x_b))|`` per example from the full Jacobian (Eq. 3; the 2-D toy flows, tests).
+
+    ``slogdet`` of ``I + J`` from :func:`branch_jacobian` (small inputs only). Differentiable when gradients are
+    enabled. Shapes: ``x: (B, *shape)`` -> ``(g(x): (B, *shape), logdet: (B,))``.
+    """
+    gx, jacobian = branch_jacobian(g, x)
+    eye = torch.eye(jacobian.shape[-1], dtype=x.dtype, device=x.device)
+    return gx, torch.linalg.slogdet(eye + jacobian).logabsdet
 
 
 def estimate_logdet(
@@ -213,12 +221,7 @@ def hutchinson_traces(g: Branch, x: Tensor, probes: Tensor, n_powers: int) -> tu
     if probes.dim() != x.dim() + 1 or probes.shape[1:] != x.shape:
         raise ValueError(f"probes must have shape (S, *x.shape) = (S, {tuple(x.shape)}), got {tuple(probes.shape)}")
     with _branch_graph(g, x) as (x_in, gx, differentiable):
-        traces = torch.stack(
-            [
-                torch.stack([_dot(u, v) for u in _vjp_powers(gx, x_in, v, n_powers, differentiable)], dim=1)
-                for v in probes.to(x.dtype)
-            ]
-        )
+        traces = torch.stack([_traces(gx, x_in, v, n_powers, differentiable) for v in probes.to(x.dtype)])
     return _finish(gx, traces, differentiable)
 
 
@@ -271,6 +274,12 @@ def draw_probe(x: Tensor, generator: torch.Generator | None = None, probe: Probe
     return (2 * signs - 1).to(x.dtype)
 
 
+def series_coefficients(n: int, like: Tensor) -> Tensor:
+    """``(-1)^{k+1} / k`` for ``k = 1..n`` (Eq. 4), ``(n,)`` in the dtype and device of ``like``."""
+    k = torch.arange(1, n + 1, dtype=like.dtype, device=like.device)
+    return torch.where(k % 2 == 1, 1.0, -1.0).to(like.dtype) / k
+
+
 # --- internals -------------------------------------------------------------------------------------------------
 
 
@@ -319,6 +328,11 @@ def _vjp(gx: Tensor, x_in: Tensor, u: Tensor, create_graph: bool) -> Tensor:
     return out
 
 
+def _traces(gx: Tensor, x_in: Tensor, v: Tensor, n: int, create_graph: bool) -> Tensor:
+    """Hutchinson traces ``vᵀ J^k v`` for ``k = 1..n``, ``(B, n)``, from one chain of VJPs."""
+    return torch.stack([_dot(u, v) for u in _vjp_powers(gx, x_in, v, n, create_graph)], dim=1)
+
+
 def _vjp_powers(gx: Tensor, x_in: Tensor, v: Tensor, n: int, create_graph: bool) -> Iterator[Tensor]:
     """Yield ``vᵀ J^k`` for ``k = 1..n`` (Algorithm 2's repeated vector-Jacobian products)."""
     u = v
@@ -330,12 +344,6 @@ def _vjp_powers(gx: Tensor, x_in: Tensor, v: Tensor, n: int, create_graph: bool)
 def _dot(u: Tensor, v: Tensor) -> Tensor:
     """Per-example inner product: ``(B, *shape), (B, *shape) -> (B,)``."""
     return (u * v).flatten(1).sum(dim=1)
-
-
-def _series_coefficients(n: int, like: Tensor) -> Tensor:
-    """``(-1)^{k+1} / k`` for ``k = 1..n`` (Eq. 4)."""
-    k = torch.arange(1, n + 1, dtype=like.dtype, device=like.device)
-    return torch.where(k % 2 == 1, 1.0, -1.0).to(like.dtype) / k
 
 
 def _finish(gx: Tensor, logdet: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:

@@ -75,7 +75,7 @@ def _stage_blocks(
             layers.append(ActNorm(c))
         branch = conv_branch(
             c, config.channels[stage], (h, w), config.coeff, config.n_power_iter, config.nonlin,
-            config.kernel_sizes, input_nonlin=True, batchnorm=config.batchnorm,
+            config.kernel_sizes, batchnorm=config.batchnorm,
         )
         layers.append(InvertibleResidualBlock(branch, logdet))
     return layers

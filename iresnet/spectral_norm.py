@@ -75,12 +75,15 @@ class _SpectrallyNormalised(nn.Module):
     def power_iterate(self, n_iter: int) -> Tensor:
         """Run ``n_iter`` power iterations on ``W^T W``, store ``u``, ``v`` and ``sigma = <u, W v>``; return sigma."""
         u, v = self.u, self.v
+        if n_iter == 0:
+            wv = self._op(v, self.weight)
         for _ in range(n_iter):
             v = _unit(self._adjoint(u, self.weight))
-            u = _unit(self._op(v, self.weight))
+            wv = self._op(v, self.weight)  # the last one also gives sigma: no extra application of W
+            u = _unit(wv)
         self.u.copy_(u)
         self.v.copy_(v)
-        self.sigma.copy_((u * self._op(v, self.weight)).sum())
+        self.sigma.copy_((u * wv).sum())
         return self.sigma.clone()
 
     def _sigma(self) -> Tensor:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from iresnet.blocks import residual_blocks
+from iresnet.blocks import residual_blocks, set_logdet_settings
 from iresnet.logdet import LogDetSettings
 from iresnet.models import FlowConfig, MultiscaleFlow, bits_per_dim
 from pipeline.errors import DataError
@@ -124,8 +124,7 @@ def logdet_settings_as(model: MultiscaleFlow, settings: LogDetSettings) -> Itera
     blocks = residual_blocks(model)
     saved = [block.logdet_settings for block in blocks]
     try:
-        for block in blocks:
-            block.logdet_settings = settings
+        set_logdet_settings(model, settings)
         yield
     finally:
         for block, own in zip(blocks, saved):

@@ -33,7 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from iresnet.blocks import InvertibleResidualBlock, residual_blocks
-from iresnet.logdet import LogDetSettings, draw_probe, hutchinson_traces, truncation_bound
+from iresnet.logdet import (
+    LogDetSettings,
+    branch_jacobian,
+    draw_probe,
+    hutchinson_traces,
+    series_coefficients,
+    truncation_bound,
+)
 from iresnet.models import MultiscaleFlow
 from pipeline.console import progress
 from pipeline.figures import pyplot, save_figure
@@ -59,24 +66,6 @@ def curve_file(paths: Paths) -> Any:
 
 def metrics_file(paths: Paths) -> Any:
     return paths.metrics / "logdet_bias.json"
-
-
-def branch_jacobian(g: nn.Module, x: Tensor) -> Tensor:
-    """``J[b, i, j] = ∂g(x_b)_i / ∂x_b_j`` of shape ``(B, d, d)``, ``d = prod(x.shape[1:])``, by d VJPs.
-
-    ``g`` must treat examples independently (eval mode), so each VJP through the batch sum gives row i for all.
-    """
-    batch, dim = x.shape[0], x[0].numel()
-    jac = x.new_empty(batch, dim, dim)
-    with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
-        gx = g(x_in)
-        for i in range(dim):
-            basis = x.new_zeros(batch, dim)
-            basis[:, i] = 1.0
-            (row,) = torch.autograd.grad(gx, x_in, basis.view_as(x), retain_graph=True)
-            jac[:, i] = row.reshape(batch, dim)
-    return jac
 
 
 def block_inputs(model: MultiscaleFlow, x: Tensor) -> list[Tensor]:
@@ -110,7 +99,8 @@ def block_estimates(block: InvertibleResidualBlock, x: Tensor, n_probes: int, ma
 
     ``plain[s, b, n-1]``: Algorithm 2 with probe s and n terms; ``cv``: the same with the exact ``tr J``, ``tr J²``.
     """
-    jac = branch_jacobian(block.g, x)
+    with torch.no_grad():  # values only: no graph through the d VJPs
+        _, jac = branch_jacobian(block.g, x)
     exact_traces = torch.stack([jac.diagonal(dim1=-2, dim2=-1).sum(-1), torch.einsum("bij,bji->b", jac, jac)], -1)
     jac.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + J_g, in place: the Jacobians are the largest tensors here
     sign, exact = torch.linalg.slogdet(jac)
@@ -119,8 +109,7 @@ def block_estimates(block: InvertibleResidualBlock, x: Tensor, n_probes: int, ma
     probes = torch.stack([draw_probe(x) for _ in range(n_probes)])
     with torch.no_grad():
         _, traces = hutchinson_traces(block.g, x, probes, max_terms)  # (S, B, K)
-    k = torch.arange(1, max_terms + 1, dtype=x.dtype)
-    coefficients = torch.where(k % 2 == 1, 1.0, -1.0).to(x.dtype) / k  # (-1)^{k+1} / k, Eq. 4
+    coefficients = series_coefficients(max_terms, x)  # (-1)^{k+1} / k, Eq. 4
     cv_traces = traces.clone()
     m = min(2, max_terms)
     cv_traces[..., :m] = exact_traces[None, :, :m]

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from iresnet.blocks import conv_branch
 from iresnet.logdet import (
     LogDetSettings,
+    branch_jacobian,
     draw_probe,
     estimate_logdet,
     exact_logdet,
@@ -27,6 +29,7 @@ from iresnet.logdet import (
     logdet_bounds,
     neumann_logdet,
     power_series_logdet,
+    series_coefficients,
     truncation_bound,
     unbiased_logdet,
 )
@@ -135,6 +138,25 @@ def test_exact_logdet_equals_slogdet_of_autograd_jacobian(name: str) -> None:
     assert logdet.shape == (3,)
     torch.testing.assert_close(gx, case.g(x), rtol=0, atol=1e-14)
     torch.testing.assert_close(logdet, jacobian_logdet(case, x), rtol=0, atol=1e-10)
+
+
+def test_branch_jacobian_equals_autograd() -> None:
+    torch.manual_seed(0)
+    g = conv_branch(2, 4, (3, 3), coeff=0.8).double().eval()
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        gx, jac = branch_jacobian(g, x)
+    assert not jac.requires_grad and jac.shape == (3, 18, 18)
+    torch.testing.assert_close(gx, g(x), rtol=0, atol=1e-14)
+    for b in range(3):
+        expected = torch.autograd.functional.jacobian(lambda v: g(v.unsqueeze(0)).squeeze(0), x[b]).reshape(18, 18)
+        torch.testing.assert_close(jac[b], expected, rtol=0, atol=1e-14)
+
+
+def test_series_coefficients_are_those_of_eq4() -> None:
+    like = torch.zeros(1, dtype=torch.float64)
+    assert series_coefficients(4, like).tolist() == [1.0, -1 / 2, 1 / 3, -1 / 4]
+    assert series_coefficients(3, like.float()).dtype == torch.float32
 
 
 def test_exact_logdet_of_linear_branch_is_slogdet_of_identity_plus_a() -> None:
