@@ -55,6 +55,7 @@ class Settings:
     root: Path
     params_file: Path | None
     sets: tuple[str, ...]
+    threads: int
 
 
 @app.callback()
@@ -70,12 +71,7 @@ def main(
     ),
 ) -> None:
     """Invertible Residual Networks: run one pipeline stage (normally through `dvc repro`)."""
-    import torch
-
-    # One thread by default: on the shared 2-core machine a second thread made training steps 5-15x slower
-    # (threads spin-waiting for a busy core); raise it on a machine with cores to spare.
-    torch.set_num_threads(threads)
-    ctx.obj = Settings(root=root, params_file=params, sets=tuple(set_))
+    ctx.obj = Settings(root=root, params_file=params, sets=tuple(set_), threads=threads)
 
 
 def fail(err: BaseException) -> NoReturn:
@@ -107,8 +103,14 @@ def run_stage(
     ``sections``: the top-level params sections the stage reads; they are logged to MLflow and hashed into the
     run's ``params_hash`` tag.
     """
+    import torch
+
     from pipeline.tracking import stage_run
 
+    # One thread by default: on the shared 2-core machine a second thread made training steps 5-15x slower
+    # (threads spin-waiting for a busy core); raise it on a machine with cores to spare. Set here, not at start-up,
+    # so `--help` and `iresnet ui` do not import torch.
+    torch.set_num_threads(ctx.obj.threads)
     try:
         params, paths = load(ctx, overrides)
         with stage_run(family, stage, params.section_dict(*sections), paths, params.tracking.enabled) as tracker:

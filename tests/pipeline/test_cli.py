@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -15,6 +18,7 @@ from pipeline.paths import Paths
 from pipeline.prepared import load_prepared
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("args", [["--help"], ["prepare", "--help"], ["ui", "--help"]])
@@ -46,9 +50,24 @@ def test_missing_dataset_is_a_user_error(tiny_project: Path) -> None:
     assert "not found" in result.output and "data.download: true" in result.output
 
 
+def test_help_and_ui_start_without_torch() -> None:
+    """torch is imported by the stage commands (which set its threads), not at start-up: help stays instant."""
+    code = (
+        "import sys; from typer.testing import CliRunner; from pipeline.cli import app; "
+        "codes = [CliRunner().invoke(app, [c, '--help']).exit_code for c in ('train-flow', 'ui')]; "
+        "print(codes, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["[0,", "0]", "False"], done.stdout + done.stderr
+
+
 def test_prepare_runs_and_prints_a_table(tiny_project: Path) -> None:
-    result = runner.invoke(app, ["--root", str(tiny_project), "prepare"])
+    torch.set_num_threads(1)
+    result = runner.invoke(app, ["--root", str(tiny_project), "--threads", "2", "prepare"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the suite runs single-threaded (conftest.py)
     assert result.exit_code == 0, result.output
+    assert threads == 2  # --threads reaches torch when a stage runs
     assert "prepare: results" in result.output and "n_train" in result.output and "zca_logdet" in result.output
     images, _ = load_prepared(Paths.at(tiny_project), "train")
     assert images.shape == (30, 1, 8, 8)
