@@ -145,15 +145,13 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate_epoch(
-    model: MultiscaleFlow, space: FlowSpace, images: Tensor, batch_size: int, seed: int
-) -> dict[str, float]:
+def evaluate_epoch(model: MultiscaleFlow, space: FlowSpace, x: Tensor, batch_size: int, seed: int) -> dict[str, float]:
     """Test bits/dim with the training estimator, mean ``ln p(z)`` and ``ln|det J_F|`` (nats per example, the flow's
-    own log-det without the ZCA term); noise and probes come from ``seed`` and leave the training streams untouched."""
+    own log-det without the ZCA term) on the model inputs ``x`` (:func:`fixed_noise_inputs` of the test images, made
+    once per run); the probes come from ``seed`` and leave the training streams untouched."""
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        x = fixed_noise_inputs(space, images, seed)
         logpz, logdet = [], []
         for idx in batch_indices(len(x), batch_size, shuffle=False):
             a, b = log_prob_parts(model, x[idx])
@@ -236,6 +234,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     fingerprint = params_hash({"seed": params.seed, "flow": params.section_dict("flow")["flow"], "data": data_summary})
     resume = ResumeFile.for_run(paths, "flow", fingerprint)
     loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "noise": GeneratorState(noise)})
+    test_x = fixed_noise_inputs(space, test_images, params.seed + _EVAL_SEED_OFFSET)  # the same inputs every epoch
     recon_x = fixed_noise_inputs(space, evenly_spaced(test_images, RECON_BATCH), params.seed + _EVAL_SEED_OFFSET)
 
     per_epoch = n_batches(len(train_images), p.batch_size, p.max_train_batches)
@@ -245,7 +244,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
             t0 = time.perf_counter()
             train_bpd, seen = train_epoch(model, optimizer, train_images, space, noise, params, epoch, advance)
             train_seconds = time.perf_counter() - t0
-            test = evaluate_epoch(model, space, test_images, p.eval_batch_size, params.seed + _EVAL_SEED_OFFSET)
+            test = evaluate_epoch(model, space, test_x, p.eval_batch_size, params.seed + _EVAL_SEED_OFFSET)
             record = {
                 "epoch": epoch, "train_bpd": train_bpd, **test, "recon_error": reconstruction_error(model, recon_x),
                 "lr": optimizer.param_groups[0]["lr"], "images": seen, "train_seconds": train_seconds,

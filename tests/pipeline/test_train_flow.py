@@ -26,6 +26,7 @@ from pipeline.flow_data import (
     config_from_dict,
     config_to_dict,
     evenly_spaced,
+    fixed_noise_inputs,
     flow_config,
     load_trained_flow,
     logdet_settings,
@@ -83,7 +84,8 @@ def test_stage_outputs_and_applied_learning_rates(tiny_project: Path, tiny_param
     from pipeline.prepared import load_prepared
 
     test_images, _ = load_prepared(paths, "test")
-    again = train_flow.evaluate_epoch(flow.model, flow.space, test_images, 12, params.seed + 1)
+    x = fixed_noise_inputs(flow.space, test_images, params.seed + 1)
+    again = train_flow.evaluate_epoch(flow.model, flow.space, x, 12, params.seed + 1)
     assert again["test_bpd"] == metrics["test_bpd_estimate"] and again["logdet"] == metrics["test_logdet"]
 
 
