@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -47,6 +51,16 @@ def save_torch(path: Path, obj: Any) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Pretty, key-sorted JSON with a trailing newline, written atomically."""
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def finite_or_none(value: Any) -> float | None:
+    """JSON has no NaN/inf: a non-finite number (or None) is written as null."""
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    """A table as CSV without the index, ``\n`` line ends on every platform, written atomically."""
+    write_bytes_atomic(path, frame.to_csv(index=False, lineterminator="\n").encode())
 
 
 def read_json(path: Path) -> Any:

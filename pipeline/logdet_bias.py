@@ -44,7 +44,7 @@ from iresnet.logdet import (
 from iresnet.models import MultiscaleFlow
 from pipeline.console import progress
 from pipeline.figures import pyplot, save_figure
-from pipeline.files import write_bytes_atomic, write_json
+from pipeline.files import write_csv, write_json
 from pipeline.flow_data import load_flow_with_test_inputs, logdet_settings_as
 from pipeline.params import Params
 from pipeline.paths import Paths
@@ -191,7 +191,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         est = flow_estimates(model, x, p.n_samples, p.max_terms, advance)
     rows = bias_curve(est, lipschitz, dims)
     frame = pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
-    write_bytes_atomic(curve_file(paths), frame.to_csv(index=False, lineterminator="\n").encode())
+    write_csv(curve_file(paths), frame)
     per_bit = 1.0 / (flow.space.n_dims * math.log(2))
     title = (
         f"truncated log-det estimator vs exact: {len(x)} {flow.dataset} test examples x {p.n_samples} probes\n"

@@ -4,7 +4,6 @@ Fig. 6 (largest singular value per layer), Fig. 8 (reconstruction error vs itera
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +116,3 @@ def plot_reconstructions(path: Path, rows: dict[str, Tensor], iterations: int) -
                  fontsize=10)  # fmt: skip
     fig.tight_layout()
     save_figure(fig, path, dpi=DPI)
-
-
-def finite_or_none(value: float) -> float | None:
-    """JSON has no NaN/inf: a non-finite number is written as null."""
-    return value if math.isfinite(value) else None

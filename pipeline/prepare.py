@@ -91,7 +91,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     train_pixels, test_pixels = raw.train_images, raw.test_images
     if data.pad_to_32:
         train_pixels, test_pixels = pad_to(train_pixels, 32), pad_to(test_pixels, 32)
-    train, test = to_unit(train_pixels), to_unit(test_pixels)
+    train = to_unit(train_pixels)  # stats, ZCA and the preview need values; the test split is only counted
     c, h, w = train.shape[1:]
     check_spatial(params, h, w)  # an idx: folder's size is known only now, still before any training
     stats = ChannelStats.fit(train)
@@ -117,7 +117,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
             "test_per_class": _per_class(raw.test_labels, n_classes),
         },
         "n_train": len(train),
-        "n_test": len(test),
+        "n_test": len(test_pixels),
         "n_classes": n_classes,
         "shape": [c, h, w],
         "dims": c * h * w,
@@ -131,7 +131,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     }
     write_json(stats_file(paths), summary)
     preview = paths.figures / PREVIEW
-    title = f"{data.dataset}: {len(train)} train / {len(test)} test, {c}x{h}x{w}"
+    title = f"{data.dataset}: {len(train)} train / {len(test_pixels)} test, {c}x{h}x{w}"
     write_preview(preview, train, raw.train_labels, title, zca)
     tracker.log_artifact(stats_file(paths), "prepared")
     tracker.log_artifact(preview, "figures")
@@ -139,7 +139,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     metrics: dict[str, Any] = {
         "dataset": data.dataset,
         "n_train": len(train),
-        "n_test": len(test),
+        "n_test": len(test_pixels),
         "n_classes": n_classes,
         "shape": f"{c}x{h}x{w}",
     }

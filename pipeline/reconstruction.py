@@ -30,10 +30,10 @@ from iresnet.inverse import InverseSettings
 from pipeline.classifiers import LoadedClassifier, classifier_specs, load_classifier
 from pipeline.console import track
 from pipeline.errors import DataError
-from pipeline.files import write_bytes_atomic, write_json
+from pipeline.files import finite_or_none, write_csv, write_json
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.plots_classifier import finite_or_none, plot_reconstruction_error, plot_reconstructions
+from pipeline.plots_classifier import plot_reconstruction_error, plot_reconstructions
 from pipeline.prepared import load_prepared
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.training import seed_everything
@@ -140,7 +140,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     csv_path, json_path = paths.curves / CSV_NAME, paths.metrics / JSON_NAME
     fig8, fig3 = paths.figures / FIG8_NAME, paths.figures / FIG3_NAME
-    write_bytes_atomic(csv_path, frame.to_csv(index=False, lineterminator="\n").encode())
+    write_csv(csv_path, frame)
     plot_reconstruction_error(fig8, frame, p.tolerances)
     # Fig. 3 rows: originals, the i-ResNets, then the baselines.
     order = ["original"] + [s.label for s in classifier_specs(params.classifier) if s.coeff is not None]

@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.files import write_bytes_atomic, write_json
+from pipeline.files import finite_or_none, write_bytes_atomic, write_json
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.report_inputs import ReportInputs, load_inputs
 from pipeline.report_page import all_certified, render_page
-from pipeline.report_tables import build_tables, finite_or_none, percent
+from pipeline.report_tables import build_tables, percent
 from pipeline.tracking import NullTracker, Tracker
 
 SUMMARY = "summary.json"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.files import write_bytes_atomic
+from pipeline.files import finite_or_none, write_bytes_atomic
 from pipeline.paths import Paths
 from pipeline.report_inputs import ReportInputs
 
@@ -78,10 +78,6 @@ def num(value: Any, spec: str, missing: str = "n/a") -> str:
     if value is None or math.isnan(float(value)):
         return missing
     return format(float(value), spec) if math.isfinite(float(value)) else str(float(value))
-
-
-def finite_or_none(value: Any) -> float | None:
-    return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
 def percent(fraction: float) -> float:

@@ -32,10 +32,10 @@ from iresnet.models import IResNetClassifier
 from iresnet.spectral_norm import LipschitzConv2d, conv_norm_lower_bound, conv_norm_upper_bound, project_to_bound
 from pipeline.classifiers import ClassifierSpec, classifier_specs, conv_layers, load_classifier
 from pipeline.console import track
-from pipeline.files import write_bytes_atomic, write_json
+from pipeline.files import finite_or_none, write_csv, write_json
 from pipeline.params import Params, SingularValuesParams
 from pipeline.paths import Paths
-from pipeline.plots_classifier import finite_or_none, plot_singular_values
+from pipeline.plots_classifier import plot_singular_values
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.training import seed_everything
 
@@ -135,7 +135,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         rows += model_rows
     frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     csv_path, json_path, fig_path = paths.curves / CSV_NAME, paths.metrics / JSON_NAME, paths.figures / FIGURE_NAME
-    write_bytes_atomic(csv_path, frame.to_csv(index=False, lineterminator="\n").encode())
+    write_csv(csv_path, frame)
     plot_singular_values(fig_path, frame[frame["weights"] == "trained"], models)
     result = {"models": models, "methods": METHODS, "wall_time_s": time.perf_counter() - start}
     write_json(json_path, result)

@@ -36,7 +36,7 @@ from pipeline.params import Params, ToyParams
 from pipeline.paths import Paths
 from pipeline.toy_data import WINDOW, reference_log_prob, sample, stream_seed
 from pipeline.tracking import NullTracker, Tracker
-from pipeline.training import check_finite, save_model, seed_everything
+from pipeline.training import check_finite, n_params, save_model, seed_everything
 
 MODELS = ("iresnet", "glow")
 LABELS = {"iresnet": "i-ResNet", "glow": "Glow"}
@@ -78,10 +78,6 @@ def build_flow(config: dict[str, Any]) -> Flow2d:
     if config.get("kind") == "glow":
         return toy_glow(**args)
     raise ValueError(f"unknown toy model {config.get('kind')!r}; use one of {', '.join(MODELS)}")
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def train_flow(

@@ -37,13 +37,21 @@ from pipeline.classifiers import (
     resolve_spec,
 )
 from pipeline.console import progress
-from pipeline.files import write_bytes_atomic, write_json
+from pipeline.files import write_csv, write_json
 from pipeline.params import Params, check_spatial, params_hash
 from pipeline.paths import Paths
 from pipeline.prepared import load_channel_stats, load_prepared, load_stats
 from pipeline.preprocess import ChannelStats
 from pipeline.tracking import NullTracker, Tracker
-from pipeline.training import EpochLoop, ResumeFile, build_optimizer, check_finite, save_model, seed_everything
+from pipeline.training import (
+    EpochLoop,
+    ResumeFile,
+    build_optimizer,
+    check_finite,
+    n_params,
+    save_model,
+    seed_everything,
+)
 
 CURVE_COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_error", "lr", "sigma_max")
 # Unconstrained layers never use their sigma~; a few power iterations per epoch keep it a current norm estimate
@@ -131,7 +139,7 @@ def run_fingerprint(params: Params, spec: ClassifierSpec, data_summary: dict[str
 
 def _write_curve(path: Path, history: list[dict[str, Any]]) -> None:
     frame = pd.DataFrame([{c: record[c] for c in CURVE_COLUMNS} for record in history], columns=list(CURVE_COLUMNS))
-    write_bytes_atomic(path, frame.to_csv(index=False, lineterminator="\n").encode())
+    write_csv(path, frame)
 
 
 def run(
@@ -183,7 +191,6 @@ def run(
     history = loop.history
     last = history[-1]
     earlier = sum(r["seconds"] for r in history[: loop.resumed_from])  # epochs done by an interrupted run
-    n_params = sum(t.numel() for t in model.parameters())
     save_model(
         model_file(paths, spec.label), MODEL_KIND, config_to_dict(config), model, label=spec.label,
         model_kind=spec.kind, coeff=spec.coeff, n_classes=int(summary["n_classes"]), dataset=summary["dataset"],
@@ -202,7 +209,7 @@ def run(
         "test_loss": last["test_loss"],
         "train_loss": last["train_loss"],
         "train_accuracy": last["train_accuracy"],
-        "n_params": n_params,
+        "n_params": n_params(model),
         "throughput_img_s": sum(r["images"] for r in history) / sum(r["train_seconds"] for r in history),
         "wall_time_s": earlier + time.perf_counter() - start,
     }

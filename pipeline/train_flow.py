@@ -28,7 +28,7 @@ from iresnet.spectral_norm import LipschitzConv2d
 from pipeline.classifier_data import batch_indices, n_batches
 from pipeline.console import progress
 from pipeline.figures import pyplot, save_figure
-from pipeline.files import write_bytes_atomic, write_json
+from pipeline.files import write_csv, write_json
 from pipeline.flow_data import (
     MODEL_KIND,
     ZCA_MARK,
@@ -52,6 +52,7 @@ from pipeline.training import (
     ResumeFile,
     build_optimizer,
     check_finite,
+    n_params,
     save_model,
     seed_everything,
 )
@@ -210,7 +211,7 @@ def write_samples_figure(path: Any, samples: Tensor, data: Tensor, title: str) -
 
 def _write_curve(path: Any, history: list[dict[str, Any]]) -> None:
     frame = pd.DataFrame([{c: r[c] for c in CURVE_COLUMNS} for r in history], columns=list(CURVE_COLUMNS))
-    write_bytes_atomic(path, frame.to_csv(index=False, lineterminator="\n").encode())
+    write_csv(path, frame)
 
 
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
@@ -288,7 +289,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "samples_converged_fraction": inverse["converged_fraction"],
         "samples_max_residual": inverse["max_residual"],
         "samples_max_iterations": inverse["max_iterations"],
-        "n_params": sum(t.numel() for t in model.parameters()),
+        "n_params": n_params(model),
         "throughput_img_s": sum(r["images"] for r in history) / sum(r["train_seconds"] for r in history),
         "wall_time_s": earlier + time.perf_counter() - start,
     }

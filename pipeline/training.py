@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from pipeline.tracking import Tracker
 
 
+def n_params(model: torch.nn.Module) -> int:
+    """The number of trainable values in ``model`` (the run-cost table's parameter count)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 class TrainingDiverged(UserError):
     """A loss or gradient became NaN or infinite; the message says where and what to try."""
 
