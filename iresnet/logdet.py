@@ -249,16 +249,30 @@ def truncation_bound(lipschitz: float, dim: int, n_terms: int) -> float:
     return dim * tail
 
 
-def logdet_bounds(lipschitz: Sequence[float], dim: int) -> tuple[float, float]:
-    """Lemma 7: ``d Σ_t ln(1 - L_t) <= ln|det J_F(x)| <= d Σ_t ln(1 + L_t)``.
+def chain_truncation_bound(lipschitz: Sequence[float], dims: int | Sequence[int], n_terms: int) -> float:
+    """Theorem 3 for a chain of blocks: the n-term estimates of all blocks together are off by at most
+    ``Σ_t truncation_bound(L_t, d_t, n)`` nats; ``inf`` when some ``L_t >= 1`` (the series need not converge).
 
-    For a chain of residual blocks with ``Lip(g_t) <= L_t < 1`` on d-dimensional inputs; returns ``(lower, upper)``.
+    ``dims``: the input dimension of each block, or one for all of them.
     """
-    _check_count("dim", dim, minimum=1)
-    for t, lip in enumerate(lipschitz):
+    per_block = _per_block_dims(lipschitz, dims)
+    if any(lip >= 1.0 for lip in lipschitz):
+        return math.inf
+    return sum(truncation_bound(lip, d, n_terms) for lip, d in zip(lipschitz, per_block))
+
+
+def logdet_bounds(lipschitz: Sequence[float], dims: int | Sequence[int]) -> tuple[float, float]:
+    """Lemma 7: ``Σ_t d_t ln(1 - L_t) <= ln|det J_F(x)| <= Σ_t d_t ln(1 + L_t)``.
+
+    For a chain of residual blocks with ``Lip(g_t) <= L_t < 1`` on ``d_t``-dimensional inputs (``dims``: one per
+    block, or one for all); returns ``(lower, upper)``.
+    """
+    per_block = _per_block_dims(lipschitz, dims)
+    for t, (lip, d) in enumerate(zip(lipschitz, per_block)):
         _check_lipschitz(f"lipschitz[{t}]", lip)
-    lower = dim * sum(math.log1p(-float(lip)) for lip in lipschitz)
-    upper = dim * sum(math.log1p(float(lip)) for lip in lipschitz)
+        _check_count(f"dims[{t}]", d, minimum=1)
+    lower = sum(d * math.log1p(-float(lip)) for lip, d in zip(lipschitz, per_block))
+    upper = sum(d * math.log1p(float(lip)) for lip, d in zip(lipschitz, per_block))
     return lower, upper
 
 
@@ -366,6 +380,13 @@ def _check_hutchinson(x: Tensor, n_samples: int, probe: str) -> None:
 def _check_probe(probe: str) -> None:
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+
+
+def _per_block_dims(lipschitz: Sequence[float], dims: int | Sequence[int]) -> list[int]:
+    per_block = [dims] * len(lipschitz) if isinstance(dims, int) else list(dims)
+    if len(per_block) != len(lipschitz):
+        raise ValueError(f"one dimension per block: got {len(lipschitz)} Lipschitz bounds for {len(per_block)} dims")
+    return per_block
 
 
 def _check_count(name: str, value: int, minimum: int) -> None:

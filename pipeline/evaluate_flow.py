@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from iresnet.blocks import residual_blocks
-from iresnet.logdet import LogDetSettings, logdet_bounds, truncation_bound
+from iresnet.logdet import LogDetSettings, chain_truncation_bound, logdet_bounds
 from iresnet.models import MultiscaleFlow
 from pipeline.classifier_data import batch_indices
 from pipeline.console import progress
@@ -49,12 +49,8 @@ def bias_bound_bits(lipschitz: Sequence[float], dims: Sequence[int], n_dims: int
 
     None when some ``L_b >= 1``: the series need not converge and Theorem 3 says nothing.
     """
-    if len(lipschitz) != len(dims):
-        raise ValueError(f"one Lipschitz bound per block: got {len(lipschitz)} bounds for {len(dims)} block dims")
-    if any(lip >= 1.0 for lip in lipschitz):
-        return None
-    nats = sum(truncation_bound(lip, d, n_terms) for lip, d in zip(lipschitz, dims))
-    return nats / (n_dims * math.log(2))
+    nats = chain_truncation_bound(lipschitz, dims, n_terms)
+    return None if math.isinf(nats) else nats / (n_dims * math.log(2))
 
 
 def choose_terms(
@@ -136,7 +132,7 @@ def lemma7_bpd(
     if any(lip >= 1.0 for lip in lipschitz):
         # Lip(F) <= 1 + L (Lemma 2) still caps |det J_F| by (1 + L)^d; nothing bounds it from below.
         return mean_rest - sum(d * math.log1p(lip) for lip, d in zip(lipschitz, dims)) * per_nat, None
-    lower_logdet, upper_logdet = (sum(v) for v in zip(*(logdet_bounds([lip], d) for lip, d in zip(lipschitz, dims))))
+    lower_logdet, upper_logdet = logdet_bounds(lipschitz, dims)
     return mean_rest - upper_logdet * per_nat, mean_rest - lower_logdet * per_nat
 
 

@@ -36,10 +36,10 @@ from iresnet.blocks import InvertibleResidualBlock, residual_blocks
 from iresnet.logdet import (
     LogDetSettings,
     branch_jacobian,
+    chain_truncation_bound,
     draw_probe,
     hutchinson_traces,
     series_coefficients,
-    truncation_bound,
 )
 from iresnet.models import MultiscaleFlow
 from pipeline.console import progress
@@ -142,8 +142,7 @@ def bias_curve(est: Estimates, lipschitz: list[float], dims: list[int]) -> list[
         bias = float(cv_error.mean())
         bias_stderr = math.sqrt(float(cv_error.var(dim=0, correction=1).sum()) / n_probes) / n_examples
         std = math.sqrt(float(est.plain[..., n - 1].var(dim=0, correction=1).mean()))
-        finite = all(lip < 1.0 for lip in lipschitz)
-        bound = sum(truncation_bound(lip, d, n) for lip, d in zip(lipschitz, dims)) if finite else math.inf
+        bound = chain_truncation_bound(lipschitz, dims, n)
         rows.append({
             "n_terms": n, "bias": bias, "abs_bias": abs(bias), "bias_stderr": bias_stderr, "std": std,
             "theorem3_bound": bound, "bias_plain": float((est.plain[..., n - 1] - est.exact).mean()),

@@ -22,6 +22,7 @@ from iresnet.blocks import conv_branch
 from iresnet.logdet import (
     LogDetSettings,
     branch_jacobian,
+    chain_truncation_bound,
     draw_probe,
     estimate_logdet,
     exact_logdet,
@@ -486,3 +487,21 @@ def test_lemma7_bounds_contain_exact_logdet_of_a_chain() -> None:
     assert torch.all((lower <= logdet) & (logdet <= upper))
     with pytest.raises(ValueError, match=r"lipschitz\[1\] must lie in \[0, 1\)"):
         logdet_bounds([0.5, 1.2], d)
+
+
+def test_chain_bounds_with_a_dimension_per_block() -> None:
+    """Blocks on inputs of different sizes (a multiscale flow): each block counts with its own d_t."""
+    lips, dims = [0.7, 0.4, 0.2], [8, 4, 2]
+    lower, upper = logdet_bounds(lips, dims)
+    singles = [logdet_bounds([lip], d) for lip, d in zip(lips, dims)]
+    assert lower == pytest.approx(sum(lo for lo, _ in singles), rel=1e-14)
+    assert upper == pytest.approx(sum(up for _, up in singles), rel=1e-14)
+    assert logdet_bounds(lips, 4) == pytest.approx(logdet_bounds(lips, [4, 4, 4]), rel=1e-14)
+    for n in (0, 3, 12):
+        expected = sum(truncation_bound(lip, d, n) for lip, d in zip(lips, dims))
+        assert chain_truncation_bound(lips, dims, n) == pytest.approx(expected, rel=1e-14)
+    assert chain_truncation_bound([0.5, 1.0], [8, 4], 5) == math.inf  # Theorem 3 needs every L_t < 1
+    with pytest.raises(ValueError, match="one dimension per block: got 3 Lipschitz bounds for 2 dims"):
+        logdet_bounds(lips, [8, 4])
+    with pytest.raises(ValueError, match=r"dims\[1\] must be an integer >= 1"):
+        logdet_bounds(lips, [8, 0, 2])
