@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from pipeline.params import Params, ToyParams
 from pipeline.paths import Paths
 from pipeline.toy_data import WINDOW, reference_log_prob, sample, stream_seed
 from pipeline.tracking import NullTracker, Tracker
-from pipeline.training import check_finite, n_params, save_model, seed_everything
+from pipeline.training import check_finite, gradient_norm, n_params, save_model, seed_everything
 
 MODELS = ("iresnet", "glow")
 LABELS = {"iresnet": "i-ResNet", "glow": "Glow"}
@@ -106,8 +105,7 @@ def train_flow(
         check_finite(loss, "loss", where, hint)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)  # inf: measure only
-        check_finite(grad_norm, "gradient norm", where, hint)
+        check_finite(gradient_norm(model), "gradient norm", where, hint)
         optimizer.step()
         losses.append(loss.item())
         advance(info=f"loss {losses[-1]:.3f}")

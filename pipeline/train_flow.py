@@ -52,6 +52,7 @@ from pipeline.training import (
     ResumeFile,
     build_optimizer,
     check_finite,
+    gradient_norm,
     n_params,
     save_model,
     seed_everything,
@@ -131,13 +132,10 @@ def train_epoch(
             group["lr"] = lr
         loss = space.bpd(model.log_prob(space.to_model(images[idx], noise))).mean()
         where = f"epoch {epoch}, batch {k + 1}"
-        if not torch.isfinite(loss):
-            check_finite(loss, "training loss (bits/dim)", where, divergence_hint(model))
+        check_finite(loss, "training loss (bits/dim)", where, lambda: divergence_hint(model))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.stack([q.grad.norm() for q in model.parameters() if q.grad is not None]).norm()
-        if not torch.isfinite(grad_norm):
-            check_finite(grad_norm, "gradient norm", where, divergence_hint(model))
+        check_finite(gradient_norm(model), "gradient norm", where, lambda: divergence_hint(model))
         optimizer.step()
         total += loss.item() * len(idx)
         seen += len(idx)

@@ -60,13 +60,20 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def check_finite(value: Tensor, what: str, where: str, hint: str) -> None:
+def check_finite(value: Tensor, what: str, where: str, hint: str | Callable[[], str]) -> None:
     """Stop with a diagnosis when ``value`` holds a NaN or an infinity.
 
-    ``what`` names the quantity (``"loss"``), ``where`` the place (``"epoch 3, batch 17"``), ``hint`` what to try.
+    ``what`` names the quantity (``"loss"``), ``where`` the place (``"epoch 3, batch 17"``), ``hint`` what to try;
+    a callable hint is only called when the check fails (for a diagnosis too costly to build at every step).
     """
     if not torch.isfinite(value).all():
-        raise TrainingDiverged(f"the {what} became {value.detach().flatten()[0].item()} at {where}. {hint}")
+        text = hint() if callable(hint) else hint
+        raise TrainingDiverged(f"the {what} became {value.detach().flatten()[0].item()} at {where}. {text}")
+
+
+def gradient_norm(model: torch.nn.Module) -> Tensor:
+    """``‖∇θ‖₂`` over every parameter that has a gradient (measured only, to catch a diverging step)."""
+    return torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm()
 
 
 @dataclass(frozen=True)
