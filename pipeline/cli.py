@@ -9,7 +9,7 @@ Adding a stage::
     @app.command()
     def train_flow(ctx: typer.Context, epochs: Optional[int] = typer.Option(None, help="override flow.epochs")) -> None:
         \"\"\"Train the multiscale flow.\"\"\"
-        from pipeline import train_flow as stage
+        from pipeline.stages import train_flow as stage
         run_stage(ctx, "flow", "train_flow", stage.run, ("seed", "data", "flow"), {"flow.epochs": epochs})
 """
 
@@ -129,7 +129,7 @@ def prepare(
     download: Optional[bool] = typer.Option(None, "--download/--no-download", help="Override data.download."),
 ) -> None:
     """Load and split the dataset, fit normalisation and ZCA on train, write data/prepared/ and a preview grid."""
-    from pipeline import prepare as stage
+    from pipeline.stages import prepare as stage
 
     run_stage(ctx, "data", "prepare", stage.run, ("data",), {"data.dataset": dataset, "data.download": download})
 
@@ -141,7 +141,7 @@ def train_classifier(
     epochs: Optional[int] = typer.Option(None, help="Override classifier.epochs."),
 ) -> None:
     """Train one classifier of Table 2 (resumes from its last epoch checkpoint if an earlier run was killed)."""
-    from pipeline import train_classifier as stage
+    from pipeline.stages import train_classifier as stage
 
     def runner(params: Params, paths: Paths, tracker: Any) -> dict[str, Any]:
         return stage.run(params, paths, tracker, coeff=coeff)
@@ -153,7 +153,7 @@ def train_classifier(
 @app.command()
 def singular_values(ctx: typer.Context) -> None:
     """Exact/certified largest singular value of every conv of every classifier, certificates, Fig. 6."""
-    from pipeline import singular_values as stage
+    from pipeline.stages import singular_values as stage
 
     run_stage(ctx, "analysis", "singular_values", stage.run, ("classifier", "singular_values"))
 
@@ -161,7 +161,7 @@ def singular_values(ctx: typer.Context) -> None:
 @app.command()
 def reconstruction(ctx: typer.Context) -> None:
     """Invert every classifier's features back to its input: error vs fixed-point iterations, timing, Fig. 3/8."""
-    from pipeline import reconstruction as stage
+    from pipeline.stages import reconstruction as stage
 
     run_stage(ctx, "analysis", "reconstruction", stage.run, ("classifier", "reconstruction"))
 
@@ -169,7 +169,7 @@ def reconstruction(ctx: typer.Context) -> None:
 @app.command()
 def train_flow(ctx: typer.Context, epochs: Optional[int] = typer.Option(None, help="Override flow.epochs.")) -> None:
     """Train the multiscale flow (Table 4), samples grid (Fig. 5); resumes from its last epoch checkpoint."""
-    from pipeline import train_flow as stage
+    from pipeline.stages import train_flow as stage
 
     run_stage(ctx, "flow", "train_flow", stage.run, ("seed", "flow"), {"flow.epochs": epochs})
 
@@ -177,7 +177,7 @@ def train_flow(ctx: typer.Context, epochs: Optional[int] = typer.Option(None, he
 @app.command()
 def evaluate_flow(ctx: typer.Context) -> None:
     """Test bits/dim by the App. C.3 protocol: series terms from the Theorem 3 bound, probes to a standard error."""
-    from pipeline import evaluate_flow as stage
+    from pipeline.stages import evaluate_flow as stage
 
     run_stage(ctx, "flow", "evaluate_flow", stage.run, ("seed", "evaluate_flow"))
 
@@ -185,7 +185,7 @@ def evaluate_flow(ctx: typer.Context) -> None:
 @app.command()
 def logdet_bias(ctx: typer.Context) -> None:
     """Bias and std of the truncated log-det estimator vs series terms, against exact per-block log-dets (Fig. 4)."""
-    from pipeline import logdet_bias as stage
+    from pipeline.stages import logdet_bias as stage
 
     run_stage(ctx, "analysis", "logdet_bias", stage.run, ("seed", "logdet_bias"))
 
@@ -193,7 +193,7 @@ def logdet_bias(ctx: typer.Context) -> None:
 @app.command()
 def toy_density(ctx: typer.Context, steps: Optional[int] = typer.Option(None, help="Override toy.steps.")) -> None:
     """Fit 2-D densities with an i-ResNet flow (exact log-det) and a Glow-style flow: Fig. 2, test NLL per dataset."""
-    from pipeline import toy_density as stage
+    from pipeline.stages import toy_density as stage
 
     run_stage(ctx, "toy", "toy_density", stage.run, ("seed", "toy"), {"toy.steps": steps})
 
@@ -201,7 +201,7 @@ def toy_density(ctx: typer.Context, steps: Optional[int] = typer.Option(None, he
 @app.command()
 def report(ctx: typer.Context) -> None:
     """Write reports/tables/*, reports/metrics/summary.json and reports/README.md from every stage's metrics files."""
-    from pipeline import report as stage
+    from pipeline.stages import report as stage
 
     run_stage(ctx, "analysis", "report", stage.run, ("classifier",))
 

@@ -37,7 +37,7 @@ def tiny_flow_params(raw: dict[str, Any], **flow: Any) -> dict[str, Any]:
 
 def prepared_project(root: Path, raw: dict[str, Any]) -> tuple[Params, Paths]:
     """Write ``raw`` as ``root/params.yaml`` and run ``prepare`` there (the IDX files must be in ``root/tiny``)."""
-    from pipeline import prepare
+    from pipeline.stages import prepare
 
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     paths = Paths.at(root)
@@ -48,7 +48,7 @@ def prepared_project(root: Path, raw: dict[str, Any]) -> tuple[Params, Paths]:
 
 def trained_project(root: Path, raw: dict[str, Any], **flow: Any) -> tuple[Params, Paths, dict[str, Any]]:
     """A prepared tiny project with a trained tiny flow; returns its params, paths and ``train_flow`` metrics."""
-    from pipeline import train_flow
+    from pipeline.stages import train_flow
 
     params, paths = prepared_project(root, tiny_flow_params(raw, **flow))
     return params, paths, train_flow.run(params, paths)

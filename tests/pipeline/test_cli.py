@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app, ui_command
 from pipeline.paths import Paths
-from pipeline.prepared import load_prepared
+from pipeline.data.store import load_prepared
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import load_dataset, read_idx, stratified_split
+from pipeline.data.datasets import load_dataset, read_idx, stratified_split
 from pipeline.errors import DataError
 from pipeline.params import DataParams, parse_params
 

@@ -77,7 +77,7 @@ def test_dvc_yaml_tracks_exactly_the_params_prepare_reads() -> None:
     leaves = {f"data.{f.name}" for f in fields(DataParams) if f.name != "zca"}
     leaves |= {f"data.zca.{f.name}" for f in fields(ZCAParams)}
     assert set(stage["params"]) == leaves
-    assert {"pipeline/prepare.py", "pipeline/datasets.py", "pipeline/preprocess.py"} <= set(stage["deps"])
+    assert {"pipeline/stages/prepare.py", "pipeline/data/datasets.py", "pipeline/data/preprocess.py"} <= set(stage["deps"])
 
 
 def test_every_output_is_carried_by_git() -> None:

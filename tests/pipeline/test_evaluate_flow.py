@@ -14,9 +14,9 @@ from iresnet.layers import ActNorm
 from iresnet.logdet import LogDetSettings
 from iresnet.models import FlowConfig, MultiscaleFlow
 from iresnet.spectral_norm import LipschitzConv2d
-from pipeline import evaluate_flow
+from pipeline.stages import evaluate_flow
 from pipeline.files import read_json
-from pipeline.flow_data import FlowSpace, log_prob_parts, logdet_settings_as
+from pipeline.models.flows import FlowSpace, log_prob_parts, logdet_settings_as
 from pipeline.params import parse_params
 from tests.pipeline.flow_helpers import linear_flow, trained_project, with_section
 

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from repo_copy import RepoCopy, commit_all, make_repo_copy
 
-from pipeline.report_inputs import FIGURES
+from pipeline.report.inputs import FIGURES
 
 TABLES = ("table2", "table4", "toy", "runcost")
 

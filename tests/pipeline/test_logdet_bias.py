@@ -14,9 +14,9 @@ from torch import Tensor
 from iresnet.blocks import residual_blocks
 from iresnet.logdet import LogDetSettings, branch_jacobian, exact_logdet
 from iresnet.models import FlowConfig, MultiscaleFlow
-from pipeline import logdet_bias
+from pipeline.stages import logdet_bias
 from pipeline.files import read_json
-from pipeline.flow_data import logdet_settings_as
+from pipeline.models.flows import logdet_settings_as
 from pipeline.params import parse_params
 from tests.pipeline.flow_helpers import linear_flow, trained_project
 

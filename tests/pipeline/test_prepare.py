@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import read_idx
+from pipeline.data.datasets import read_idx
 from pipeline.errors import DataError, ParamsError
 from pipeline.files import read_json
 from pipeline.params import load_params, parse_params
 from pipeline.paths import Paths
-from pipeline.prepare import PREVIEW, run
-from pipeline.prepared import load_channel_stats, load_prepared, load_stats, load_zca, split_file, zca_file
+from pipeline.stages.prepare import PREVIEW, run
+from pipeline.data.store import load_channel_stats, load_prepared, load_stats, load_zca, split_file, zca_file
 
 
 def _digest(folder: Path) -> dict[str, str]:

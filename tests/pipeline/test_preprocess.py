@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.preprocess import ZCA, ChannelStats, dequantize, pad_to, to_unit
+from pipeline.data.preprocess import ZCA, ChannelStats, dequantize, pad_to, to_unit
 
 
 def _correlated(n: int = 400, c: int = 2, h: int = 3, w: int = 3, seed: int = 0) -> torch.Tensor:

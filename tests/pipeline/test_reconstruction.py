@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from iresnet.blocks import InvertibleResidualBlock
-from pipeline import reconstruction
-from pipeline.classifiers import ClassifierSpec, conv_layers, load_classifier, model_file
+from pipeline.stages import reconstruction
+from pipeline.models.classifiers import ClassifierSpec, conv_layers, load_classifier, model_file
 from pipeline.errors import DataError
 from pipeline.files import save_torch
 from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
-from pipeline.prepared import load_prepared
+from pipeline.data.store import load_prepared
 from tests.pipeline.classifier_helpers import TINY_RECONSTRUCTION, classifier_project, tiny_raw, trained_project
 
 LABELS = ["vanilla", "0.9", "0.5"]
@@ -139,5 +139,5 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["reconstruction"]
     read = {"seed", "classifier.coeffs"} | {f"reconstruction.{f.name}" for f in fields(ReconstructionParams)}
     assert set(stage["params"]) == read
-    assert {"pipeline/reconstruction.py", "iresnet", "models/classifier", "data/prepared/test.pt"} <= set(stage["deps"])
+    assert {"pipeline/stages/reconstruction.py", "iresnet", "models/classifier", "data/prepared/test.pt"} <= set(stage["deps"])
     assert {"reports/metrics/reconstruction.json": {"cache": False}} in stage["outs"]

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import report
+from pipeline.stages import report
 from pipeline.cli import app
 from pipeline.errors import DataError
 from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
-from pipeline.report_inputs import FIGURES
+from pipeline.report.inputs import FIGURES
 
 LABELS = ["vanilla", "0.9", "0.7", "0.5"]
 ERRORS = {"vanilla": 0.0123, "0.9": 0.0151, "0.7": 0.0189, "0.5": 0.0342}

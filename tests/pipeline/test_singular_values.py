@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from iresnet.blocks import residual_blocks
 from iresnet.spectral_norm import conv_norm_upper_bound, operator_norm
-from pipeline import singular_values
-from pipeline.classifiers import ClassifierSpec, conv_layers, load_classifier, model_file
+from pipeline.stages import singular_values
+from pipeline.models.classifiers import ClassifierSpec, conv_layers, load_classifier, model_file
 from pipeline.errors import DataError, ParamsError
 from pipeline.files import save_torch
 from pipeline.params import Params, parse_params
@@ -141,6 +141,6 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["singular_values"]
     read = {"seed", "classifier.coeffs"} | {f"singular_values.{f.name}" for f in fields(SingularValuesParams)}
     assert set(stage["params"]) == read
-    deps = {"pipeline/singular_values.py", "pipeline/classifiers.py", "iresnet", "models/classifier"}
+    deps = {"pipeline/stages/singular_values.py", "pipeline/models/classifiers.py", "iresnet", "models/classifier"}
     assert deps <= set(stage["deps"])
     assert {"reports/metrics/singular_values.json": {"cache": False}} in stage["outs"]

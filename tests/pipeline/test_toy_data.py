@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.params import TOY_DATASETS
-from pipeline.toy_data import (
+from pipeline.data.toy2d import (
     GAUSS8_RADIUS,
     MEANS,
     SAMPLERS,

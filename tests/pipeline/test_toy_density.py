@@ -18,12 +18,12 @@ from iresnet.layers import ActNorm
 from iresnet.priors import standard_normal_logprob
 from iresnet.spectral_norm import LipschitzLinear
 from iresnet.toy import Flow2d, toy_iresnet
-from pipeline import toy_density
+from pipeline.stages import toy_density
 from pipeline.errors import ParamsError
 from pipeline.files import read_json
 from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
-from pipeline.toy_data import sample
+from pipeline.data.toy2d import sample
 from pipeline.training import TrainingDiverged, load_model_file, load_state_checked
 
 TINY_TOY = {
@@ -279,7 +279,7 @@ def test_dvc_stage_tracks_exactly_the_params_it_reads() -> None:
     repo = Path(__file__).resolve().parents[2]
     stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["toy_density"]
     assert set(stage["params"]) == {"seed"} | {f"toy.{f.name}" for f in fields(ToyParams)}
-    assert {"pipeline/toy_density.py", "pipeline/toy_data.py", "iresnet"} <= set(stage["deps"])
+    assert {"pipeline/stages/toy_density.py", "pipeline/data/toy2d.py", "iresnet"} <= set(stage["deps"])
     outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]}
     # the stage's metrics file is a plain uncached out: `dvc metrics` compares only the report's summary
     expected = {"reports/curves/toy.csv", "reports/figures/fig2_toy_densities.png", "models/toy", "reports/metrics/toy.json"}

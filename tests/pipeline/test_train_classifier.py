@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from iresnet.layers import ActNorm
 from iresnet.models import IResNetClassifier, ResNetConfig
-from pipeline import train_classifier
-from pipeline.classifier_data import augment, batch_indices, n_batches, random_hflip, random_shift
-from pipeline.classifiers import (
+from pipeline.stages import train_classifier
+from pipeline.data.batches import augment, batch_indices, n_batches, random_hflip, random_shift
+from pipeline.models.classifiers import (
     ClassifierSpec,
     curve_file,
     load_classifier,
@@ -31,7 +31,7 @@ from pipeline.errors import DataError, ParamsError
 from pipeline.files import read_json, write_json
 from pipeline.params import ClassifierParams, load_params
 from pipeline.paths import Paths
-from pipeline.prepared import load_prepared
+from pipeline.data.store import load_prepared
 from pipeline.training import EpochLoop, ResumeFile, TrainingDiverged
 from tests.pipeline.classifier_helpers import REPO, classifier_project
 
@@ -280,7 +280,7 @@ def test_dvc_yaml_runs_one_stage_per_coefficient_and_tracks_what_it_reads() -> N
     read = {f"classifier.{f.name}" for f in fields(ClassifierParams) if f.name != "coeffs"} | {"seed"}
     assert set(stage["params"]) == read
     assert {"models/classifier/${item.coeff}/model.pt": {"cache": False}} in stage["outs"]
-    assert {"pipeline/train_classifier.py", "pipeline/classifiers.py", "pipeline/classifier_data.py",
+    assert {"pipeline/stages/train_classifier.py", "pipeline/models/classifiers.py", "pipeline/data/batches.py",
             "pipeline/training.py", "iresnet", "data/prepared/train.pt", "data/prepared/test.pt",
             "data/prepared/stats.json"} <= set(stage["deps"])  # fmt: skip
 

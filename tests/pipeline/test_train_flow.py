@@ -18,10 +18,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from iresnet.logdet import LogDetSettings
 from iresnet.models import MultiscaleFlow, bits_per_dim
 from iresnet.priors import standard_normal_logprob
-from pipeline import train_flow
+from pipeline.stages import train_flow
 from pipeline.errors import ParamsError
 from pipeline.files import read_json
-from pipeline.flow_data import (
+from pipeline.models.flows import (
     FlowSpace,
     config_from_dict,
     config_to_dict,
@@ -32,7 +32,7 @@ from pipeline.flow_data import (
     logdet_settings,
 )
 from pipeline.params import EvaluateFlowParams, FlowParams, LogdetBiasParams, parse_params
-from pipeline.preprocess import ZCA
+from pipeline.data.preprocess import ZCA
 from pipeline.training import TrainingDiverged
 from tests.pipeline.flow_helpers import prepared_project, tiny_flow_params, trained_project
 
@@ -81,7 +81,7 @@ def test_stage_outputs_and_applied_learning_rates(tiny_project: Path, tiny_param
     flow = load_trained_flow(paths)
     assert flow.meta["n_dims"] == 64 and flow.dataset == "idx:tiny"
     assert sum(t.numel() for t in flow.model.parameters()) == metrics["n_params"]
-    from pipeline.prepared import load_prepared
+    from pipeline.data.store import load_prepared
 
     test_images, _ = load_prepared(paths, "test")
     x = fixed_noise_inputs(flow.space, test_images, params.seed + 1)
@@ -204,4 +204,4 @@ def test_dvc_yaml_tracks_exactly_the_params_each_flow_stage_reads(stage: str, se
     """Each flow stage reads ``seed`` and every leaf of its own section, and nothing else."""
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
     assert set(spec["params"]) == {"seed"} | {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
-    assert f"pipeline/{stage}.py" in spec["deps"] and "iresnet" in spec["deps"]
+    assert f"pipeline/stages/{stage}.py" in spec["deps"] and "iresnet" in spec["deps"]

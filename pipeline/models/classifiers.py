@@ -22,7 +22,7 @@ from iresnet.spectral_norm import LipschitzConv2d
 from pipeline.errors import DataError, ParamsError
 from pipeline.params import BASELINES, ClassifierParams
 from pipeline.paths import Paths
-from pipeline.preprocess import ChannelStats
+from pipeline.data.preprocess import ChannelStats
 from pipeline.training import load_model_file, load_state_checked
 
 MODEL_KIND = "classifier"

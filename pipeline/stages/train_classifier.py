@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from iresnet.models import IResNetClassifier
-from pipeline.classifier_data import augment, batch_indices, n_batches
-from pipeline.classifiers import (
+from pipeline.data.batches import augment, batch_indices, n_batches
+from pipeline.models.classifiers import (
     MODEL_KIND,
     ClassifierSpec,
     config_to_dict,
@@ -40,8 +40,8 @@ from pipeline.console import progress
 from pipeline.files import write_csv, write_json
 from pipeline.params import Params, check_spatial, params_hash
 from pipeline.paths import Paths
-from pipeline.prepared import load_channel_stats, load_prepared, load_stats
-from pipeline.preprocess import ChannelStats
+from pipeline.data.store import load_channel_stats, load_prepared, load_stats
+from pipeline.data.preprocess import ChannelStats
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.training import (
     EpochLoop,

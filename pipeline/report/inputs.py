@@ -42,7 +42,7 @@ LOGDET_CURVE_COLUMNS = ("n_terms", "bias", "abs_bias", "std", "theorem3_bound")
 
 def coeff_label(coeff: float | str) -> str:
     """The name of a classifier's files and DVC stage: ``vanilla``, ``batchnorm``, or ``str(float(c))`` (``0.9``),
-    as :class:`pipeline.classifiers.ClassifierSpec` names them."""
+    as :class:`pipeline.models.classifiers.ClassifierSpec` names them."""
     return coeff if isinstance(coeff, str) else str(float(coeff))
 
 

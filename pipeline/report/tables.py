@@ -14,7 +14,7 @@ import pandas as pd
 
 from pipeline.files import finite_or_none, write_bytes_atomic
 from pipeline.paths import Paths
-from pipeline.report_inputs import ReportInputs
+from pipeline.report.inputs import ReportInputs
 
 # Table 4's published bits/dim on the test sets, as PAPER.md gives them: (method, source, MNIST, CIFAR10).
 PUBLISHED_BPD = (

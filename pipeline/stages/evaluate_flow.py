@@ -28,10 +28,10 @@ from torch import Tensor
 from iresnet.blocks import residual_blocks
 from iresnet.logdet import LogDetSettings, chain_truncation_bound, logdet_bounds
 from iresnet.models import MultiscaleFlow
-from pipeline.classifier_data import batch_indices
+from pipeline.data.batches import batch_indices
 from pipeline.console import progress
 from pipeline.files import write_json
-from pipeline.flow_data import FlowSpace, dims_text, load_flow_with_test_inputs, logdet_settings_as
+from pipeline.models.flows import FlowSpace, dims_text, load_flow_with_test_inputs, logdet_settings_as
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.tracking import NullTracker, Tracker

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from iresnet.blocks import residual_blocks
 from iresnet.models import IResNetClassifier
 from iresnet.spectral_norm import LipschitzConv2d, conv_norm_lower_bound, conv_norm_upper_bound, project_to_bound
-from pipeline.classifiers import ClassifierSpec, classifier_specs, conv_layers, load_classifier
+from pipeline.models.classifiers import ClassifierSpec, classifier_specs, conv_layers, load_classifier
 from pipeline.console import track
 from pipeline.files import finite_or_none, write_csv, write_json
 from pipeline.params import Params, SingularValuesParams
 from pipeline.paths import Paths
-from pipeline.plots_classifier import plot_singular_values
+from pipeline.plots.classifier import plot_singular_values
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.training import seed_everything
 

@@ -27,14 +27,14 @@ from torch import Tensor
 
 from iresnet.blocks import residual_blocks, set_inverse_settings
 from iresnet.inverse import InverseSettings
-from pipeline.classifiers import LoadedClassifier, classifier_specs, load_classifier
+from pipeline.models.classifiers import LoadedClassifier, classifier_specs, load_classifier
 from pipeline.console import track
 from pipeline.errors import DataError
 from pipeline.files import finite_or_none, write_csv, write_json
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.plots_classifier import plot_reconstruction_error, plot_reconstructions
-from pipeline.prepared import load_prepared
+from pipeline.plots.classifier import plot_reconstruction_error, plot_reconstructions
+from pipeline.data.store import load_prepared
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.training import seed_everything
 

@@ -1,6 +1,6 @@
 """What the three flow stages share: the flow built from params or from its model file, and the space it models.
 
-The flow models dequantised pixels ``x = (k + u) / 256 - 0.5`` in ``[-0.5, 0.5)^D`` (:func:`pipeline.preprocess.
+The flow models dequantised pixels ``x = (k + u) / 256 - 0.5`` in ``[-0.5, 0.5)^D`` (:func:`pipeline.data.preprocess.
 dequantize`), or with ``flow.use_zca`` their ZCA-whitened version ``z = W (x + 0.5 - mean)``. Since
 ``ln p_x(x) = ln p_flow(z) + ln|det W|``, adding the stored ZCA log-det reports every likelihood in the original
 space's units, so bits/dim always count ``D = C·H·W`` dimensions of 256 bins (784 for 28x28 MNIST); a ZCA result is
@@ -26,8 +26,8 @@ from iresnet.models import FlowConfig, MultiscaleFlow, bits_per_dim
 from pipeline.errors import DataError
 from pipeline.params import FlowParams
 from pipeline.paths import Paths
-from pipeline.prepared import load_prepared, load_zca
-from pipeline.preprocess import ZCA, dequantize
+from pipeline.data.store import load_prepared, load_zca
+from pipeline.data.preprocess import ZCA, dequantize
 from pipeline.training import load_model_file, load_state_checked
 
 MODEL_KIND = "flow"

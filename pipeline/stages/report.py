@@ -4,9 +4,9 @@ Reads (never MLflow): ``data/prepared/stats.json``, ``reports/metrics/{classifie
 reconstruction, flow, evaluate_flow, logdet_bias, toy}.json``, ``reports/curves/logdet_bias.csv`` and the figures.
 Writes:
 
-- ``reports/tables/{table2,table4,toy,runcost}.{md,tex,csv}`` (:mod:`pipeline.report_tables`);
+- ``reports/tables/{table2,table4,toy,runcost}.{md,tex,csv}`` (:mod:`pipeline.report.tables`);
 - ``reports/metrics/summary.json``: the few headline numbers ``dvc exp show`` / ``dvc metrics diff`` compare;
-- ``reports/README.md``: every table and figure with what the paper and this run found (:mod:`pipeline.report_page`).
+- ``reports/README.md``: every table and figure with what the paper and this run found (:mod:`pipeline.report.page`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 from pipeline.files import finite_or_none, write_bytes_atomic, write_json
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.report_inputs import ReportInputs, load_inputs
-from pipeline.report_page import all_certified, render_page
-from pipeline.report_tables import build_tables, percent
+from pipeline.report.inputs import ReportInputs, load_inputs
+from pipeline.report.page import all_certified, render_page
+from pipeline.report.tables import build_tables, percent
 from pipeline.tracking import NullTracker, Tracker
 
 SUMMARY = "summary.json"

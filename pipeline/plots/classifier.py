@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from pipeline.figures import pyplot, save_figure
+from pipeline.plots.figures import pyplot, save_figure
 
 DPI = 120
 

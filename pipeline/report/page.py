@@ -11,8 +11,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from pipeline.report_inputs import ReportInputs
-from pipeline.report_tables import ReportTable, column_name, iresnet_lower, num
+from pipeline.report.inputs import ReportInputs
+from pipeline.report.tables import ReportTable, column_name, iresnet_lower, num
 
 
 def yes_no(flag: bool) -> str:

@@ -43,9 +43,9 @@ from iresnet.logdet import (
 )
 from iresnet.models import MultiscaleFlow
 from pipeline.console import progress
-from pipeline.figures import pyplot, save_figure
+from pipeline.plots.figures import pyplot, save_figure
 from pipeline.files import write_csv, write_json
-from pipeline.flow_data import load_flow_with_test_inputs, logdet_settings_as
+from pipeline.models.flows import load_flow_with_test_inputs, logdet_settings_as
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.tracking import NullTracker, Tracker

@@ -1,5 +1,5 @@
 """Stage ``prepare``: load the dataset, split it, fit normalisation (and ZCA) on train, write ``data/prepared/``
-(format in :mod:`pipeline.prepared`), a preview grid ``reports/figures/data_preview.png`` and the stage's metrics
+(format in :mod:`pipeline.data.store`), a preview grid ``reports/figures/data_preview.png`` and the stage's metrics
 ``reports/metrics/prepare.json``.
 
 Deterministic: the same params give byte-identical data files (seeded split, sorted JSON, in-memory ``torch.save``).
@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.datasets import load_dataset
-from pipeline.figures import pyplot, save_figure
+from pipeline.data.datasets import load_dataset
+from pipeline.plots.figures import pyplot, save_figure
 from pipeline.files import save_torch, write_json
 from pipeline.params import Params, check_spatial
 from pipeline.paths import Paths
-from pipeline.prepared import split_file, stats_file, zca_file
-from pipeline.preprocess import ZCA, ChannelStats, pad_to, to_unit
+from pipeline.data.store import split_file, stats_file, zca_file
+from pipeline.data.preprocess import ZCA, ChannelStats, pad_to, to_unit
 from pipeline.tracking import NullTracker, Tracker
 
 PREVIEW = "data_preview.png"

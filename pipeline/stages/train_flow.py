@@ -25,11 +25,11 @@ from iresnet.blocks import residual_blocks
 from iresnet.logdet import LogDetSettings
 from iresnet.models import MultiscaleFlow
 from iresnet.spectral_norm import LipschitzConv2d
-from pipeline.classifier_data import batch_indices, n_batches
+from pipeline.data.batches import batch_indices, n_batches
 from pipeline.console import progress
-from pipeline.figures import pyplot, save_figure
+from pipeline.plots.figures import pyplot, save_figure
 from pipeline.files import write_csv, write_json
-from pipeline.flow_data import (
+from pipeline.models.flows import (
     MODEL_KIND,
     ZCA_MARK,
     FlowSpace,
@@ -44,7 +44,7 @@ from pipeline.flow_data import (
 )
 from pipeline.params import Params, check_spatial, params_hash
 from pipeline.paths import Paths
-from pipeline.prepared import load_prepared, load_stats, load_zca
+from pipeline.data.store import load_prepared, load_stats, load_zca
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.training import (
     EpochLoop,

@@ -7,7 +7,7 @@
   quarter of the size of float32 ones, small enough to commit with the default profile's results;
   :func:`load_prepared` returns them as ``k / 255``;
 - ``stats.json``: dataset, source, split, counts, shape, per-channel mean/std of the train split, ZCA summary;
-- ``zca.pt`` (when ``data.zca.enabled``): :meth:`pipeline.preprocess.ZCA.state_dict`.
+- ``zca.pt`` (when ``data.zca.enabled``): :meth:`pipeline.data.preprocess.ZCA.state_dict`.
 
 Images are stored unnormalised so that classification (normalise with ``stats.json``) and density estimation
 (dequantise, optionally whiten) start from the same files.
@@ -24,7 +24,7 @@ from torch import Tensor
 from pipeline.errors import DataError
 from pipeline.files import read_json
 from pipeline.paths import Paths
-from pipeline.preprocess import ZCA, ChannelStats, to_unit
+from pipeline.data.preprocess import ZCA, ChannelStats, to_unit
 
 SPLITS = ("train", "test")
 _HINT = "run `dvc repro prepare` (or `iresnet prepare`) first"
@@ -67,7 +67,7 @@ def load_stats(paths: Paths) -> dict[str, Any]:
 def load_prepared(paths: Paths, split: str) -> tuple[Tensor, Tensor]:
     """``(images float32 (N, C, H, W) in [0, 1], labels int64 (N,))`` of ``split``, checked against ``stats.json``.
 
-    ``images`` are the stored uint8 pixels ``k`` as ``k / 255`` (:func:`pipeline.preprocess.to_unit`).
+    ``images`` are the stored uint8 pixels ``k`` as ``k / 255`` (:func:`pipeline.data.preprocess.to_unit`).
     """
     path = split_file(paths, split)
     data = _load(path)

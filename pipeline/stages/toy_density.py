@@ -1,7 +1,7 @@
 """Stage ``toy_density`` (Fig. 2, App. C.3): 2-D densities fitted by an i-ResNet flow and a Glow-style flow.
 
 For every dataset in ``toy.datasets`` both flows are trained by maximum likelihood on the same stream of batches
-(:func:`pipeline.toy_data.sample`): the i-ResNet flow with the exact log-det (brute-force 2x2 Jacobian), the
+(:func:`pipeline.data.toy2d.sample`): the i-ResNet flow with the exact log-det (brute-force 2x2 Jacobian), the
 Glow-style flow with ActNorm, an invertible linear map and an affine coupling per layer, with the same number of
 layers and MLP widths (so a similar parameter count). Writes
 
@@ -29,11 +29,11 @@ from torch import Tensor
 from iresnet.blocks import residual_blocks
 from iresnet.toy import Flow2d, toy_glow, toy_iresnet
 from pipeline.console import progress
-from pipeline.figures import pyplot, save_figure
+from pipeline.plots.figures import pyplot, save_figure
 from pipeline.files import write_bytes_atomic, write_json
 from pipeline.params import Params, ToyParams
 from pipeline.paths import Paths
-from pipeline.toy_data import WINDOW, reference_log_prob, sample, stream_seed
+from pipeline.data.toy2d import WINDOW, reference_log_prob, sample, stream_seed
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.training import check_finite, gradient_norm, n_params, save_model, seed_everything
 
