@@ -7,7 +7,7 @@ containers and tests can treat every layer alike (as in distrax / zuko / nflows)
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn

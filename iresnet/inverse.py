@@ -66,6 +66,11 @@ def fixed_point_inverse(
     ``Lip(g) / (1 - Lip(g))`` times it. A non-finite iterate stops the iteration as not converged; the last finite
     iterate is returned. Runs under ``torch.no_grad()`` unless ``differentiable``.
     Shapes: ``y: (B, *shape)`` -> ``x: (B, *shape)``.
+
+    >>> import torch
+    >>> x, info = fixed_point_inverse(lambda x: 0.5 * torch.sin(x), torch.tensor([[1.0]]), atol=1e-6)
+    >>> info.converged, abs(float(x + 0.5 * torch.sin(x)) - 1.0) < 1e-5
+    (True, True)
     """
     _check_settings("", max_iter, atol)
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):

@@ -72,6 +72,15 @@ def power_series_logdet(
     ``logdet_b = mean_s Σ_{k=1..n} (-1)^{k+1} / k · v_sᵀ J_g(x_b)^k v_s``, each ``v_sᵀ J^k`` by k vector-Jacobian
     products, ``E[v] = 0``, ``Cov(v) = I``. Biased by at most ``truncation_bound(Lip(g), d, n)`` (Theorem 3).
     Shapes: ``x: (B, *shape)`` -> ``(g(x): (B, *shape), logdet: (B,))``.
+
+    For a linear ``g(x) = a x`` in 1-D a ±1 probe gives the trace exactly, so the series is ``ln(1 + a)`` up to its
+    truncation:
+
+    >>> import math, torch
+    >>> x = torch.ones(3, 1, dtype=torch.float64)
+    >>> _, logdet = power_series_logdet(lambda x: 0.5 * x, x, n_terms=30, probe="rademacher")
+    >>> abs(float(logdet[0]) - math.log(1.5)) < 1e-9
+    True
     """
     _check_count("n_terms", n_terms, minimum=1)
     _check_hutchinson(x, n_samples, probe)

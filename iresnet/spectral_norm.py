@@ -21,7 +21,7 @@ Power iteration only ever under-estimates ``||W||_2``, so after training the nor
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -304,7 +304,7 @@ def conv_norm_upper_bound(weight: Tensor, input_hw: tuple[int, int], padding: in
     Zero padding by ``p`` embeds the input in an ``(H + 2p) x (W + 2p)`` grid; there no output tap reaches past the
     grid, so the zero-padded convolution equals (embed, circular convolution on that grid, restrict). Embedding and
     restriction have norm <= 1, so the largest circular singular value on the padded grid bounds it from above
-    (DESIGN.md "A certificate is an upper bound"). For a 1x1 kernel (p = 0) the bound is exact.
+    (power iteration, by contrast, only ever under-estimates a norm). For a 1x1 kernel (p = 0) the bound is exact.
     """
     h, w = _check_conv_geometry(weight, input_hw, padding)
     return float(conv_singular_values(weight, (h + 2 * padding, w + 2 * padding))[0])

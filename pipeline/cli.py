@@ -55,7 +55,7 @@ class Settings:
     root: Path
     params_file: Path | None
     sets: tuple[str, ...]
-    threads: int
+    threads: int | None
 
 
 @app.callback()
@@ -66,8 +66,13 @@ def main(
     set_: list[str] = typer.Option(
         [], "--set", "-S", help="Override a param, KEY=VALUE (YAML value), e.g. -S data.dataset=cifar10. Repeatable."
     ),
-    threads: int = typer.Option(
-        1, "--threads", envvar="IRESNET_THREADS", min=1, help="torch CPU threads (env IRESNET_THREADS)."
+    threads: Optional[int] = typer.Option(
+        None,
+        "--threads",
+        envvar="IRESNET_THREADS",
+        min=1,
+        help="torch CPU threads (env IRESNET_THREADS; default: torch's, one per core). 1 reproduces the committed "
+        "outputs byte for byte.",
     ),
 ) -> None:
     """Invertible Residual Networks: run one pipeline stage (normally through `dvc repro`)."""
@@ -107,10 +112,11 @@ def run_stage(
 
     from pipeline.tracking import stage_run
 
-    # One thread by default: on the shared 2-core machine a second thread made training steps 5-15x slower
-    # (threads spin-waiting for a busy core); raise it on a machine with cores to spare. Set here, not at start-up,
-    # so `--help` and `iresnet ui` do not import torch.
-    torch.set_num_threads(ctx.obj.threads)
+    # torch's default uses every core. Results can differ in the last bits between thread counts (reductions split
+    # differently), so the committed outputs are made with one thread: `IRESNET_THREADS=1 dvc repro --force`
+    # regenerates them byte for byte. Set here, not at start-up, so `--help` and `iresnet ui` do not import torch.
+    if ctx.obj.threads is not None:
+        torch.set_num_threads(ctx.obj.threads)
     try:
         params, paths = load(ctx, overrides)
         with stage_run(family, stage, params.section_dict(*sections), paths, params.tracking.enabled) as tracker:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -20,6 +19,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.env import env_flag
+
 T = TypeVar("T")
 
 console = Console()
@@ -28,7 +29,7 @@ err_console = Console(stderr=True)
 
 def progress_enabled() -> bool:
     """Progress bars are on unless ``IRESNET_PROGRESS=0`` (e.g. for quiet logs)."""
-    return os.environ.get("IRESNET_PROGRESS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag("IRESNET_PROGRESS")
 
 
 @contextmanager

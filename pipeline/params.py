@@ -36,7 +36,6 @@ from pipeline.schema import (
 
 DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
 IDX_PREFIX = "idx:"
-NONLINEARITIES = ("elu", "softplus", "relu", "sorting", "lipswish")
 BASELINES = ("vanilla", "batchnorm")  # unconstrained classifiers of Table 2 / Fig. 6
 TOY_DATASETS = ("moons", "8gaussians", "checkerboard", "2spirals", "rings", "circles", "pinwheel", "swissroll")
 # Native spatial size (height = width) of each named dataset; an ``idx:`` folder is only known once loaded.
@@ -52,6 +51,14 @@ def _dataset(value: Any, key: str) -> str:
     if isinstance(value, str) and (value in DATASETS or (value.startswith(IDX_PREFIX) and len(value) > 4)):
         return value
     raise ParamsError(key, value, f"one of {allowed}")
+
+
+def _nonlinearity(value: Any, key: str) -> str:
+    """A name of the library's 1-Lipschitz nonlinearities (imported here, not at start-up: ``iresnet --help`` and
+    the params check need no torch until a stage runs)."""
+    from iresnet.layers import NONLINEARITIES
+
+    return choice(*NONLINEARITIES)(value, key)
 
 
 _coeff = one_of(_open_unit, choice(*BASELINES))
@@ -102,7 +109,7 @@ class ClassifierParams:
     channels: tuple[int, ...] = param(_per_stage_ints, "hidden channels of g per stage")
     init_ds: int = param(choice(1, 2), "initial squeeze (2) or none (1)")
     inj_pad: int = param(integer(lo=0), "zero channels appended to the input (injective padding)")
-    nonlin: str = param(choice(*NONLINEARITIES), "1-Lipschitz nonlinearity")
+    nonlin: str = param(_nonlinearity, "1-Lipschitz nonlinearity")
     n_power_iter: int = param(_positive_int, "spectral-norm power iterations per training step")
     actnorm: bool = param(boolean(), "ActNorm before each residual block")
     epochs: int = param(_positive_int, "training epochs")
@@ -143,7 +150,7 @@ class FlowParams:
     channels: tuple[int, ...] = param(_per_stage_ints, "hidden channels of g per scale")
     init_ds: int = param(choice(1, 2), "initial squeeze (2) or none (1)")
     coeff: float = param(_open_unit, "Lipschitz coefficient c")
-    nonlin: str = param(choice(*NONLINEARITIES), "1-Lipschitz nonlinearity (smooth: elu, softplus, lipswish)")
+    nonlin: str = param(_nonlinearity, "1-Lipschitz nonlinearity (smooth: elu, softplus, lipswish)")
     n_power_iter: int = param(_positive_int, "spectral-norm power iterations per training step")
     actnorm: bool = param(boolean(), "ActNorm before each residual block")
     n_terms: int = param(_positive_int, "power-series terms while training (unbiased: terms always evaluated)")
@@ -193,7 +200,7 @@ class ToyParams:
     n_blocks: int = param(_positive_int, "residual blocks (coupling layers for the Glow-style flow)")
     hidden: tuple[int, ...] = param(_per_stage_ints, "hidden widths of each block's MLP (all equal)")
     coeff: float = param(_open_unit, "Lipschitz coefficient c")
-    nonlin: str = param(choice(*NONLINEARITIES), "1-Lipschitz nonlinearity")
+    nonlin: str = param(_nonlinearity, "1-Lipschitz nonlinearity")
     n_power_iter: int = param(_positive_int, "spectral-norm power iterations per training step")
     steps: int = param(_positive_int, "optimiser steps")
     batch_size: int = param(_positive_int, "samples per step")

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pipeline.env import env_flag
 from pipeline.errors import TrackingError
 from pipeline.params import params_hash
 from pipeline.paths import Paths
@@ -48,7 +49,7 @@ def tracking_uri(paths: Paths) -> str:
 
 def tracking_enabled(enabled: bool = True) -> bool:
     """The param ``tracking.enabled`` and the env switch ``IRESNET_TRACKING`` (``0/false/no/off`` disable)."""
-    return enabled and os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return enabled and env_flag(ENV_SWITCH)
 
 
 def _is_remote(uri: str) -> bool:

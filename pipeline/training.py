@@ -9,11 +9,13 @@ instead of failing), and it is deleted once the stage has written its final outp
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -24,7 +26,10 @@ from pipeline.files import save_torch
 from pipeline.paths import Paths
 
 if TYPE_CHECKING:
+    from pipeline.outputs import StageRun
     from pipeline.tracking import Tracker
+
+C = TypeVar("C")
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -102,6 +107,37 @@ class ResumeFile:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass (nested ones included) as plain data, tuples as lists: what a model file stores, and what
+    ``torch.load(weights_only=True)`` reads back."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+    """Inverse of :func:`config_to_dict`: lists back to tuples, nested dataclass fields rebuilt from their dicts.
+
+    An unknown or missing key raises ``TypeError`` (from the dataclass), a bad value whatever its checks raise.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {}
+    for key, value in data.items():
+        hint = hints.get(key)
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            value = config_from_dict(hint, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        fields[key] = value
+    return cls(**fields)
 
 
 def save_model(path: Path, kind: str, config: dict[str, Any], model: nn.Module, **extra: Any) -> None:
@@ -239,6 +275,18 @@ class EpochLoop:
     def finish(self) -> None:
         """Remove the resume file (call after the final outputs are written)."""
         self.resume.remove()
+
+    def close(self, out: StageRun, model: nn.Module, metrics: dict[str, Any]) -> dict[str, Any]:
+        """End a training stage: add the parameter count and the training throughput (images per second of training,
+        over every epoch, an interrupted run's included) to ``metrics``, end the stage with :meth:`StageRun.finish`
+        (its wall time counts the interrupted run's epochs too), then remove the resume file. Epoch records need
+        ``images``, ``train_seconds`` and ``seconds``."""
+        history = self.history
+        metrics["n_params"] = n_params(model)
+        metrics["throughput_img_s"] = sum(r["images"] for r in history) / sum(r["train_seconds"] for r in history)
+        out.finish(metrics, earlier_s=sum(r["seconds"] for r in history[: self.resumed_from]))
+        self.finish()
+        return metrics
 
 
 class GeneratorState:

@@ -6,7 +6,7 @@ autograd Jacobian; gradients reach every parameter; a state-dict round trip repr
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

@@ -238,7 +238,7 @@ def test_upper_and_lower_bounds_bracket_the_zero_padded_norm(c_out: int, c_in: i
 def test_upper_bound_covers_other_paddings() -> None:
     weight = torch.randn(2, 3, 3, 3, dtype=F64)
     for padding in (0, 1, 2):
-        exact = operator_norm(lambda z: F.conv2d(z, weight, padding=padding), (1, 3, 5, 5))
+        exact = operator_norm(lambda z, p=padding: F.conv2d(z, weight, padding=p), (1, 3, 5, 5))
         assert conv_norm_upper_bound(weight, (5, 5), padding) >= exact
         assert conv_norm_lower_bound(weight, (5, 5), padding) == pytest.approx(exact, rel=1e-10)
     with pytest.raises(ValueError, match="padding"):

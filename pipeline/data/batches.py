@@ -64,3 +64,13 @@ def n_batches(n: int, batch_size: int, max_batches: int | None = None) -> int:
     """How many batches :func:`batch_indices` yields."""
     full = -(-n // batch_size)
     return full if max_batches is None else min(full, max_batches)
+
+
+def evenly_spaced(n: int, k: int | None) -> Tensor:
+    """``k`` indices spread evenly over ``range(n)``, first and last included (all ``n`` when ``k`` is None or
+    ``>= n``): a split sorted by class then contributes every class, not only its first. ``-> (k,)`` int64."""
+    if k is None or k >= n:
+        return torch.arange(n)
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (or None for all), got {k}")
+    return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long()

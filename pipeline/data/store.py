@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.data.preprocess import ZCA, ChannelStats, to_unit
 from pipeline.errors import DataError
 from pipeline.files import read_json
 from pipeline.paths import Paths
-from pipeline.data.preprocess import ZCA, ChannelStats, to_unit
 
 SPLITS = ("train", "test")
 _HINT = "run `dvc repro prepare` (or `iresnet prepare`) first"

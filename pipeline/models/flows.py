@@ -9,34 +9,25 @@ still marked † (the model saw whitened data, as in the paper's Table 4).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from iresnet.blocks import residual_blocks, set_logdet_settings
 from iresnet.logdet import LogDetSettings
 from iresnet.models import FlowConfig, MultiscaleFlow, bits_per_dim
+from pipeline.data.batches import evenly_spaced
+from pipeline.data.preprocess import ZCA, dequantize
+from pipeline.data.store import load_prepared, load_zca
 from pipeline.errors import DataError
+from pipeline.outputs import TRAIN_FLOW
 from pipeline.params import FlowParams
 from pipeline.paths import Paths
-from pipeline.data.store import load_prepared, load_zca
-from pipeline.data.preprocess import ZCA, dequantize
-from pipeline.training import load_model_file, load_state_checked
+from pipeline.training import config_from_dict, load_model_file, load_state_checked
 
 MODEL_KIND = "flow"
-ZCA_MARK = "†"
-
-
-def model_file(paths: Paths) -> Path:
-    """``models/flow/model.pt``, written by ``train_flow``."""
-    return paths.models / "flow" / "model.pt"
 
 
 def logdet_settings(flow: FlowParams) -> LogDetSettings:
@@ -58,18 +49,6 @@ def flow_config(flow: FlowParams, in_shape: tuple[int, int, int]) -> FlowConfig:
         coeff=flow.coeff, n_power_iter=flow.n_power_iter, nonlin=flow.nonlin, init_ds=flow.init_ds,
         actnorm=flow.actnorm, learned_prior=flow.prior == "learned", logdet=logdet_settings(flow),
     )  # fmt: skip
-
-
-def config_to_dict(config: FlowConfig) -> dict[str, Any]:
-    """Plain data (dicts, lists, numbers) that ``torch.load(weights_only=True)`` reads back."""
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(data: dict[str, Any]) -> FlowConfig:
-    """Inverse of :func:`config_to_dict` (lists back to tuples, the log-det settings back to their dataclass)."""
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    fields["logdet"] = LogDetSettings(**data["logdet"])
-    return FlowConfig(**fields)
 
 
 def dims_text(shape: tuple[int, ...]) -> str:
@@ -111,26 +90,6 @@ class FlowSpace:
         return bits_per_dim(log_prob + self.log_det_correction, self.n_dims)
 
 
-def log_prob_parts(model: MultiscaleFlow, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(ln p(z), ln|det J_F(x)|)``, each ``(B,)``: the two terms of Eq. 3 (``log_prob`` is their sum)."""
-    zs, logdet = model.encode(x)
-    logpz = sum(prior.log_prob(z) for prior, z in zip(model.priors, zs))
-    return logpz, logdet
-
-
-@contextmanager
-def logdet_settings_as(model: MultiscaleFlow, settings: LogDetSettings) -> Iterator[None]:
-    """Every residual block uses ``settings`` inside the block; each block's own settings come back after."""
-    blocks = residual_blocks(model)
-    saved = [block.logdet_settings for block in blocks]
-    try:
-        set_logdet_settings(model, settings)
-        yield
-    finally:
-        for block, own in zip(blocks, saved):
-            block.logdet_settings = own
-
-
 @dataclass(frozen=True)
 class TrainedFlow:
     """A flow loaded from ``models/flow/model.pt`` in eval mode, its data space and the file's metadata."""
@@ -147,9 +106,9 @@ def load_trained_flow(paths: Paths) -> TrainedFlow:
     A flow trained on whitened data needs the very ZCA it was trained with: its log-det is stored in the model file
     and checked against ``data/prepared/zca.pt``.
     """
-    path = model_file(paths)
+    path = TRAIN_FLOW.model_path(paths)
     state = load_model_file(path, MODEL_KIND)
-    model = MultiscaleFlow(config_from_dict(state["config"]))
+    model = MultiscaleFlow(config_from_dict(FlowConfig, state["config"]))
     load_state_checked(model, state["state_dict"], path)
     model.eval()
     zca = None
@@ -163,18 +122,6 @@ def load_trained_flow(paths: Paths) -> TrainedFlow:
             )
     space = FlowSpace(tuple(state["image_shape"]), zca)
     return TrainedFlow(model, space, state["dataset"], {k: v for k, v in state.items() if k != "state_dict"})
-
-
-def evenly_spaced(images: Tensor, n: int | None) -> Tensor:
-    """``n`` images at evenly spaced positions of ``images`` (all when ``n`` is None or larger).
-
-    Prepared splits may be ordered by class (mnist-5k is), so the first n would be a handful of classes.
-    """
-    if n is None or n >= len(images):
-        return images
-    if n < 1:
-        raise ValueError(f"n must be >= 1 (or None for all), got {n}")
-    return images[torch.linspace(0, len(images) - 1, n).round().long()]
 
 
 def fixed_noise_inputs(space: FlowSpace, images: Tensor, seed: int) -> Tensor:
@@ -193,4 +140,4 @@ def load_flow_with_test_inputs(
     flow = load_trained_flow(paths)
     flow.model.to(dtype)
     images, _ = load_prepared(paths, "test")
-    return flow, fixed_noise_inputs(flow.space, evenly_spaced(images, n_examples).to(dtype), seed)
+    return flow, fixed_noise_inputs(flow.space, images[evenly_spaced(len(images), n_examples)].to(dtype), seed)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from pipeline.plots.figures import pyplot, save_figure
+from pipeline.plots.figures import pyplot, save_figure, tile
 
 DPI = 120
 
@@ -88,6 +88,16 @@ def plot_reconstruction_error(path: Path, curve: pd.DataFrame, tolerances: tuple
     save_figure(fig, path, dpi=DPI)
 
 
+def _rgb(image: Tensor) -> np.ndarray:
+    """``(C, H, W)`` -> ``(H, W, 3)`` in ``[0, 1]``: grey repeated to RGB, non-finite pixels red."""
+    img = image.permute(1, 2, 0).numpy()
+    img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
+    bad = ~np.isfinite(img).all(axis=2)
+    img = np.clip(np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    img[bad] = (1.0, 0.0, 0.0)
+    return img
+
+
 def plot_reconstructions(path: Path, rows: dict[str, Tensor], iterations: int) -> None:
     """Fig. 3/7: one row per entry of ``rows`` (``original`` first), images ``(N, C, H, W)`` in pixel units.
 
@@ -99,16 +109,7 @@ def plot_reconstructions(path: Path, rows: dict[str, Tensor], iterations: int) -
     fig, axes = plt.subplots(len(names), 1, figsize=(1.0 * n + 1.5, 1.15 * len(names) + 0.6), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         images = rows[name].detach().double().cpu()
-        _, c, h, w = images.shape
-        grid = np.ones((h, n * (w + 1) - 1, 3))
-        for k in range(n):
-            img = images[k].permute(1, 2, 0).numpy()
-            img = np.repeat(img, 3, axis=2) if c == 1 else img[..., :3]
-            bad = ~np.isfinite(img).all(axis=2)
-            img = np.clip(np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-            img[bad] = (1.0, 0.0, 0.0)
-            grid[:, k * (w + 1) : k * (w + 1) + w] = img
-        ax.imshow(grid, interpolation="nearest")
+        ax.imshow(tile([[_rgb(image) for image in images]], fill=1.0), interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)

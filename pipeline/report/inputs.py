@@ -1,7 +1,7 @@
 """What the ``report`` stage reads: every metrics/curves file the experiment stages write, and nothing from MLflow.
 
 DVC's run cache can restore a stage's outputs without running it, so MLflow may lack runs whose results the
-workspace holds; the files DVC tracks are the single source of every number in the report (DESIGN.md).
+workspace holds; the files DVC tracks are the single source of every number in the report.
 
 A missing file is a :class:`DataError` that names the file and the stage that writes it; so is a file without a
 key the report needs (written by an older version of that stage).
@@ -16,18 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError
+from pipeline.models.specs import ClassifierSpec
+from pipeline.outputs import (
+    EVALUATE_FLOW,
+    LOGDET_BIAS,
+    PREPARE,
+    RECONSTRUCTION,
+    SINGULAR_VALUES,
+    TOY_DENSITY,
+    TRAIN_CLASSIFIER,
+    TRAIN_FLOW,
+    StageOutputs,
+    figures,
+)
 from pipeline.paths import Paths
 
-# Figures the report page shows: file name under reports/figures/ -> the stage that draws it.
-FIGURES = {
-    "data_preview.png": "prepare",
-    "fig2_toy_densities.png": "toy_density",
-    "fig3_reconstructions.png": "reconstruction",
-    "fig4_logdet_bias.png": "logdet_bias",
-    "fig5_samples.png": "train_flow",
-    "fig6_singular_values.png": "singular_values",
-    "fig8_reconstruction_error.png": "reconstruction",
-}
+STATS = "stats.json"  # the prepared data's summary (pipeline.data.store), read without importing torch
 
 # Keys the report reads from each metrics file (a subset of what the stages write).
 CLASSIFIER_KEYS = ("coeff", "kind", "dataset", "test_error", "epochs", "wall_time_s", "n_params", "throughput_img_s")
@@ -38,12 +42,6 @@ EVALUATE_KEYS = ("bpd", "stderr", "bias_bound_bits", "n_terms", "n_samples", "n_
                  "lemma7_lower_bpd", "lemma7_upper_bpd", "bias_target_met", "stderr_target_met", "wall_time_s")  # fmt: skip
 TOY_KEYS = ("iresnet_nll", "glow_nll", "iresnet_params", "glow_params")
 LOGDET_CURVE_COLUMNS = ("n_terms", "bias", "abs_bias", "std", "theorem3_bound")
-
-
-def coeff_label(coeff: float | str) -> str:
-    """The name of a classifier's files and DVC stage: ``vanilla``, ``batchnorm``, or ``str(float(c))`` (``0.9``),
-    as :class:`pipeline.models.classifiers.ClassifierSpec` names them."""
-    return coeff if isinstance(coeff, str) else str(float(coeff))
 
 
 @dataclass(frozen=True)
@@ -64,19 +62,12 @@ class ReportInputs:
 
 def required_files(paths: Paths, labels: list[str]) -> dict[Path, str]:
     """Every input of the report -> the DVC stage that writes it."""
-    m = paths.metrics
-    files = {paths.prepared / "stats.json": "prepare", m / "prepare.json": "prepare"}
-    files.update({m / "classifier" / f"{label}.json": f"train_classifier@{label}" for label in labels})
-    files.update({
-        m / "singular_values.json": "singular_values",
-        m / "reconstruction.json": "reconstruction",
-        m / "flow.json": "train_flow",
-        m / "evaluate_flow.json": "evaluate_flow",
-        m / "logdet_bias.json": "logdet_bias",
-        paths.curves / "logdet_bias.csv": "logdet_bias",
-        m / "toy.json": "toy_density",
-    })  # fmt: skip
-    files.update({paths.figures / name: stage for name, stage in FIGURES.items()})
+    files = {paths.prepared / STATS: "prepare", PREPARE.metrics_path(paths): "prepare"}
+    files.update({TRAIN_CLASSIFIER.metrics_path(paths, label): f"train_classifier@{label}" for label in labels})
+    for outputs in (SINGULAR_VALUES, RECONSTRUCTION, TRAIN_FLOW, EVALUATE_FLOW, LOGDET_BIAS, TOY_DENSITY):
+        files[outputs.metrics_path(paths)] = outputs.stage
+    files[LOGDET_BIAS.curve_path(paths, "terms")] = LOGDET_BIAS.stage
+    files.update({paths.figures / name: stage for name, stage in figures().items()})
     return files
 
 
@@ -140,25 +131,32 @@ def read_curve(path: Path, stage: str, columns: tuple[str, ...]) -> list[dict[st
 
 def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:
     """Read and check every input (``coeffs``: ``classifier.coeffs``, naming the classifier files)."""
-    labels = [coeff_label(c) for c in coeffs]
+    labels = [ClassifierSpec.of(c).label for c in coeffs]
     check_present(paths, labels)
-    m = paths.metrics
     classifiers = {
-        label: _read(m / "classifier" / f"{label}.json", f"train_classifier@{label}", CLASSIFIER_KEYS)
+        label: _read(TRAIN_CLASSIFIER.metrics_path(paths, label), f"train_classifier@{label}", CLASSIFIER_KEYS)
         for label in labels
     }
-    toy = _read(m / "toy.json", "toy_density", ("datasets",))
+    toy_path = TOY_DENSITY.metrics_path(paths)
+    toy = _read(toy_path, TOY_DENSITY.stage, ("datasets",))
     for name, entry in toy["datasets"].items():
-        _require_keys(entry, TOY_KEYS, m / "toy.json", "toy_density", f" `datasets.{name}`")
+        _require_keys(entry, TOY_KEYS, toy_path, TOY_DENSITY.stage, f" `datasets.{name}`")
+
+    def per_model(outputs: StageOutputs, keys: tuple[str, ...]) -> dict[str, Any]:
+        return _per_model(outputs.metrics_path(paths), outputs.stage, labels, keys)
+
+    def metrics(outputs: StageOutputs, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+        return _read(outputs.metrics_path(paths), outputs.stage, keys)
+
     return ReportInputs(
-        stats=_read(paths.prepared / "stats.json", "prepare", ("dataset", "n_train", "n_test", "shape")),
-        prepare=_read(m / "prepare.json", "prepare", ("wall_time_s",)),
+        stats=_read(paths.prepared / STATS, PREPARE.stage, ("dataset", "n_train", "n_test", "shape")),
+        prepare=metrics(PREPARE, ("wall_time_s",)),
         classifiers=classifiers,
-        singular_values=_per_model(m / "singular_values.json", "singular_values", labels, CERTIFICATE_KEYS),
-        reconstruction=_per_model(m / "reconstruction.json", "reconstruction", labels, RECONSTRUCTION_KEYS),
-        flow=_read(m / "flow.json", "train_flow", FLOW_KEYS),
-        evaluate_flow=_read(m / "evaluate_flow.json", "evaluate_flow", EVALUATE_KEYS),
-        logdet_bias=_read(m / "logdet_bias.json", "logdet_bias"),
-        logdet_curve=read_curve(paths.curves / "logdet_bias.csv", "logdet_bias", LOGDET_CURVE_COLUMNS),
+        singular_values=per_model(SINGULAR_VALUES, CERTIFICATE_KEYS),
+        reconstruction=per_model(RECONSTRUCTION, RECONSTRUCTION_KEYS),
+        flow=metrics(TRAIN_FLOW, FLOW_KEYS),
+        evaluate_flow=metrics(EVALUATE_FLOW, EVALUATE_KEYS),
+        logdet_bias=metrics(LOGDET_BIAS),
+        logdet_curve=read_curve(LOGDET_BIAS.curve_path(paths, "terms"), LOGDET_BIAS.stage, LOGDET_CURVE_COLUMNS),
         toy=toy,
     )

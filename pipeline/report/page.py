@@ -11,6 +11,15 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from pipeline.outputs import (
+    LOGDET_BIAS,
+    PREPARE,
+    RECONSTRUCTION,
+    SINGULAR_VALUES,
+    TOY_DENSITY,
+    TRAIN_FLOW,
+    StageOutputs,
+)
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.tables import ReportTable, column_name, iresnet_lower, num
 
@@ -213,33 +222,33 @@ def _section(title: str, paper: str, ours: str, body: str) -> str:
     return f"## {title}\n\n**Paper:** {paper}  \n**This run:** {ours}\n\n{body}\n"
 
 
-def _figure(name: str, alt: str) -> str:
-    return f"![{alt}](figures/{name})\n"
+def _figure(outputs: StageOutputs, key: str, alt: str) -> str:
+    return f"![{alt}](figures/{outputs.figures[key]})\n"
 
 
 def render_page(inputs: ReportInputs, tables: dict[str, ReportTable]) -> str:
     """The whole ``reports/README.md``."""
     sections = [
         _section("Table 2: classification error and guaranteed inverse", PAPER["table2"], table2_finding(inputs),
-                 tables["table2"].markdown() + "\nThe paper's own Table 2 numbers are not carried here (PAPER.md "
-                 "does not list them); see Behrmann et al. 2019, Table 2."),
+                 tables["table2"].markdown() + "\nThe paper's own Table 2 numbers are not carried here; see Behrmann et al. 2019, "
+                 "Table 2."),
         _section("Fig. 6: largest singular value of every layer", PAPER["fig6"], fig6_finding(inputs),
-                 _figure("fig6_singular_values.png", "Fig. 6")),
+                 _figure(SINGULAR_VALUES, "fig6", "Fig. 6")),
         _section("Fig. 3/7: reconstructions from the final features", PAPER["fig3"], fig3_finding(inputs),
-                 _figure("fig3_reconstructions.png", "Fig. 3")),
+                 _figure(RECONSTRUCTION, "fig3", "Fig. 3")),
         _section("Fig. 8: reconstruction error vs fixed-point iterations", PAPER["fig8"], fig8_finding(inputs),
-                 _figure("fig8_reconstruction_error.png", "Fig. 8")),
+                 _figure(RECONSTRUCTION, "fig8", "Fig. 8")),
         _section("Table 4: bits/dim", PAPER["table4"], table4_finding(inputs),
-                 tables["table4"].markdown() + "\n† ZCA-whitened data. Published rows are from PAPER.md, each with "
-                 "its source; dims is the dimension count our bits/dim divides by."),
+                 tables["table4"].markdown() + "\n† ZCA-whitened data. Published rows are quoted from the paper named in "
+                 "their source column; dims is the dimension count our bits/dim divides by."),
         _section("Fig. 4/9: bias of the log-det estimator", PAPER["fig4"], fig4_finding(inputs),
-                 _figure("fig4_logdet_bias.png", "Fig. 4")),
-        _section("Fig. 5: samples", PAPER["fig5"], fig5_finding(inputs), _figure("fig5_samples.png", "Fig. 5")),
+                 _figure(LOGDET_BIAS, "fig4", "Fig. 4")),
+        _section("Fig. 5: samples", PAPER["fig5"], fig5_finding(inputs), _figure(TRAIN_FLOW, "fig5", "Fig. 5")),
         _section("Fig. 2: 2-D toy densities", PAPER["fig2"], fig2_finding(inputs),
-                 _figure("fig2_toy_densities.png", "Fig. 2") + "\n" + tables["toy"].markdown()),
+                 _figure(TOY_DENSITY, "fig2", "Fig. 2") + "\n" + tables["toy"].markdown()),
         _section("Run cost", PAPER["runcost"], runcost_finding(inputs, tables["runcost"]), tables["runcost"].markdown()),
         _section("Data", "MNIST, CIFAR10 and CIFAR100 at full size.", preview_finding(inputs),
-                 _figure("data_preview.png", "data preview")),
+                 _figure(PREPARE, "preview", "data preview")),
     ]  # fmt: skip
     head = (
         "# Results\n\n"

@@ -16,7 +16,7 @@ from pipeline.files import finite_or_none, write_bytes_atomic
 from pipeline.paths import Paths
 from pipeline.report.inputs import ReportInputs
 
-# Table 4's published bits/dim on the test sets, as PAPER.md gives them: (method, source, MNIST, CIFAR10).
+# Table 4's published bits/dim on the test sets (Behrmann et al. 2019, Table 4): (method, source, MNIST, CIFAR10).
 PUBLISHED_BPD = (
     ("i-ResNet", "published: Behrmann et al. 2019, Table 4", 1.06, 3.45),
     ("Glow", "published: as cited in Behrmann et al. 2019, Table 4", 1.05, 3.35),

@@ -18,30 +18,25 @@ Writes ``reports/metrics/evaluate_flow.json``.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from iresnet.blocks import residual_blocks
+from iresnet.blocks import lipschitz_bounds, logdet_settings_as
 from iresnet.logdet import LogDetSettings, chain_truncation_bound, logdet_bounds
 from iresnet.models import MultiscaleFlow
-from pipeline.data.batches import batch_indices
 from pipeline.console import progress
-from pipeline.files import write_json
-from pipeline.models.flows import FlowSpace, dims_text, load_flow_with_test_inputs, logdet_settings_as
+from pipeline.data.batches import batch_indices
+from pipeline.models.flows import FlowSpace, dims_text, load_flow_with_test_inputs
+from pipeline.outputs import EVALUATE_FLOW, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.tracking import NullTracker, Tracker
+from pipeline.tracking import Tracker
 from pipeline.training import seed_everything
 
 _MIN_ROUNDS = 2  # a standard error needs two probes per example
-
-
-def metrics_file(paths: Paths) -> Any:
-    return paths.metrics / "evaluate_flow.json"
 
 
 def bias_bound_bits(lipschitz: Sequence[float], dims: Sequence[int], n_dims: int, n_terms: int) -> float | None:
@@ -138,15 +133,13 @@ def lemma7_bpd(
 
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Evaluate ``models/flow/model.pt`` on the test split; returns the metrics (the content of the JSON)."""
-    tracker = tracker or NullTracker()
-    start = time.perf_counter()
+    out = StageRun(EVALUATE_FLOW, paths, tracker)
     p = params.evaluate_flow
     seed_everything(params.seed)
     flow, x = load_flow_with_test_inputs(paths, p.n_examples, params.seed)
     model, space = flow.model, flow.space
 
-    blocks = residual_blocks(model)
-    lipschitz = [block.lipschitz_bound() for block in blocks]
+    lipschitz = lipschitz_bounds(model)
     dims = model.block_dims
     n_terms, bound = choose_terms(lipschitz, dims, space.n_dims, p.max_bias_bits, p.max_terms)
     lower, upper = lemma7_bpd(model, x, space, lipschitz, dims, p.batch_size)
@@ -176,12 +169,9 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "max_block_lipschitz": max(lipschitz),
         "block_lipschitz": lipschitz,
         "flow_epochs": int(flow.meta["epochs"]),
-        "wall_time_s": time.perf_counter() - start,
     }
     if bound is None:
         metrics["bias_note"] = "a block's certified Lip(g) is >= 1: Theorem 3 gives no bound (bias_bound_bits null)"
     elif not metrics["bias_target_met"]:
         metrics["bias_note"] = f"max_terms {p.max_terms} leaves the bound above max_bias_bits; raise max_terms"
-    write_json(metrics_file(paths), metrics)
-    tracker.log_artifact(metrics_file(paths), "metrics")
-    return metrics
+    return out.finish(metrics)

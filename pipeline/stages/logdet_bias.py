@@ -17,22 +17,19 @@ nats per example of the flow's log-det (sum over the blocks, independent probes 
   and ``bias_plain`` the same mean from the plain estimates;
 - ``theorem3_bound``: ``Σ_b d_b Σ_{k>n} L_b^k / k`` with each block's certified ``L_b`` (inf if some ``L_b >= 1``).
 
-Writes ``reports/curves/logdet_bias.csv``, ``reports/metrics/logdet_bias.json`` and
-``reports/figures/fig4_logdet_bias.png``.
+Writes the curve per n, the metrics and Fig. 4 (file names in :data:`pipeline.outputs.LOGDET_BIAS`).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from iresnet.blocks import InvertibleResidualBlock, residual_blocks
+from iresnet.blocks import InvertibleResidualBlock, lipschitz_bounds, logdet_settings_as, residual_blocks
 from iresnet.logdet import (
     LogDetSettings,
     branch_jacobian,
@@ -43,12 +40,12 @@ from iresnet.logdet import (
 )
 from iresnet.models import MultiscaleFlow
 from pipeline.console import progress
-from pipeline.plots.figures import pyplot, save_figure
-from pipeline.files import write_csv, write_json
-from pipeline.models.flows import load_flow_with_test_inputs, logdet_settings_as
+from pipeline.models.flows import load_flow_with_test_inputs
+from pipeline.outputs import LOGDET_BIAS, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.tracking import NullTracker, Tracker
+from pipeline.plots.flow import plot_logdet_bias
+from pipeline.tracking import Tracker
 from pipeline.training import seed_everything
 
 METHOD = (
@@ -56,16 +53,7 @@ METHOD = (
     "(equal to the flow's full log-det minus its exact ActNorm terms); estimator: Algorithm 2 with Gaussian probes"
 )
 CURVE_COLUMNS = ("n_terms", "bias", "abs_bias", "bias_stderr", "std", "theorem3_bound", "bias_plain")
-FIGURE = "fig4_logdet_bias.png"
 _JACOBIAN_BYTES = 1 << 28  # memory allowed for one chunk's Jacobians (float64), which sets the chunk size
-
-
-def curve_file(paths: Paths) -> Any:
-    return paths.curves / "logdet_bias.csv"
-
-
-def metrics_file(paths: Paths) -> Any:
-    return paths.metrics / "logdet_bias.json"
 
 
 def block_inputs(model: MultiscaleFlow, x: Tensor) -> list[Tensor]:
@@ -150,53 +138,27 @@ def bias_curve(est: Estimates, lipschitz: list[float], dims: list[int]) -> list[
     return rows
 
 
-def write_figure(path: Any, rows: list[dict[str, float]], title: str) -> None:
-    """|bias| (with its standard error), std and the Theorem 3 bound against n, log y (Fig. 4)."""
-    plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    n = [r["n_terms"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.errorbar(n, [r["abs_bias"] for r in rows], yerr=[r["bias_stderr"] for r in rows], marker="o", ms=4,
-                capsize=2, label="|bias| (± std. error)")  # fmt: skip
-    ax.plot(n, [r["std"] for r in rows], marker="s", ms=4, label="std of one-probe estimate")
-    bounds = [r["theorem3_bound"] for r in rows]
-    if all(math.isfinite(b) for b in bounds):
-        ax.plot(n, bounds, "k--", label="Theorem 3 bound (certified Lip)")
-    ax.set_yscale("log")
-    ax.set_xlabel("number of power-series terms n")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("nats per example (flow log-det)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-
-
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Measure the estimator's bias and std on ``logdet_bias.n_examples`` test examples; returns the metrics."""
-    tracker = tracker or NullTracker()
-    start = time.perf_counter()
+    out = StageRun(LOGDET_BIAS, paths, tracker)
     p = params.logdet_bias
     seed_everything(params.seed)
     # exact log-dets and small biases need float64
     flow, x = load_flow_with_test_inputs(paths, p.n_examples, params.seed, torch.float64)
     model = flow.model
-    lipschitz = [block.lipschitz_bound() for block in residual_blocks(model)]
+    lipschitz = lipschitz_bounds(model)
     dims = list(model.block_dims)
     chunks = math.ceil(len(x) / max(1, _JACOBIAN_BYTES // (max(dims) ** 2 * 8)))
     with progress("log-det bias (exact Jacobians)", chunks * len(dims)) as advance:
         est = flow_estimates(model, x, p.n_samples, p.max_terms, advance)
     rows = bias_curve(est, lipschitz, dims)
-    frame = pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
-    write_csv(curve_file(paths), frame)
+    out.write_curve("terms", rows, CURVE_COLUMNS)
     per_bit = 1.0 / (flow.space.n_dims * math.log(2))
     title = (
         f"truncated log-det estimator vs exact: {len(x)} {flow.dataset} test examples x {p.n_samples} probes\n"
         f"{len(dims)} residual blocks, largest certified Lip(g) {max(lipschitz):.3f}"
     )
-    write_figure(paths.figures / FIGURE, rows, title)
+    plot_logdet_bias(out.figure("fig4"), rows, title)
     by_n = {int(r["n_terms"]): r for r in rows}
     metrics: dict[str, Any] = {
         "method": METHOD,
@@ -215,10 +177,5 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "std_last": rows[-1]["std"],
         "within_theorem3": all(r["abs_bias"] <= r["theorem3_bound"] for r in rows),
         **{f"abs_bias_{n}": by_n[n]["abs_bias"] for n in (5, 10, 20) if n in by_n},
-        "wall_time_s": time.perf_counter() - start,
     }
-    write_json(metrics_file(paths), metrics)
-    outputs = {metrics_file(paths): "metrics", curve_file(paths): "curves", paths.figures / FIGURE: "figures"}
-    for path, folder in outputs.items():
-        tracker.log_artifact(path, folder)
-    return metrics
+    return out.finish(metrics)

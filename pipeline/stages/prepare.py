@@ -1,81 +1,25 @@
 """Stage ``prepare``: load the dataset, split it, fit normalisation (and ZCA) on train, write ``data/prepared/``
-(format in :mod:`pipeline.data.store`), a preview grid ``reports/figures/data_preview.png`` and the stage's metrics
-``reports/metrics/prepare.json``.
+(format in :mod:`pipeline.data.store`), a preview grid and the stage's metrics (:data:`pipeline.outputs.PREPARE`).
 
 Deterministic: the same params give byte-identical data files (seeded split, sorted JSON, in-memory ``torch.save``).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from pipeline.data.datasets import load_dataset
-from pipeline.plots.figures import pyplot, save_figure
+from pipeline.data.preprocess import ZCA, ChannelStats, pad_to, to_unit
+from pipeline.data.store import split_file, stats_file, zca_file
 from pipeline.files import save_torch, write_json
+from pipeline.outputs import PREPARE, StageRun
 from pipeline.params import Params, check_spatial
 from pipeline.paths import Paths
-from pipeline.data.store import split_file, stats_file, zca_file
-from pipeline.data.preprocess import ZCA, ChannelStats, pad_to, to_unit
-from pipeline.tracking import NullTracker, Tracker
-
-PREVIEW = "data_preview.png"
-_PER_CLASS = 8  # preview columns
-_MAX_CLASSES = 10  # preview rows
-
-
-def metrics_file(paths: Paths) -> Any:
-    return paths.metrics / "prepare.json"
-
-
-def _preview_rows(images: Tensor, labels: Tensor) -> tuple[list[int], list[list[int]]]:
-    """The first ``_PER_CLASS`` train indices of each of the first ``_MAX_CLASSES`` classes."""
-    classes = [int(c) for c in torch.unique(labels)[:_MAX_CLASSES]]
-    return classes, [torch.nonzero(labels == c).flatten()[:_PER_CLASS].tolist() for c in classes]
-
-
-def _tile(images: Tensor, rows: list[list[int]]) -> np.ndarray:
-    """A ``(rows·H, cols·W, C)`` mosaic in [0, 1] with a 1-pixel grey gutter."""
-    _, c, h, w = images.shape
-    grid = np.full((len(rows) * (h + 1), _PER_CLASS * (w + 1), c), 0.5, dtype=np.float32)
-    for r, idx in enumerate(rows):
-        for k, i in enumerate(idx):
-            grid[r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = images[i].permute(1, 2, 0).numpy()
-    return grid
-
-
-def _stretch(x: Tensor) -> Tensor:
-    """Each image rescaled to [0, 1] (whitened values are unbounded)."""
-    flat = x.reshape(len(x), -1)
-    lo, hi = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).reshape(x.shape)
-
-
-def write_preview(path: Any, images: Tensor, labels: Tensor, title: str, zca: ZCA | None) -> None:
-    """Train examples by class (rows), and their ZCA-whitened versions beside them when ``zca`` is given."""
-    plt = pyplot()
-    classes, rows = _preview_rows(images, labels)
-    panels = [("images", _tile(images, rows))]
-    if zca is not None:
-        chosen = sorted({i for idx in rows for i in idx})
-        whitened = images.clone()
-        whitened[chosen] = _stretch(zca.whiten(images[chosen]))
-        panels.append((f"ZCA-whitened (eps={zca.epsilon:g}, per-image contrast)", _tile(whitened, rows)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.5 * len(rows) + 1.2), squeeze=False)
-    for ax, (name, grid) in zip(axes[0], panels):
-        shown = grid.squeeze(-1) if grid.shape[-1] == 1 else grid
-        ax.imshow(shown, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks([])
-        h = images.shape[2] + 1
-        ax.set_yticks([r * h + h / 2 for r in range(len(classes))], [str(c) for c in classes], fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+from pipeline.plots.data import plot_preview
+from pipeline.tracking import Tracker
 
 
 def _per_class(labels: Tensor, n_classes: int) -> list[int]:
@@ -84,8 +28,7 @@ def _per_class(labels: Tensor, n_classes: int) -> list[int]:
 
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Prepare ``params.data.dataset``; returns the stage's metrics (counts, shape, mean/std, ZCA log-det, time)."""
-    tracker = tracker or NullTracker()
-    start = time.perf_counter()
+    out = StageRun(PREPARE, paths, tracker)
     data = params.data
     raw = load_dataset(data, paths.root)
     train_pixels, test_pixels = raw.train_images, raw.test_images
@@ -130,11 +73,9 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         else {"enabled": True, "epsilon": zca.epsilon, "logdet": zca.logdet, "dims": zca.dim},
     }
     write_json(stats_file(paths), summary)
-    preview = paths.figures / PREVIEW
     title = f"{data.dataset}: {len(train)} train / {len(test_pixels)} test, {c}x{h}x{w}"
-    write_preview(preview, train, raw.train_labels, title, zca)
-    tracker.log_artifact(stats_file(paths), "prepared")
-    tracker.log_artifact(preview, "figures")
+    plot_preview(out.figure("preview"), train, raw.train_labels, title, zca)
+    out.artifact(stats_file(paths), "prepared")
 
     metrics: dict[str, Any] = {
         "dataset": data.dataset,
@@ -147,7 +88,5 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         metrics[f"mean_c{i}"], metrics[f"std_c{i}"] = m, s
     if zca is not None:
         metrics["zca_logdet"] = zca.logdet
-    metrics["wall_time_s"] = time.perf_counter() - start
-    # The wall time goes here, not into stats.json, which must stay byte-identical across re-runs.
-    write_json(metrics_file(paths), metrics)
-    return metrics
+    # The wall time goes into the metrics, not into stats.json, which must stay byte-identical across re-runs.
+    return out.finish(metrics)

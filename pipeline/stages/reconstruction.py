@@ -25,32 +25,25 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from iresnet.blocks import residual_blocks, set_inverse_settings
+from iresnet.blocks import inverse_settings_as, residual_blocks
 from iresnet.inverse import InverseSettings
-from pipeline.models.classifiers import LoadedClassifier, classifier_specs, load_classifier
 from pipeline.console import track
+from pipeline.data.batches import evenly_spaced
+from pipeline.data.store import load_prepared
 from pipeline.errors import DataError
-from pipeline.files import finite_or_none, write_csv, write_json
+from pipeline.files import finite_or_none
+from pipeline.models.classifiers import LoadedClassifier, load_classifier
+from pipeline.models.specs import classifier_specs
+from pipeline.outputs import RECONSTRUCTION, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.plots.classifier import plot_reconstruction_error, plot_reconstructions
-from pipeline.data.store import load_prepared
-from pipeline.tracking import NullTracker, Tracker
+from pipeline.tracking import Tracker
 from pipeline.training import seed_everything
 
-CSV_NAME = "reconstruction.csv"
-JSON_NAME = "reconstruction.json"
-FIG8_NAME = "fig8_reconstruction_error.png"
-FIG3_NAME = "fig3_reconstructions.png"
 CSV_COLUMNS = ("model", "iterations", "mean_error", "max_error", "max_residual")
 TIMING_BATCH = 100
 N_SHOWN = 10  # images per row of Fig. 3
-
-
-def evenly_spaced(n: int, k: int) -> Tensor:
-    """``k`` indices spread evenly over ``range(n)`` (first and last included): a split sorted by class then
-    contributes every class, not only its first."""
-    return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long()
 
 
 def tolerance_key(tol: float) -> str:
@@ -62,8 +55,8 @@ def tolerance_key(tol: float) -> str:
 def reconstruct(loaded: LoadedClassifier, x: Tensor, iterations: int) -> tuple[Tensor, float]:
     """``x`` (normalised inputs) -> (reconstruction from its final features with ``iterations`` steps per block,
     the largest last-step residual over the blocks). Runs in ``x``'s dtype; the model must match it."""
-    set_inverse_settings(loaded.model, InverseSettings(max_iter=iterations, atol=0.0))
-    x_rec = loaded.model.reconstruct(loaded.model.features(x))
+    with inverse_settings_as(loaded.model, InverseSettings(max_iter=iterations, atol=0.0)):
+        x_rec = loaded.model.reconstruct(loaded.model.features(x))
     infos = [block.last_inverse_info for block in residual_blocks(loaded.model)]
     residual = max(info.residual for info in infos if info is not None)
     return x_rec, residual
@@ -114,8 +107,7 @@ def summarise(rows: list[dict[str, Any]], tolerances: tuple[float, ...]) -> dict
 
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Reconstruct ``reconstruction.n_images`` test images with every model; write CSV, JSON, Fig. 3 and Fig. 8."""
-    tracker = tracker or NullTracker()
-    start = time.perf_counter()
+    out = StageRun(RECONSTRUCTION, paths, tracker)
     seed_everything(params.seed)  # convention; the measurements themselves draw no random numbers
     p = params.reconstruction
     test, _ = load_prepared(paths, "test")
@@ -137,20 +129,15 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         models[spec.label] = {"kind": spec.kind, "coeff": spec.coeff, **summarise(model_rows, p.tolerances),
                               "seconds_per_100": seconds_per_batch(loaded, test, p.timing_iterations)}  # fmt: skip
 
-    frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
-    csv_path, json_path = paths.curves / CSV_NAME, paths.metrics / JSON_NAME
-    fig8, fig3 = paths.figures / FIG8_NAME, paths.figures / FIG3_NAME
-    write_csv(csv_path, frame)
-    plot_reconstruction_error(fig8, frame, p.tolerances)
+    out.write_curve("errors", rows, CSV_COLUMNS)
+    plot_reconstruction_error(out.figure("fig8"), pd.DataFrame(rows, columns=list(CSV_COLUMNS)), p.tolerances)
     # Fig. 3 rows: originals, the i-ResNets, then the baselines.
     order = ["original"] + [s.label for s in classifier_specs(params.classifier) if s.coeff is not None]
     order += [label for label in shown if label not in order]
-    plot_reconstructions(fig3, {label: shown[label] for label in order}, p.iterations[-1])
-    result = {"models": models, "n_images": p.n_images, "error_units": "pixels in [0, 1]", "dtype": "float64",
-              "wall_time_s": time.perf_counter() - start}  # fmt: skip
-    write_json(json_path, result)
-    for path, folder in ((csv_path, "curves"), (json_path, "metrics"), (fig8, "figures"), (fig3, "figures")):
-        tracker.log_artifact(path, folder)
+    plot_reconstructions(out.figure("fig3"), {label: shown[label] for label in order}, p.iterations[-1])
+    result = out.finish(
+        {"models": models, "n_images": p.n_images, "error_units": "pixels in [0, 1]", "dtype": "float64"}
+    )
     flat: dict[str, Any] = {}
     for label, summary in models.items():
         flat[f"{label}/final_max_error"] = summary["final_max_error"]

@@ -1,7 +1,6 @@
 """Stage ``report``: the paper-style tables, one aggregate summary and the results page, from the metrics files.
 
-Reads (never MLflow): ``data/prepared/stats.json``, ``reports/metrics/{classifier/<label>, singular_values,
-reconstruction, flow, evaluate_flow, logdet_bias, toy}.json``, ``reports/curves/logdet_bias.csv`` and the figures.
+Reads (never MLflow) the metrics files, curves and figures of every other stage (:mod:`pipeline.report.inputs`).
 Writes:
 
 - ``reports/tables/{table2,table4,toy,runcost}.{md,tex,csv}`` (:mod:`pipeline.report.tables`);
@@ -11,19 +10,16 @@ Writes:
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pipeline.files import finite_or_none, write_bytes_atomic, write_json
+from pipeline.outputs import PAGE, REPORT, SUMMARY, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.report.inputs import ReportInputs, load_inputs
 from pipeline.report.page import all_certified, render_page
 from pipeline.report.tables import build_tables, percent
-from pipeline.tracking import NullTracker, Tracker
-
-SUMMARY = "summary.json"
-PAGE = "README.md"
+from pipeline.tracking import Tracker
 
 
 def summary(inputs: ReportInputs, total_wall_time_s: float) -> dict[str, Any]:
@@ -54,8 +50,7 @@ def summary(inputs: ReportInputs, total_wall_time_s: float) -> dict[str, Any]:
 
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Build every table, the summary and the page; returns headline metrics (flat) for the CLI and MLflow."""
-    tracker = tracker or NullTracker()
-    start = time.perf_counter()
+    out = StageRun(REPORT, paths, tracker)
     inputs = load_inputs(paths, params.classifier.coeffs)
     tables = {t.name: t for t in build_tables(inputs)}
     for table in tables.values():
@@ -65,7 +60,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     write_json(paths.metrics / SUMMARY, head)
     write_bytes_atomic(paths.reports / PAGE, render_page(inputs, tables).encode())
     for path in (paths.tables, paths.metrics / SUMMARY, paths.reports / PAGE):
-        tracker.log_artifact(path, "report")
+        out.artifact(path, "report")
 
     metrics: dict[str, Any] = {
         f"test_error_pct.{label}": v["test_error_pct"] for label, v in head["classifier"].items()
@@ -74,5 +69,4 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         metrics["all_iresnets_certified"] = head["all_iresnets_certified"]
     metrics.update({"bpd": head["flow"]["bpd"], "bpd_stderr": head["flow"]["stderr"]})
     metrics["pipeline_wall_time_s"] = total
-    metrics["wall_time_s"] = time.perf_counter() - start
-    return metrics
+    return out.finish(metrics)

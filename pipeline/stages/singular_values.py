@@ -10,7 +10,8 @@ Per convolution (its weight as used in eval mode, i.e. after Eq. 2), float64:
 - ``sigma_running``: what training believed, the norm of the used weight according to the stored power-iteration
   estimate ``s = <u, W v>``: ``min(s, c)`` for a constrained layer, ``s`` for an unconstrained one.
 
-``sigma_lower > sigma_running`` shows the lag of one power iteration per step (PAPER.md, pitfalls). A block's bound is
+``sigma_lower > sigma_running`` shows that one power iteration per step lags the weights, so training's own
+estimate under-states the norm it divides by (why the certificate uses exact norms). A block's bound is
 ``InvertibleResidualBlock.lipschitz_bound()`` (product of its convolutions' upper bounds, BatchNorm scales included);
 ``guaranteed_inverse`` holds only when every block's bound is < 1 (Theorem 1). With ``singular_values.project``, the
 layers of an i-ResNet whose bound exceeds ``c`` are scaled onto it (``project_to_bound``) and everything is measured
@@ -20,28 +21,26 @@ again (rows with ``weights = projected``); the model files are left unchanged.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from iresnet.blocks import residual_blocks
+from iresnet.blocks import lipschitz_bounds
 from iresnet.models import IResNetClassifier
 from iresnet.spectral_norm import LipschitzConv2d, conv_norm_lower_bound, conv_norm_upper_bound, project_to_bound
-from pipeline.models.classifiers import ClassifierSpec, classifier_specs, conv_layers, load_classifier
 from pipeline.console import track
-from pipeline.files import finite_or_none, write_csv, write_json
+from pipeline.files import finite_or_none
+from pipeline.models.classifiers import conv_layers, load_classifier
+from pipeline.models.specs import ClassifierSpec, classifier_specs
+from pipeline.outputs import SINGULAR_VALUES, StageRun
 from pipeline.params import Params, SingularValuesParams
 from pipeline.paths import Paths
 from pipeline.plots.classifier import plot_singular_values
-from pipeline.tracking import NullTracker, Tracker
+from pipeline.tracking import Tracker
 from pipeline.training import seed_everything
 
-CSV_NAME = "singular_values.csv"
-JSON_NAME = "singular_values.json"
-FIGURE_NAME = "fig6_singular_values.png"
 CSV_COLUMNS = (
     "model", "weights", "block", "layer", "kernel_size", "input_hw", "sigma_lower", "sigma_upper", "sigma_running",
 )  # fmt: skip
@@ -81,7 +80,7 @@ def measure_layers(model: IResNetClassifier, label: str, weights: str, lower_ite
 
 def certificate(model: IResNetClassifier, rows: list[dict[str, Any]], coeff: float | None) -> dict[str, Any]:
     """Summary of one model's measurements: block bounds, the certificate, how many layers exceed 1 or ``c``."""
-    bounds = [block.lipschitz_bound() for block in residual_blocks(model)]
+    bounds = lipschitz_bounds(model)
     uppers = [r["sigma_upper"] for r in rows]
     return {
         "guaranteed_inverse": bool(bounds) and all(b < 1.0 for b in bounds),
@@ -125,22 +124,17 @@ def analyse(paths: Paths, spec: ClassifierSpec, params: SingularValuesParams) ->
 
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Measure every model of ``classifier.coeffs``; write the CSV, the JSON and Fig. 6; return flat metrics."""
-    tracker = tracker or NullTracker()
-    start = time.perf_counter()
+    out = StageRun(SINGULAR_VALUES, paths, tracker)
     seed_everything(params.seed)  # convention; the measurements themselves draw no random numbers
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     for spec in track(classifier_specs(params.classifier), "singular values"):
         model_rows, models[spec.label] = analyse(paths, spec, params.singular_values)
         rows += model_rows
+    out.write_curve("layers", rows, CSV_COLUMNS)
     frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
-    csv_path, json_path, fig_path = paths.curves / CSV_NAME, paths.metrics / JSON_NAME, paths.figures / FIGURE_NAME
-    write_csv(csv_path, frame)
-    plot_singular_values(fig_path, frame[frame["weights"] == "trained"], models)
-    result = {"models": models, "methods": METHODS, "wall_time_s": time.perf_counter() - start}
-    write_json(json_path, result)
-    for path, folder in ((csv_path, "curves"), (json_path, "metrics"), (fig_path, "figures")):
-        tracker.log_artifact(path, folder)
+    plot_singular_values(out.figure("fig6"), frame[frame["weights"] == "trained"], models)
+    result = out.finish({"models": models, "methods": METHODS})
     flat: dict[str, Any] = {}
     for label, summary in models.items():
         for key in ("guaranteed_inverse", "max_block_bound", "max_layer_upper", "frac_layers_above_1", "max_lag"):

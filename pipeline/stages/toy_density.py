@@ -16,8 +16,6 @@ layers and MLP widths (so a similar parameter count). Writes
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,22 +24,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from iresnet.blocks import residual_blocks
+from iresnet.blocks import lipschitz_bounds
 from iresnet.toy import Flow2d, toy_glow, toy_iresnet
 from pipeline.console import progress
-from pipeline.plots.figures import pyplot, save_figure
-from pipeline.files import write_bytes_atomic, write_json
+from pipeline.data.toy2d import WINDOW, reference_log_prob, sample, stream_seed
+from pipeline.outputs import TOY_DENSITY, StageRun
 from pipeline.params import Params, ToyParams
 from pipeline.paths import Paths
-from pipeline.data.toy2d import WINDOW, reference_log_prob, sample, stream_seed
-from pipeline.tracking import NullTracker, Tracker
+from pipeline.plots.toy import Panel, data_histogram, plot_toy_densities
+from pipeline.tracking import Tracker
 from pipeline.training import check_finite, gradient_norm, n_params, save_model, seed_everything
 
 MODELS = ("iresnet", "glow")
 LABELS = {"iresnet": "i-ResNet", "glow": "Glow"}
-METRICS_FILE, CURVES_FILE, FIGURE = "toy.json", "toy.csv", "fig2_toy_densities.png"
+CURVE_COLUMNS = ("dataset", "model", "step", "loss")
 MODEL_KIND = "toy_flow"
-FIGURE_POINTS = 100_000  # data drawn for the "data" column's histogram (presentation only)
 EVAL_CHUNK = 4096  # points per log-density evaluation
 MLFLOW_POINTS = 50  # curve points per model sent to MLflow (each is one request)
 
@@ -112,16 +109,6 @@ def train_flow(
     return losses, toy.steps / (time.perf_counter() - start)
 
 
-def lipschitz_certificate(model: Flow2d) -> float:
-    """The largest certified ``Lip(g_t)`` over the blocks of the model as it is (eval-mode weights).
-
-    Each block's bound is the product of its linear layers' exact spectral norms (the nonlinearities are
-    1-Lipschitz). It can exceed ``coeff``, because one power iteration per step lags the weights, but below 1 every
-    block is invertible (Theorem 1) and ``ln p`` is a normalised log-density; that is what the evaluation needs.
-    """
-    return max(block.lipschitz_bound() for block in residual_blocks(model))
-
-
 def log_density(model: Flow2d, x: Tensor) -> Tensor:
     """``ln p(x)`` ``(N, 2) -> (N,)`` in eval mode, ``EVAL_CHUNK`` points at a time."""
     model.eval()
@@ -139,48 +126,8 @@ def grid(size: int) -> tuple[Tensor, float]:
     return torch.stack([xx.flatten(), yy.flatten()], dim=1), h * h
 
 
-Panel = tuple[str, dict[str, str], dict[str, Tensor]]  # dataset, column titles, column images
-
-
-def write_figure(path: Any, panels: list[Panel]) -> None:
-    """Rows = datasets; columns = data histogram, i-ResNet density, Glow density (images ``(size, size)``, row = y)."""
-    plt = pyplot()
-
-    columns = ["data", *MODELS]
-    fig, axes = plt.subplots(len(panels), 3, figsize=(7.5, 2.5 * len(panels) + 0.4), squeeze=False)
-    for row, (name, titles, images) in enumerate(panels):
-        for col, key in enumerate(columns):
-            ax = axes[row, col]
-            ax.imshow(images[key].numpy(), origin="lower", extent=(-WINDOW, WINDOW, -WINDOW, WINDOW), cmap="magma",
-                      interpolation="nearest")  # fmt: skip
-            ax.set_title(titles[key], fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(name, fontsize=10)
-    fig.suptitle("Fig. 2: 2-D densities (test NLL in nats, lower is better)", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-
-
-def data_histogram(name: str, seed: int, size: int) -> Tensor:
-    """Empirical density of ``FIGURE_POINTS`` samples on the heatmap grid ``(size, size)`` (row = y)."""
-    x = sample(name, FIGURE_POINTS, seed, "figure")
-    h = 2 * WINDOW / size
-    counts = torch.histogramdd(x.flip(1), bins=[size, size], range=[-WINDOW, WINDOW, -WINDOW, WINDOW]).hist
-    return counts / (FIGURE_POINTS * h * h)
-
-
-def write_curves(path: Any, rows: list[tuple[str, str, int, float]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["dataset", "model", "step", "loss"])
-    writer.writerows((d, m, s, f"{loss:.6g}") for d, m, s, loss in rows)
-    write_bytes_atomic(path, buffer.getvalue().encode())
-
-
 def fit_dataset(
-    name: str, params: Params, paths: Paths, tracker: Tracker, curve_rows: list[tuple[str, str, int, float]]
+    name: str, params: Params, paths: Paths, tracker: Tracker, curve_rows: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], Panel]:
     """Train and evaluate both flows on ``name`` (appending their losses to ``curve_rows``); returns its metrics and
     its figure row."""
@@ -198,12 +145,16 @@ def fit_dataset(
         model = build_flow(config)
         with progress(f"{name} {LABELS[kind]}", toy.steps) as advance:
             losses, steps_per_s = train_flow(model, name, kind, params, advance)
-        curve_rows += [(name, kind, step, loss) for step, loss in enumerate(losses)]
+        curve_rows += [
+            {"dataset": name, "model": kind, "step": step, "loss": f"{loss:.6g}"} for step, loss in enumerate(losses)
+        ]
         every = max(1, toy.steps // MLFLOW_POINTS)
         for step in range(0, toy.steps, every):
             tracker.log_metrics({f"{name}.{kind}.train_loss": losses[step]}, step=step)
         if kind == "iresnet":
-            result["iresnet_lipschitz_max"] = lipschitz_certificate(model)
+            # Certified max_t Lip(g_t) of the trained weights: it can exceed coeff (one power iteration per step
+            # lags the weights), but below 1 every block is invertible (Theorem 1) and ln p a normalised density.
+            result["iresnet_lipschitz_max"] = max(lipschitz_bounds(model))
             result["iresnet_certified_invertible"] = result["iresnet_lipschitz_max"] < 1.0
         nll = float(-log_density(model, test).mean())
         check_finite(torch.tensor(nll), "test NLL", f"{name} / {LABELS[kind]}", "Train longer or lower toy.lr.")
@@ -224,13 +175,13 @@ def fit_dataset(
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Fit every dataset with both flows; write the metrics JSON, curves CSV, Fig. 2 and models. Returns the metrics
     as a flat dict (``<dataset>.<metric>``) for the results table."""
-    tracker = tracker or NullTracker()
-    start = time.perf_counter()
+    out = StageRun(TOY_DENSITY, paths, tracker)
+    tracker = out.tracker
     toy = params.toy
     seed_everything(params.seed)
     per_dataset: dict[str, dict[str, Any]] = {}
     panels: list[Panel] = []
-    curve_rows: list[tuple[str, str, int, float]] = []
+    curve_rows: list[dict[str, Any]] = []
     with single_thread():
         for name in toy.datasets:
             per_dataset[name], panel = fit_dataset(name, params, paths, tracker, curve_rows)
@@ -245,13 +196,9 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "nll_units": "nats per 2-D point (test set); reference_nll: the true density's, where it is closed-form",
         "window": [-WINDOW, WINDOW],
     }
-    curves, figure = paths.curves / CURVES_FILE, paths.figures / FIGURE
-    write_curves(curves, curve_rows)
-    write_figure(figure, panels)
-    summary["wall_time_s"] = time.perf_counter() - start
-    write_json(paths.metrics / METRICS_FILE, summary)
-    for path, folder in ((paths.metrics / METRICS_FILE, "metrics"), (curves, "curves"), (figure, "figures")):
-        tracker.log_artifact(path, folder)
+    out.write_curve("steps", curve_rows, CURVE_COLUMNS)
+    plot_toy_densities(out.figure("fig2"), panels, ["data", *MODELS])
+    out.finish(summary)
     flat: dict[str, Any] = {}
     for name, metrics in per_dataset.items():
         for key in ("iresnet_nll", "glow_nll", "reference_nll", "iresnet_grid_mass", "glow_grid_mass",

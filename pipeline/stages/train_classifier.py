@@ -15,40 +15,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from iresnet.models import IResNetClassifier
-from pipeline.data.batches import augment, batch_indices, n_batches
-from pipeline.models.classifiers import (
-    MODEL_KIND,
-    ClassifierSpec,
-    config_to_dict,
-    conv_layers,
-    curve_file,
-    metrics_file,
-    model_file,
-    resnet_config,
-    resolve_spec,
-)
 from pipeline.console import progress
-from pipeline.files import write_csv, write_json
+from pipeline.data.batches import augment, batch_indices, n_batches
+from pipeline.data.preprocess import ChannelStats
+from pipeline.data.store import load_channel_stats, load_prepared, load_stats
+from pipeline.models.classifiers import MODEL_KIND, conv_layers, resnet_config
+from pipeline.models.specs import ClassifierSpec, resolve_spec
+from pipeline.outputs import TRAIN_CLASSIFIER, StageRun
 from pipeline.params import Params, check_spatial, params_hash
 from pipeline.paths import Paths
-from pipeline.data.store import load_channel_stats, load_prepared, load_stats
-from pipeline.data.preprocess import ChannelStats
-from pipeline.tracking import NullTracker, Tracker
+from pipeline.tracking import Tracker
 from pipeline.training import (
     EpochLoop,
     ResumeFile,
     build_optimizer,
     check_finite,
-    n_params,
+    config_to_dict,
     save_model,
     seed_everything,
 )
@@ -137,18 +126,13 @@ def run_fingerprint(params: Params, spec: ClassifierSpec, data_summary: dict[str
     return params_hash({"seed": params.seed, "label": spec.label, "classifier": section, "data": data_summary})
 
 
-def _write_curve(path: Path, history: list[dict[str, Any]]) -> None:
-    frame = pd.DataFrame([{c: record[c] for c in CURVE_COLUMNS} for record in history], columns=list(CURVE_COLUMNS))
-    write_csv(path, frame)
-
-
 def run(
     params: Params, paths: Paths, tracker: Tracker | None = None, coeff: str | float | None = None
 ) -> dict[str, Any]:
     """Train the model ``coeff`` names (an entry of ``classifier.coeffs``); returns its metrics (the JSON's content)."""
-    tracker = tracker or NullTracker()
-    start = time.perf_counter()
     spec = resolve_spec(params.classifier, coeff)
+    out = StageRun(TRAIN_CLASSIFIER, paths, tracker, label=spec.label)
+    tracker = out.tracker
     p = params.classifier
     seed_everything(params.seed)
     train, test = load_prepared(paths, "train"), load_prepared(paths, "test")
@@ -190,13 +174,12 @@ def run(
 
     history = loop.history
     last = history[-1]
-    earlier = sum(r["seconds"] for r in history[: loop.resumed_from])  # epochs done by an interrupted run
     save_model(
-        model_file(paths, spec.label), MODEL_KIND, config_to_dict(config), model, label=spec.label,
+        TRAIN_CLASSIFIER.model_path(paths, spec.label), MODEL_KIND, config_to_dict(config), model, label=spec.label,
         model_kind=spec.kind, coeff=spec.coeff, n_classes=int(summary["n_classes"]), dataset=summary["dataset"],
         mean=stats.mean.tolist(), std=stats.std.tolist(),
     )  # fmt: skip
-    _write_curve(curve_file(paths, spec.label), history)
+    out.write_curve("epochs", history, CURVE_COLUMNS)
     metrics = {
         "model": spec.label,
         "coeff": spec.coeff,
@@ -209,12 +192,5 @@ def run(
         "test_loss": last["test_loss"],
         "train_loss": last["train_loss"],
         "train_accuracy": last["train_accuracy"],
-        "n_params": n_params(model),
-        "throughput_img_s": sum(r["images"] for r in history) / sum(r["train_seconds"] for r in history),
-        "wall_time_s": earlier + time.perf_counter() - start,
     }
-    write_json(metrics_file(paths, spec.label), metrics)
-    tracker.log_artifact(metrics_file(paths, spec.label), "metrics")
-    tracker.log_artifact(curve_file(paths, spec.label), "curves")
-    loop.finish()
-    return metrics
+    return loop.close(out, model, metrics)

@@ -13,66 +13,50 @@ through the inverse, with its convergence report in the metrics).
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import pandas as pd
 import torch
 from torch import Tensor
 
-from iresnet.blocks import residual_blocks
+from iresnet.blocks import lipschitz_bounds, logdet_settings_as, residual_blocks
 from iresnet.logdet import LogDetSettings
 from iresnet.models import MultiscaleFlow
 from iresnet.spectral_norm import LipschitzConv2d
-from pipeline.data.batches import batch_indices, n_batches
 from pipeline.console import progress
-from pipeline.plots.figures import pyplot, save_figure
-from pipeline.files import write_csv, write_json
+from pipeline.data.batches import batch_indices, evenly_spaced, n_batches
+from pipeline.data.store import load_prepared, load_stats, load_zca
 from pipeline.models.flows import (
     MODEL_KIND,
-    ZCA_MARK,
     FlowSpace,
-    config_to_dict,
     dims_text,
-    evenly_spaced,
     fixed_noise_inputs,
     flow_config,
-    log_prob_parts,
-    logdet_settings_as,
-    model_file,
 )
+from pipeline.outputs import TRAIN_FLOW, ZCA_MARK, StageRun
 from pipeline.params import Params, check_spatial, params_hash
 from pipeline.paths import Paths
-from pipeline.data.store import load_prepared, load_stats, load_zca
-from pipeline.tracking import NullTracker, Tracker
+from pipeline.plots.flow import plot_samples
+from pipeline.tracking import Tracker
 from pipeline.training import (
     EpochLoop,
     GeneratorState,
     ResumeFile,
     build_optimizer,
     check_finite,
+    config_to_dict,
     gradient_norm,
-    n_params,
     save_model,
     seed_everything,
 )
 
 CURVE_COLUMNS = ("epoch", "train_bpd", "test_bpd", "logpz", "logdet", "recon_error", "lr")
-FIGURE = "fig5_samples.png"
 RECON_BATCH = 64  # test images reconstructed after every epoch
 # Power iterations run once on the fresh weights: from random vectors a few iterations per step would lag the weights
 # for hundreds of steps, with norms above c meanwhile (and certified Lip(g) >= 1 after short runs).
 _INIT_POWER_ITERS = 100
 _EVAL_SEED_OFFSET = 1  # the per-epoch test evaluation's noise and probes: fixed, and apart from the training streams
-
-
-def metrics_file(paths: Paths) -> Any:
-    return paths.metrics / "flow.json"
-
-
-def curve_file(paths: Paths) -> Any:
-    return paths.curves / "flow.csv"
 
 
 def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -92,7 +76,7 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
 def divergence_hint(model: MultiscaleFlow) -> str:
     """What to try after a NaN, with the certified ``Lip(g)`` of the blocks right now (>= 1 breaks Eq. 4)."""
     try:
-        worst = max(block.lipschitz_bound() for block in residual_blocks(model))
+        worst = max(lipschitz_bounds(model))
         state = f"The largest certified Lip(g) of a block is now {worst:.3f}"
         state += " (>= 1: the log-det series diverges). " if worst >= 1 else " (< 1). "
     except (RuntimeError, ValueError):  # NaN weights break the SVD: that is the diagnosis then
@@ -153,7 +137,7 @@ def evaluate_epoch(model: MultiscaleFlow, space: FlowSpace, x: Tensor, batch_siz
         torch.manual_seed(seed)
         logpz, logdet = [], []
         for idx in batch_indices(len(x), batch_size, shuffle=False):
-            a, b = log_prob_parts(model, x[idx])
+            a, b = model.log_prob_parts(x[idx])
             logpz.append(a)
             logdet.append(b)
     logpz_all, logdet_all = torch.cat(logpz), torch.cat(logdet)
@@ -183,39 +167,10 @@ def reconstruction_error(model: MultiscaleFlow, x: Tensor) -> float:
     return float((model.decode(zs) - x).abs().max())
 
 
-def write_samples_figure(path: Any, samples: Tensor, data: Tensor, title: str) -> None:
-    """Test images beside samples of the flow, both ``(N, C, H, W)`` in ``[0, 1]`` (Fig. 5)."""
-    plt = pyplot()
-
-    def grid(images: Tensor) -> Any:
-        n, c, h, w = images.shape
-        cols = math.ceil(math.sqrt(n))
-        rows = math.ceil(n / cols)
-        canvas = torch.ones(c, rows * (h + 1) - 1, cols * (w + 1) - 1)
-        for i, image in enumerate(images):
-            r, k = divmod(i, cols)
-            canvas[:, r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = image
-        return canvas.permute(1, 2, 0).squeeze(-1).numpy()
-
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.8))
-    for ax, name, images in ((axes[0], "test images", data), (axes[1], "samples", samples)):
-        ax.imshow(grid(images), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(name, fontsize=10)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-
-
-def _write_curve(path: Any, history: list[dict[str, Any]]) -> None:
-    frame = pd.DataFrame([{c: r[c] for c in CURVE_COLUMNS} for r in history], columns=list(CURVE_COLUMNS))
-    write_csv(path, frame)
-
-
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Train the flow ``flow.*`` describes on the prepared data; returns the metrics (the content of ``flow.json``)."""
-    tracker = tracker or NullTracker()
-    start = time.perf_counter()
+    out = StageRun(TRAIN_FLOW, paths, tracker)
+    tracker = out.tracker
     p = params.flow
     seed_everything(params.seed)
     train_images, _ = load_prepared(paths, "train")
@@ -234,7 +189,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     resume = ResumeFile.for_run(paths, "flow", fingerprint)
     loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "noise": GeneratorState(noise)})
     test_x = fixed_noise_inputs(space, test_images, params.seed + _EVAL_SEED_OFFSET)  # the same inputs every epoch
-    recon_x = fixed_noise_inputs(space, evenly_spaced(test_images, RECON_BATCH), params.seed + _EVAL_SEED_OFFSET)
+    recon_x = fixed_noise_inputs(space, test_images[evenly_spaced(len(test_images), RECON_BATCH)], params.seed + _EVAL_SEED_OFFSET)
 
     per_epoch = n_batches(len(train_images), p.batch_size, p.max_train_batches)
     with progress("train flow", p.epochs * per_epoch) as advance:
@@ -263,13 +218,13 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         f"({dims_text(shape)} dims, {len(history)} epochs)\nsamples: fixed-point inverse converged in "
         f"{inverse['converged_fraction']:.0%} of the blocks (max residual {inverse['max_residual']:.1e})"
     )
-    write_samples_figure(paths.figures / FIGURE, samples, evenly_spaced(test_images, p.n_generated), title)
+    shown = test_images[evenly_spaced(len(test_images), p.n_generated)]
+    plot_samples(out.figure("fig5"), samples, shown, title)
     save_model(
-        model_file(paths), MODEL_KIND, config_to_dict(config), model, dataset=summary["dataset"], zca=p.use_zca,
+        TRAIN_FLOW.model_path(paths), MODEL_KIND, config_to_dict(config), model, dataset=summary["dataset"], zca=p.use_zca,
         zca_logdet=space.log_det_correction, image_shape=list(shape), n_dims=space.n_dims, epochs=len(history),
     )  # fmt: skip
-    _write_curve(curve_file(paths), history)
-    earlier = sum(r["seconds"] for r in history[: loop.resumed_from])  # epochs done by an interrupted run
+    out.write_curve("epochs", history, CURVE_COLUMNS)
     metrics = {
         "dataset": summary["dataset"],
         "zca": p.use_zca,
@@ -287,14 +242,6 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "samples_converged_fraction": inverse["converged_fraction"],
         "samples_max_residual": inverse["max_residual"],
         "samples_max_iterations": inverse["max_iterations"],
-        "n_params": n_params(model),
-        "throughput_img_s": sum(r["images"] for r in history) / sum(r["train_seconds"] for r in history),
-        "wall_time_s": earlier + time.perf_counter() - start,
     }
-    write_json(metrics_file(paths), metrics)
-    outputs = {metrics_file(paths): "metrics", curve_file(paths): "curves", paths.figures / FIGURE: "figures"}
-    for path, folder in outputs.items():
-        tracker.log_artifact(path, folder)
-    loop.finish()
-    return metrics
+    return loop.close(out, model, metrics)
 

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 import yaml
 
-from pipeline.stages import train_classifier
+from pipeline.data.store import split_file, stats_file
 from pipeline.files import save_torch, write_json
 from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
-from pipeline.data.store import split_file, stats_file
+from pipeline.stages import train_classifier
 
 REPO = Path(__file__).resolve().parents[2]
 # 8x8 inputs: 2 channels (1 + inj_pad 1) at 8x8 in stage 0, 8 channels at 4x4 after the squeeze of stage 1.

@@ -14,8 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app, ui_command
-from pipeline.paths import Paths
 from pipeline.data.store import load_prepared
+from pipeline.paths import Paths
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +89,7 @@ def test_prepare_is_tracked(
     assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
     assert runs[0].data.params["data.max_train"] == "12" and runs[0].data.metrics["n_train"] == 12
     assert "not found" in runs[1].data.tags["error"]
-    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"figures", "prepared"}
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"figures", "metrics", "prepared"}
 
 
 def test_ui_command_targets_the_project_store(tmp_path: Path) -> None:

@@ -9,15 +9,16 @@ import pytest
 import torch
 from torch import Tensor
 
-from iresnet.blocks import residual_blocks
+from iresnet.blocks import logdet_settings_as, residual_blocks
 from iresnet.layers import ActNorm
 from iresnet.logdet import LogDetSettings
 from iresnet.models import FlowConfig, MultiscaleFlow
 from iresnet.spectral_norm import LipschitzConv2d
-from pipeline.stages import evaluate_flow
 from pipeline.files import read_json
-from pipeline.models.flows import FlowSpace, log_prob_parts, logdet_settings_as
+from pipeline.models.flows import FlowSpace
+from pipeline.outputs import EVALUATE_FLOW
 from pipeline.params import parse_params
+from pipeline.stages import evaluate_flow
 from tests.pipeline.flow_helpers import linear_flow, trained_project, with_section
 
 LN2 = math.log(2)
@@ -98,7 +99,7 @@ def _linear_case(norms: tuple[float, float], n: int) -> tuple[MultiscaleFlow, Te
     model, maps = linear_flow(norms)
     x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.5
     with torch.no_grad(), logdet_settings_as(model, LogDetSettings("none")):
-        logpz, actnorm = log_prob_parts(model, x)
+        logpz, actnorm = model.log_prob_parts(x)
     assert actnorm.abs().max() == 0  # the ActNorms are the identity: ln p(z) and the blocks make up all of ln p(x)
     exact_logdet = sum(pixels * torch.linalg.slogdet(torch.eye(len(a), dtype=a.dtype) + a)[1] for a, pixels in maps)
     return model, x, logpz, exact_logdet
@@ -140,7 +141,7 @@ def test_stage_metrics_and_chosen_terms(tiny_project: Path, tiny_params: dict) -
     params, paths, _ = trained_project(tiny_project, tiny_params, epochs=1, coeff=0.5)
     params = with_section(params, "evaluate_flow", max_bias_bits=1e-3, max_stderr_bits=0.05, max_samples=6)
     metrics = evaluate_flow.run(params, paths)
-    assert read_json(evaluate_flow.metrics_file(paths)) == metrics
+    assert read_json(EVALUATE_FLOW.metrics_path(paths)) == metrics
     assert metrics["n_dims"] == 64 and metrics["n_examples"] == 12 and metrics["dataset"] == "idx:tiny"
     lips, n = metrics["block_lipschitz"], metrics["n_terms"]
     assert len(lips) == 2 and max(lips) < 1 and metrics["bias_target_met"] is True

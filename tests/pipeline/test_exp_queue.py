@@ -37,6 +37,6 @@ def test_queued_experiment_logs_into_the_workspace_store(
     assert run.data.params["data.max_train"] == "20" and run.data.metrics["n_train"] == 20
     artifact_root = client.get_experiment(run.info.experiment_id).artifact_location
     assert artifact_root == (repo.root.resolve() / "mlartifacts" / "data").as_uri()
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"figures", "prepared"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"figures", "metrics", "prepared"}
     # The stage wrote its outputs in DVC's temporary copy (deleted since), not here, yet its run is in this store.
     assert not (repo.root / "data" / "prepared").exists()

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from repo_copy import RepoCopy, commit_all, make_repo_copy
 
-from pipeline.report.inputs import FIGURES
+from pipeline.outputs import figures
 
 TABLES = ("table2", "table4", "toy", "runcost")
 
@@ -62,10 +62,10 @@ def test_dvc_repro_whole_graph(
     for name in TABLES:
         for ext in ("md", "tex", "csv"):
             assert (reports / "tables" / f"{name}.{ext}").stat().st_size > 0
-    for name in FIGURES:
+    for name in figures():
         assert (reports / "figures" / name).read_bytes()[:4] == b"\x89PNG", name
     page = (reports / "README.md").read_text()
-    assert all(f"(figures/{name})" in page for name in FIGURES)
+    assert all(f"(figures/{name})" in page for name in figures())
     summary = json.loads((reports / "metrics" / "summary.json").read_text())
     assert set(summary["classifier"]) == {"vanilla", "0.9"}
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from iresnet.blocks import residual_blocks
+from iresnet.blocks import logdet_settings_as, residual_blocks
 from iresnet.logdet import LogDetSettings, branch_jacobian, exact_logdet
 from iresnet.models import FlowConfig, MultiscaleFlow
-from pipeline.stages import logdet_bias
 from pipeline.files import read_json
-from pipeline.models.flows import logdet_settings_as
+from pipeline.outputs import LOGDET_BIAS
 from pipeline.params import parse_params
+from pipeline.stages import logdet_bias
 from tests.pipeline.flow_helpers import linear_flow, trained_project
 
 
@@ -117,14 +117,14 @@ def test_bias_curve_of_linear_blocks_matches_the_closed_form() -> None:
 def test_stage_outputs(tiny_project: Path, tiny_params: dict) -> None:
     params, paths, _ = trained_project(tiny_project, tiny_params, epochs=1)
     metrics = logdet_bias.run(params, paths)
-    assert read_json(logdet_bias.metrics_file(paths)) == metrics
+    assert read_json(LOGDET_BIAS.metrics_path(paths)) == metrics
     assert metrics["method"].startswith("exact: per-block brute-force Jacobians")
     assert metrics["n_examples"] == 6 and metrics["n_samples"] == 4 and metrics["block_dims"] == [64, 32]
-    curve = pd.read_csv(logdet_bias.curve_file(paths))
+    curve = pd.read_csv(LOGDET_BIAS.curve_path(paths, "terms"))
     assert tuple(curve.columns) == logdet_bias.CURVE_COLUMNS and curve["n_terms"].tolist() == list(range(1, 13))
     assert (curve["abs_bias"] == curve["bias"].abs()).all() and (curve["std"] > 0).all()
     assert metrics["abs_bias_last"] == curve["abs_bias"].iloc[-1] and math.isfinite(metrics["exact_logdet_mean"])
-    assert (paths.figures / logdet_bias.FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (LOGDET_BIAS.figure_path(paths, "fig4")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_one_probe_is_rejected(repo_params: dict) -> None:

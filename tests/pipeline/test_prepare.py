@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from pipeline.data.datasets import read_idx
+from pipeline.data.store import load_channel_stats, load_prepared, load_stats, load_zca, split_file, zca_file
 from pipeline.errors import DataError, ParamsError
 from pipeline.files import read_json
+from pipeline.outputs import PREPARE
 from pipeline.params import load_params, parse_params
 from pipeline.paths import Paths
-from pipeline.stages.prepare import PREVIEW, run
-from pipeline.data.store import load_channel_stats, load_prepared, load_stats, load_zca, split_file, zca_file
+from pipeline.stages.prepare import run
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -55,7 +56,7 @@ def test_prepare_writes_consistent_outputs(tiny_project: Path) -> None:
     assert metrics["zca_logdet"] == zca.logdet
     torch.testing.assert_close(zca.mean, train.double().reshape(30, -1).mean(0), rtol=0, atol=1e-12)
 
-    png = paths.figures / PREVIEW
+    png = PREPARE.figure_path(paths, "preview")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -63,11 +64,11 @@ def test_prepare_is_byte_identical_on_rerun(tiny_project: Path) -> None:
     paths = Paths.at(tiny_project)
     params = load_params(paths.params_file)
     run(params, paths)
-    first = {**_digest(paths.prepared), PREVIEW: hashlib.sha256((paths.figures / PREVIEW).read_bytes()).hexdigest()}
+    first = {**_digest(paths.prepared), "preview": hashlib.sha256((PREPARE.figure_path(paths, "preview")).read_bytes()).hexdigest()}
     for f in paths.prepared.iterdir():
         f.unlink()
     run(params, paths)
-    second = {**_digest(paths.prepared), PREVIEW: hashlib.sha256((paths.figures / PREVIEW).read_bytes()).hexdigest()}
+    second = {**_digest(paths.prepared), "preview": hashlib.sha256((PREPARE.figure_path(paths, "preview")).read_bytes()).hexdigest()}
     assert first == second and len(first) == 5
 
 

@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from iresnet.blocks import InvertibleResidualBlock
-from pipeline.stages import reconstruction
-from pipeline.models.classifiers import ClassifierSpec, conv_layers, load_classifier, model_file
+from pipeline.data.store import load_prepared
 from pipeline.errors import DataError
 from pipeline.files import save_torch
+from pipeline.models.classifiers import conv_layers, load_classifier
+from pipeline.models.specs import ClassifierSpec
+from pipeline.outputs import RECONSTRUCTION, TRAIN_CLASSIFIER
 from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
-from pipeline.data.store import load_prepared
+from pipeline.stages import reconstruction
 from tests.pipeline.classifier_helpers import TINY_RECONSTRUCTION, classifier_project, tiny_raw, trained_project
 
 LABELS = ["vanilla", "0.9", "0.5"]
@@ -59,7 +61,7 @@ def _by_hand(label: str, paths: Paths, n: int) -> tuple[float, float]:
 
 def test_curve_matches_an_independent_inversion(reconstructed: tuple) -> None:
     _, paths, _ = reconstructed
-    frame = pd.read_csv(paths.curves / reconstruction.CSV_NAME)
+    frame = pd.read_csv(RECONSTRUCTION.curve_path(paths, "errors"))
     assert list(frame.columns) == list(reconstruction.CSV_COLUMNS)
     assert frame["model"].tolist() == [label for label in LABELS for _ in COUNTS]
     assert frame["iterations"].tolist() == COUNTS * len(LABELS)
@@ -72,8 +74,8 @@ def test_curve_matches_an_independent_inversion(reconstructed: tuple) -> None:
 
 def test_constrained_models_converge_geometrically(reconstructed: tuple) -> None:
     _, paths, flat = reconstructed
-    frame = pd.read_csv(paths.curves / reconstruction.CSV_NAME)
-    result = _strict((paths.metrics / reconstruction.JSON_NAME).read_text())
+    frame = pd.read_csv(RECONSTRUCTION.curve_path(paths, "errors"))
+    result = _strict((RECONSTRUCTION.metrics_path(paths)).read_text())
     for label in ("0.9", "0.5"):
         errors = frame[frame["model"] == label]["max_error"].tolist()
         # Non-increasing until the float64 floor (~1e-16 of pixel values ~1).
@@ -96,13 +98,13 @@ def test_constrained_models_converge_geometrically(reconstructed: tuple) -> None
     for key, n in summary["0.5"]["iterations_to"].items():
         assert n <= summary["0.9"]["iterations_to"][key]
     assert set(result["models"]) == set(LABELS) and result["n_images"] == 6 and result["wall_time_s"] > 0
-    for name in (reconstruction.FIG8_NAME, reconstruction.FIG3_NAME):
-        assert (paths.figures / name).read_bytes()[:4] == b"\x89PNG"
+    for key in ("fig8", "fig3"):
+        assert RECONSTRUCTION.figure_path(paths, key).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_diverging_model_is_flagged_not_hidden(tmp_path: Path) -> None:
     params, paths = trained_project(tmp_path, coeffs=["vanilla"], epochs=1)
-    path = model_file(paths, "vanilla")
+    path = TRAIN_CLASSIFIER.model_path(paths, "vanilla")
     state = torch.load(path, weights_only=True)
     model = load_classifier(paths, ClassifierSpec.of("vanilla")).model
     for _, _, layer in conv_layers(model):  # every g becomes strongly expansive
@@ -110,7 +112,7 @@ def test_a_diverging_model_is_flagged_not_hidden(tmp_path: Path) -> None:
         state["state_dict"][f"{name}.weight"] = state["state_dict"][f"{name}.weight"] * 30.0
     save_torch(path, state)
     flat = reconstruction.run(params, paths)
-    summary = _strict((paths.metrics / reconstruction.JSON_NAME).read_text())["models"]["vanilla"]
+    summary = _strict((RECONSTRUCTION.metrics_path(paths)).read_text())["models"]["vanilla"]
     assert summary["converged"] is False and flat["vanilla/converged"] is False
     assert summary["iterations_to"] == {"1e-02": None, "1e-06": None}
     final = summary["final_max_error"]

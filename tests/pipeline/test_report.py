@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.stages import report
 from pipeline.cli import app
 from pipeline.errors import DataError
+from pipeline.outputs import figures
 from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
-from pipeline.report.inputs import FIGURES
+from pipeline.stages import report
 
 LABELS = ["vanilla", "0.9", "0.7", "0.5"]
 ERRORS = {"vanilla": 0.0123, "0.9": 0.0151, "0.7": 0.0189, "0.5": 0.0342}
@@ -96,7 +96,7 @@ def write_fixture(root: Path, labels: list[str] = LABELS, files: dict[str, Any] 
     stats = {"dataset": "mnist-5k", "n_train": 4000, "n_test": 1000, "shape": [1, 28, 28], "zca": {"enabled": True}}
     (paths.prepared / "stats.json").write_text(json.dumps(stats))
     paths.figures.mkdir(parents=True, exist_ok=True)
-    for name in FIGURES:
+    for name in figures():
         (paths.figures / name).write_bytes(b"\x89PNG")
     return paths
 
@@ -189,7 +189,7 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
     assert metrics["test_error_pct.vanilla"] == pytest.approx(1.23, rel=1e-12) and metrics["bpd"] == 1.6523
 
     page = (paths.reports / "README.md").read_text()
-    for name in FIGURES:
+    for name in figures():
         assert f"(figures/{name})" in page
     assert page.count("**Paper:**") == page.count("**This run:**") == 10
     assert "dataset `mnist-5k` (4,000 train / 1,000 test images, 1x28x28)" in page and "trained 3 epochs" in page

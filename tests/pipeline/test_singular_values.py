@@ -14,12 +14,14 @@ import torch.nn.functional as F
 
 from iresnet.blocks import residual_blocks
 from iresnet.spectral_norm import conv_norm_upper_bound, operator_norm
-from pipeline.stages import singular_values
-from pipeline.models.classifiers import ClassifierSpec, conv_layers, load_classifier, model_file
 from pipeline.errors import DataError, ParamsError
 from pipeline.files import save_torch
+from pipeline.models.classifiers import conv_layers, load_classifier
+from pipeline.models.specs import ClassifierSpec
+from pipeline.outputs import SINGULAR_VALUES, TRAIN_CLASSIFIER
 from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
+from pipeline.stages import singular_values
 from tests.pipeline.classifier_helpers import classifier_project, tiny_raw, trained_project
 
 LABELS = ["vanilla", "batchnorm", "0.9", "0.5"]
@@ -38,7 +40,7 @@ def _exact_norm(weight: torch.Tensor, shape: tuple[int, int, int], padding: int)
 
 def test_bounds_bracket_the_exact_norm_of_every_convolution(measured: tuple) -> None:
     params, paths, _ = measured
-    frame = pd.read_csv(paths.curves / singular_values.CSV_NAME)
+    frame = pd.read_csv(SINGULAR_VALUES.curve_path(paths, "layers"))
     assert list(frame.columns) == list(singular_values.CSV_COLUMNS)
     assert frame["model"].tolist() == [label for label in LABELS for _ in range(6)]  # 2 blocks x 3 convs
     assert set(frame["weights"]) == {"trained"}
@@ -60,8 +62,8 @@ def test_bounds_bracket_the_exact_norm_of_every_convolution(measured: tuple) -> 
 
 def test_block_bounds_and_certificates_follow_from_the_layers(measured: tuple) -> None:
     params, paths, flat = measured
-    frame = pd.read_csv(paths.curves / singular_values.CSV_NAME)
-    result = json.loads((paths.metrics / singular_values.JSON_NAME).read_text())
+    frame = pd.read_csv(SINGULAR_VALUES.curve_path(paths, "layers"))
+    result = json.loads((SINGULAR_VALUES.metrics_path(paths)).read_text())
     assert set(result["models"]) == set(LABELS) and result["wall_time_s"] > 0
     for label in LABELS:
         summary, rows = result["models"][label], frame[frame["model"] == label]
@@ -86,12 +88,12 @@ def test_block_bounds_and_certificates_follow_from_the_layers(measured: tuple) -
     # Every i-ResNet is certified; the estimate that training used never exceeds c.
     assert result["models"]["0.9"]["guaranteed_inverse"] and result["models"]["0.5"]["guaranteed_inverse"]
     assert (frame[frame["model"] == "0.5"]["sigma_running"] <= 0.5).all()
-    assert (paths.figures / singular_values.FIGURE_NAME).read_bytes()[:4] == b"\x89PNG"
+    assert (SINGULAR_VALUES.figure_path(paths, "fig6")).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_inflated_layer_breaks_the_certificate_and_projection_repairs_it(tmp_path: Path) -> None:
     params, paths = trained_project(tmp_path, coeffs=[0.9], epochs=1)
-    path = model_file(paths, "0.9")
+    path = TRAIN_CLASSIFIER.model_path(paths, "0.9")
     state = torch.load(path, weights_only=True)
     model = load_classifier(paths, ClassifierSpec.of(0.9)).model
     _, _, layer = conv_layers(model)[0]
@@ -106,7 +108,7 @@ def test_inflated_layer_breaks_the_certificate_and_projection_repairs_it(tmp_pat
     raw = tiny_raw(coeffs=[0.9], epochs=1)
     raw["singular_values"]["project"] = True
     flat = singular_values.run(parse_params(raw), paths)
-    summary = json.loads((paths.metrics / singular_values.JSON_NAME).read_text())["models"]["0.9"]
+    summary = json.loads((SINGULAR_VALUES.metrics_path(paths)).read_text())["models"]["0.9"]
     assert summary["guaranteed_inverse"] is False and flat["0.9/guaranteed_inverse"] is False
     inflated_norm = conv_norm_upper_bound(inflated, layer.input_hw, 1)  # 3 up to the float32 rounding of W
     assert summary["max_layer_upper"] == pytest.approx(inflated_norm, rel=1e-12) and summary["max_block_bound"] > 1
@@ -114,7 +116,7 @@ def test_inflated_layer_breaks_the_certificate_and_projection_repairs_it(tmp_pat
     projected = summary["projected"]
     assert projected["guaranteed_inverse"] is True and flat["0.9/projected_guaranteed_inverse"] is True
     assert projected["n_layers_projected"] >= 1 and projected["max_layer_upper"] <= 0.9
-    frame = pd.read_csv(paths.curves / singular_values.CSV_NAME)
+    frame = pd.read_csv(SINGULAR_VALUES.curve_path(paths, "layers"))
     after = frame[frame["weights"] == "projected"]
     assert len(after) == 6 and (after["sigma_upper"] <= 0.9).all()
     assert path.read_bytes() == before  # the model file itself is not changed

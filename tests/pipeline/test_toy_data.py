@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from pipeline.params import TOY_DATASETS
 from pipeline.data.toy2d import (
     GAUSS8_RADIUS,
     MEANS,
@@ -17,6 +16,7 @@ from pipeline.data.toy2d import (
     sample,
     stream_seed,
 )
+from pipeline.params import TOY_DATASETS
 
 N_MOMENTS = 200_000
 

@@ -16,22 +16,17 @@ from typer.testing import CliRunner
 
 from iresnet.layers import ActNorm
 from iresnet.models import IResNetClassifier, ResNetConfig
-from pipeline.stages import train_classifier
-from pipeline.data.batches import augment, batch_indices, n_batches, random_hflip, random_shift
-from pipeline.models.classifiers import (
-    ClassifierSpec,
-    curve_file,
-    load_classifier,
-    metrics_file,
-    model_file,
-    resolve_spec,
-)
 from pipeline.cli import app
+from pipeline.data.batches import augment, batch_indices, n_batches, random_hflip, random_shift
+from pipeline.data.store import load_prepared
 from pipeline.errors import DataError, ParamsError
 from pipeline.files import read_json, write_json
+from pipeline.models.classifiers import load_classifier
+from pipeline.models.specs import ClassifierSpec, resolve_spec
+from pipeline.outputs import TRAIN_CLASSIFIER
 from pipeline.params import ClassifierParams, load_params
 from pipeline.paths import Paths
-from pipeline.data.store import load_prepared
+from pipeline.stages import train_classifier
 from pipeline.training import EpochLoop, ResumeFile, TrainingDiverged
 from tests.pipeline.classifier_helpers import REPO, classifier_project
 
@@ -76,7 +71,7 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, label: str, kind: 
     assert set(metrics) == METRIC_KEYS
     assert metrics["model"] == label and metrics["kind"] == kind and metrics["epochs"] == 2
     assert metrics["coeff"] == (0.9 if label == "0.9" else None)
-    assert json.loads(metrics_file(paths, label).read_text()) == metrics
+    assert json.loads(TRAIN_CLASSIFIER.metrics_path(paths, label).read_text()) == metrics
 
     # The model file rebuilds the trained network: its test error is the reported one.
     loaded = load_classifier(paths, ClassifierSpec.of(label))
@@ -85,7 +80,7 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, label: str, kind: 
     assert error == metrics["test_error"] and loss == pytest.approx(metrics["test_loss"], rel=1e-6)
     assert metrics["n_params"] == sum(p.numel() for p in loaded.model.parameters())
 
-    curve = pd.read_csv(curve_file(paths, label))
+    curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(paths, "epochs", label))
     assert list(curve.columns) == list(train_classifier.CURVE_COLUMNS) and curve["epoch"].tolist() == [1, 2]
     assert curve["lr"].tolist() == pytest.approx([0.05, 0.05 * 0.2], rel=1e-12)  # milestone after epoch 1
     assert curve["test_error"].iloc[-1] == metrics["test_error"]
@@ -122,7 +117,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pyte
         train_classifier.run(params_b, paths_b, coeff=0.9)
     (checkpoint,) = (paths_b.workspace / ".resume").glob("classifier-0.9-*.pt")
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
-    assert not model_file(paths_b, "0.9").exists()
+    assert not TRAIN_CLASSIFIER.model_path(paths_b, "0.9").exists()
 
     monkeypatch.setattr(train_classifier, "check_finite", real_check)
     tracker = RecordingTracker()
@@ -131,9 +126,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pyte
     assert [step for step, _ in tracker.metrics] == [1, 2, 3, 4]  # the restored history is logged again
     for key in DETERMINISTIC:
         assert resumed[key] == straight[key], key
-    assert curve_file(paths_b, "0.9").read_bytes() == curve_file(paths_a, "0.9").read_bytes()
-    state_a = torch.load(model_file(paths_a, "0.9"), weights_only=True)["state_dict"]
-    state_b = torch.load(model_file(paths_b, "0.9"), weights_only=True)["state_dict"]
+    assert TRAIN_CLASSIFIER.curve_path(paths_b, "epochs", "0.9").read_bytes() == TRAIN_CLASSIFIER.curve_path(paths_a, "epochs", "0.9").read_bytes()
+    state_a = torch.load(TRAIN_CLASSIFIER.model_path(paths_a, "0.9"), weights_only=True)["state_dict"]
+    state_b = torch.load(TRAIN_CLASSIFIER.model_path(paths_b, "0.9"), weights_only=True)["state_dict"]
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert not checkpoint.exists()
@@ -146,7 +141,7 @@ def test_nan_loss_stops_and_says_where(tmp_path: Path) -> None:
     write_json(paths.prepared / "stats.json", stats)
     with pytest.raises(TrainingDiverged, match=r"training loss became nan at model vanilla, epoch 1, batch 1\. Lower"):
         train_classifier.run(params, paths, coeff="vanilla")
-    assert not metrics_file(paths, "vanilla").exists()
+    assert not TRAIN_CLASSIFIER.metrics_path(paths, "vanilla").exists()
 
 
 def test_bad_input_is_explained(tmp_path: Path) -> None:
@@ -253,7 +248,7 @@ def test_cli_trains_tracks_and_reports_errors(
     ok = runner.invoke(app, ["--root", str(tmp_path), "train-classifier", "--coeff", "0.5"])
     assert ok.exit_code == 0, ok.output
     assert "train_classifier@0.5: results" in ok.output and "test_error" in ok.output
-    assert model_file(Paths.at(tmp_path), "0.5").is_file()
+    assert TRAIN_CLASSIFIER.model_path(Paths.at(tmp_path), "0.5").is_file()
     bad = runner.invoke(app, ["--root", str(tmp_path), "train-classifier", "--coeff", "0.6"])
     assert bad.exit_code == 1 and "classifier.coeffs" in bad.output and "Traceback" not in bad.output
 
@@ -263,7 +258,7 @@ def test_cli_trains_tracks_and_reports_errors(
     assert run.info.status == "FINISHED" and run.info.run_name == "train_classifier@0.5"
     assert failed.info.status == "FAILED" and "classifier.coeffs" in failed.data.tags["error"]
     history = client.get_metric_history(run.info.run_id, "test_error")
-    curve = pd.read_csv(curve_file(Paths.at(tmp_path), "0.5"))
+    curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(Paths.at(tmp_path), "epochs", "0.5"))
     per_epoch = sorted((m.step, m.value) for m in history if m.step >= 1)  # step 0: the final result, logged by the CLI
     assert per_epoch == list(zip(curve["epoch"], curve["test_error"]))
     assert {f"sigma.0{b}.{i}" for b in range(2) for i in range(3)} <= set(run.data.metrics)

@@ -16,24 +16,23 @@ import yaml
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from iresnet.logdet import LogDetSettings
-from iresnet.models import MultiscaleFlow, bits_per_dim
+from iresnet.models import FlowConfig, MultiscaleFlow, bits_per_dim
 from iresnet.priors import standard_normal_logprob
-from pipeline.stages import train_flow
+from pipeline.data.batches import evenly_spaced
+from pipeline.data.preprocess import ZCA
 from pipeline.errors import ParamsError
 from pipeline.files import read_json
 from pipeline.models.flows import (
     FlowSpace,
-    config_from_dict,
-    config_to_dict,
-    evenly_spaced,
     fixed_noise_inputs,
     flow_config,
     load_trained_flow,
     logdet_settings,
 )
+from pipeline.outputs import TRAIN_FLOW
 from pipeline.params import EvaluateFlowParams, FlowParams, LogdetBiasParams, parse_params
-from pipeline.data.preprocess import ZCA
-from pipeline.training import TrainingDiverged
+from pipeline.stages import train_flow
+from pipeline.training import TrainingDiverged, config_from_dict, config_to_dict
 from tests.pipeline.flow_helpers import prepared_project, tiny_flow_params, trained_project
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,15 +65,15 @@ def test_stage_outputs_and_applied_learning_rates(tiny_project: Path, tiny_param
     lr = params.flow.lr
     assert applied == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr, lr, lr], rel=1e-15)
 
-    assert set(metrics) == FLOW_KEYS and read_json(train_flow.metrics_file(paths)) == metrics
+    assert set(metrics) == FLOW_KEYS and read_json(TRAIN_FLOW.metrics_path(paths)) == metrics
     assert metrics["n_dims"] == 64 and metrics["dims"] == "64 = 1x8x8" and metrics["zca"] is False
     assert metrics["epochs"] == 2 and metrics["dataset"] == "idx:tiny"
     assert metrics["estimator"] == logdet_settings(params.flow).estimator
     assert math.isfinite(metrics["train_bpd"]) and metrics["recon_error"] < 1e-3
-    curve = pd.read_csv(train_flow.curve_file(paths))
+    curve = pd.read_csv(TRAIN_FLOW.curve_path(paths, "epochs"))
     assert tuple(curve.columns) == train_flow.CURVE_COLUMNS and curve["epoch"].tolist() == [1, 2]
     assert curve["lr"].tolist() == [lr, lr] and curve["test_bpd"].iloc[-1] == metrics["test_bpd_estimate"]
-    assert (paths.figures / train_flow.FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (TRAIN_FLOW.figure_path(paths, "fig5")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((paths.root / ".resume").glob("*.pt"))  # removed once the outputs are written
 
     # The saved model is the trained one: re-evaluating it reproduces the last epoch's numbers exactly.
@@ -121,7 +120,7 @@ def test_kill_and_resume_gives_identical_results(
     assert {k: v for k, v in resumed.items() if k not in timing} == {
         k: v for k, v in expected.items() if k not in timing
     }
-    assert train_flow.curve_file(killed).read_bytes() == train_flow.curve_file(straight).read_bytes()
+    assert TRAIN_FLOW.curve_path(killed, "epochs").read_bytes() == TRAIN_FLOW.curve_path(straight, "epochs").read_bytes()
     a = torch.load(killed.models / "flow" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(straight.models / "flow" / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -182,16 +181,22 @@ def test_estimator_params_map_to_library_settings(repo_params: dict) -> None:
 
 
 def test_evenly_spaced_subset_covers_a_class_sorted_split() -> None:
-    images = torch.arange(10.0).repeat_interleave(10)[:, None, None, None]  # 100 "images", 10 per class, sorted
-    assert evenly_spaced(images, 10).flatten().tolist() == list(map(float, range(10)))  # one per class
-    assert evenly_spaced(images, None) is images and evenly_spaced(images, 500) is images
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        evenly_spaced(images, 0)
+    labels = torch.arange(10).repeat_interleave(10)  # 100 examples, 10 per class, sorted by class
+    assert labels[evenly_spaced(100, 10)].tolist() == list(range(10))  # one per class
+    assert evenly_spaced(100, 10)[[0, -1]].tolist() == [0, 99]  # first and last included
+    assert torch.equal(evenly_spaced(100, None), torch.arange(100)) and torch.equal(evenly_spaced(100, 500), torch.arange(100))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        evenly_spaced(100, 0)
 
 
 def test_config_round_trip(repo_params: dict) -> None:
     config = flow_config(parse_params(repo_params).flow, (1, 28, 28))
-    assert config_from_dict(config_to_dict(config)) == config
+    plain = config_to_dict(config)
+    assert config_from_dict(FlowConfig, plain) == config
+    assert isinstance(plain["n_blocks"], list) and isinstance(plain["logdet"], dict)  # what torch.load accepts
+    assert config_from_dict(FlowConfig, {**plain, "n_blocks": tuple(plain["n_blocks"])}) == config  # older files
+    with pytest.raises(TypeError):
+        config_from_dict(FlowConfig, {**plain, "unknown": 1})
     assert MultiscaleFlow(config).n_dims == 784
 
 

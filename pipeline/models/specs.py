@@ -1,0 +1,57 @@
+"""Which classifiers a params file asks for, and their labels (no torch: the report reads these too).
+
+A model is named by its *label*: ``"vanilla"`` (the i-ResNet with the spectral normalisation removed, Table 2),
+``"batchnorm"`` (the same network with BatchNorm before each nonlinearity, Fig. 6) or the Lipschitz coefficient
+``c`` written as Python writes the float (``"0.9"``), which is also how DVC writes ``${item.coeff}`` in the
+``train_classifier@<label>`` stage names and paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import ParamsError
+from pipeline.params import BASELINES, ClassifierParams
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """One entry of ``classifier.coeffs``: its label, coefficient (None for a baseline) and kind."""
+
+    label: str
+    coeff: float | None
+    kind: str  # "iresnet" | "vanilla" | "batchnorm"
+
+    @classmethod
+    def of(cls, value: float | str) -> ClassifierSpec:
+        """From an entry of ``classifier.coeffs`` or a label: ``"vanilla"``, ``"batchnorm"``, ``0.9`` or ``"0.9"``."""
+        if isinstance(value, str) and value in BASELINES:
+            return cls(value, None, value)
+        try:
+            c = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"unknown model {value!r}; expected {', '.join(BASELINES)} or a coefficient c") from None
+        if not 0.0 < c < 1.0:
+            raise ValueError(f"a Lipschitz coefficient must lie in (0, 1), got {value!r}")
+        return cls(str(c), c, "iresnet")
+
+
+def classifier_specs(params: ClassifierParams) -> list[ClassifierSpec]:
+    """Every model ``classifier.coeffs`` asks for, in its order."""
+    return [ClassifierSpec.of(value) for value in params.coeffs]
+
+
+def resolve_spec(params: ClassifierParams, text: str | float | None) -> ClassifierSpec:
+    """The entry of ``classifier.coeffs`` that the CLI's ``--coeff`` names (``"vanilla"``, ``"0.9"``, ``0.9``)."""
+    specs = classifier_specs(params)
+    labels = [spec.label for spec in specs]
+    if text is None:
+        raise ParamsError("--coeff", None, f"one of the entries of classifier.coeffs: {', '.join(labels)}")
+    try:
+        label = str(float(text))
+    except ValueError:
+        label = str(text)
+    for spec in specs:
+        if spec.label == label:
+            return spec
+    raise ParamsError("--coeff", text, f"one of the entries of classifier.coeffs ({', '.join(labels)}); add it there")

@@ -1,0 +1,187 @@
+"""Every file a stage writes, named once, and the ending every stage's ``run()`` shares.
+
+:data:`STAGES` is the registry: for each DVC stage its metrics JSON (under ``reports/metrics/``), CSV curves
+(``reports/curves/``), PNG figures (``reports/figures/``) and other outputs (models, prepared data, tables). The
+stages write these files, the report reads them, and a test checks that ``dvc.yaml`` declares exactly them.
+``{label}`` stands for a classifier's label (the matrix item of ``train_classifier``).
+
+:class:`StageRun` is the frame of a stage's ``run()``: it starts the clock, hands out the output paths, writes curves,
+and :meth:`StageRun.finish` ends the stage the same way everywhere (wall time, metrics JSON, MLflow artifacts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.files import write_csv, write_json
+from pipeline.paths import Paths
+from pipeline.tracking import NullTracker, Tracker
+
+LABEL = "{label}"
+ZCA_MARK = "†"  # marks a result on ZCA-whitened data, in figure titles and tables (as the paper's Table 4 does)
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    """The files one DVC stage writes, relative to their folders under ``reports/`` (``other``: to the root)."""
+
+    stage: str
+    metrics: str | None = None
+    curves: Mapping[str, str] = field(default_factory=dict)  # short key -> file under reports/curves/
+    figures: Mapping[str, str] = field(default_factory=dict)  # short key -> file under reports/figures/
+    model: str | None = None  # the trained model's file under models/
+    other: tuple[str, ...] = ()  # prepared data, folders of models, tables: paths from the project root
+
+    def metrics_path(self, paths: Paths, label: str | None = None) -> Path:
+        if self.metrics is None:
+            raise ValueError(f"stage {self.stage!r} writes no metrics file of its own")
+        return paths.metrics / _fill(self.metrics, label)
+
+    def curve_path(self, paths: Paths, key: str, label: str | None = None) -> Path:
+        return paths.curves / _fill(self.curves[key], label)
+
+    def figure_path(self, paths: Paths, key: str) -> Path:
+        return paths.figures / self.figures[key]
+
+    def model_path(self, paths: Paths, label: str | None = None) -> Path:
+        if self.model is None:
+            raise ValueError(f"stage {self.stage!r} writes no single model file")
+        return paths.models / _fill(self.model, label)
+
+    def files(self) -> list[str]:
+        """Every output path from the project root, with ``{label}`` unfilled (what ``dvc.yaml`` declares)."""
+        out = list(self.other) + ([f"models/{self.model}"] if self.model is not None else [])
+        out += [f"reports/curves/{name}" for name in self.curves.values()]
+        out += [f"reports/figures/{name}" for name in self.figures.values()]
+        if self.metrics is not None:
+            out.append(f"reports/metrics/{self.metrics}")
+        return out
+
+
+def _fill(name: str, label: str | None) -> str:
+    if (LABEL in name) != (label is not None):
+        raise ValueError(f"{name!r} needs a classifier label exactly when it holds {LABEL}; got label={label!r}")
+    return name.replace(LABEL, label) if label is not None else name
+
+
+PREPARE = StageOutputs("prepare", "prepare.json", figures={"preview": "data_preview.png"}, other=("data/prepared",))
+TRAIN_CLASSIFIER = StageOutputs(
+    "train_classifier",
+    f"classifier/{LABEL}.json",
+    curves={"epochs": f"classifier/{LABEL}.csv"},
+    model=f"classifier/{LABEL}/model.pt",
+)
+SINGULAR_VALUES = StageOutputs(
+    "singular_values",
+    "singular_values.json",
+    curves={"layers": "singular_values.csv"},
+    figures={"fig6": "fig6_singular_values.png"},
+)
+RECONSTRUCTION = StageOutputs(
+    "reconstruction",
+    "reconstruction.json",
+    curves={"errors": "reconstruction.csv"},
+    figures={"fig8": "fig8_reconstruction_error.png", "fig3": "fig3_reconstructions.png"},
+)
+TRAIN_FLOW = StageOutputs(
+    "train_flow",
+    "flow.json",
+    curves={"epochs": "flow.csv"},
+    figures={"fig5": "fig5_samples.png"},
+    model="flow/model.pt",
+)
+EVALUATE_FLOW = StageOutputs("evaluate_flow", "evaluate_flow.json")
+LOGDET_BIAS = StageOutputs(
+    "logdet_bias",
+    "logdet_bias.json",
+    curves={"terms": "logdet_bias.csv"},
+    figures={"fig4": "fig4_logdet_bias.png"},
+)
+TOY_DENSITY = StageOutputs(
+    "toy_density",
+    "toy.json",
+    curves={"steps": "toy.csv"},
+    figures={"fig2": "fig2_toy_densities.png"},
+    other=("models/toy",),
+)
+# The report writes no metrics of its own: the summary is the aggregate that `dvc metrics` compares.
+SUMMARY, PAGE = "summary.json", "README.md"  # under reports/metrics/ and reports/
+REPORT = StageOutputs("report", other=("reports/tables", f"reports/{PAGE}", f"reports/metrics/{SUMMARY}"))
+
+STAGES: dict[str, StageOutputs] = {
+    o.stage: o
+    for o in (PREPARE, TRAIN_CLASSIFIER, SINGULAR_VALUES, RECONSTRUCTION, TRAIN_FLOW, EVALUATE_FLOW, LOGDET_BIAS,
+              TOY_DENSITY, REPORT)
+}  # fmt: skip
+
+
+def figures() -> dict[str, str]:
+    """Every figure file name -> the stage that draws it (what the report page shows)."""
+    return {name: o.stage for o in STAGES.values() for name in o.figures.values()}
+
+
+class StageRun:
+    """One execution of a stage: its clock, its tracker, its output paths, and the ending all stages share.
+
+    ::
+
+        out = StageRun(SINGULAR_VALUES, paths, tracker)
+        ...                                   # compute
+        out.write_curve("layers", rows, CSV_COLUMNS)
+        plot_singular_values(out.figure("fig6"), ...)
+        metrics = out.finish({"models": ...})  # + wall_time_s, written to the metrics JSON; artifacts logged
+    """
+
+    def __init__(
+        self, outputs: StageOutputs, paths: Paths, tracker: Tracker | None = None, label: str | None = None
+    ) -> None:
+        self.outputs, self.paths, self.label = outputs, paths, label
+        self.tracker = tracker or NullTracker()
+        self.start = time.perf_counter()
+        self._artifacts: dict[Path, str] = {}
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.outputs.metrics_path(self.paths, self.label)
+
+    def curve_path(self, key: str) -> Path:
+        return self.outputs.curve_path(self.paths, key, self.label)
+
+    def figure(self, key: str) -> Path:
+        """The path of figure ``key``; it is logged as an artifact at :meth:`finish`."""
+        path = self.outputs.figure_path(self.paths, key)
+        self._artifacts[path] = "figures"
+        return path
+
+    def artifact(self, path: Path, folder: str) -> Path:
+        """Log ``path`` (a file or folder the stage wrote) under ``folder`` of the MLflow run at :meth:`finish`."""
+        self._artifacts[path] = folder
+        return path
+
+    def write_curve(self, key: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+        """Curve ``key`` as CSV: one line per row, the ``columns`` in that order (other keys of a row left out)."""
+        import pandas as pd
+
+        path = self.curve_path(key)
+        write_csv(path, pd.DataFrame([{c: row[c] for c in columns} for row in rows], columns=list(columns)))
+        self._artifacts[path] = "curves"
+        return path
+
+    def elapsed(self, earlier_s: float = 0.0) -> float:
+        """Seconds since the stage started, plus ``earlier_s`` (time an interrupted run already spent)."""
+        return earlier_s + time.perf_counter() - self.start
+
+    def finish(self, metrics: dict[str, Any], earlier_s: float = 0.0) -> dict[str, Any]:
+        """End the stage: add ``wall_time_s``, write ``metrics`` to the stage's JSON (when it has one), log every
+        output as an MLflow artifact. Returns ``metrics``."""
+        metrics["wall_time_s"] = self.elapsed(earlier_s)
+        if self.outputs.metrics is not None:
+            write_json(self.metrics_path, metrics)
+            self._artifacts = {self.metrics_path: "metrics", **self._artifacts}
+        for path, folder in self._artifacts.items():
+            self.tracker.log_artifact(path, folder)
+        return metrics

@@ -1,0 +1,86 @@
+"""``dvc.yaml`` against the code: each stage's outputs are exactly the registry's, and its code deps exactly the
+modules it imports (so DVC re-runs a stage when, and only when, code that shapes its results changes)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.outputs import LABEL, STAGES
+
+REPO = Path(__file__).resolve().parents[2]
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+# Modules that change how a stage runs or reports, never what it writes: editing them re-runs nothing.
+INFRASTRUCTURE = {"cli", "console", "env", "errors", "params", "paths", "schema", "tracking"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Dotted names of every module ``path`` imports, also inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from pipeline.x import module`
+    return names
+
+
+def _module_file(name: str) -> Path | None:
+    path = REPO / Path(*name.split("."))
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
+def code_deps(stage: str) -> set[str]:
+    """``pipeline/`` files the stage's module reaches through imports (infrastructure left out), plus ``iresnet``."""
+    todo, seen, uses_library = [f"pipeline.stages.{stage}"], set(), False
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        if path.parent.name == "pipeline" and path.stem in INFRASTRUCTURE:
+            continue  # what infrastructure imports does not shape results either
+        for imported in _imports(path):
+            uses_library |= imported.split(".")[0] == "iresnet"
+            if imported.startswith("pipeline."):
+                todo.append(imported)
+    files = {str(p.relative_to(REPO)) for p in seen if not (p.parent.name == "pipeline" and p.stem in INFRASTRUCTURE)}
+    return files | ({"iresnet"} if uses_library else set())
+
+
+def _paths(entries: list) -> set[str]:
+    return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_code_deps_are_exactly_the_imported_modules(stage: str) -> None:
+    deps = {d for d in DVC["stages"][stage]["deps"] if d.startswith(("pipeline/", "iresnet"))}
+    assert deps == code_deps(stage)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_outputs_are_exactly_the_registry(stage: str) -> None:
+    spec = DVC["stages"][stage]
+    declared = _paths(spec.get("outs", [])) | _paths(spec.get("metrics", [])) | _paths(spec.get("plots", []))
+    expected = {p.replace(LABEL, "${item.coeff}") for p in STAGES[stage].files()}
+    assert declared == expected
+
+
+def test_every_dvc_stage_is_registered() -> None:
+    assert set(DVC["stages"]) == set(STAGES)
+
+
+def test_top_level_plots_and_metrics_name_registered_files() -> None:
+    files = {f for outputs in STAGES.values() for f in outputs.files()}
+    folders = {f.rsplit("/", 1)[0] for f in files}
+    for entry in DVC["plots"]:
+        name = next(iter(entry)) if isinstance(entry, dict) else entry
+        targets = entry[name].get("y", {}) if isinstance(entry, dict) and isinstance(entry[name].get("y"), dict) else {}
+        for target in targets or [name]:
+            assert target in files or target in folders, target
+    assert set(DVC["metrics"]) <= files
