@@ -114,9 +114,18 @@ REPORT = StageOutputs("report", other=("reports/tables", f"reports/{PAGE}", f"re
 
 STAGES: dict[str, StageOutputs] = {
     o.stage: o
-    for o in (PREPARE, TRAIN_CLASSIFIER, SINGULAR_VALUES, RECONSTRUCTION, TRAIN_FLOW, EVALUATE_FLOW, LOGDET_BIAS,
-              TOY_DENSITY, REPORT)
-}  # fmt: skip
+    for o in (
+        PREPARE,
+        TRAIN_CLASSIFIER,
+        SINGULAR_VALUES,
+        RECONSTRUCTION,
+        TRAIN_FLOW,
+        EVALUATE_FLOW,
+        LOGDET_BIAS,
+        TOY_DENSITY,
+        REPORT,
+    )
+}
 
 
 def figures() -> dict[str, str]:

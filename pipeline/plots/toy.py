@@ -31,8 +31,13 @@ def plot_toy_densities(path: Path, panels: list[Panel], columns: list[str]) -> N
     for row, (name, titles, images) in enumerate(panels):
         for col, key in enumerate(columns):
             ax = axes[row, col]
-            ax.imshow(images[key].numpy(), origin="lower", extent=(-WINDOW, WINDOW, -WINDOW, WINDOW), cmap="magma",
-                      interpolation="nearest")  # fmt: skip
+            ax.imshow(
+                images[key].numpy(),
+                origin="lower",
+                extent=(-WINDOW, WINDOW, -WINDOW, WINDOW),
+                cmap="magma",
+                interpolation="nearest",
+            )
             ax.set_title(titles[key], fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])

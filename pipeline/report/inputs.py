@@ -38,8 +38,22 @@ CLASSIFIER_KEYS = ("coeff", "kind", "dataset", "test_error", "epochs", "wall_tim
 CERTIFICATE_KEYS = ("guaranteed_inverse", "max_block_bound", "max_layer_upper", "frac_layers_above_1", "n_layers")
 RECONSTRUCTION_KEYS = ("iterations_to", "final_mean_error", "final_max_error", "converged")
 FLOW_KEYS = ("dataset", "epochs", "zca", "n_dims", "train_bpd", "wall_time_s", "n_params", "throughput_img_s")
-EVALUATE_KEYS = ("bpd", "stderr", "bias_bound_bits", "n_terms", "n_samples", "n_dims", "n_examples", "dataset", "zca",
-                 "lemma7_lower_bpd", "lemma7_upper_bpd", "bias_target_met", "stderr_target_met", "wall_time_s")  # fmt: skip
+EVALUATE_KEYS = (
+    "bpd",
+    "stderr",
+    "bias_bound_bits",
+    "n_terms",
+    "n_samples",
+    "n_dims",
+    "n_examples",
+    "dataset",
+    "zca",
+    "lemma7_lower_bpd",
+    "lemma7_upper_bpd",
+    "bias_target_met",
+    "stderr_target_met",
+    "wall_time_s",
+)
 TOY_KEYS = ("iresnet_nll", "glow_nll", "iresnet_params", "glow_params")
 LOGDET_CURVE_COLUMNS = ("n_terms", "bias", "abs_bias", "std", "theorem3_bound")
 
@@ -121,7 +135,8 @@ def read_curve(path: Path, stage: str, columns: tuple[str, ...]) -> list[dict[st
     header = set(rows[0]) if rows else set()
     if not rows or not set(columns) <= header:
         raise DataError(
-            f"{path} should have rows with columns {', '.join(columns)}; re-run stage `{stage}`: `dvc repro -f {stage}`."
+            f"{path} should have rows with columns {', '.join(columns)}; re-run stage `{stage}`: "
+            f"`dvc repro -f {stage}`."
         )
     try:
         return [{c: float(row[c]) for c in columns} for row in rows]

@@ -18,6 +18,7 @@ from pipeline.outputs import (
     SINGULAR_VALUES,
     TOY_DENSITY,
     TRAIN_FLOW,
+    ZCA_MARK,
     StageOutputs,
 )
 from pipeline.report.inputs import ReportInputs
@@ -115,8 +116,10 @@ def fig8_finding(inputs: ReportInputs) -> str:
         clauses.append(f"≤ {float(tol):g}: {_join(parts)}")
         ordered = [math.inf if n is None else n for n in counts.values()]  # by decreasing c
         monotone = monotone and all(a >= b for a, b in zip(ordered, ordered[1:]))
-    text = (f"fixed-point iterations until the max error is {'; '.join(clauses)}; smaller c never needs more: "
-            f"{yes_no(monotone)}")  # fmt: skip
+    text = (
+        f"fixed-point iterations until the max error is {'; '.join(clauses)}; smaller c never needs more: "
+        f"{yes_no(monotone)}"
+    )
     timing = models[labels[0]].get("seconds_per_100")
     if timing:
         times = ", ".join(f"{k} it. {float(v):.3f} s" for k, v in sorted(timing.items(), key=lambda kv: int(kv[0])))
@@ -137,12 +140,16 @@ def fig3_finding(inputs: ReportInputs) -> str:
 def table4_finding(inputs: ReportInputs) -> str:
     ev = inputs.evaluate_flow
     bound = ev["bias_bound_bits"]
-    bias = (f"{ev['n_terms']} series terms bound the bias by {num(bound, '.1e')} bits/dim" if bound is not None
-            else f"{ev['n_terms']} series terms, no Theorem 3 bound (a block's certified Lipschitz bound is ≥ 1)")  # fmt: skip
+    bias = (
+        f"{ev['n_terms']} series terms bound the bias by {num(bound, '.1e')} bits/dim"
+        if bound is not None
+        else f"{ev['n_terms']} series terms, no Theorem 3 bound (a block's certified Lipschitz bound is ≥ 1)"
+    )
+    zca = f", ZCA-whitened {ZCA_MARK}" if ev["zca"] else ""
     return (
         f"{num(ev['bpd'], '.4f')} ± {num(ev['stderr'], '.4f')} bits/dim on `{ev['dataset']}` "
         f"({int(ev['n_dims']):,} dims, {int(ev['n_examples']):,} test examples"
-        f"{', ZCA-whitened †' if ev['zca'] else ''}, after {plural(int(inputs.flow['epochs']), 'epoch')}); {bias} (target met: "
+        f"{zca}, after {plural(int(inputs.flow['epochs']), 'epoch')}); {bias} (target met: "
         f"{yes_no(bool(ev['bias_target_met']))}), standard-error target met: {yes_no(bool(ev['stderr_target_met']))}; "
         f"Lemma 7's log-det bounds put the bits/dim between {num(ev['lemma7_lower_bpd'], '.3f')} and "
         f"{num(ev['lemma7_upper_bpd'], '.3f')}."
@@ -166,7 +173,9 @@ def fig4_finding(inputs: ReportInputs) -> str:
 def fig5_finding(inputs: ReportInputs) -> str:
     fl = inputs.flow
     converged = fl.get("samples_converged")
-    tail = "" if converged is None else f"; the fixed-point inverse converged for every sample: {yes_no(bool(converged))}"
+    tail = (
+        "" if converged is None else f"; the fixed-point inverse converged for every sample: {yes_no(bool(converged))}"
+    )
     return f"samples of the flow trained on `{fl['dataset']}` (train {float(fl['train_bpd']):.3f} bits/dim){tail}."
 
 
@@ -192,8 +201,10 @@ def runcost_finding(inputs: ReportInputs, table: ReportTable) -> str:
     if rates.get("vanilla") and iresnet_labels(inputs):
         label = iresnet_labels(inputs)[0]
         if rates.get(label):
-            text += (f"; training throughput vanilla {float(rates['vanilla']):.0f} img/s vs c = {label} "
-                     f"{float(rates[label]):.0f} img/s ({float(rates['vanilla']) / float(rates[label]):.1f}x)")  # fmt: skip
+            text += (
+                f"; training throughput vanilla {float(rates['vanilla']):.0f} img/s vs c = {label} "
+                f"{float(rates[label]):.0f} img/s ({float(rates['vanilla']) / float(rates[label]):.1f}x)"
+            )
     return text + "."
 
 
@@ -208,7 +219,7 @@ PAPER = {
     "reconstructions, and lowering c by 0.2 roughly halves the iterations needed (0.15–0.75 s per 100 CIFAR10 "
     "images at 5–20 iterations, 4.3 s at 100).",
     "table4": "the i-ResNet flow reaches 1.06 bits/dim on MNIST and 3.45 on CIFAR10, competitive with Glow and FFJORD "
-    "(ZCA-whitened results are marked † as not directly comparable).",
+    f"(ZCA-whitened results are marked {ZCA_MARK} as not directly comparable).",
     "fig4": "the truncated power series' bias is negligible at 10 terms and numerically zero at 20 (1000 test "
     "examples).",
     "fig5": "samples drawn through the fixed-point inverse of flows trained on MNIST and CIFAR10.",
@@ -229,27 +240,62 @@ def _figure(outputs: StageOutputs, key: str, alt: str) -> str:
 def render_page(inputs: ReportInputs, tables: dict[str, ReportTable]) -> str:
     """The whole ``reports/README.md``."""
     sections = [
-        _section("Table 2: classification error and guaranteed inverse", PAPER["table2"], table2_finding(inputs),
-                 tables["table2"].markdown() + "\nThe paper's own Table 2 numbers are not carried here; see Behrmann et al. 2019, "
-                 "Table 2."),
-        _section("Fig. 6: largest singular value of every layer", PAPER["fig6"], fig6_finding(inputs),
-                 _figure(SINGULAR_VALUES, "fig6", "Fig. 6")),
-        _section("Fig. 3/7: reconstructions from the final features", PAPER["fig3"], fig3_finding(inputs),
-                 _figure(RECONSTRUCTION, "fig3", "Fig. 3")),
-        _section("Fig. 8: reconstruction error vs fixed-point iterations", PAPER["fig8"], fig8_finding(inputs),
-                 _figure(RECONSTRUCTION, "fig8", "Fig. 8")),
-        _section("Table 4: bits/dim", PAPER["table4"], table4_finding(inputs),
-                 tables["table4"].markdown() + "\n† ZCA-whitened data. Published rows are quoted from the paper named in "
-                 "their source column; dims is the dimension count our bits/dim divides by."),
-        _section("Fig. 4/9: bias of the log-det estimator", PAPER["fig4"], fig4_finding(inputs),
-                 _figure(LOGDET_BIAS, "fig4", "Fig. 4")),
+        _section(
+            "Table 2: classification error and guaranteed inverse",
+            PAPER["table2"],
+            table2_finding(inputs),
+            tables["table2"].markdown()
+            + "\nThe paper's own Table 2 numbers are not carried here; see Behrmann et al. 2019, "
+            "Table 2.",
+        ),
+        _section(
+            "Fig. 6: largest singular value of every layer",
+            PAPER["fig6"],
+            fig6_finding(inputs),
+            _figure(SINGULAR_VALUES, "fig6", "Fig. 6"),
+        ),
+        _section(
+            "Fig. 3/7: reconstructions from the final features",
+            PAPER["fig3"],
+            fig3_finding(inputs),
+            _figure(RECONSTRUCTION, "fig3", "Fig. 3"),
+        ),
+        _section(
+            "Fig. 8: reconstruction error vs fixed-point iterations",
+            PAPER["fig8"],
+            fig8_finding(inputs),
+            _figure(RECONSTRUCTION, "fig8", "Fig. 8"),
+        ),
+        _section(
+            "Table 4: bits/dim",
+            PAPER["table4"],
+            table4_finding(inputs),
+            tables["table4"].markdown() + f"\n{ZCA_MARK} ZCA-whitened data. Published rows are quoted from the paper "
+            "named in their source column; dims is the dimension count our bits/dim divides by.",
+        ),
+        _section(
+            "Fig. 4/9: bias of the log-det estimator",
+            PAPER["fig4"],
+            fig4_finding(inputs),
+            _figure(LOGDET_BIAS, "fig4", "Fig. 4"),
+        ),
         _section("Fig. 5: samples", PAPER["fig5"], fig5_finding(inputs), _figure(TRAIN_FLOW, "fig5", "Fig. 5")),
-        _section("Fig. 2: 2-D toy densities", PAPER["fig2"], fig2_finding(inputs),
-                 _figure(TOY_DENSITY, "fig2", "Fig. 2") + "\n" + tables["toy"].markdown()),
-        _section("Run cost", PAPER["runcost"], runcost_finding(inputs, tables["runcost"]), tables["runcost"].markdown()),
-        _section("Data", "MNIST, CIFAR10 and CIFAR100 at full size.", preview_finding(inputs),
-                 _figure(PREPARE, "preview", "data preview")),
-    ]  # fmt: skip
+        _section(
+            "Fig. 2: 2-D toy densities",
+            PAPER["fig2"],
+            fig2_finding(inputs),
+            _figure(TOY_DENSITY, "fig2", "Fig. 2") + "\n" + tables["toy"].markdown(),
+        ),
+        _section(
+            "Run cost", PAPER["runcost"], runcost_finding(inputs, tables["runcost"]), tables["runcost"].markdown()
+        ),
+        _section(
+            "Data",
+            "MNIST, CIFAR10 and CIFAR100 at full size.",
+            preview_finding(inputs),
+            _figure(PREPARE, "preview", "data preview"),
+        ),
+    ]
     head = (
         "# Results\n\n"
         "Written by the `report` stage from the metrics files under `reports/metrics/` and `reports/curves/` "

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.files import finite_or_none, write_bytes_atomic
+from pipeline.outputs import ZCA_MARK
 from pipeline.paths import Paths
 from pipeline.report.inputs import ReportInputs
 
@@ -25,7 +26,6 @@ PUBLISHED_BPD = (
     ("Residual Flows", "published: Chen et al. 2019", 0.97, 3.28),
 )
 PUBLISHED_DATASETS = {"mnist": "MNIST", "cifar10": "CIFAR10"}  # our dataset name -> the paper's column
-ZCA_MARK = "†"
 MISSING = "–"
 
 
@@ -107,9 +107,7 @@ def table2(inputs: ReportInputs) -> ReportTable:
     rows["guaranteed inverse"] = [bool(certs[label]["guaranteed_inverse"]) for label in labels]
     rows["max block Lipschitz bound"] = [float(certs[label]["max_block_bound"]) for label in labels]
     data = pd.DataFrame.from_dict(rows, orient="index", columns=labels)
-    shown = pd.DataFrame(
-        {column_name(label): [fmt(v, 2) for v in data[label]] for label in labels}, index=data.index
-    )
+    shown = pd.DataFrame({column_name(label): [fmt(v, 2) for v in data[label]] for label in labels}, index=data.index)
     return ReportTable("table2", data, shown)
 
 
@@ -122,10 +120,19 @@ def table4(inputs: ReportInputs) -> ReportTable:
     ev = inputs.evaluate_flow
     ours_col = PUBLISHED_DATASETS.get(ev["dataset"], ev["dataset"])
     records = [
-        {"method": "i-ResNet (this run)", "source": "this run (evaluate_flow)", "dataset": ev["dataset"],
-         "bpd": ev["bpd"], "stderr": ev["stderr"], "bias_bound_bits": ev["bias_bound_bits"], "n_terms": ev["n_terms"],
-         "n_samples": ev["n_samples"], "n_dims": ev["n_dims"], "zca": bool(ev["zca"])}
-    ]  # fmt: skip
+        {
+            "method": "i-ResNet (this run)",
+            "source": "this run (evaluate_flow)",
+            "dataset": ev["dataset"],
+            "bpd": ev["bpd"],
+            "stderr": ev["stderr"],
+            "bias_bound_bits": ev["bias_bound_bits"],
+            "n_terms": ev["n_terms"],
+            "n_samples": ev["n_samples"],
+            "n_dims": ev["n_dims"],
+            "zca": bool(ev["zca"]),
+        }
+    ]
     for method, source, mnist, cifar in PUBLISHED_BPD:
         for ds, value in (("MNIST", mnist), ("CIFAR10", cifar)):
             records.append({"method": method, "source": source, "dataset": ds, "bpd": value})
@@ -134,16 +141,34 @@ def table4(inputs: ReportInputs) -> ReportTable:
     columns = ["MNIST", "CIFAR10"] + ([] if ours_col in ("MNIST", "CIFAR10") else [ours_col])
     ours = f"{ev['bpd']:.4f} ± {ev['stderr']:.4f}" + (ZCA_MARK if ev["zca"] else "")
     shown_rows = [
-        {"method": "i-ResNet (this run)", "source": "this run", **{c: MISSING for c in columns}, ours_col: ours,
-         "series terms": str(ev["n_terms"]), "probes": str(ev["n_samples"]), "dims": f"{ev['n_dims']:,}",
-         "bias bound (bits/dim)": num(ev["bias_bound_bits"], ".1e")}
-    ]  # fmt: skip
+        {
+            "method": "i-ResNet (this run)",
+            "source": "this run",
+            **{c: MISSING for c in columns},
+            ours_col: ours,
+            "series terms": str(ev["n_terms"]),
+            "probes": str(ev["n_samples"]),
+            "dims": f"{ev['n_dims']:,}",
+            "bias bound (bits/dim)": num(ev["bias_bound_bits"], ".1e"),
+        }
+    ]
     for method, source, mnist, cifar in PUBLISHED_BPD:
-        shown_rows.append({"method": method, "source": source, "MNIST": f"{mnist:.2f}", "CIFAR10": f"{cifar:.2f}",
-                           **{c: MISSING for c in columns[2:]}, "series terms": MISSING, "probes": MISSING,
-                           "dims": MISSING, "bias bound (bits/dim)": MISSING})  # fmt: skip
-    shown = pd.DataFrame(shown_rows, columns=["method", "source", *columns, "series terms", "probes", "dims",
-                                              "bias bound (bits/dim)"])  # fmt: skip
+        shown_rows.append(
+            {
+                "method": method,
+                "source": source,
+                "MNIST": f"{mnist:.2f}",
+                "CIFAR10": f"{cifar:.2f}",
+                **{c: MISSING for c in columns[2:]},
+                "series terms": MISSING,
+                "probes": MISSING,
+                "dims": MISSING,
+                "bias bound (bits/dim)": MISSING,
+            }
+        )
+    shown = pd.DataFrame(
+        shown_rows, columns=["method", "source", *columns, "series terms", "probes", "dims", "bias bound (bits/dim)"]
+    )
     return ReportTable("table4", data, shown, index=False)
 
 
@@ -157,10 +182,17 @@ def toy_table(inputs: ReportInputs) -> ReportTable:
     """Fig. 2's numbers: test NLL (nats) of the i-ResNet flow and the Glow-style flow per 2-D dataset."""
     sets = inputs.toy["datasets"]
     data = pd.DataFrame.from_dict(
-        {name: {"iresnet_nll": e["iresnet_nll"], "glow_nll": e["glow_nll"], "iresnet_params": e["iresnet_params"],
-                "glow_params": e["glow_params"]} for name, e in sets.items()},
+        {
+            name: {
+                "iresnet_nll": e["iresnet_nll"],
+                "glow_nll": e["glow_nll"],
+                "iresnet_params": e["iresnet_params"],
+                "glow_params": e["glow_params"],
+            }
+            for name, e in sets.items()
+        },
         orient="index",
-    )  # fmt: skip
+    )
     data.index.name = "dataset"
     data["lower_nll"] = ["i-ResNet" if iresnet_lower(e) else "Glow" for e in sets.values()]
     references = [finite_or_none(e.get("reference_nll")) for e in sets.values()]
@@ -171,11 +203,13 @@ def toy_table(inputs: ReportInputs) -> ReportTable:
     if any(r is not None for r in references):  # the true density's NLL, where it is closed-form
         data["reference_nll"] = references
         columns["true density NLL"] = [num(r, ".3f") for r in references]
-    columns.update({
-        "i-ResNet params": [fmt(int(v)) for v in data["iresnet_params"]],
-        "Glow params": [fmt(int(v)) for v in data["glow_params"]],
-        "lower NLL": list(data["lower_nll"]),
-    })  # fmt: skip
+    columns.update(
+        {
+            "i-ResNet params": [fmt(int(v)) for v in data["iresnet_params"]],
+            "Glow params": [fmt(int(v)) for v in data["glow_params"]],
+            "lower NLL": list(data["lower_nll"]),
+        }
+    )
     shown = pd.DataFrame(columns, index=data.index)
     return ReportTable("toy", data, shown)
 
@@ -209,11 +243,14 @@ def runcost_table(inputs: ReportInputs) -> ReportTable:
     """
     costs = stage_costs(inputs)
     records = [
-        {"stage": stage, "wall_time_s": finite_or_none(m.get("wall_time_s")),
-         "throughput_img_s": finite_or_none(m.get("throughput_img_s")),
-         "n_params": None if isinstance(m.get("n_params"), dict) else m.get("n_params")}
+        {
+            "stage": stage,
+            "wall_time_s": finite_or_none(m.get("wall_time_s")),
+            "throughput_img_s": finite_or_none(m.get("throughput_img_s")),
+            "n_params": None if isinstance(m.get("n_params"), dict) else m.get("n_params"),
+        }
         for stage, m in costs
-    ]  # fmt: skip
+    ]
     data = pd.DataFrame.from_records(records).set_index("stage")
     data.loc["total"] = [data["wall_time_s"].sum(min_count=1), None, None]
     shown = pd.DataFrame(

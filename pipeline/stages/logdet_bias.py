@@ -117,8 +117,9 @@ def flow_estimates(model: MultiscaleFlow, x: Tensor, n_probes: int, max_terms: i
             total = e if total is None else Estimates(total.exact + e.exact, total.plain + e.plain, total.cv + e.cv)
             advance()
         parts.append(total)  # type: ignore[arg-type]
-    return Estimates(*(torch.cat([getattr(p, f) for p in parts], dim=-2 if f != "exact" else 0)
-                       for f in ("exact", "plain", "cv")))  # fmt: skip
+    return Estimates(
+        *(torch.cat([getattr(p, f) for p in parts], dim=-2 if f != "exact" else 0) for f in ("exact", "plain", "cv"))
+    )
 
 
 def bias_curve(est: Estimates, lipschitz: list[float], dims: list[int]) -> list[dict[str, float]]:
@@ -131,10 +132,17 @@ def bias_curve(est: Estimates, lipschitz: list[float], dims: list[int]) -> list[
         bias_stderr = math.sqrt(float(cv_error.var(dim=0, correction=1).sum()) / n_probes) / n_examples
         std = math.sqrt(float(est.plain[..., n - 1].var(dim=0, correction=1).mean()))
         bound = chain_truncation_bound(lipschitz, dims, n)
-        rows.append({
-            "n_terms": n, "bias": bias, "abs_bias": abs(bias), "bias_stderr": bias_stderr, "std": std,
-            "theorem3_bound": bound, "bias_plain": float((est.plain[..., n - 1] - est.exact).mean()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "n_terms": n,
+                "bias": bias,
+                "abs_bias": abs(bias),
+                "bias_stderr": bias_stderr,
+                "std": std,
+                "theorem3_bound": bound,
+                "bias_plain": float((est.plain[..., n - 1] - est.exact).mean()),
+            }
+        )
     return rows
 
 

@@ -71,8 +71,15 @@ def error_curve(loaded: LoadedClassifier, images: Tensor, iterations: tuple[int,
         x_rec, residual = reconstruct(model64, x, n)
         pixels = loaded.stats.denormalize(x_rec)
         error = (pixels - images.double()).abs()
-        rows.append({"model": loaded.spec.label, "iterations": n, "mean_error": float(error.mean()),
-                     "max_error": float(error.max()), "max_residual": residual})  # fmt: skip
+        rows.append(
+            {
+                "model": loaded.spec.label,
+                "iterations": n,
+                "mean_error": float(error.mean()),
+                "max_error": float(error.max()),
+                "max_residual": residual,
+            }
+        )
     return rows, pixels
 
 
@@ -126,8 +133,12 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         model_rows, pixels = error_curve(loaded, images, p.iterations)
         rows += model_rows
         shown[spec.label] = pixels[show]
-        models[spec.label] = {"kind": spec.kind, "coeff": spec.coeff, **summarise(model_rows, p.tolerances),
-                              "seconds_per_100": seconds_per_batch(loaded, test, p.timing_iterations)}  # fmt: skip
+        models[spec.label] = {
+            "kind": spec.kind,
+            "coeff": spec.coeff,
+            **summarise(model_rows, p.tolerances),
+            "seconds_per_100": seconds_per_batch(loaded, test, p.timing_iterations),
+        }
 
     out.write_curve("errors", rows, CSV_COLUMNS)
     plot_reconstruction_error(out.figure("fig8"), pd.DataFrame(rows, columns=list(CSV_COLUMNS)), p.tolerances)

@@ -31,11 +31,17 @@ def summary(inputs: ReportInputs, total_wall_time_s: float) -> dict[str, Any]:
     ev = inputs.evaluate_flow
     out: dict[str, Any] = {
         "classifier": {
-            label: {"test_error_pct": percent(m["test_error"]),
-                    "guaranteed_inverse": bool(certs[label]["guaranteed_inverse"])}
+            label: {
+                "test_error_pct": percent(m["test_error"]),
+                "guaranteed_inverse": bool(certs[label]["guaranteed_inverse"]),
+            }
             for label, m in inputs.classifiers.items()
-        },  # fmt: skip
-        "flow": {"bpd": float(ev["bpd"]), "stderr": float(ev["stderr"]), "bias_bound_bits": finite_or_none(ev["bias_bound_bits"])},
+        },
+        "flow": {
+            "bpd": float(ev["bpd"]),
+            "stderr": float(ev["stderr"]),
+            "bias_bound_bits": finite_or_none(ev["bias_bound_bits"]),
+        },
         "toy": {
             name: {"iresnet_nll": finite_or_none(e["iresnet_nll"]), "glow_nll": finite_or_none(e["glow_nll"])}
             for name, e in inputs.toy["datasets"].items()

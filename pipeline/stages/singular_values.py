@@ -42,8 +42,16 @@ from pipeline.tracking import Tracker
 from pipeline.training import seed_everything
 
 CSV_COLUMNS = (
-    "model", "weights", "block", "layer", "kernel_size", "input_hw", "sigma_lower", "sigma_upper", "sigma_running",
-)  # fmt: skip
+    "model",
+    "weights",
+    "block",
+    "layer",
+    "kernel_size",
+    "input_hw",
+    "sigma_lower",
+    "sigma_upper",
+    "sigma_running",
+)
 METHODS = {
     "sigma_upper": "largest singular value of the circular convolution on the zero-padded grid "
     "(2-D FFT + per-frequency SVD, Sedghi et al. 2019): certified upper bound, exact for 1x1 kernels",
@@ -68,13 +76,19 @@ def measure_layers(model: IResNetClassifier, label: str, weights: str, lower_ite
     for block, index, layer in conv_layers(model):
         weight = layer.effective_weight().detach()
         running = used_estimate(layer)
-        rows.append({
-            "model": label, "weights": weights, "block": block, "layer": index, "kernel_size": layer.kernel_size,
-            "input_hw": f"{layer.input_hw[0]}x{layer.input_hw[1]}",
-            "sigma_lower": conv_norm_lower_bound(weight, layer.input_hw, layer.padding, n_iter=lower_iters),
-            "sigma_upper": conv_norm_upper_bound(weight, layer.input_hw, layer.padding),
-            "sigma_running": running,
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": label,
+                "weights": weights,
+                "block": block,
+                "layer": index,
+                "kernel_size": layer.kernel_size,
+                "input_hw": f"{layer.input_hw[0]}x{layer.input_hw[1]}",
+                "sigma_lower": conv_norm_lower_bound(weight, layer.input_hw, layer.padding, n_iter=lower_iters),
+                "sigma_upper": conv_norm_upper_bound(weight, layer.input_hw, layer.padding),
+                "sigma_running": running,
+            }
+        )
     return rows
 
 

@@ -164,21 +164,37 @@ def run(
             test_loss, test_error = evaluate(model, test, stats, p.eval_batch_size)
             sigmas = running_sigmas(model)
             record = {
-                "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss,
-                "test_error": test_error, "lr": lr, "sigma_max": max(sigmas.values()),
-                "sigma_mean": sum(sigmas.values()) / len(sigmas), "images": seen, "train_seconds": train_seconds,
-                "seconds": time.perf_counter() - t0, **sigmas,
-            }  # fmt: skip
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                "test_loss": test_loss,
+                "test_error": test_error,
+                "lr": lr,
+                "sigma_max": max(sigmas.values()),
+                "sigma_mean": sum(sigmas.values()) / len(sigmas),
+                "images": seen,
+                "train_seconds": train_seconds,
+                "seconds": time.perf_counter() - t0,
+                **sigmas,
+            }
             tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             loop.save(epoch, record)
 
     history = loop.history
     last = history[-1]
     save_model(
-        TRAIN_CLASSIFIER.model_path(paths, spec.label), MODEL_KIND, config_to_dict(config), model, label=spec.label,
-        model_kind=spec.kind, coeff=spec.coeff, n_classes=int(summary["n_classes"]), dataset=summary["dataset"],
-        mean=stats.mean.tolist(), std=stats.std.tolist(),
-    )  # fmt: skip
+        TRAIN_CLASSIFIER.model_path(paths, spec.label),
+        MODEL_KIND,
+        config_to_dict(config),
+        model,
+        label=spec.label,
+        model_kind=spec.kind,
+        coeff=spec.coeff,
+        n_classes=int(summary["n_classes"]),
+        dataset=summary["dataset"],
+        mean=stats.mean.tolist(),
+        std=stats.std.tolist(),
+    )
     out.write_curve("epochs", history, CURVE_COLUMNS)
     metrics = {
         "model": spec.label,

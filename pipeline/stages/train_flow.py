@@ -189,7 +189,9 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     resume = ResumeFile.for_run(paths, "flow", fingerprint)
     loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "noise": GeneratorState(noise)})
     test_x = fixed_noise_inputs(space, test_images, params.seed + _EVAL_SEED_OFFSET)  # the same inputs every epoch
-    recon_x = fixed_noise_inputs(space, test_images[evenly_spaced(len(test_images), RECON_BATCH)], params.seed + _EVAL_SEED_OFFSET)
+    recon_x = fixed_noise_inputs(
+        space, test_images[evenly_spaced(len(test_images), RECON_BATCH)], params.seed + _EVAL_SEED_OFFSET
+    )
 
     per_epoch = n_batches(len(train_images), p.batch_size, p.max_train_batches)
     with progress("train flow", p.epochs * per_epoch) as advance:
@@ -200,10 +202,15 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
             train_seconds = time.perf_counter() - t0
             test = evaluate_epoch(model, space, test_x, p.eval_batch_size, params.seed + _EVAL_SEED_OFFSET)
             record = {
-                "epoch": epoch, "train_bpd": train_bpd, **test, "recon_error": reconstruction_error(model, recon_x),
-                "lr": optimizer.param_groups[0]["lr"], "images": seen, "train_seconds": train_seconds,
+                "epoch": epoch,
+                "train_bpd": train_bpd,
+                **test,
+                "recon_error": reconstruction_error(model, recon_x),
+                "lr": optimizer.param_groups[0]["lr"],
+                "images": seen,
+                "train_seconds": train_seconds,
                 "seconds": time.perf_counter() - t0,
-            }  # fmt: skip
+            }
             tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             loop.save(epoch, record)
 
@@ -221,9 +228,17 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     shown = test_images[evenly_spaced(len(test_images), p.n_generated)]
     plot_samples(out.figure("fig5"), samples, shown, title)
     save_model(
-        TRAIN_FLOW.model_path(paths), MODEL_KIND, config_to_dict(config), model, dataset=summary["dataset"], zca=p.use_zca,
-        zca_logdet=space.log_det_correction, image_shape=list(shape), n_dims=space.n_dims, epochs=len(history),
-    )  # fmt: skip
+        TRAIN_FLOW.model_path(paths),
+        MODEL_KIND,
+        config_to_dict(config),
+        model,
+        dataset=summary["dataset"],
+        zca=p.use_zca,
+        zca_logdet=space.log_det_correction,
+        image_shape=list(shape),
+        n_dims=space.n_dims,
+        epochs=len(history),
+    )
     out.write_curve("epochs", history, CURVE_COLUMNS)
     metrics = {
         "dataset": summary["dataset"],
@@ -244,4 +259,3 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "samples_max_iterations": inverse["max_iterations"],
     }
     return loop.close(out, model, metrics)
-

@@ -19,12 +19,30 @@ from pipeline.stages import train_classifier
 REPO = Path(__file__).resolve().parents[2]
 # 8x8 inputs: 2 channels (1 + inj_pad 1) at 8x8 in stage 0, 8 channels at 4x4 after the squeeze of stage 1.
 TINY_CLASSIFIER = {
-    "coeffs": ["vanilla", 0.9, 0.5], "n_blocks": [1, 1], "strides": [1, 2], "channels": [4, 4], "init_ds": 1,
-    "inj_pad": 1, "n_power_iter": 1, "actnorm": True, "epochs": 2, "batch_size": 8, "eval_batch_size": 5,
-    "milestones": [1], "gamma": 0.2, "lr": 0.05, "shift_px": 1, "hflip": True, "max_train_batches": None,
-}  # fmt: skip
-TINY_RECONSTRUCTION = {"iterations": [1, 2, 3, 5, 10, 40], "n_images": 6, "tolerances": [1e-2, 1e-6],
-                       "timing_iterations": [1, 3]}  # fmt: skip
+    "coeffs": ["vanilla", 0.9, 0.5],
+    "n_blocks": [1, 1],
+    "strides": [1, 2],
+    "channels": [4, 4],
+    "init_ds": 1,
+    "inj_pad": 1,
+    "n_power_iter": 1,
+    "actnorm": True,
+    "epochs": 2,
+    "batch_size": 8,
+    "eval_batch_size": 5,
+    "milestones": [1],
+    "gamma": 0.2,
+    "lr": 0.05,
+    "shift_px": 1,
+    "hflip": True,
+    "max_train_batches": None,
+}
+TINY_RECONSTRUCTION = {
+    "iterations": [1, 2, 3, 5, 10, 40],
+    "n_images": 6,
+    "tolerances": [1e-2, 1e-6],
+    "timing_iterations": [1, 3],
+}
 
 
 def tiny_images(n: int, n_classes: int = 3, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +66,18 @@ def write_prepared(root: Path, n_train: int = 32, n_test: int = 12, n_classes: i
         pixels = torch.round(images * 255).to(torch.uint8)
         save_torch(split_file(paths, split), {"pixels": pixels, "labels": labels, "indices": torch.arange(len(labels))})
     x = train.double()
-    write_json(stats_file(paths), {
-        "dataset": "idx:tiny", "n_train": n_train, "n_test": n_test, "n_classes": n_classes, "shape": [1, 8, 8],
-        "mean": [float(x.mean())], "std": [float(x.std(correction=0))],
-    })  # fmt: skip
+    write_json(
+        stats_file(paths),
+        {
+            "dataset": "idx:tiny",
+            "n_train": n_train,
+            "n_test": n_test,
+            "n_classes": n_classes,
+            "shape": [1, 8, 8],
+            "mean": [float(x.mean())],
+            "std": [float(x.std(correction=0))],
+        },
+    )
 
 
 def tiny_raw(**classifier: Any) -> dict[str, Any]:

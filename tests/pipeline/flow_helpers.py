@@ -20,9 +20,17 @@ from pipeline.paths import Paths
 
 # A two-scale flow on 8x8 images: 4x4x4 (d = 64) after the initial squeeze, 8x2x2 (d = 32) after factor-out.
 TINY_FLOW = {
-    "n_blocks": [1, 1], "strides": [1, 2], "channels": [4, 4], "init_ds": 2, "epochs": 2, "batch_size": 8,
-    "eval_batch_size": 12, "n_generated": 4, "n_terms": 3, "warmup_epochs": 1,
-}  # fmt: skip
+    "n_blocks": [1, 1],
+    "strides": [1, 2],
+    "channels": [4, 4],
+    "init_ds": 2,
+    "epochs": 2,
+    "batch_size": 8,
+    "eval_batch_size": 12,
+    "n_generated": 4,
+    "n_terms": 3,
+    "warmup_epochs": 1,
+}
 
 
 def tiny_flow_params(raw: dict[str, Any], **flow: Any) -> dict[str, Any]:

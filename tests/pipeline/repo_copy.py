@@ -45,9 +45,17 @@ def make_repo_copy(root: Path, params: dict[str, Any]) -> RepoCopy:
             shutil.copy(src, root / name)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "IRESNET_TRACKING": "1",
-           "IRESNET_PROGRESS": "0", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "IRESNET_TRACKING": "1",
+        "IRESNET_PROGRESS": "0",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     for name in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "DVC_STAGE", "DVC_EXP_NAME", "DVC_ROOT"):
         env.pop(name, None)
     repo = RepoCopy(root, env)

@@ -73,9 +73,7 @@ def test_prepare_runs_and_prints_a_table(tiny_project: Path) -> None:
     assert images.shape == (30, 1, 8, 8)
 
 
-def test_prepare_is_tracked(
-    tiny_project: Path, fresh_store: Callable, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_prepare_is_tracked(tiny_project: Path, fresh_store: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
     monkeypatch.setenv("IRESNET_TRACKING", "1")

@@ -20,9 +20,7 @@ def _sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return done.stdout
 
 
-def test_dvc_repro_prepare(
-    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, fresh_store: Callable
-) -> None:
+def test_dvc_repro_prepare(tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, fresh_store: Callable) -> None:
     from mlflow import MlflowClient
 
     repo = tmp_path / "repo"
@@ -34,9 +32,16 @@ def test_dvc_repro_prepare(
     fresh_store(repo)  # a migrated, empty MLflow store: the stage logs into it
 
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "IRESNET_TRACKING": "1",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "IRESNET_TRACKING": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     env.pop("PYTHONPATH", None)
     dvc = [sys.executable, "-m", "dvc"]
     _sh(["git", "init", "-q"], repo, env)
@@ -77,7 +82,9 @@ def test_dvc_yaml_tracks_exactly_the_params_prepare_reads() -> None:
     leaves = {f"data.{f.name}" for f in fields(DataParams) if f.name != "zca"}
     leaves |= {f"data.zca.{f.name}" for f in fields(ZCAParams)}
     assert set(stage["params"]) == leaves
-    assert {"pipeline/stages/prepare.py", "pipeline/data/datasets.py", "pipeline/data/preprocess.py"} <= set(stage["deps"])
+    assert {"pipeline/stages/prepare.py", "pipeline/data/datasets.py", "pipeline/data/preprocess.py"} <= set(
+        stage["deps"]
+    )
 
 
 def test_every_output_is_carried_by_git() -> None:
@@ -85,8 +92,11 @@ def test_every_output_is_carried_by_git() -> None:
     git-ignored (``dvc status`` on a fresh clone is then clean, as the whole-graph test checks)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     outs = [o for stage in stages.values() for o in stage.get("outs", []) + stage.get("plots", [])]
-    cached = [o if isinstance(o, str) else next(iter(o)) for o in outs
-              if isinstance(o, str) or next(iter(o.values())).get("cache", True)]  # fmt: skip
+    cached = [
+        o if isinstance(o, str) else next(iter(o))
+        for o in outs
+        if isinstance(o, str) or next(iter(o.values())).get("cache", True)
+    ]
     assert not cached, f"outs without `cache: false`: {cached}"
     paths = [next(iter(o)).replace("${item.coeff}", "0.9") for o in outs]
     ignored = subprocess.run(["git", "check-ignore", *paths], cwd=REPO, capture_output=True, text=True, check=False)

@@ -20,19 +20,52 @@ TABLES = ("table2", "table4", "toy", "runcost")
 # Only the keys that make each stage tiny; every other key keeps its committed default, so a key added later to a
 # section still gets a valid value. 8x8 images (``idx:tiny``: 30 train / 12 test, 3 classes).
 TINY = {
-    "classifier": {"coeffs": ["vanilla", 0.9], "n_blocks": [1, 1], "strides": [1, 2], "channels": [4, 4],
-                   "init_ds": 1, "inj_pad": 1, "epochs": 1, "batch_size": 16, "eval_batch_size": 16,
-                   "milestones": [], "max_train_batches": 1},
+    "classifier": {
+        "coeffs": ["vanilla", 0.9],
+        "n_blocks": [1, 1],
+        "strides": [1, 2],
+        "channels": [4, 4],
+        "init_ds": 1,
+        "inj_pad": 1,
+        "epochs": 1,
+        "batch_size": 16,
+        "eval_batch_size": 16,
+        "milestones": [],
+        "max_train_batches": 1,
+    },
     "singular_values": {"lower_iters": 5},
-    "reconstruction": {"iterations": [1, 2, 4], "n_images": 4, "tolerances": [1.0e-1, 1.0e-3],
-                       "timing_iterations": [1, 2]},
-    "flow": {"n_blocks": [1, 1], "strides": [1, 2], "channels": [4, 4], "init_ds": 2, "n_power_iter": 1, "n_terms": 2, "epochs": 1,
-             "batch_size": 16, "eval_batch_size": 16, "warmup_epochs": 0, "n_generated": 4, "max_train_batches": 1},
+    "reconstruction": {
+        "iterations": [1, 2, 4],
+        "n_images": 4,
+        "tolerances": [1.0e-1, 1.0e-3],
+        "timing_iterations": [1, 2],
+    },
+    "flow": {
+        "n_blocks": [1, 1],
+        "strides": [1, 2],
+        "channels": [4, 4],
+        "init_ds": 2,
+        "n_power_iter": 1,
+        "n_terms": 2,
+        "epochs": 1,
+        "batch_size": 16,
+        "eval_batch_size": 16,
+        "warmup_epochs": 0,
+        "n_generated": 4,
+        "max_train_batches": 1,
+    },
     "evaluate_flow": {"max_terms": 4, "max_samples": 2, "n_examples": 4, "batch_size": 4},
     "logdet_bias": {"n_examples": 2, "max_terms": 3, "n_samples": 2},
-    "toy": {"datasets": ["moons"], "n_blocks": 2, "hidden": [8], "steps": 3, "batch_size": 32, "n_test": 64,
-            "grid_size": 8},
-}  # fmt: skip
+    "toy": {
+        "datasets": ["moons"],
+        "n_blocks": 2,
+        "hidden": [8],
+        "steps": 3,
+        "batch_size": 32,
+        "n_test": 64,
+        "grid_size": 8,
+    },
+}
 
 
 def tiny_everything(tiny_params: dict[str, Any]) -> dict[str, Any]:

@@ -22,8 +22,11 @@ from pipeline.stages.prepare import run
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_prepare_writes_consistent_outputs(tiny_project: Path) -> None:
@@ -64,11 +67,17 @@ def test_prepare_is_byte_identical_on_rerun(tiny_project: Path) -> None:
     paths = Paths.at(tiny_project)
     params = load_params(paths.params_file)
     run(params, paths)
-    first = {**_digest(paths.prepared), "preview": hashlib.sha256((PREPARE.figure_path(paths, "preview")).read_bytes()).hexdigest()}
+    first = {
+        **_digest(paths.prepared),
+        "preview": hashlib.sha256((PREPARE.figure_path(paths, "preview")).read_bytes()).hexdigest(),
+    }
     for f in paths.prepared.iterdir():
         f.unlink()
     run(params, paths)
-    second = {**_digest(paths.prepared), "preview": hashlib.sha256((PREPARE.figure_path(paths, "preview")).read_bytes()).hexdigest()}
+    second = {
+        **_digest(paths.prepared),
+        "preview": hashlib.sha256((PREPARE.figure_path(paths, "preview")).read_bytes()).hexdigest(),
+    }
     assert first == second and len(first) == 5
 
 
@@ -106,15 +115,20 @@ def test_loaders_explain_missing_or_broken_outputs(tiny_project: Path) -> None:
     split_file(paths, "test").write_bytes(b"garbage")
     with pytest.raises(DataError, match="unreadable"):
         load_prepared(paths, "test")
-    torch.save({"pixels": torch.zeros(12, 1, 8, 9, dtype=torch.uint8), "labels": torch.zeros(12, dtype=torch.int64)},
-               split_file(paths, "test"))  # fmt: skip
+    torch.save(
+        {"pixels": torch.zeros(12, 1, 8, 9, dtype=torch.uint8), "labels": torch.zeros(12, dtype=torch.int64)},
+        split_file(paths, "test"),
+    )
     with pytest.raises(DataError, match=r"pixels should be uint8 \(N, 1, 8, 8\)"):
         load_prepared(paths, "test")
-    torch.save({"pixels": torch.zeros(12, 1, 8, 8), "labels": torch.zeros(12, dtype=torch.int64)},
-               split_file(paths, "test"))  # fmt: skip
+    torch.save(
+        {"pixels": torch.zeros(12, 1, 8, 8), "labels": torch.zeros(12, dtype=torch.int64)}, split_file(paths, "test")
+    )
     with pytest.raises(DataError, match=r"pixels should be uint8"):  # a float32 file from an older prepare
         load_prepared(paths, "test")
-    torch.save({"pixels": torch.zeros(11, 1, 8, 8, dtype=torch.uint8), "labels": torch.zeros(11, dtype=torch.int64)},
-               split_file(paths, "test"))  # fmt: skip
+    torch.save(
+        {"pixels": torch.zeros(11, 1, 8, 8, dtype=torch.uint8), "labels": torch.zeros(11, dtype=torch.int64)},
+        split_file(paths, "test"),
+    )
     with pytest.raises(DataError, match="11 examples but stats.json says 12"):
         load_prepared(paths, "test")

@@ -141,5 +141,7 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["reconstruction"]
     read = {"seed", "classifier.coeffs"} | {f"reconstruction.{f.name}" for f in fields(ReconstructionParams)}
     assert set(stage["params"]) == read
-    assert {"pipeline/stages/reconstruction.py", "iresnet", "models/classifier", "data/prepared/test.pt"} <= set(stage["deps"])
+    assert {"pipeline/stages/reconstruction.py", "iresnet", "models/classifier", "data/prepared/test.pt"} <= set(
+        stage["deps"]
+    )
     assert {"reports/metrics/reconstruction.json": {"cache": False}} in stage["outs"]

@@ -34,39 +34,75 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
     for label in labels:
         coeff = None if label in ("vanilla", "batchnorm") else float(label)
         files[f"classifier/{label}.json"] = {
-            "model": "classifier", "coeff": coeff, "kind": "iresnet" if coeff else label, "dataset": "mnist-5k",
-            "test_error": ERRORS[label], "test_loss": 0.05, "train_loss": 0.04, "train_accuracy": 0.99,
-            "epochs": 3, "wall_time_s": WALL[label], "n_params": 12345, "throughput_img_s": 200.0 + len(label),
-        }  # fmt: skip
+            "model": "classifier",
+            "coeff": coeff,
+            "kind": "iresnet" if coeff else label,
+            "dataset": "mnist-5k",
+            "test_error": ERRORS[label],
+            "test_loss": 0.05,
+            "train_loss": 0.04,
+            "train_accuracy": 0.99,
+            "epochs": 3,
+            "wall_time_s": WALL[label],
+            "n_params": 12345,
+            "throughput_img_s": 200.0 + len(label),
+        }
     files["singular_values.json"] = {
         "models": {
-            label: {"guaranteed_inverse": CERTIFIED[label], "max_block_bound": BOUNDS[label],
-                    "max_layer_upper": BOUNDS[label] / 2 if label != "vanilla" else 2.5,
-                    "frac_layers_above_1": 0.0 if label != "vanilla" else 0.5, "n_layers": 18, "n_blocks": 6,
-                    "layers_above_coeff": 0 if label != "vanilla" else None}
+            label: {
+                "guaranteed_inverse": CERTIFIED[label],
+                "max_block_bound": BOUNDS[label],
+                "max_layer_upper": BOUNDS[label] / 2 if label != "vanilla" else 2.5,
+                "frac_layers_above_1": 0.0 if label != "vanilla" else 0.5,
+                "n_layers": 18,
+                "n_blocks": 6,
+                "layers_above_coeff": 0 if label != "vanilla" else None,
+            }
             for label in labels
         },
         "wall_time_s": 5.0,
-    }  # fmt: skip
+    }
     files["reconstruction.json"] = {
         "models": {
-            label: {"iterations_to": {"1e-03": ITER_TO[label], "1e-05": None},
-                    "seconds_per_100": {"5": 0.01, "20": 0.04, "100": 0.2},
-                    "final_mean_error": 1e-7 if label != "vanilla" else 0.3, "final_max_error": 1e-6,
-                    "converged": label != "vanilla"}
+            label: {
+                "iterations_to": {"1e-03": ITER_TO[label], "1e-05": None},
+                "seconds_per_100": {"5": 0.01, "20": 0.04, "100": 0.2},
+                "final_mean_error": 1e-7 if label != "vanilla" else 0.3,
+                "final_max_error": 1e-6,
+                "converged": label != "vanilla",
+            }
             for label in labels
         },
         "wall_time_s": 7.0,
-    }  # fmt: skip
+    }
     files["flow.json"] = {
-        "train_bpd": 1.61, "test_bpd_estimate": 1.65, "n_dims": 784, "dataset": "mnist-5k", "zca": False, "epochs": 2,
-        "wall_time_s": 120.0, "n_params": 54321, "throughput_img_s": 80.0, "samples_converged": True,
-    }  # fmt: skip
+        "train_bpd": 1.61,
+        "test_bpd_estimate": 1.65,
+        "n_dims": 784,
+        "dataset": "mnist-5k",
+        "zca": False,
+        "epochs": 2,
+        "wall_time_s": 120.0,
+        "n_params": 54321,
+        "throughput_img_s": 80.0,
+        "samples_converged": True,
+    }
     files["evaluate_flow.json"] = {
-        "bpd": 1.6523, "stderr": 0.0008, "bias_bound_bits": 8.5e-5, "n_terms": 14, "n_samples": 8, "n_dims": 784,
-        "n_examples": 500, "dataset": "mnist-5k", "zca": False, "lemma7_lower_bpd": 0.9, "lemma7_upper_bpd": 2.8,
-        "bias_target_met": True, "stderr_target_met": True, "wall_time_s": 30.0,
-    }  # fmt: skip
+        "bpd": 1.6523,
+        "stderr": 0.0008,
+        "bias_bound_bits": 8.5e-5,
+        "n_terms": 14,
+        "n_samples": 8,
+        "n_dims": 784,
+        "n_examples": 500,
+        "dataset": "mnist-5k",
+        "zca": False,
+        "lemma7_lower_bpd": 0.9,
+        "lemma7_upper_bpd": 2.8,
+        "bias_target_met": True,
+        "stderr_target_met": True,
+        "wall_time_s": 30.0,
+    }
     files["logdet_bias.json"] = {"n_examples": 100, "wall_time_s": 20.0}
     files["toy.json"] = {
         "datasets": {
@@ -127,9 +163,10 @@ def test_tables_hold_the_metrics_numbers(tmp_path: Path, params: Params) -> None
     assert cost.loc["total", "wall_time_s"] == pytest.approx(expected_total, rel=1e-12)
     assert cost.loc["train_classifier@0.7", "wall_time_s"] == 60.25 and cost.loc["prepare", "wall_time_s"] == 3.5
     assert cost.loc["train_flow", "n_params"] == 54321 and pd.isna(cost.loc["logdet_bias", "n_params"])
-    assert "| toy_density              | 90.0            | –                    | iresnet 9,000 / glow 9,100" in (
-        paths.tables / "runcost.md"
-    ).read_text()
+    assert (
+        "| toy_density              | 90.0            | –                    | iresnet 9,000 / glow 9,100"
+        in (paths.tables / "runcost.md").read_text()
+    )
 
     toy = pd.read_csv(paths.tables / "toy.csv", index_col=0)
     assert toy.loc["moons", "lower_nll"] == "i-ResNet" and toy.loc["checkerboard", "lower_nll"] == "Glow"
@@ -183,7 +220,10 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
     metrics = report.run(params, paths)
     summary = json.loads((paths.metrics / "summary.json").read_text())
     assert set(summary) == {"classifier", "flow", "toy", "total_wall_time_s", "all_iresnets_certified"}
-    assert summary["classifier"]["0.5"] == {"test_error_pct": pytest.approx(3.42, rel=1e-12), "guaranteed_inverse": True}
+    assert summary["classifier"]["0.5"] == {
+        "test_error_pct": pytest.approx(3.42, rel=1e-12),
+        "guaranteed_inverse": True,
+    }
     assert summary["flow"] == {"bpd": 1.6523, "stderr": 0.0008, "bias_bound_bits": 8.5e-5}
     assert summary["toy"]["moons"] == {"iresnet_nll": 1.2, "glow_nll": 1.35} and summary["all_iresnets_certified"]
     assert metrics["test_error_pct.vanilla"] == pytest.approx(1.23, rel=1e-12) and metrics["bpd"] == 1.6523
@@ -198,7 +238,11 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
     assert "smaller c never needs more: yes" in page
     assert "1.6523 ± 0.0008 bits/dim" in page and "between 0.900 and 2.800" in page
     assert "lower test NLL on 1 of 2 datasets (moons)" in page
-    assert "10 terms 9.77e-04" in page and "20 terms 9.54e-07" in page and "within the Theorem 3 bound at every n: yes" in page
+    assert (
+        "10 terms 9.77e-04" in page
+        and "20 terms 9.54e-07" in page
+        and "within the Theorem 3 bound at every n: yes" in page
+    )
     assert (paths.tables / "table2.md").read_text() in page
 
 
@@ -251,7 +295,11 @@ def test_cli_report(tmp_path: Path, repo_params: dict) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     runner = CliRunner()
     missing = runner.invoke(app, ["--root", str(tmp_path), "report"])
-    assert missing.exit_code == 1 and "`prepare` writes data/prepared/stats.json" in missing.output and "Traceback" not in missing.output
+    assert (
+        missing.exit_code == 1
+        and "`prepare` writes data/prepared/stats.json" in missing.output
+        and "Traceback" not in missing.output
+    )
     write_fixture(tmp_path)
     ok = runner.invoke(app, ["--root", str(tmp_path), "report"])
     assert ok.exit_code == 0, ok.output

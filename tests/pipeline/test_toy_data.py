@@ -87,9 +87,10 @@ def test_eight_gaussians_reference_density_integrates_to_one() -> None:
 
 def test_stream_seed_is_stable() -> None:
     # A hash of the arguments, not Python's per-process salted hash(): the same on every run and platform.
-    assert stream_seed(0, "moons", "train", 0) == int.from_bytes(
-        __import__("hashlib").sha256(b"0/moons/train/0").digest()[:8], "big"
-    ) >> 1
+    assert (
+        stream_seed(0, "moons", "train", 0)
+        == int.from_bytes(__import__("hashlib").sha256(b"0/moons/train/0").digest()[:8], "big") >> 1
+    )
     assert 0 <= stream_seed(2**40, "x", "y", 10**9) < 2**63
 
 

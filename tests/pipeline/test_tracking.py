@@ -90,8 +90,12 @@ def test_stage_run_logs_everything(store: Paths, monkeypatch: pytest.MonkeyPatch
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "prepare"
     assert run.info.experiment_id == init_store(store)["data"]
-    assert run.data.params == {"data.dataset": "idx:tiny", "data.zca.enabled": "True", "data.zca.epsilon": "0.01",
-                               "seed": "3"}  # fmt: skip
+    assert run.data.params == {
+        "data.dataset": "idx:tiny",
+        "data.zca.enabled": "True",
+        "data.zca.epsilon": "0.01",
+        "seed": "3",
+    }
     history = client.get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
     assert run.data.metrics["n_train"] == 30 and run.data.metrics["ok"] == 1.0
@@ -138,12 +142,19 @@ def test_parallel_first_use_of_a_fresh_store(tmp_path: Path, monkeypatch: pytest
 
     (Without the lock, one of the two crashes in alembic: checked when this test was written.)
     """
-    code = "import sys; from pipeline.paths import Paths; from pipeline.tracking import init_store; " \
-           "print(sorted(init_store(Paths.at(sys.argv[1])).items()))"  # fmt: skip
+    code = (
+        "import sys; from pipeline.paths import Paths; from pipeline.tracking import init_store; "
+        "print(sorted(init_store(Paths.at(sys.argv[1])).items()))"
+    )
     repo = Path(__file__).resolve().parents[2]
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=repo, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=120) for p in procs]

@@ -31,9 +31,21 @@ from pipeline.training import EpochLoop, ResumeFile, TrainingDiverged
 from tests.pipeline.classifier_helpers import REPO, classifier_project
 
 METRIC_KEYS = {
-    "model", "coeff", "kind", "dataset", "n_train", "n_test", "epochs", "test_error", "test_loss", "train_loss",
-    "train_accuracy", "n_params", "throughput_img_s", "wall_time_s",
-}  # fmt: skip
+    "model",
+    "coeff",
+    "kind",
+    "dataset",
+    "n_train",
+    "n_test",
+    "epochs",
+    "test_error",
+    "test_loss",
+    "train_loss",
+    "train_accuracy",
+    "n_params",
+    "throughput_img_s",
+    "wall_time_s",
+}
 DETERMINISTIC = ("test_error", "test_loss", "train_loss", "train_accuracy", "epochs", "n_params")
 
 
@@ -126,7 +138,10 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pyte
     assert [step for step, _ in tracker.metrics] == [1, 2, 3, 4]  # the restored history is logged again
     for key in DETERMINISTIC:
         assert resumed[key] == straight[key], key
-    assert TRAIN_CLASSIFIER.curve_path(paths_b, "epochs", "0.9").read_bytes() == TRAIN_CLASSIFIER.curve_path(paths_a, "epochs", "0.9").read_bytes()
+    assert (
+        TRAIN_CLASSIFIER.curve_path(paths_b, "epochs", "0.9").read_bytes()
+        == TRAIN_CLASSIFIER.curve_path(paths_a, "epochs", "0.9").read_bytes()
+    )
     state_a = torch.load(TRAIN_CLASSIFIER.model_path(paths_a, "0.9"), weights_only=True)["state_dict"]
     state_b = torch.load(TRAIN_CLASSIFIER.model_path(paths_b, "0.9"), weights_only=True)["state_dict"]
     assert state_a.keys() == state_b.keys()
@@ -275,9 +290,16 @@ def test_dvc_yaml_runs_one_stage_per_coefficient_and_tracks_what_it_reads() -> N
     read = {f"classifier.{f.name}" for f in fields(ClassifierParams) if f.name != "coeffs"} | {"seed"}
     assert set(stage["params"]) == read
     assert {"models/classifier/${item.coeff}/model.pt": {"cache": False}} in stage["outs"]
-    assert {"pipeline/stages/train_classifier.py", "pipeline/models/classifiers.py", "pipeline/data/batches.py",
-            "pipeline/training.py", "iresnet", "data/prepared/train.pt", "data/prepared/test.pt",
-            "data/prepared/stats.json"} <= set(stage["deps"])  # fmt: skip
+    assert {
+        "pipeline/stages/train_classifier.py",
+        "pipeline/models/classifiers.py",
+        "pipeline/data/batches.py",
+        "pipeline/training.py",
+        "iresnet",
+        "data/prepared/train.pt",
+        "data/prepared/test.pt",
+        "data/prepared/stats.json",
+    } <= set(stage["deps"])
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100"])
@@ -287,8 +309,14 @@ def test_paper_configs_hold_the_paper_settings(name: str) -> None:
     assert params.data.dataset == name
     assert c.coeffs == ("vanilla", "batchnorm", 0.9, 0.8, 0.7, 0.6, 0.5, 0.3)  # Table 2 and Fig. 6
     assert sum(c.n_blocks) == (21 if name == "mnist" else 39)  # Sec. 5.1 (MNIST), App. C.2 (CIFAR)
-    assert (c.strides, c.channels, c.init_ds, c.inj_pad, c.nonlin, c.n_power_iter) == ((1, 2, 2), (32, 64, 128), 1, 13,
-                                                                                        "elu", 1)  # fmt: skip
+    assert (c.strides, c.channels, c.init_ds, c.inj_pad, c.nonlin, c.n_power_iter) == (
+        (1, 2, 2),
+        (32, 64, 128),
+        1,
+        13,
+        "elu",
+        1,
+    )
     assert (c.optimizer, c.epochs, c.lr, c.momentum, c.weight_decay) == ("sgd", 200, 0.1, 0.9, 5e-4)
     assert (c.milestones, c.gamma, c.max_train_batches) == ((60, 120, 160), 0.2, None)
     assert c.hflip == (name != "mnist") and c.shift_px >= 2

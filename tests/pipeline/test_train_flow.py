@@ -38,10 +38,26 @@ from tests.pipeline.flow_helpers import prepared_project, tiny_flow_params, trai
 REPO = Path(__file__).resolve().parents[2]
 
 FLOW_KEYS = {
-    "dataset", "zca", "n_dims", "dims", "epochs", "train_bpd", "test_bpd_estimate", "test_logpz", "test_logdet",
-    "recon_error", "estimator", "n_terms", "samples_converged", "samples_converged_fraction", "samples_max_residual",
-    "samples_max_iterations", "n_params", "throughput_img_s", "wall_time_s",
-}  # fmt: skip
+    "dataset",
+    "zca",
+    "n_dims",
+    "dims",
+    "epochs",
+    "train_bpd",
+    "test_bpd_estimate",
+    "test_logpz",
+    "test_logdet",
+    "recon_error",
+    "estimator",
+    "n_terms",
+    "samples_converged",
+    "samples_converged_fraction",
+    "samples_max_residual",
+    "samples_max_iterations",
+    "n_params",
+    "throughput_img_s",
+    "wall_time_s",
+}
 
 
 def test_warmup_lr_values() -> None:
@@ -54,9 +70,7 @@ def test_warmup_lr_values() -> None:
 
 def test_stage_outputs_and_applied_learning_rates(tiny_project: Path, tiny_params: dict) -> None:
     applied: list[float] = []
-    hook = register_optimizer_step_pre_hook(
-        lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"])
-    )
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"]))
     try:
         params, paths, metrics = trained_project(tiny_project, tiny_params)
     finally:
@@ -120,7 +134,9 @@ def test_kill_and_resume_gives_identical_results(
     assert {k: v for k, v in resumed.items() if k not in timing} == {
         k: v for k, v in expected.items() if k not in timing
     }
-    assert TRAIN_FLOW.curve_path(killed, "epochs").read_bytes() == TRAIN_FLOW.curve_path(straight, "epochs").read_bytes()
+    assert (
+        TRAIN_FLOW.curve_path(killed, "epochs").read_bytes() == TRAIN_FLOW.curve_path(straight, "epochs").read_bytes()
+    )
     a = torch.load(killed.models / "flow" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(straight.models / "flow" / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -132,9 +148,7 @@ def test_other_estimators_train(tiny_project: Path, tiny_params: dict, estimator
     assert metrics["estimator"] == library and math.isfinite(metrics["test_bpd_estimate"])
 
 
-def test_nan_stops_with_a_diagnosis(
-    tiny_project: Path, tiny_params: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_nan_stops_with_a_diagnosis(tiny_project: Path, tiny_params: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     params, paths = prepared_project(tiny_project, tiny_flow_params(tiny_params))
     monkeypatch.setattr(MultiscaleFlow, "log_prob", lambda self, x: torch.full((x.shape[0],), float("nan")))
     with pytest.raises(TrainingDiverged, match=r"training loss \(bits/dim\) became nan at epoch 1, batch 1.*Lip\(g\)"):
@@ -184,7 +198,9 @@ def test_evenly_spaced_subset_covers_a_class_sorted_split() -> None:
     labels = torch.arange(10).repeat_interleave(10)  # 100 examples, 10 per class, sorted by class
     assert labels[evenly_spaced(100, 10)].tolist() == list(range(10))  # one per class
     assert evenly_spaced(100, 10)[[0, -1]].tolist() == [0, 99]  # first and last included
-    assert torch.equal(evenly_spaced(100, None), torch.arange(100)) and torch.equal(evenly_spaced(100, 500), torch.arange(100))
+    assert torch.equal(evenly_spaced(100, None), torch.arange(100)) and torch.equal(
+        evenly_spaced(100, 500), torch.arange(100)
+    )
     with pytest.raises(ValueError, match="k must be >= 1"):
         evenly_spaced(100, 0)
 
@@ -202,9 +218,12 @@ def test_config_round_trip(repo_params: dict) -> None:
 
 @pytest.mark.parametrize(
     ("stage", "section", "cls"),
-    [("train_flow", "flow", FlowParams), ("evaluate_flow", "evaluate_flow", EvaluateFlowParams),
-     ("logdet_bias", "logdet_bias", LogdetBiasParams)],
-)  # fmt: skip
+    [
+        ("train_flow", "flow", FlowParams),
+        ("evaluate_flow", "evaluate_flow", EvaluateFlowParams),
+        ("logdet_bias", "logdet_bias", LogdetBiasParams),
+    ],
+)
 def test_dvc_yaml_tracks_exactly_the_params_each_flow_stage_reads(stage: str, section: str, cls: type) -> None:
     """Each flow stage reads ``seed`` and every leaf of its own section, and nothing else."""
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
