@@ -15,7 +15,7 @@ What is measured, per configuration ("case"):
   iterations used over all blocks (none for the vanilla classifier, which has no inverse to converge to).
 * ``peak_mem_mb``: peak resident memory (RSS) growth during one training step, on CPU: the kernel's high-water
   mark ``VmHWM`` is reset (``/proc/self/clear_refs``) just before the step and read after it, minus ``VmRSS`` just
-  before. Each case runs in a fresh Python process (unless ``isolate=False``, as in quick mode), so memory freed
+  before (``peak_rss_total_mb``: the high-water mark itself, with Python, torch and the model). Each case runs in a fresh Python process (unless ``isolate=False``, as in quick mode), so memory freed
   by earlier cases and kept by the allocator cannot hide the growth. Model, data and warm-up state are in the
   baseline; memory the allocator reuses from the model's construction is not counted (it is small).
 * ``gflops``: FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix
@@ -177,12 +177,13 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _peak_growth_mb(fn: Callable[[], Any]) -> float:
-    """Peak RSS growth (MB) while ``fn`` runs: reset the high-water mark, run, read it (Linux)."""
+def _peak_growth_mb(fn: Callable[[], Any]) -> tuple[float, float]:
+    """``(peak RSS growth, peak RSS)`` in MB while ``fn`` runs: reset the high-water mark, run, read it (Linux)."""
     Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
     before = _status_kb("VmRSS")
     fn()
-    return (_status_kb("VmHWM") - before) / 1024
+    peak = _status_kb("VmHWM")
+    return (peak - before) / 1024, peak / 1024
 
 
 class _GlobalOnly:
@@ -224,14 +225,15 @@ def measure_case(name: str, quick: bool = False) -> dict[str, Any]:
     model = case.model
     sgemm = sgemm_gflops(counts["sgemm_n"])
     model.train()
-    peak = _peak_growth_mb(case.step)  # the first step (includes ActNorm's data-dependent initialisation)
+    peak, peak_total = _peak_growth_mb(case.step)  # the first step (includes ActNorm's data-dependent initialisation)
     for _ in range(counts["warmup"]):
         case.step()
     step, _ = _timed(case.step, counts["repeats"])
     flops = count_flops(case.step)
     result: dict[str, Any] = {
         "family": case.family, "description": case.description, "batch": case.batch,
-        "threads": torch.get_num_threads(), "step_s": step, "peak_mem_mb": peak, "flops_per_step": flops,
+        "threads": torch.get_num_threads(), "step_s": step, "peak_mem_mb": peak,
+        "peak_rss_total_mb": peak_total, "flops_per_step": flops,
         "gflops": flops / step["median"] / 1e9, "sgemm_gflops": sgemm,
     }  # fmt: skip
 
