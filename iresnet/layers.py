@@ -167,7 +167,26 @@ class _ELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (out,) = ctx.saved_tensors
-        return grad * (out.clamp(max=0) + 1)
+        return _ELUBackward.apply(grad, out)
+
+
+class _ELUBackward(torch.autograd.Function):
+    """``grad · (1 + min(out, 0))`` as a Function of ``(grad, out)``, so that a VJP taken with ``create_graph``
+    (the log-det series) keeps only ``grad`` and ``out`` alive, not the factor as well (as composite ops would).
+
+    Its own derivatives: ``1 + min(out, 0)`` in ``grad`` and ``grad · [out < 0]`` in ``out``, written in ops of the
+    saved inputs, so they are differentiable in turn.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, grad: Tensor, out: Tensor) -> Tensor:
+        ctx.save_for_backward(grad, out)
+        return out.clamp(max=0).add_(1).mul_(grad)
+
+    @staticmethod
+    def backward(ctx: Any, grad_grad: Tensor) -> tuple[Tensor, Tensor]:
+        grad, out = ctx.saved_tensors
+        return grad_grad * (out.clamp(max=0) + 1), grad_grad * grad * (out < 0)
 
 
 class _Softplus(torch.autograd.Function):

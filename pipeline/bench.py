@@ -15,9 +15,11 @@ What is measured, per configuration ("case"):
   iterations used over all blocks (none for the vanilla classifier, which has no inverse to converge to).
 * ``peak_mem_mb``: peak resident memory (RSS) growth during one training step, on CPU: the kernel's high-water
   mark ``VmHWM`` is reset (``/proc/self/clear_refs``) just before the step and read after it, minus ``VmRSS`` just
-  before (``peak_rss_total_mb``: the high-water mark itself, with Python, torch and the model). Each case runs in a fresh Python process (unless ``isolate=False``, as in quick mode), so memory freed
-  by earlier cases and kept by the allocator cannot hide the growth. Model, data and warm-up state are in the
-  baseline; memory the allocator reuses from the model's construction is not counted (it is small).
+  before (``peak_rss_total_mb``: the high-water mark itself, with Python, torch and the model). Each case runs in
+  a fresh Python process (unless ``isolate=False``, as in quick mode), so memory freed by earlier cases and kept by
+  the allocator cannot hide the growth. Model, data and warm-up state are in the baseline; memory the allocator
+  reuses from the model's construction is not counted (it is small). The first step is measured: later steps
+  reuse memory the allocator kept.
 * ``gflops``: FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix
   products only) over the median step time, beside ``sgemm_gflops``: a float32 1024^3 matmul timed in the same
   process, as the machine's reference speed.
