@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
 from iresnet.base import Invertible
 from iresnet.inverse import InverseInfo, InverseSettings, fixed_point_inverse
 from iresnet.layers import make_nonlinearity
 from iresnet.logdet import LogDetSettings, estimate_logdet
-from iresnet.spectral_norm import LipschitzConv2d, LipschitzLinear, layer_lipschitz_bound
+from iresnet.spectral_norm import LipschitzConv2d, LipschitzLinear, frozen_weights, layer_lipschitz_bound
 
 
 class InvertibleResidualBlock(Invertible):
@@ -47,9 +48,11 @@ class InvertibleResidualBlock(Invertible):
         return x + gx, logdet
 
     def inverse(self, y: Tensor) -> Tensor:
-        x, self.last_inverse_info = fixed_point_inverse(
-            self.g, y, max_iter=self.inverse_settings.max_iter, atol=self.inverse_settings.atol
-        )
+        # One set of normalised weights for all steps: no power iteration, spectral-norm buffers left untouched.
+        with torch.no_grad(), frozen_weights(self.g):
+            x, self.last_inverse_info = fixed_point_inverse(
+                self.g, y, max_iter=self.inverse_settings.max_iter, atol=self.inverse_settings.atol
+            )
         return x
 
     def lipschitz_bound(self) -> float:

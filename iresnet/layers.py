@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -140,11 +141,103 @@ class MaxMin(nn.Module):
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
 
 
+# --- fast smooth nonlinearities ---------------------------------------------------------------------------------
+# On the CPU build this project runs on, F.elu, F.softplus, torch.expm1 and torch.log1p are 7-9x slower than
+# torch.exp, torch.log and torch.sigmoid (not vectorised), and ELU was two thirds of the classifier's time. So on the
+# CPU, ELU and softplus are autograd Functions whose forward uses only the fast ops, and whose backward is one cheap
+# formula of what the forward saved. Each backward is written in differentiable torch ops of the saved tensors, so
+# double backward (the log-det series differentiates through VJPs with create_graph=True) is exact. On other devices
+# (fused kernels) torch's own functions are used.
+
+
+class _ELU(torch.autograd.Function):
+    """``elu(x) = max(x, exp(min(x, 0)) - 1)`` (alpha = 1): for ``x <= 0``, ``e^x - 1 >= x``; for ``x > 0`` it is 0.
+
+    ``exp(x) - 1`` instead of ``expm1`` costs up to one float ulp of 1 in absolute error near 0 (6e-8 in float32).
+    The derivative is ``1`` for ``x > 0`` and ``e^x = elu(x) + 1`` otherwise, i.e. ``1 + min(elu(x), 0)``: only the
+    output is saved, and differentiating that formula again goes back through this Function (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        out = x.clamp(max=0).exp_().sub_(1).clamp_(min=x)  # max(e^min(x,0) - 1, x), in place
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return _ELUBackward.apply(grad, out)
+
+
+class _ELUBackward(torch.autograd.Function):
+    """``grad · (1 + min(out, 0))`` as a Function of ``(grad, out)``, so that a VJP taken with ``create_graph``
+    (the log-det series) keeps only ``grad`` and ``out`` alive, not the factor as well (as composite ops would).
+
+    Its own derivatives: ``1 + min(out, 0)`` in ``grad`` and ``grad · [out < 0]`` in ``out``, written in ops of the
+    saved inputs, so they are differentiable in turn.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, grad: Tensor, out: Tensor) -> Tensor:
+        ctx.save_for_backward(grad, out)
+        return out.clamp(max=0).add_(1).mul_(grad)
+
+    @staticmethod
+    def backward(ctx: Any, grad_grad: Tensor) -> tuple[Tensor, Tensor]:
+        grad, out = ctx.saved_tensors
+        return grad_grad * (out.clamp(max=0) + 1), grad_grad * grad * (out < 0)
+
+
+class _Softplus(torch.autograd.Function):
+    """``softplus(x) = ln(1 + e^x) = max(x, 0) + ln(1 + e^{-|x|})``: no overflow for any ``x``.
+
+    ``ln(1 + t)`` instead of ``log1p(t)`` (slow here) costs up to one ulp of 1 in absolute error (6e-8 in float32;
+    so values below that, at ``x < -17``, come out as 0). The derivative is ``sigmoid(x)`` of the saved input.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        # In-place on fresh temporaries: one allocation instead of five (this forward records no graph).
+        return x.abs().neg_().exp_().add_(1).log_().add_(x.clamp(min=0))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+def elu(x: Tensor) -> Tensor:
+    """ELU with alpha = 1, equal to ``F.elu`` (to 6e-8 absolute in float32); fast on CPU. Any shape."""
+    return _ELU.apply(x) if x.device.type == "cpu" else F.elu(x)
+
+
+def softplus(x: Tensor) -> Tensor:
+    """``ln(1 + e^x)``, equal to ``F.softplus`` (beta = 1) to rounding; fast on CPU, stable for large ``|x|``."""
+    return _Softplus.apply(x) if x.device.type == "cpu" else F.softplus(x)
+
+
+class ELU(nn.Module):
+    """``elu(x)`` (alpha = 1), 1-Lipschitz and continuously differentiable. Any shape."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return elu(x)
+
+
+class Softplus(nn.Module):
+    """``softplus(x) = ln(1 + e^x)``, 1-Lipschitz and smooth. Any shape."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return softplus(x)
+
+
 class LipSwish(nn.Module):
     """``x * sigmoid(beta x) / 1.1`` with ``beta = softplus(raw_beta) > 0`` learnable (Chen et al. 2019).
 
     The derivative of ``x sigmoid(beta x)`` peaks at about 1.0998 for every ``beta``, so dividing by 1.1 makes the
-    map 1-Lipschitz. ``raw_beta`` starts at 0.5 as in Residual Flows.
+    map 1-Lipschitz. ``raw_beta`` starts at 0.5 as in Residual Flows. Plain autograd ops: unlike ELU, ``sigmoid``
+    is fast on this build (forward on 64x32x32x32 float32: 2.8 ms against 18.8 ms for F.elu, 1 thread).
     """
 
     def __init__(self) -> None:
@@ -165,9 +258,9 @@ def make_nonlinearity(name: str) -> nn.Module:
     estimator needs (App. C.3); ReLU and sorting are 1-Lipschitz but not smooth.
     """
     if name == "elu":
-        return nn.ELU(alpha=1.0)
+        return ELU()
     if name == "softplus":
-        return nn.Softplus()
+        return Softplus()
     if name == "relu":
         return nn.ReLU()
     if name == "sorting":

@@ -21,7 +21,8 @@ Power iteration only ever under-estimates ``||W||_2``, so after training the nor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ class _SpectrallyNormalised(nn.Module):
             raise ValueError(f"n_power_iter must be >= 0, got {n_power_iter}")
         self.coeff = None if coeff is None else float(coeff)
         self.n_power_iter = int(n_power_iter)
+        self._frozen_weight: Tensor | None = None  # set by frozen_weights(): reused by every forward inside it
 
     def _op(self, v: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -103,9 +105,29 @@ class _SpectrallyNormalised(nn.Module):
         return self.weight / torch.clamp(self._sigma() / self.coeff, min=1.0)
 
     def _forward_weight(self) -> Tensor:
+        if self._frozen_weight is not None:
+            return self._frozen_weight
         if self.coeff is not None and self.training:
             self.power_iterate(self.n_power_iter)
         return self.effective_weight()
+
+
+@contextmanager
+def frozen_weights(module: nn.Module) -> Iterator[None]:
+    """Inside the ``with``: every spectrally normalised layer of ``module`` uses one fixed Eq. 2 weight.
+
+    The weights are computed once on entry from the stored ``u``, ``v`` (as in eval mode: no power iteration), so
+    repeated evaluations of ``g`` (the fixed-point inverse) neither pay for the normalisation each time nor change
+    the buffers ``u``, ``v``, ``sigma``, even in training mode. The weights carry the gradient mode of the entry.
+    """
+    layers = [m for m in module.modules() if isinstance(m, _SpectrallyNormalised)]
+    for layer in layers:
+        layer._frozen_weight = layer.effective_weight()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._frozen_weight = None
 
 
 class LipschitzConv2d(_SpectrallyNormalised):

@@ -212,6 +212,33 @@ def report(ctx: typer.Context) -> None:
     run_stage(ctx, "analysis", "report", stage.run, ("classifier",))
 
 
+@app.command()
+def bench(
+    ctx: typer.Context,
+    quick: bool = typer.Option(False, "--quick", help="Tiny shapes and repeats: a smoke test of a few seconds."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated families to run: CLF,DENS,TOY (default: all)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+) -> None:
+    """Speed and memory of the library at fixed configurations (train step, inverse, peak memory, ratios)."""
+    import json
+
+    import torch
+
+    from pipeline import bench as stage
+
+    torch.set_num_threads(ctx.obj.threads)  # each case's subprocess uses the same count
+    families = [f.strip() for f in only.split(",") if f.strip()] if only else None
+    try:
+        results = stage.run_benchmarks(quick=quick, only=families, progress=True)
+    except ValueError as err:
+        fail(err)
+    for table in stage.render(results):
+        console.print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=1) + "\n")
+        console.print(f"wrote {json_path}")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from iresnet import blocks
+from iresnet.blocks import InvertibleResidualBlock
 from iresnet.inverse import InverseInfo, InverseSettings, fixed_point_inverse, lipschitz_error_bound
 from tests.helpers import DTYPE, conv_operator_norm, randn, scaled_to_norm
 
@@ -213,3 +215,36 @@ def test_info_reads_like_a_mapping_of_its_fields() -> None:
     assert info["iterations"] == 3 and info["residuals"] == [1e-1, 1e-4, 1e-7]
     with pytest.raises(KeyError, match="no field 'iters'"):
         info["iters"]
+
+
+# ------------------------------------------------------------------ the block's inverse and spectral-norm state
+
+
+def _block(kind: str) -> InvertibleResidualBlock:
+    g = blocks.conv_branch(2, 4, (4, 4), coeff=0.9) if kind == "conv" else blocks.mlp_branch(3, 8, 2, coeff=0.9)
+    return InvertibleResidualBlock(g).to(DTYPE)
+
+
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+def test_train_mode_inverse_leaves_spectral_norm_buffers_bit_identical(kind: str) -> None:
+    block = _block(kind)
+    x = torch.randn(3, *((2, 4, 4) if kind == "conv" else (3,)), dtype=DTYPE)
+    with torch.no_grad():
+        y = block(x)[0]  # training mode: one power iteration per layer
+    before = {name: b.clone() for name, b in block.named_buffers()}
+    assert {"u", "v", "sigma"} <= {name.rsplit(".", 1)[-1] for name in before}
+    x_rec = block.inverse(y)  # still in training mode
+    for name, buffer in block.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    # ... and it inverts the map with the weights of those buffers (the ones the forward used)
+    assert block.last_inverse_info.converged
+    torch.testing.assert_close(x_rec, x, rtol=0, atol=1e-4)
+
+
+def test_block_inverse_equals_plain_iteration_with_eq2_weights() -> None:
+    block = _block("conv").eval()
+    y = torch.randn(3, 2, 4, 4, dtype=DTYPE)
+    x_block = block.inverse(y)
+    x_plain, info = fixed_point_inverse(block.g, y)  # eval mode: every call recomputes the same Eq. 2 weight
+    assert torch.equal(x_block, x_plain)
+    assert block.last_inverse_info == info

@@ -214,3 +214,41 @@ def test_actnorm_keeps_a_constant_channel_at_scale_one() -> None:
     assert layer.log_scale[2].item() == 0.0 and y[:, 2].abs().max().item() == 0.0
     torch.testing.assert_close(y[:, :2].mean(dim=(0, 2, 3)), torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
     torch.testing.assert_close(y[:, :2].std(dim=(0, 2, 3), correction=0), torch.ones(2, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+# The fast CPU nonlinearities (autograd Functions) against torch's own, and their first and second derivatives.
+LARGE_VALUES = [-1e4, -800.0, -100.0, -40.0, -20.0, -1e-10, 0.0, 1e-10, 20.0, 40.0, 100.0, 800.0, 1e4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, reference", [("elu", F.elu), ("softplus", F.softplus)])
+def test_fast_nonlinearity_equals_torch(name: str, reference, dtype: torch.dtype) -> None:
+    x = torch.cat([torch.randn(4083, dtype=dtype) * 5.0, torch.tensor(LARGE_VALUES, dtype=dtype)]).view(64, 4, 4, 4)
+    f = make_nonlinearity(name)
+    y = f(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    torch.testing.assert_close(y, reference(x))
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(f(xg).sum(), xg)
+    xr = x.clone().requires_grad_(True)
+    (grad_reference,) = torch.autograd.grad(reference(xr).sum(), xr)
+    torch.testing.assert_close(grad, grad_reference)
+
+
+@pytest.mark.parametrize("name", ["elu", "softplus", "lipswish"])
+def test_smooth_nonlinearities_pass_gradcheck_and_gradgradcheck(name: str) -> None:
+    x = (torch.randn(3, 2, 4, dtype=F64) * 3.0).requires_grad_(True)
+    fns = lipswish_variants() if name == "lipswish" else [make_nonlinearity(name)]
+    for f in fns:
+        inputs = (x, f.raw_beta) if name == "lipswish" else (x,)
+        # gradcheck perturbs raw_beta in place, so the module itself is checked in both of its inputs
+        fn = (lambda z, raw, f=f: f(z)) if name == "lipswish" else f
+        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_lipswish_keeps_its_formula_in_float32() -> None:
+    f = LipSwish()
+    x = torch.cat([torch.randn(1000) * 5.0, torch.tensor(LARGE_VALUES)])
+    beta = F.softplus(f.raw_beta.detach())
+    torch.testing.assert_close(f(x), x * torch.sigmoid(beta * x) / 1.1)

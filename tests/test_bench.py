@@ -1,0 +1,52 @@
+"""The benchmark's quick mode runs and returns well-formed, finite results (nothing is asserted about time)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.bench import FAMILIES, render, run_benchmarks
+
+
+def _numbers(tree: object) -> list[float]:
+    if isinstance(tree, dict):
+        return [n for value in tree.values() for n in _numbers(value)]
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return [float(tree)]
+    return []
+
+
+def test_quick_benchmark_structure_and_finite_numbers() -> None:
+    results = run_benchmarks(quick=True)
+    assert json.loads(json.dumps(results)) == results  # JSON-serialisable as is
+    assert set(results) == {"meta", "cases", "ratios"}
+    assert list(results["cases"]) == [name for names in FAMILIES.values() for name in names]
+    for name, case in results["cases"].items():
+        for key in ("step_s", "forward_s", "inverse_fixed_s"):
+            stats = case[key]
+            assert stats["min"] <= stats["q1"] <= stats["median"] <= stats["q3"] <= stats["max"], (name, key)
+            assert stats["min"] > 0
+        assert case["flops_per_step"] > 0 and case["gflops"] > 0 and case["sgemm_gflops"] > 0
+        assert case["peak_mem_mb"] >= 0 and case["inverse_step_over_forward"] > 0
+        for tol in case["inverse_tol"].values():
+            assert 1 <= tol["iterations_max"] <= tol["iterations_total"]
+    assert "inverse_tol" in results["cases"]["clf_vanilla"] and not results["cases"]["clf_vanilla"]["inverse_tol"]
+    assert all(math.isfinite(n) for n in _numbers(results))
+    assert all(value > 0 for value in results["ratios"].values())
+    assert {"clf_elu_step_over_relu_step", "clf_vanilla_step_over_c09_step", "toy_100_step_over_16_step",
+            "dens_neumann_step_over_none_step"} <= set(results["ratios"])  # fmt: skip
+    tables = render(results)
+    assert all(isinstance(t, Table) for t in tables)
+    Console(file=io.StringIO(), width=200).print(*tables)
+
+
+def test_only_selects_families_and_rejects_unknown_ones() -> None:
+    results = run_benchmarks(quick=True, only=["toy"])
+    assert list(results["cases"]) == list(FAMILIES["TOY"])
+    with pytest.raises(ValueError, match="unknown benchmark families"):
+        run_benchmarks(quick=True, only=["GPU"])
