@@ -2,17 +2,16 @@
 
 The exact log-det of a block ``x + g(x)`` on ``R^2`` (Eq. 3 without truncation) needs the 2x2 Jacobian ``J_g(x)``.
 Instead of building it from vector-Jacobian products with ``create_graph`` (second-order autograd when training,
-:func:`iresnet.logdet.exact_logdet`), :func:`mlp_value_and_jacobian` carries the two Jacobian columns through the
-MLP together with the value (forward mode by hand: ``J <- W J`` at a linear layer, ``J <- φ'(z) ⊙ J`` at a
-nonlinearity), and :func:`logdet_identity_plus` takes ``ln|(1 + a)(1 + d) - b c|``. Training then needs only
-first-order autograd.
+:func:`iresnet.logdet.exact_logdet`), :func:`mlp_logdet` carries the two Jacobian columns through the MLP together
+with the value (forward mode by hand: ``J <- W J`` at a linear layer, ``J <- φ'(z) ⊙ J`` at a nonlinearity), takes
+``ln|(1 + a)(1 + e) - b c|`` for ``J = [[a, b], [c, e]]``, and backpropagates through that by a hand-written
+first-order backward pass.
 
 Every tensor op on the tiny 2-D problem costs mostly its dispatch overhead, so the same code runs ``M`` models at
 once: weights carry a leading model axis (``(M, out, in)``, batched matrix products). :class:`StackedToyIResNet` and
 :class:`StackedToyGlow` hold ``M`` independent flows of one shape as stacked parameters (each with its own spectral
 normalisation and ActNorm initialisation) to train them as one model; ``write_to`` copies the result back into the
-ordinary per-model :class:`Flow2d` modules.
-"""
+ordinary per-model :class:`Flow2d` modules."""
 
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from iresnet.base import Invertible, InvertibleSequential
 from iresnet.blocks import InvertibleResidualBlock, mlp_branch
@@ -33,7 +33,7 @@ _EPS = 1e-12  # as iresnet.spectral_norm: guards the normalisation of an all-zer
 _LOG_2PI = math.log(2 * math.pi)
 
 
-# --- elementwise nonlinearities with their slopes ----------------------------------------------------------------
+# --- elementwise nonlinearities with their first and second derivatives ---------------------------------------
 
 
 def elu(z: Tensor) -> Tensor:
@@ -42,27 +42,29 @@ def elu(z: Tensor) -> Tensor:
     return torch.relu(z) + torch.exp(z.clamp_max(0.0)) - 1.0
 
 
-def _elu_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:
-    e = torch.exp(z.clamp_max(0.0))  # also ELU'(z): exp(z) for z < 0, 1 for z >= 0
-    return torch.relu(z) + e - 1.0, e
+def _elu(z: Tensor) -> tuple[Tensor, Tensor]:
+    slope = torch.exp(z.clamp_max(0.0))  # ELU'(z): exp(z) for z < 0, 1 for z >= 0
+    return torch.maximum(z, slope - 1.0), slope  # e^z - 1 > z for z < 0, and slope - 1 = 0 for z >= 0
 
 
-def _softplus_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:
-    e = torch.exp(-z.abs())  # softplus(z) = relu(z) + ln(1 + exp(-|z|)), stable for large |z|
-    return torch.relu(z) + torch.log(1.0 + e), torch.sigmoid(z)
+def _softplus(z: Tensor) -> tuple[Tensor, Tensor]:
+    # ln(1 + e^z) = relu(z) + ln(1 + e^{-|z|}), stable for large |z|
+    return torch.relu(z).add_(torch.log(torch.exp(-z.abs()).add_(1.0))), torch.sigmoid(z)
 
 
-def _relu_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:
+def _relu(z: Tensor) -> tuple[Tensor, Tensor]:
     return torch.relu(z), (z > 0).to(z.dtype)
 
 
-ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
-    "elu": _elu_and_slope,
-    "softplus": _softplus_and_slope,
-    "relu": _relu_and_slope,
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], tuple[Tensor, Tensor]], Callable[[Tensor, Tensor], Tensor]]] = {
+    "elu": (_elu, lambda z, slope: (z < 0).to(z.dtype)),  # ELU'' / ELU' = 1 for z < 0, 0 for z > 0
+    "softplus": (_softplus, lambda z, slope: 1.0 - slope),  # σ' / σ = 1 - σ
+    "relu": (_relu, lambda z, slope: torch.zeros_like(z)),
 }
-"""Nonlinearities (by the names of :func:`iresnet.layers.make_nonlinearity`) whose value and slope ``(φ(z), φ'(z))``
-are elementwise, so the Jacobian follows in closed form; the others ("sorting", "lipswish") fall back to autograd."""
+"""Nonlinearities (by the names of :func:`iresnet.layers.make_nonlinearity`) that act elementwise, so the Jacobian of
+an MLP follows in closed form: ``z -> (φ(z), φ'(z))`` and ``(z, φ'(z)) -> φ''(z) / φ'(z)`` (the log-det's gradient
+needs ``φ''``; as a ratio it applies to the tangents after the nonlinearity). The others ("sorting", "lipswish")
+fall back to autograd."""
 
 
 class ELU(nn.Module):
@@ -72,46 +74,102 @@ class ELU(nn.Module):
         return elu(x)
 
 
-# --- forward-mode Jacobian of a stack of MLPs ---------------------------------------------------------------------
+# --- an MLP branch with its exact 2-D log-det, forward mode alongside the value --------------------------------
 
 
-def mlp_value_and_jacobian(
-    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], nonlin: str
-) -> tuple[Tensor, Tensor]:
-    """``g(x)`` and the columns of ``J_g(x)`` for ``M`` MLPs ``g = W_L ∘ φ ∘ ... ∘ φ ∘ W_1`` (affine ``W_l``).
+def mlp_logdet(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], nonlin: str) -> tuple[Tensor, Tensor]:
+    """``g(x)`` and ``ln|det(I + J_g(x))|`` (Eq. 3, exact) for ``M`` MLPs ``g = W_L ∘ φ ∘ ... ∘ φ ∘ W_1`` on ``R^2``.
 
-    Forward mode alongside the value: the tangent of the first pre-activation with respect to ``x_j`` is column j
-    of ``W_1`` (the same for every example); then ``J <- φ'(z) ⊙ J`` at each nonlinearity and ``J <- W J`` at each
-    linear layer. Only first-order ops, so the result is differentiable with ordinary backprop.
-    Shapes: ``x: (M, B, d)``, ``weights[l]: (M, out_l, in_l)``, ``biases[l]: (M, out_l)`` ->
-    ``(g(x): (M, B, d_out), jac: (M, d, B, d_out))`` with ``jac[m, j, b, i] = ∂g_i(x_b) / ∂x_j``.
+    The two Jacobian columns travel through the MLP with the value (forward mode): the tangent of the first
+    pre-activation with respect to ``x_j`` is column j of ``W_1`` for every example, then ``J <- φ'(z) ⊙ J`` at a
+    nonlinearity and ``J <- W J`` at a linear layer; for ``J = [[a, b], [c, e]]``,
+    ``det(I + J) = (1 + a)(1 + e) - b c`` (positive when ``‖J‖₂ < 1``). The backward pass is written out by hand
+    (:class:`_MLPLogDet`): first-order only, and value and tangents share one matrix product per layer.
+    Shapes: ``x: (M, B, 2)``, ``weights[l]: (M, out_l, in_l)``, ``biases[l]: (M, out_l)`` (``M`` independent
+    models; ``M = 1`` for one) -> ``(g(x): (M, B, 2), logdet: (M, B))``. Not twice differentiable.
     """
-    activation = ACTIVATIONS[nonlin]
-    d = x.shape[-1]
-    w, b = weights[0], biases[0]
-    z = torch.baddbmm(b.unsqueeze(1), x, w.mT)  # (M, B, H)
-    tangent = w.mT.unsqueeze(2)  # (M, d, 1, H): ∂z/∂x_j = W_1[:, j] for every example
-    for w, b in zip(weights[1:], biases[1:]):
-        a, slope = activation(z)
-        tangent = slope.unsqueeze(1) * tangent  # (M, d, B, H)
-        z = torch.baddbmm(b.unsqueeze(1), a, w.mT)
-        tangent = torch.bmm(tangent.flatten(1, 2), w.mT).unflatten(1, (d, -1))  # one product for all d columns
-    return z, tangent
+    if x.ndim != 3 or x.shape[-1] != 2 or weights[0].shape[-1] != 2 or weights[-1].shape[-2] != 2:
+        raise ValueError(f"mlp_logdet is for 2-D MLP branches on (M, B, 2) inputs, got x of shape {tuple(x.shape)}")
+    if len(weights) < 2 or len(weights) != len(biases):
+        raise ValueError("mlp_logdet needs at least two linear layers, each with a bias")
+    return _MLPLogDet.apply(x, nonlin, *weights, *biases)
 
 
-def logdet_identity_plus(jac: Tensor) -> Tensor:
-    """``ln|det(I + J)|`` from the Jacobian columns of :func:`mlp_value_and_jacobian`: ``(M, d, B, d) -> (M, B)``.
+class _MLPLogDet(torch.autograd.Function):
+    """Forward and hand-written backward of :func:`mlp_logdet`.
 
-    For ``d = 2``, ``J = [[a, b], [c, e]]``: ``det(I + J) = (1 + a)(1 + e) - b c`` (positive when ``‖J‖₂ < 1``,
-    the i-ResNet condition); other ``d`` use ``slogdet``.
+    Layout: after nonlinearity k, ``Y_k = (M, 3, B, H)`` holds the activations ``φ(z_k)`` (row 0) and the tangent
+    columns ``T_k = s_k ⊙ U_k`` (rows 1, 2; ``s_k = φ'(z_k)``, ``U_k`` the tangents of ``z_k``), so one batched
+    product ``Y_k W^T`` advances all three rows; the backward pass mirrors it with one product for the weight gradient
+    and one for the input gradient per layer, and
+    ``Ū_k = s_k ⊙ T̄_k``, ``z̄_k = s_k ⊙ ā_k + (φ''/φ')(z_k) ⊙ Σ_j T̄_kj ⊙ T_kj`` (no need to keep ``U_k``).
     """
-    d = jac.shape[1]
-    if d == 2 and jac.shape[-1] == 2:
-        a, c = jac[:, 0].unbind(-1)  # column 0: ∂g_0/∂x_0, ∂g_1/∂x_0
-        b, e = jac[:, 1].unbind(-1)  # column 1: ∂g_0/∂x_1, ∂g_1/∂x_1
-        return ((1.0 + a) * (1.0 + e) - b * c).abs().log()
-    eye = torch.eye(d, dtype=jac.dtype, device=jac.device)
-    return torch.linalg.slogdet(eye + jac.permute(0, 2, 3, 1)).logabsdet
+
+    @staticmethod
+    def forward(ctx, x: Tensor, nonlin: str, *params: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        activation, _ = ACTIVATIONS[nonlin]
+        n = len(params) // 2
+        weights, biases = params[:n], params[n:]
+        m, batch = x.shape[:2]
+        z = torch.baddbmm(biases[0].unsqueeze(1), x, weights[0].mT)  # (M, B, H)
+        y = z.new_empty(m, 3, batch, z.shape[-1])
+        a, s = activation(z)
+        y[:, 0] = a
+        torch.mul(s.unsqueeze(1), weights[0].mT.unsqueeze(2), out=y[:, 1:])  # U_1 = ∂z_1/∂x_j = W_1[:, j]
+        ys, zs, slopes = [y], [z], [s]
+        for w, b in zip(weights[1:-1], biases[1:-1]):
+            pre = torch.bmm(y.flatten(1, 2), w.mT).unflatten(1, (3, batch))  # (M, 3, B, H): [z - b; U]
+            z = pre[:, 0] + b.unsqueeze(1)
+            a, s = activation(z)
+            pre[:, 0] = a
+            y = pre
+            y[:, 1:] *= s.unsqueeze(1)
+            ys.append(y)
+            zs.append(z)
+            slopes.append(s)
+        out = torch.bmm(y.flatten(1, 2), weights[-1].mT).unflatten(1, (3, batch))  # (M, 3, B, 2)
+        gx = out[:, 0] + biases[-1].unsqueeze(1)
+        (a, c), (b, e) = out[:, 1].unbind(-1), out[:, 2].unbind(-1)  # J = [[a, b], [c, e]], column j in row 1 + j
+        det = (1.0 + a) * (1.0 + e) - b * c
+        ctx.save_for_backward(x, out, det, *weights, *ys, *zs, *slopes)
+        ctx.nonlin, ctx.n_layers = nonlin, n
+        return gx, det.abs().log()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_g: Tensor | None, grad_logdet: Tensor | None) -> tuple[Tensor | None, ...]:
+        _, curvature_ratio = ACTIVATIONS[ctx.nonlin]
+        n = ctx.n_layers
+        x, out, det, *rest = ctx.saved_tensors
+        weights, ys, zs, slopes = rest[:n], rest[n: 2 * n - 1], rest[2 * n - 1: 3 * n - 2], rest[3 * n - 2:]
+        batch = x.shape[1]
+        grad_g = torch.zeros_like(x) if grad_g is None else grad_g
+        grad_logdet = torch.zeros_like(det) if grad_logdet is None else grad_logdet
+        # d ln|det(I + J)| / dJ = (I + J)^{-T} = [[1 + e, -c], [-b, 1 + a]] / det; row 1 + j of out is column j.
+        (a, c), (b, e) = out[:, 1].unbind(-1), out[:, 2].unbind(-1)
+        scale = (grad_logdet / det).unsqueeze(-1)
+        grad = torch.stack([grad_g, torch.stack([1.0 + e, -b], -1) * scale, torch.stack([-c, 1.0 + a], -1) * scale], 1)
+        grad_w, grad_b = [], [grad_g.sum(1)]
+        for k in range(n - 1, 0, -1):  # linear layer k + 1 (0-based weights[k]) reads Y_k = ys[k - 1]
+            y = ys[k - 1]
+            grad_w.append(torch.bmm(grad.flatten(1, 2).mT, y.flatten(1, 2)))
+            grad_y = torch.bmm(grad.flatten(1, 2), weights[k]).unflatten(1, (3, batch))  # (M, 3, B, H)
+            s, z = slopes[k - 1], zs[k - 1]
+            tangent_grad = grad_y[:, 1:]
+            curvature = (tangent_grad * y[:, 1:]).sum(1).mul_(curvature_ratio(z, s))
+            grad = grad_y
+            grad[:, 0] = torch.addcmul(curvature, s, grad_y[:, 0])  # z̄ = s ⊙ ā + (φ''/φ') Σ_j T̄_j ⊙ T_j
+            if k > 1:
+                tangent_grad *= s.unsqueeze(1)  # Ū = s ⊙ T̄ (in place: grad is grad_y)
+                grad_b.append(grad[:, 0].sum(1))
+        # First layer: z_1 = x W_1^T + b_1 and U_1 = columns of W_1, so Y_1's tangents s_1 ⊙ W_1[:, j] give W_1 a
+        # second gradient term.
+        grad_z = grad[:, 0]
+        grad_w1t = torch.baddbmm((grad[:, 1:] * slopes[0].unsqueeze(1)).sum(2), x.mT, grad_z)  # (M, 2, H)
+        grad_w.append(grad_w1t.mT)
+        grad_b.append(grad_z.sum(1))
+        grad_x = torch.bmm(grad_z, weights[0]) if ctx.needs_input_grad[0] else None
+        return (grad_x, None, *reversed(grad_w), *reversed(grad_b))
 
 
 # --- batched spectral normalisation (Eq. 2), as iresnet.spectral_norm.LipschitzLinear --------------------------
@@ -172,7 +230,7 @@ class Flow2d(nn.Module):
 
 class ToyResidualBlock(InvertibleResidualBlock):
     """Residual block ``x + g(x)`` with an MLP branch (:func:`iresnet.blocks.mlp_branch`) whose exact log-det comes in
-    closed form from the forward pass (:func:`mlp_value_and_jacobian`, Eq. 3 with the exact ``ln det``).
+    closed form from the forward pass (:func:`mlp_logdet`, Eq. 3 with the exact ``ln det``).
 
     Same parameters, state dict, inverse and certificate as :class:`InvertibleResidualBlock`; it falls back to the
     parent's estimator when ``logdet_settings`` asks for another one or ``nonlin`` has no elementwise slope.
@@ -192,8 +250,8 @@ class ToyResidualBlock(InvertibleResidualBlock):
         # _forward_weight runs the training-mode power iteration, exactly once per forward as LipschitzLinear does.
         weights = [layer._forward_weight().unsqueeze(0) for layer in linears]
         biases = [_bias(layer).unsqueeze(0) for layer in linears]
-        gx, jac = mlp_value_and_jacobian(x.unsqueeze(0), weights, biases, self.nonlin)
-        return x + gx[0], logdet_identity_plus(jac)[0]
+        gx, logdet = mlp_logdet(x.unsqueeze(0), weights, biases, self.nonlin)
+        return x + gx[0], logdet[0]
 
 
 def _bias(layer: LipschitzLinear | nn.Linear) -> Tensor:
@@ -418,9 +476,8 @@ class StackedToyIResNet(nn.Module):
             logdet = self.actnorms.log_scale.sum(dim=(1, 2)).unsqueeze(1)  # the ActNorms' log-dets do not depend on x
             h = x
             for n in range(len(shift)):
-                gx, jac = mlp_value_and_jacobian(h, [w[n] for w in per_block_w], [b[n] for b in per_block_b],
-                                                 self.nonlin)  # fmt: skip
-                logdet = logdet + logdet_identity_plus(jac)
+                gx, block_logdet = mlp_logdet(h, [w[n] for w in per_block_w], [b[n] for b in per_block_b], self.nonlin)
+                logdet = logdet + block_logdet
                 h = h + gx
                 if initialise:
                     self.actnorms.initialise(n, h)
