@@ -42,29 +42,36 @@ def elu(z: Tensor) -> Tensor:
     return torch.relu(z) + torch.exp(z.clamp_max(0.0)) - 1.0
 
 
-def _elu(z: Tensor) -> tuple[Tensor, Tensor]:
-    slope = torch.exp(z.clamp_max(0.0))  # ELU'(z): exp(z) for z < 0, 1 for z >= 0
-    return torch.maximum(z, slope - 1.0), slope  # e^z - 1 > z for z < 0, and slope - 1 = 0 for z >= 0
+def _elu_(z: Tensor) -> tuple[Tensor, Tensor | None]:
+    negative = z < 0  # ELU'' / ELU' = 1 for z < 0, 0 for z > 0
+    slope = z.clamp_max(0.0).exp_()  # ELU'(z): exp(z) for z < 0, 1 for z >= 0
+    torch.maximum(z, slope - 1.0, out=z)  # ELU(z): e^z - 1 > z for z < 0, and slope - 1 = 0 for z >= 0
+    return slope, negative
 
 
-def _softplus(z: Tensor) -> tuple[Tensor, Tensor]:
-    # ln(1 + e^z) = relu(z) + ln(1 + e^{-|z|}), stable for large |z|
-    return torch.relu(z).add_(torch.log(torch.exp(-z.abs()).add_(1.0))), torch.sigmoid(z)
+def _softplus_(z: Tensor) -> tuple[Tensor, Tensor | None]:
+    slope = torch.sigmoid(z)
+    tail = z.abs().neg_().exp_().add_(1.0).log_()  # softplus(z) = relu(z) + ln(1 + e^{-|z|}), stable for large |z|
+    z.relu_().add_(tail)
+    return slope, 1.0 - slope  # σ' / σ = 1 - σ
 
 
-def _relu(z: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.relu(z), (z > 0).to(z.dtype)
+def _relu_(z: Tensor) -> tuple[Tensor, Tensor | None]:
+    slope = (z > 0).to(z.dtype)
+    z.relu_()
+    return slope, None  # ReLU'' = 0
 
 
-ACTIVATIONS: dict[str, tuple[Callable[[Tensor], tuple[Tensor, Tensor]], Callable[[Tensor, Tensor], Tensor]]] = {
-    "elu": (_elu, lambda z, slope: (z < 0).to(z.dtype)),  # ELU'' / ELU' = 1 for z < 0, 0 for z > 0
-    "softplus": (_softplus, lambda z, slope: 1.0 - slope),  # σ' / σ = 1 - σ
-    "relu": (_relu, lambda z, slope: torch.zeros_like(z)),
+ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor | None]]] = {
+    "elu": _elu_,
+    "softplus": _softplus_,
+    "relu": _relu_,
 }
 """Nonlinearities (by the names of :func:`iresnet.layers.make_nonlinearity`) that act elementwise, so the Jacobian of
-an MLP follows in closed form: ``z -> (φ(z), φ'(z))`` and ``(z, φ'(z)) -> φ''(z) / φ'(z)`` (the log-det's gradient
-needs ``φ''``; as a ratio it applies to the tangents after the nonlinearity). The others ("sorting", "lipswish")
-fall back to autograd."""
+an MLP follows in closed form. Each overwrites ``z`` with ``φ(z)`` (the activations are large, and a fresh tensor
+per op costs more than the arithmetic) and returns ``φ'(z)`` and the factor ``φ''(z) / φ'(z)`` (``None`` when 0):
+the log-det's gradient needs ``φ''``, and as a ratio it applies to the tangents after the nonlinearity. The others
+("sorting", "lipswish") fall back to autograd."""
 
 
 class ELU(nn.Module):
@@ -103,45 +110,44 @@ class _MLPLogDet(torch.autograd.Function):
     product ``Y_k W^T`` advances all three rows; the backward pass mirrors it with one product for the weight gradient
     and one for the input gradient per layer, and
     ``Ū_k = s_k ⊙ T̄_k``, ``z̄_k = s_k ⊙ ā_k + (φ''/φ')(z_k) ⊙ Σ_j T̄_kj ⊙ T_kj`` (no need to keep ``U_k``).
+    Work happens in place where a tensor is not needed again: allocations cost more than the arithmetic here.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, nonlin: str, *params: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        activation, _ = ACTIVATIONS[nonlin]
+        activation_ = ACTIVATIONS[nonlin]
         n = len(params) // 2
         weights, biases = params[:n], params[n:]
         m, batch = x.shape[:2]
+        y = x.new_empty(m, 3, batch, weights[0].shape[1])
         z = torch.baddbmm(biases[0].unsqueeze(1), x, weights[0].mT)  # (M, B, H)
-        y = z.new_empty(m, 3, batch, z.shape[-1])
-        a, s = activation(z)
-        y[:, 0] = a
+        s, ratio = activation_(z)
+        y[:, 0] = z
         torch.mul(s.unsqueeze(1), weights[0].mT.unsqueeze(2), out=y[:, 1:])  # U_1 = ∂z_1/∂x_j = W_1[:, j]
-        ys, zs, slopes = [y], [z], [s]
+        ys, slopes, ratios = [y], [s], [ratio]
         for w, b in zip(weights[1:-1], biases[1:-1]):
-            pre = torch.bmm(y.flatten(1, 2), w.mT).unflatten(1, (3, batch))  # (M, 3, B, H): [z - b; U]
-            z = pre[:, 0] + b.unsqueeze(1)
-            a, s = activation(z)
-            pre[:, 0] = a
-            y = pre
-            y[:, 1:] *= s.unsqueeze(1)
+            y = torch.bmm(y.flatten(1, 2), w.mT).unflatten(1, (3, batch))  # (M, 3, B, H): [z - b; U]
+            s, ratio = activation_(y[:, 0].add_(b.unsqueeze(1)))  # row 0: z, then φ(z)
+            y[:, 1:] *= s.unsqueeze(1)  # rows 1, 2: T = s ⊙ U
             ys.append(y)
-            zs.append(z)
             slopes.append(s)
+            ratios.append(ratio)
         out = torch.bmm(y.flatten(1, 2), weights[-1].mT).unflatten(1, (3, batch))  # (M, 3, B, 2)
         gx = out[:, 0] + biases[-1].unsqueeze(1)
         (a, c), (b, e) = out[:, 1].unbind(-1), out[:, 2].unbind(-1)  # J = [[a, b], [c, e]], column j in row 1 + j
         det = (1.0 + a) * (1.0 + e) - b * c
-        ctx.save_for_backward(x, out, det, *weights, *ys, *zs, *slopes)
-        ctx.nonlin, ctx.n_layers = nonlin, n
+        has_ratio = [r is not None for r in ratios]
+        ctx.save_for_backward(x, out, det, *weights, *ys, *slopes, *(r for r in ratios if r is not None))
+        ctx.nonlin, ctx.n_layers, ctx.has_ratio = nonlin, n, has_ratio
         return gx, det.abs().log()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_g: Tensor | None, grad_logdet: Tensor | None) -> tuple[Tensor | None, ...]:
-        _, curvature_ratio = ACTIVATIONS[ctx.nonlin]
         n = ctx.n_layers
         x, out, det, *rest = ctx.saved_tensors
-        weights, ys, zs, slopes = rest[:n], rest[n: 2 * n - 1], rest[2 * n - 1: 3 * n - 2], rest[3 * n - 2:]
+        weights, ys, slopes, stored = rest[:n], rest[n: 2 * n - 1], rest[2 * n - 1: 3 * n - 2], iter(rest[3 * n - 2:])
+        ratios = [next(stored) if has else None for has in ctx.has_ratio]
         batch = x.shape[1]
         grad_g = torch.zeros_like(x) if grad_g is None else grad_g
         grad_logdet = torch.zeros_like(det) if grad_logdet is None else grad_logdet
@@ -151,17 +157,22 @@ class _MLPLogDet(torch.autograd.Function):
         grad = torch.stack([grad_g, torch.stack([1.0 + e, -b], -1) * scale, torch.stack([-c, 1.0 + a], -1) * scale], 1)
         grad_w, grad_b = [], [grad_g.sum(1)]
         for k in range(n - 1, 0, -1):  # linear layer k + 1 (0-based weights[k]) reads Y_k = ys[k - 1]
-            y = ys[k - 1]
+            y, s, ratio = ys[k - 1], slopes[k - 1], ratios[k - 1]
             grad_w.append(torch.bmm(grad.flatten(1, 2).mT, y.flatten(1, 2)))
-            grad_y = torch.bmm(grad.flatten(1, 2), weights[k]).unflatten(1, (3, batch))  # (M, 3, B, H)
-            s, z = slopes[k - 1], zs[k - 1]
-            tangent_grad = grad_y[:, 1:]
-            curvature = (tangent_grad * y[:, 1:]).sum(1).mul_(curvature_ratio(z, s))
-            grad = grad_y
-            grad[:, 0] = torch.addcmul(curvature, s, grad_y[:, 0])  # z̄ = s ⊙ ā + (φ''/φ') Σ_j T̄_j ⊙ T_j
+            if k == n - 1:  # the last layer has 2 outputs: a K = 2 product is far slower as a bmm than as two terms
+                w = weights[k].unsqueeze(2).unsqueeze(2)  # (M, 2, 1, 1, H)
+                grad = torch.addcmul(grad[..., :1] * w[:, 0], grad[..., 1:], w[:, 1])  # Ȳ_k: (M, 3, B, H)
+            else:
+                grad = torch.bmm(grad.flatten(1, 2), weights[k]).unflatten(1, (3, batch))
+            # Ȳ_k -> gradient of layer k's output [z_k; U_k], in place.
+            grad_z, grad_t = grad[:, 0], grad[:, 1:]
+            curvature = (grad_t * y[:, 1:]).sum(1).mul_(ratio) if ratio is not None else None
+            grad_z.mul_(s)  # z̄ = s ⊙ ā + (φ''/φ') Σ_j T̄_j ⊙ T_j
+            if curvature is not None:
+                grad_z.add_(curvature)
             if k > 1:
-                tangent_grad *= s.unsqueeze(1)  # Ū = s ⊙ T̄ (in place: grad is grad_y)
-                grad_b.append(grad[:, 0].sum(1))
+                grad_t.mul_(s.unsqueeze(1))  # Ū = s ⊙ T̄
+                grad_b.append(grad_z.sum(1))
         # First layer: z_1 = x W_1^T + b_1 and U_1 = columns of W_1, so Y_1's tangents s_1 ⊙ W_1[:, j] give W_1 a
         # second gradient term.
         grad_z = grad[:, 0]
