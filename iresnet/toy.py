@@ -7,8 +7,8 @@ with the value (forward mode by hand: ``J <- W J`` at a linear layer, ``J <- φ'
 ``ln|(1 + a)(1 + e) - b c|`` for ``J = [[a, b], [c, e]]``, and backpropagates through that by a hand-written
 first-order backward pass.
 
-Every tensor op on the tiny 2-D problem costs mostly its dispatch overhead, so the same code runs ``M`` models at
-once: weights carry a leading model axis (``(M, out, in)``, batched matrix products). :class:`StackedToyIResNet` and
+On a problem this small the cost of a step is mostly per-op overhead and memory traffic, not arithmetic, so the same
+code runs ``M`` models at once: weights carry a leading model axis (``(M, out, in)``, batched matrix products). :class:`StackedToyIResNet` and
 :class:`StackedToyGlow` hold ``M`` independent flows of one shape as stacked parameters (each with its own spectral
 normalisation and ActNorm initialisation) to train them as one model; ``write_to`` copies the result back into the
 ordinary per-model :class:`Flow2d` modules."""
@@ -287,7 +287,8 @@ class ToyResidualBlock(InvertibleResidualBlock):
 
     Same parameters, state dict, inverse and certificate as :class:`InvertibleResidualBlock`; it falls back to the
     parent's estimator when ``logdet_settings`` asks for another one or ``nonlin`` has no elementwise slope.
-    Shapes: ``x, y: (B, d)``, ``logdet: (B,)``.
+    The closed-form path is differentiable once (training, Jacobians of the flow), not twice.
+    Shapes: ``x, y: (B, 2)``, ``logdet: (B,)``.
     """
 
     def __init__(self, g: nn.Sequential, nonlin: str, logdet_settings: LogDetSettings | None = None) -> None:
