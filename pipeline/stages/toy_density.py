@@ -1,7 +1,7 @@
 """Stage ``toy_density`` (Fig. 2, App. C.3): 2-D densities fitted by an i-ResNet flow and a Glow-style flow.
 
 For every dataset in ``toy.datasets`` both flows are trained by maximum likelihood on the same stream of batches
-(:func:`pipeline.data.toy2d.sample`): the i-ResNet flow with the exact log-det (brute-force 2x2 Jacobian), the
+(:func:`pipeline.data.toy2d.sample`): the i-ResNet flow with the exact log-det (closed-form 2x2 Jacobian), the
 Glow-style flow with ActNorm, an invertible linear map and an affine coupling per layer, with the same number of
 layers and MLP widths (so a similar parameter count). Writes
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from iresnet.blocks import lipschitz_bounds
-from iresnet.toy import Flow2d, toy_glow, toy_iresnet
+from iresnet.toy import ACTIVATIONS, Flow2d, StackedToyGlow, StackedToyIResNet, toy_glow, toy_iresnet
 from pipeline.console import progress
 from pipeline.data.toy2d import WINDOW, reference_log_prob, sample, stream_seed
 from pipeline.outputs import TOY_DENSITY, StageRun
@@ -76,22 +76,30 @@ def build_flow(config: dict[str, Any]) -> Flow2d:
     raise ValueError(f"unknown toy model {config.get('kind')!r}; use one of {', '.join(MODELS)}")
 
 
-def train_flow(
-    model: Flow2d, name: str, kind: str, params: Params, advance: Callable[..., None]
-) -> tuple[list[float], float]:
-    """Adam (``toy.lr`` for the i-ResNet, ``toy.glow_lr`` for Glow) on ``-mean ln p(x)`` over the dataset's fixed
-    batch stream; returns (loss per step, steps per second).
-
-    Stops with :class:`pipeline.training.TrainingDiverged` when a loss or the gradient norm is not finite.
-    """
-    toy = params.toy
+def _divergence_hint(kind: str, toy: ToyParams) -> str:
     lr_key, lr = ("lr", toy.lr) if kind == "iresnet" else ("glow_lr", toy.glow_lr)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    hint = (
+    return (
         f"Lower toy.{lr_key} (now {lr:g})"
         + (f" or toy.coeff (now {toy.coeff:g})" if kind == "iresnet" else "")
         + " and re-run `dvc repro toy_density`."
     )
+
+
+def _learning_rate(kind: str, toy: ToyParams) -> float:
+    return toy.lr if kind == "iresnet" else toy.glow_lr
+
+
+def train_flow(
+    model: Flow2d, name: str, kind: str, params: Params, advance: Callable[..., None]
+) -> tuple[list[float], float]:
+    """Adam (``toy.lr`` for the i-ResNet, ``toy.glow_lr`` for Glow) on ``-mean ln p(x)`` over the dataset's fixed
+    batch stream; returns (loss per step, steps per second). One model alone: the fallback of :func:`train_flows`.
+
+    Stops with :class:`pipeline.training.TrainingDiverged` when a loss or the gradient norm is not finite.
+    """
+    toy = params.toy
+    optimizer = torch.optim.Adam(model.parameters(), lr=_learning_rate(kind, toy))
+    hint = _divergence_hint(kind, toy)
     model.train()
     losses = []
     start = time.perf_counter()
@@ -107,6 +115,77 @@ def train_flow(
         losses.append(loss.item())
         advance(info=f"loss {losses[-1]:.3f}")
     return losses, toy.steps / (time.perf_counter() - start)
+
+
+def train_stacked(
+    models: list[Flow2d], names: list[str], kind: str, params: Params, advance: Callable[..., None]
+) -> tuple[list[list[float]], float]:
+    """Train the flows of several datasets together, as one stacked model (:class:`iresnet.toy.StackedToyIResNet`
+    or :class:`iresnet.toy.StackedToyGlow`), and copy the result back into ``models``.
+
+    The same as :func:`train_flow` for each model in turn (same batch stream per dataset; the models stay
+    independent, and one Adam over the stacked parameters is elementwise, so it is one Adam per model), but every
+    tensor op serves all models at once. Returns (loss per step, per model) and steps per second of all together.
+    Stops with :class:`pipeline.training.TrainingDiverged` naming the first dataset whose loss or gradient norm is
+    not finite.
+    """
+    toy = params.toy
+    stack = (StackedToyIResNet if kind == "iresnet" else StackedToyGlow)(models)
+    optimizer = torch.optim.Adam(stack.parameters(), lr=_learning_rate(kind, toy))
+    hint = _divergence_hint(kind, toy)
+    stack.train()
+    losses: list[list[float]] = [[] for _ in models]
+    start = time.perf_counter()
+    for step in range(toy.steps):
+        x = torch.stack([sample(name, toy.batch_size, params.seed, "train", step) for name in names]).float()
+        loss = -stack.log_prob(x).mean(dim=1)  # (M,): one loss per dataset
+        _check_each(loss, "loss", names, kind, step, hint)
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()  # model m's parameters get exactly the gradient of its own loss
+        _check_each(_gradient_norms(stack), "gradient norm", names, kind, step, hint)
+        optimizer.step()
+        for per_model, value in zip(losses, loss.tolist()):
+            per_model.append(value)
+        advance(info="loss " + " ".join(f"{per_model[-1]:.3f}" for per_model in losses))
+    stack.write_to(models)
+    return losses, toy.steps / (time.perf_counter() - start)
+
+
+def _gradient_norms(stack: torch.nn.Module) -> Tensor:
+    """``‖∇θ_m‖₂`` of every model m of a stacked model (parameters ``(M, ...)``), as :func:`gradient_norm` per model."""
+    return torch.stack([p.grad.flatten(1).norm(dim=1) for p in stack.parameters() if p.grad is not None]).norm(dim=0)
+
+
+def _check_each(values: Tensor, what: str, names: list[str], kind: str, step: int, hint: str) -> None:
+    """:func:`check_finite` for each model's value ``(M,)``, in dataset order (one cheap test when all are finite)."""
+    if not bool(torch.isfinite(values).all()):
+        for name, value in zip(names, values):
+            check_finite(value, what, f"{name} / {LABELS[kind]}, step {step}", hint)
+
+
+def train_flows(kind: str, params: Params) -> dict[str, tuple[Flow2d, list[float], float]]:
+    """The ``kind`` flow of every dataset, trained: ``{dataset: (model, loss per step, steps per second)}``.
+
+    Each model is initialised from its own seed (as if built alone). They train together
+    (:func:`train_stacked`) unless the i-ResNet's nonlinearity has no closed-form Jacobian ("sorting",
+    "lipswish"); then one after the other (:func:`train_flow`, autograd log-det).
+    """
+    toy = params.toy
+    config = model_config(kind, toy)
+    models: dict[str, Flow2d] = {}
+    for name in toy.datasets:
+        torch.manual_seed(stream_seed(params.seed, name, f"init/{kind}"))  # same init whatever ran before
+        models[name] = build_flow(config)
+    if kind == "iresnet" and toy.nonlin not in ACTIVATIONS:
+        trained = {}
+        for name, model in models.items():
+            with progress(f"{name} {LABELS[kind]}", toy.steps) as advance:
+                trained[name] = (model, *train_flow(model, name, kind, params, advance))
+        return trained
+    names = list(models)
+    with progress(f"{LABELS[kind]}: {', '.join(names)}", toy.steps) as advance:
+        losses, steps_per_s = train_stacked(list(models.values()), names, kind, params, advance)
+    return {name: (models[name], per_model, steps_per_s) for name, per_model in zip(names, losses)}
 
 
 def log_density(model: Flow2d, x: Tensor) -> Tensor:
@@ -127,10 +206,11 @@ def grid(size: int) -> tuple[Tensor, float]:
 
 
 def fit_dataset(
-    name: str, params: Params, paths: Paths, tracker: Tracker, curve_rows: list[dict[str, Any]]
+    name: str, params: Params, paths: Paths, tracker: Tracker, curve_rows: list[dict[str, Any]],
+    trained: dict[str, tuple[Flow2d, list[float], float]],
 ) -> tuple[dict[str, Any], Panel]:
-    """Train and evaluate both flows on ``name`` (appending their losses to ``curve_rows``); returns its metrics and
-    its figure row."""
+    """Evaluate both flows trained on ``name`` (``trained[kind]`` from :func:`train_flows`; appending their losses to
+    ``curve_rows``); returns its metrics and its figure row."""
     toy = params.toy
     test = sample(name, toy.n_test, params.seed, "test")
     points, area = grid(toy.grid_size)
@@ -140,11 +220,8 @@ def fit_dataset(
     titles = {"data": f"{name}: data"}
     images = {"data": data_histogram(name, params.seed, toy.grid_size)}
     for kind in MODELS:
-        torch.manual_seed(stream_seed(params.seed, name, f"init/{kind}"))  # same init whatever ran before
         config = model_config(kind, toy)
-        model = build_flow(config)
-        with progress(f"{name} {LABELS[kind]}", toy.steps) as advance:
-            losses, steps_per_s = train_flow(model, name, kind, params, advance)
+        model, losses, steps_per_s = trained[kind]
         curve_rows += [
             {"dataset": name, "model": kind, "step": step, "loss": f"{loss:.6g}"} for step, loss in enumerate(losses)
         ]
@@ -183,8 +260,11 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     panels: list[Panel] = []
     curve_rows: list[dict[str, Any]] = []
     with single_thread():
+        trained = {kind: train_flows(kind, params) for kind in MODELS}  # all datasets at once, per model kind
         for name in toy.datasets:
-            per_dataset[name], panel = fit_dataset(name, params, paths, tracker, curve_rows)
+            per_dataset[name], panel = fit_dataset(
+                name, params, paths, tracker, curve_rows, {kind: trained[kind][name] for kind in MODELS}
+            )
             panels.append(panel)
     wins = sum(m["iresnet_nll"] <= m["glow_nll"] for m in per_dataset.values())
     summary = {

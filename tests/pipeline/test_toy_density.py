@@ -232,6 +232,28 @@ def test_nan_stops_with_a_diagnosis(tmp_path: Path, toy_params: Params, monkeypa
     assert not (tmp_path / "reports" / "metrics" / "toy.json").exists()
 
 
+def test_nan_in_one_dataset_names_that_dataset(
+    tmp_path: Path, toy_params: Params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The datasets train together (one stacked model per flow kind); a diverging one is still named."""
+    real = toy_density.sample
+
+    def poisoned(name: str, n: int, seed: int, purpose: str = "train", step: int = 0) -> torch.Tensor:
+        x = real(name, n, seed, purpose, step)
+        return x * math.nan if name == "checkerboard" and purpose == "train" and step == 1 else x
+
+    monkeypatch.setattr(toy_density, "sample", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at checkerboard / i-ResNet, step 1.*toy\.lr"):
+        toy_density.run(toy_params, Paths.at(tmp_path))
+
+
+def test_a_nonlinearity_without_closed_form_trains_each_model_alone(tmp_path: Path, toy_raw: dict[str, Any]) -> None:
+    """"sorting" has no elementwise slope: the i-ResNets fall back to per-model training with the autograd log-det."""
+    toy_raw["toy"].update({"datasets": ["moons"], "steps": 2, "nonlin": "sorting"})
+    flat = toy_density.run(parse_params(toy_raw), Paths.at(tmp_path))
+    assert math.isfinite(flat["moons.iresnet_nll"]) and math.isfinite(flat["moons.glow_nll"])
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
