@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from iresnet.base import Invertible, InvertibleSequential
 from iresnet.blocks import InvertibleResidualBlock, mlp_branch
-from iresnet.layers import ActNorm
+from iresnet.layers import ELU, ActNorm
 from iresnet.logdet import LogDetSettings
 from iresnet.priors import standard_normal_logprob
 from iresnet.spectral_norm import LipschitzLinear
@@ -34,12 +34,6 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 # --- elementwise nonlinearities with their first and second derivatives ---------------------------------------
-
-
-def elu(z: Tensor) -> Tensor:
-    """ELU (alpha = 1) as ``relu(z) + exp(min(z, 0)) - 1``: the same function as ``F.elu``, built from ops that are
-    several times faster than ``F.elu`` / ``torch.expm1`` / ``torch.where`` in the CPU build measured here."""
-    return torch.relu(z) + torch.exp(z.clamp_max(0.0)) - 1.0
 
 
 def _elu_(z: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -72,13 +66,6 @@ an MLP follows in closed form. Each overwrites ``z`` with ``φ(z)`` (the activat
 per op costs more than the arithmetic) and returns ``φ'(z)`` and the factor ``φ''(z) / φ'(z)`` (``None`` when 0):
 the log-det's gradient needs ``φ''``, and as a ratio it applies to the tangents after the nonlinearity. The others
 ("sorting", "lipswish") fall back to autograd."""
-
-
-class ELU(nn.Module):
-    """:func:`elu` as a module (the Glow coupling's MLP); no parameters, so state dicts match ``nn.ELU``'s."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return elu(x)
 
 
 # --- an MLP branch with its exact 2-D log-det, forward mode alongside the value --------------------------------
