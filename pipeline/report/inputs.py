@@ -34,13 +34,25 @@ from pipeline.paths import Paths
 STATS = "stats.json"  # the prepared data's summary (pipeline.data.store), read without importing torch
 
 # Keys the report reads from each metrics file (a subset of what the stages write).
-CLASSIFIER_KEYS = ("coeff", "kind", "dataset", "test_error", "epochs", "wall_time_s", "n_params", "throughput_img_s")
+CLASSIFIER_KEYS = (
+    "coeff",
+    "kind",
+    "dataset",
+    "test_error",
+    "test_error_stderr",
+    "n_test",
+    "epochs",
+    "wall_time_s",
+    "n_params",
+    "throughput_img_s",
+)
 CERTIFICATE_KEYS = ("guaranteed_inverse", "max_block_bound", "max_layer_upper", "frac_layers_above_1", "n_layers")
 RECONSTRUCTION_KEYS = ("iterations_to", "final_mean_error", "final_max_error", "converged")
 FLOW_KEYS = ("dataset", "epochs", "zca", "n_dims", "train_bpd", "wall_time_s", "n_params", "throughput_img_s")
 EVALUATE_KEYS = (
     "bpd",
     "stderr",
+    "stderr_examples",
     "bias_bound_bits",
     "n_terms",
     "n_samples",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ ERRORS = {"vanilla": 0.0123, "0.9": 0.0151, "0.7": 0.0189, "0.5": 0.0342}
 CERTIFIED = {"vanilla": False, "0.9": True, "0.7": True, "0.5": True}
 BOUNDS = {"vanilla": 3.71, "0.9": 0.97, "0.7": 0.68, "0.5": 0.49}
 WALL = {"vanilla": 40.0, "0.9": 61.5, "0.7": 60.25, "0.5": 59.0}
+N_TEST = 1000
 ITER_TO = {"vanilla": None, "0.9": 14, "0.7": 8, "0.5": 5}
 
 
@@ -39,6 +41,8 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
             "kind": "iresnet" if coeff else label,
             "dataset": "mnist-5k",
             "test_error": ERRORS[label],
+            "test_error_stderr": math.sqrt(ERRORS[label] * (1 - ERRORS[label]) / N_TEST),
+            "n_test": N_TEST,
             "test_loss": 0.05,
             "train_loss": 0.04,
             "train_accuracy": 0.99,
@@ -90,6 +94,7 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
     files["evaluate_flow.json"] = {
         "bpd": 1.6523,
         "stderr": 0.0008,
+        "stderr_examples": 0.0412,
         "bias_bound_bits": 8.5e-5,
         "n_terms": 14,
         "n_samples": 8,
@@ -154,9 +159,12 @@ def test_tables_hold_the_metrics_numbers(tmp_path: Path, params: Params) -> None
         assert float(t2.loc["max block Lipschitz bound", label]) == BOUNDS[label]
     assert list(t2.loc["guaranteed inverse"]) == ["False", "True", "True", "True"]
     md = (paths.tables / "table2.md").read_text()
-    assert "| c = 0.9" in md and "1.51" in md and "3.42" in md and "No" in md and "Yes" in md
+    assert "| c = 0.9" in md and "1.51 ± 0.39" in md and "3.42 ± 0.57" in md and "No" in md and "Yes" in md
+    for label in LABELS:
+        stderr = float(t2.loc["test error std. error (points), mnist-5k", label])
+        assert stderr == pytest.approx(100 * math.sqrt(ERRORS[label] * (1 - ERRORS[label]) / N_TEST), rel=1e-12)
     tex = (paths.tables / "table2.tex").read_text()
-    assert "\\begin{tabular}" in tex and "test error (\\%), mnist-5k" in tex
+    assert "\\begin{tabular}" in tex and "test error (\\%) $\\pm$ std. error, mnist-5k" in tex
 
     cost = pd.read_csv(paths.tables / "runcost.csv", index_col=0)
     expected_total = 3.5 + sum(WALL.values()) + 5.0 + 7.0 + 120.0 + 30.0 + 20.0 + 90.0
@@ -233,10 +241,14 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
         assert f"(figures/{name})" in page
     assert page.count("**Paper:**") == page.count("**This run:**") == 10
     assert "dataset `mnist-5k` (4,000 train / 1,000 test images, 1x28x28)" in page and "trained 3 epochs" in page
-    assert "at most 0.66 points worse than vanilla" in page  # max(1.89, 1.51) - 1.23 over c >= 0.7
+    assert "vanilla 1.23 ± 0.35%" in page and "c = 0.7 1.89 ± 0.43%" in page  # sqrt(p (1 - p) / 1000)
+    # 1.89 - 1.23 = 0.66 ± 1.96 sqrt(0.35² + 0.43²) points: the interval contains 0
+    assert "c = 0.7 +0.66 points (95% interval −0.43 to +1.75)" in page
+    assert "every interval contains 0, so the i-ResNets with c ≥ 0.7 classify as well as vanilla" in page
     assert "until the max error is ≤ 0.001: c = 0.9: 14, c = 0.7: 8, c = 0.5: 5; ≤ 1e-05: c = 0.9: not reached" in page
     assert "smaller c never needs more: yes" in page
-    assert "1.6523 ± 0.0008 bits/dim" in page and "between 0.900 and 2.800" in page
+    assert "1.6523 ± 0.0008 (Hutchinson probes, the examples fixed) ± 0.0412 (sampling of the test examples)" in page
+    assert "between 0.900 and 2.800" in page
     assert "lower test NLL on 1 of 2 datasets (moons)" in page
     assert (
         "10 terms 9.77e-04" in page
@@ -244,6 +256,21 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
         and "within the Theorem 3 bound at every n: yes" in page
     )
     assert (paths.tables / "table2.md").read_text() in page
+
+
+def test_a_difference_is_decided_on_its_interval(tmp_path: Path, params: Params) -> None:
+    """The same error rates on 100x more test images: both intervals exclude 0 and the page says worse."""
+    files = _metrics(LABELS)
+    for label in LABELS:
+        entry = files[f"classifier/{label}.json"]
+        entry["test_error_stderr"] = math.sqrt(ERRORS[label] * (1 - ERRORS[label]) / (100 * N_TEST))
+        entry["n_test"] = 100 * N_TEST
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    page = (paths.reports / "README.md").read_text()
+    assert "(binomial, 100,000 test images)" in page
+    assert "an interval excludes 0: c = 0.9 worse, c = 0.7 worse than vanilla" in page
+    assert "classify as well as vanilla" not in page
 
 
 def test_findings_report_what_did_not_reproduce(tmp_path: Path, params: Params) -> None:
