@@ -95,6 +95,14 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
         "bpd": 1.6523,
         "stderr": 0.0008,
         "stderr_examples": 0.0412,
+        "baselines": {
+            "gaussian_logit": {
+                "bpd": 2.1,
+                "stderr_examples": 0.009,
+                "flow_minus": {"mean": 1.6523 - 2.1, "stderr": 0.02},
+            },
+            "histogram": {"bpd": 1.7, "stderr_examples": 0.011, "flow_minus": {"mean": 1.6523 - 1.7, "stderr": 0.03}},
+        },
         "bias_bound_bits": 8.5e-5,
         "n_terms": 14,
         "n_samples": 8,
@@ -181,30 +189,60 @@ def test_tables_hold_the_metrics_numbers(tmp_path: Path, params: Params) -> None
     assert toy.loc["checkerboard", "glow_nll"] == 3.55
 
 
-def test_table4_ours_and_published_rows(tmp_path: Path, params: Params) -> None:
+def _table4_row(md: str, method: str, data: str) -> dict[str, str]:
+    """The cells of the Markdown Table 4 row of ``method`` on ``data``, by column name."""
+    lines = md.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        if cells["method"] == method and cells["data"] == data:
+            return cells
+    raise AssertionError(f"no row {method} on {data}")
+
+
+def test_table4_ours_baselines_and_published_rows(tmp_path: Path, params: Params) -> None:
     paths = write_fixture(tmp_path)
     report.run(params, paths)
     t4 = pd.read_csv(paths.tables / "table4.csv")
     ours = t4[t4.method == "i-ResNet (this run)"].iloc[0]
-    assert (ours.bpd, ours.stderr, ours.n_terms, ours.n_dims) == (1.6523, 0.0008, 14, 784)
-    published = t4[t4.source.str.startswith("published")].set_index(["method", "dataset"]).bpd
-    assert published["i-ResNet", "MNIST"] == 1.06 and published["i-ResNet", "CIFAR10"] == 3.45
-    assert published["Residual Flows", "CIFAR10"] == 3.28 and published["Real NVP", "CIFAR10"] == 3.49
-    assert published["Glow", "MNIST"] == 1.05 and published["FFJORD", "MNIST"] == 0.99 and len(published) == 10
+    assert (ours.bpd, ours.stderr, ours.stderr_examples, ours.n_terms, ours.n_dims) == (1.6523, 0.0008, 0.0412, 14, 784)
+    assert ours.bits_per_image == pytest.approx(1.6523 * 784, rel=1e-12) and ours.dataset == "mnist-5k"
+    gaussian = t4[t4.method == "Gaussian on logit pixels (this run)"].iloc[0]
+    assert (gaussian.bpd, gaussian.stderr_examples, gaussian.n_dims) == (2.1, 0.009, 784)
+    published = t4[t4.source.str.startswith("published")].set_index(["method", "dataset"])
+    assert published.bpd["i-ResNet", "MNIST"] == 1.06 and published.bpd["i-ResNet", "CIFAR10"] == 3.45
+    assert published.bpd["Residual Flows", "CIFAR10"] == 3.28 and published.bpd["Real NVP", "CIFAR10"] == 3.49
+    assert published.bpd["Glow", "MNIST"] == 1.05 and published.bpd["FFJORD", "MNIST"] == 0.99 and len(published) == 10
+    # the authors' MNIST counts 3,072 dims: the same bits per image over 784 pixels is at most 1.06 x 3072 / 784
+    assert published.n_dims["i-ResNet", "MNIST"] == 3072 and pd.isna(published.n_dims["Glow", "MNIST"])
+    assert published.bpd_784_pixels["i-ResNet", "MNIST"] == pytest.approx(1.06 * 3072 / 784, rel=1e-12)
+    assert published.bits_per_image["i-ResNet", "CIFAR10"] == pytest.approx(3.45 * 3072, rel=1e-12)
+
     md = (paths.tables / "table4.md").read_text()
-    assert "1.6523 ± 0.0008" in md and "| mnist-5k" in md and "†" not in md  # mnist-5k is not the MNIST test set
+    row = _table4_row(md, "i-ResNet (this run)", "mnist-5k")
+    assert row["bits/dim"] == "1.6523 ± 0.0008" and row["± test examples"] == "0.0412" and "†" not in md
+    assert row["bits/image"] == f"{1.6523 * 784:.0f} ± {0.0412 * 784:.0f}"
+    assert _table4_row(md, "i-ResNet", "MNIST")["bits/dim over 784 MNIST pixels"] == "≤ 4.15"
+    assert _table4_row(md, "per-pixel histogram (this run)", "mnist-5k")["bits/dim"] == "1.7000"
+
+    page = (paths.reports / "README.md").read_text()
+    assert "Gaussian on logit pixels 2.1000 ± 0.0090, per-pixel histogram 1.7000 ± 0.0110 bits/dim" in page
+    # -0.4477 ± 1.96 x 0.02 excludes 0; -0.0477 ± 1.96 x 0.03 contains it
+    assert "better than the Gaussian on logit pixels (flow − baseline −0.45 bits/dim, paired 95% interval" in page
+    assert "indistinguishable from the per-pixel histogram" in page
+    assert "3256 bits per image: at most 4.15 bits/dim over MNIST's 784 pixels" in page
 
 
-def test_table4_zca_dagger_and_paper_column(tmp_path: Path, params: Params) -> None:
+def test_table4_zca_dagger_and_paper_dataset(tmp_path: Path, params: Params) -> None:
     files = _metrics(LABELS)
     files["evaluate_flow.json"].update({"zca": True, "dataset": "mnist"})
+    files["evaluate_flow.json"]["baselines"]["gaussian_logit"] = None  # too few train images: no row
     paths = write_fixture(tmp_path, files=files)
     report.run(params, paths)
     md = (paths.tables / "table4.md").read_text()
-    ours = next(line for line in md.splitlines() if "this run" in line)
-    cells = [c.strip() for c in ours.strip("|").split("|")]
-    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
-    assert cells[header.index("MNIST")] == "1.6523 ± 0.0008†" and "mnist" not in header
+    assert _table4_row(md, "i-ResNet (this run)", "MNIST")["bits/dim"] == "1.6523 ± 0.0008†"
+    assert _table4_row(md, "per-pixel histogram (this run)", "MNIST")["bits/dim"] == "1.7000"  # pixels: no dagger
+    assert "Gaussian on logit pixels" not in md
 
 
 def test_guaranteed_row_follows_the_certificate(tmp_path: Path, params: Params) -> None:
