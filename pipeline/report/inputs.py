@@ -67,7 +67,23 @@ EVALUATE_KEYS = (
     "wall_time_s",
 )
 TOY_KEYS = ("iresnet_nll", "glow_nll", "iresnet_params", "glow_params")
-LOGDET_CURVE_COLUMNS = ("n_terms", "bias", "abs_bias", "std", "theorem3_bound")
+LOGDET_KEYS = (
+    "n_examples",
+    "exact_bias_bpd",
+    "exact_bias_target_bpd",
+    "exact_bias_terms_to_target",
+    "exact_terms_searched",
+)
+LOGDET_CURVE_COLUMNS = (
+    "n_terms",
+    "bias",
+    "abs_bias",
+    "bias_stderr",
+    "std",
+    "theorem3_bound",
+    "exact_bias",
+    "exact_bias_max",
+)
 
 
 @dataclass(frozen=True)
@@ -183,7 +199,7 @@ def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:
         reconstruction=per_model(RECONSTRUCTION, RECONSTRUCTION_KEYS),
         flow=metrics(TRAIN_FLOW, FLOW_KEYS),
         evaluate_flow=metrics(EVALUATE_FLOW, EVALUATE_KEYS),
-        logdet_bias=metrics(LOGDET_BIAS),
+        logdet_bias=metrics(LOGDET_BIAS, LOGDET_KEYS),
         logdet_curve=read_curve(LOGDET_BIAS.curve_path(paths, "terms"), LOGDET_BIAS.stage, LOGDET_CURVE_COLUMNS),
         toy=toy,
     )

@@ -116,7 +116,14 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
         "stderr_target_met": True,
         "wall_time_s": 30.0,
     }
-    files["logdet_bias.json"] = {"n_examples": 100, "wall_time_s": 20.0}
+    files["logdet_bias.json"] = {
+        "n_examples": 100,
+        "exact_bias_bpd": {"1": -0.25, "5": 4.2e-3, "10": -3.1e-6, "20": 2.0e-9},
+        "exact_bias_target_bpd": 1e-4,
+        "exact_bias_terms_to_target": 9,
+        "exact_terms_searched": 200,
+        "wall_time_s": 20.0,
+    }
     files["toy.json"] = {
         "datasets": {
             "moons": {"iresnet_nll": 1.20, "glow_nll": 1.35, "iresnet_params": 9000, "glow_params": 9100},
@@ -138,9 +145,11 @@ def write_fixture(root: Path, labels: list[str] = LABELS, files: dict[str, Any] 
     paths.curves.mkdir(parents=True, exist_ok=True)
     with (paths.curves / "logdet_bias.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["n_terms", "bias", "abs_bias", "std", "theorem3_bound"])
+        writer.writerow(
+            ["n_terms", "bias", "abs_bias", "bias_stderr", "std", "theorem3_bound", "exact_bias", "exact_bias_max"]
+        )
         for n in range(1, 21):
-            writer.writerow([n, -(0.5**n), 0.5**n, 0.01, 2 * 0.5**n])
+            writer.writerow([n, -(0.5**n), 0.5**n, 0.003, 0.01, 2 * 0.5**n, -(0.5**n), 1.5 * 0.5**n])
     paths.prepared.mkdir(parents=True, exist_ok=True)
     stats = {"dataset": "mnist-5k", "n_train": 4000, "n_test": 1000, "shape": [1, 28, 28], "zca": {"enabled": True}}
     (paths.prepared / "stats.json").write_text(json.dumps(stats))
@@ -288,11 +297,10 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
     assert "1.6523 ± 0.0008 (Hutchinson probes, the examples fixed) ± 0.0412 (sampling of the test examples)" in page
     assert "between 0.900 and 2.800" in page
     assert "lower test NLL on 1 of 2 datasets (moons)" in page
-    assert (
-        "10 terms 9.77e-04" in page
-        and "20 terms 9.54e-07" in page
-        and "within the Theorem 3 bound at every n: yes" in page
-    )
+    assert "in bits/dim: 1 term −2.5e-01, 5 terms +4.2e-03, 10 terms −3.1e-06, 20 terms +2.0e-09" in page
+    assert "every example's |bias| is below 0.0001 bits/dim from n = 9 terms on" in page
+    assert "at 20 terms its |bias| 9.5e-07 ± 3.0e-03 nats per example, one probe's std 1.0e-02 nats" in page
+    assert "exact bias within the Theorem 3 bound at every n: yes" in page
     assert (paths.tables / "table2.md").read_text() in page
 
 
@@ -316,7 +324,7 @@ def test_findings_report_what_did_not_reproduce(tmp_path: Path, params: Params) 
     files["reconstruction.json"]["models"]["0.5"]["iterations_to"]["1e-03"] = None  # smaller c, never reached
     paths = write_fixture(tmp_path, files=files)
     with (paths.curves / "logdet_bias.csv").open("a") as f:
-        f.write("21,0.5,0.5,0.01,0.1\n")  # a bias above its Theorem 3 bound
+        f.write("21,0.5,0.5,0.003,0.01,0.1,0.5,0.5\n")  # an exact bias above its Theorem 3 bound
     report.run(params, paths)
     page = (paths.reports / "README.md").read_text()
     assert "c = 0.5: not reached" in page and "smaller c never needs more: no" in page
