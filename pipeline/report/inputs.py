@@ -185,8 +185,10 @@ def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:
     for name, entry in toy["datasets"].items():
         _require_keys(entry, TOY_KEYS, toy_path, TOY_DENSITY.stage, f" `datasets.{name}`")
 
-    def per_model(outputs: StageOutputs, keys: tuple[str, ...]) -> dict[str, Any]:
-        return _per_model(outputs.metrics_path(paths), outputs.stage, labels, keys)
+    def per_model(outputs: StageOutputs, keys: tuple[str, ...], top: tuple[str, ...] = ()) -> dict[str, Any]:
+        data = _per_model(outputs.metrics_path(paths), outputs.stage, labels, keys)
+        _require_keys(data, top, outputs.metrics_path(paths), outputs.stage)
+        return data
 
     def metrics(outputs: StageOutputs, keys: tuple[str, ...] = ()) -> dict[str, Any]:
         return _read(outputs.metrics_path(paths), outputs.stage, keys)
@@ -196,7 +198,7 @@ def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:
         prepare=metrics(PREPARE, ("wall_time_s",)),
         classifiers=classifiers,
         singular_values=per_model(SINGULAR_VALUES, CERTIFICATE_KEYS),
-        reconstruction=per_model(RECONSTRUCTION, RECONSTRUCTION_KEYS),
+        reconstruction=per_model(RECONSTRUCTION, RECONSTRUCTION_KEYS, ("iteration_ratios",)),
         flow=metrics(TRAIN_FLOW, FLOW_KEYS),
         evaluate_flow=metrics(EVALUATE_FLOW, EVALUATE_KEYS),
         logdet_bias=metrics(LOGDET_BIAS, LOGDET_KEYS),

@@ -170,11 +170,25 @@ def fig8_finding(inputs: ReportInputs) -> str:
         f"fixed-point iterations until the max error is {'; '.join(clauses)}; smaller c never needs more: "
         f"{yes_no(monotone)}"
     )
+    text += ratio_clause(inputs.reconstruction["iteration_ratios"])
     timing = models[labels[0]].get("seconds_per_100")
     if timing:
         times = ", ".join(f"{k} it. {float(v):.3f} s" for k, v in sorted(timing.items(), key=lambda kv: int(kv[0])))
         text += f"; time per 100 images (c = {labels[0]}): {times}"
     return text + "."
+
+
+def ratio_clause(ratios: list[dict[str, Any]]) -> str:
+    """The iterations of c - 0.2 against those of c at each tolerance, set against the paper's "about half"."""
+    if not ratios:
+        return ""
+    parts = []
+    for r in ratios:
+        n, n_lower = r["iterations"], r["iterations_lower"]
+        counts = f"{'not reached' if n is None else n} → {'not reached' if n_lower is None else n_lower}"
+        ratio = "" if r["ratio"] is None else f" (ratio {r['ratio']:.2f})"
+        parts.append(f"c = {r['coeff']:g} → {r['coeff_lower']:g} at ≤ {float(r['tolerance']):g}: {counts}{ratio}")
+    return f"; lowering c by 0.2 (paper: about half the iterations, ratio ≈ 0.5): {_join(parts)}"
 
 
 def fig3_finding(inputs: ReportInputs) -> str:

@@ -77,6 +77,24 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
             }
             for label in labels
         },
+        "iteration_ratios": [
+            {
+                "coeff": 0.9,
+                "coeff_lower": 0.7,
+                "tolerance": "1e-03",
+                "iterations": 14,
+                "iterations_lower": 8,
+                "ratio": 8 / 14,
+            },
+            {
+                "coeff": 0.9,
+                "coeff_lower": 0.7,
+                "tolerance": "1e-05",
+                "iterations": None,
+                "iterations_lower": None,
+                "ratio": None,
+            },
+        ],
         "wall_time_s": 7.0,
     }
     files["flow.json"] = {
@@ -294,6 +312,10 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
     assert "every interval contains 0, so the i-ResNets with c ≥ 0.7 classify as well as vanilla" in page
     assert "until the max error is ≤ 0.001: c = 0.9: 14, c = 0.7: 8, c = 0.5: 5; ≤ 1e-05: c = 0.9: not reached" in page
     assert "smaller c never needs more: yes" in page
+    assert (
+        "lowering c by 0.2 (paper: about half the iterations, ratio ≈ 0.5): c = 0.9 → 0.7 at ≤ 0.001: 14 → 8 "
+        "(ratio 0.57), c = 0.9 → 0.7 at ≤ 1e-05: not reached → not reached" in page
+    )
     assert "1.6523 ± 0.0008 (Hutchinson probes, the examples fixed) ± 0.0412 (sampling of the test examples)" in page
     assert "between 0.900 and 2.800" in page
     assert "lower test NLL on 1 of 2 datasets (moons)" in page
