@@ -46,7 +46,14 @@ CLASSIFIER_KEYS = (
     "n_params",
     "throughput_img_s",
 )
-CERTIFICATE_KEYS = ("guaranteed_inverse", "max_block_bound", "max_layer_upper", "frac_layers_above_1", "n_layers")
+CERTIFICATE_KEYS = (
+    "guaranteed_inverse",
+    "max_block_bound",
+    "block_bounds",
+    "max_layer_upper",
+    "frac_layers_above_1",
+    "n_layers",
+)
 RECONSTRUCTION_KEYS = ("iterations_to", "final_mean_error", "final_max_error", "converged")
 FLOW_KEYS = ("dataset", "epochs", "zca", "n_dims", "train_bpd", "wall_time_s", "n_params", "throughput_img_s")
 EVALUATE_KEYS = (

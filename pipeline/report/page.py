@@ -198,7 +198,27 @@ def fig3_finding(inputs: ReportInputs) -> str:
         f"max {num(models[label]['final_max_error'], '.2e')}, converged {yes_no(bool(models[label]['converged']))}"
         for label in inputs.classifiers
     ]
-    return f"on `{inputs.stats['dataset']}`: " + "; ".join(parts) + "."
+    text = f"on `{inputs.stats['dataset']}`: " + "; ".join(parts) + "."
+    for label in baseline_labels(inputs):
+        if not models[label]["converged"]:
+            text += " " + unconstrained_inverse_note(inputs, label)
+    return text
+
+
+def unconstrained_inverse_note(inputs: ReportInputs, label: str) -> str:
+    """Why an unconstrained model's inverse failed, from its certificate: the certified Lip(g) of its blocks."""
+    cert = inputs.singular_values["models"][label]
+    bounds = [float(b) for b in cert["block_bounds"]]
+    above = sum(b >= 1.0 for b in bounds)
+    error = num(inputs.reconstruction["models"][label]["final_mean_error"], ".1e")
+    return (
+        f"The {label} ResNet's inverse does not converge here (mean error {error} after the largest iteration "
+        f"count), where the paper found the vanilla ResNet nearly exact on MNIST: its blocks' certified Lipschitz "
+        f"bounds are {', '.join(f'{b:.1f}' for b in bounds)} ({above} of {len(bounds)} at or above 1), and "
+        f"{float(cert['frac_layers_above_1']):.0%} of its convolutions provably have a norm above 1, so nothing "
+        f"makes its blocks contractions and the fixed-point iteration (Theorem 1) need not converge; here it "
+        f"diverges."
+    )
 
 
 def table4_finding(inputs: ReportInputs) -> str:
