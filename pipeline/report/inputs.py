@@ -53,7 +53,10 @@ CERTIFICATE_KEYS = (
     "max_layer_upper",
     "frac_layers_above_1",
     "n_layers",
+    "max_layer_lower",
 )
+# i-ResNets only (a vanilla model has no c): how close the exact norms sit to c
+COEFF_KEYS = ("max_excess_over_coeff", "layers_above_coeff_tol", "coeff_rtol")
 RECONSTRUCTION_KEYS = ("iterations_to", "final_mean_error", "final_max_error", "converged")
 FLOW_KEYS = ("dataset", "epochs", "zca", "n_dims", "train_bpd", "wall_time_s", "n_params", "throughput_img_s")
 EVALUATE_KEYS = (
@@ -200,11 +203,22 @@ def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:
     def metrics(outputs: StageOutputs, keys: tuple[str, ...] = ()) -> dict[str, Any]:
         return _read(outputs.metrics_path(paths), outputs.stage, keys)
 
+    singular_values = per_model(SINGULAR_VALUES, CERTIFICATE_KEYS)
+    for label in labels:
+        if ClassifierSpec.of(label).coeff is not None:
+            where = f" `models.{label}`"
+            _require_keys(
+                singular_values["models"][label],
+                COEFF_KEYS,
+                SINGULAR_VALUES.metrics_path(paths),
+                "singular_values",
+                where,
+            )
     return ReportInputs(
         stats=_read(paths.prepared / STATS, PREPARE.stage, ("dataset", "n_train", "n_test", "shape")),
         prepare=metrics(PREPARE, ("wall_time_s",)),
         classifiers=classifiers,
-        singular_values=per_model(SINGULAR_VALUES, CERTIFICATE_KEYS),
+        singular_values=singular_values,
         reconstruction=per_model(RECONSTRUCTION, RECONSTRUCTION_KEYS, ("iteration_ratios",)),
         flow=metrics(TRAIN_FLOW, FLOW_KEYS),
         evaluate_flow=metrics(EVALUATE_FLOW, EVALUATE_KEYS),

@@ -135,6 +135,11 @@ def table2_finding(inputs: ReportInputs) -> str:
     return text + "."
 
 
+def _plus_minus(x: float) -> str:
+    """``+ 3.0e-05`` or ``− 2.0e-07``: a small term after ``1``."""
+    return f"{'+' if x >= 0 else '−'} {abs(x):.1e}"
+
+
 def fig6_finding(inputs: ReportInputs) -> str:
     models = inputs.singular_values["models"]
     parts = [
@@ -144,9 +149,13 @@ def fig6_finding(inputs: ReportInputs) -> str:
     ]
     for label in iresnet_labels(inputs):
         m = models[label]
-        above = m.get("layers_above_coeff")
-        extra = f", {above} layer(s) above c" if above is not None else ""
-        parts.append(f"c = {label}: largest layer {float(m['max_layer_upper']):.3f}{extra}")
+        n_layers, tol = int(m["n_layers"]), float(m["coeff_rtol"])
+        within = n_layers - int(m["layers_above_coeff_tol"])
+        parts.append(
+            f"c = {label}: exact ≤ c(1 + {tol:g}) for {within} of {n_layers} layers (largest exact "
+            f"{float(m['max_layer_lower']):.5f} = c(1 {_plus_minus(float(m['max_excess_over_coeff']))})), "
+            f"certified ≤ {float(m['max_layer_upper']):.4f}"
+        )
     return _join(parts) + "."
 
 

@@ -62,6 +62,10 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
                 "n_layers": 18,
                 "n_blocks": 6,
                 "layers_above_coeff": 0 if label != "vanilla" else None,
+                "max_layer_lower": BOUNDS[label] / 2.01 if label != "vanilla" else 2.4,
+                "max_excess_over_coeff": None if label == "vanilla" else 3e-5,
+                "layers_above_coeff_tol": None if label == "vanilla" else 0,
+                "coeff_rtol": 1e-4,
             }
             for label in labels
         },
@@ -313,6 +317,8 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
     assert "every interval contains 0, so the i-ResNets with c ≥ 0.7 classify as well as vanilla" in page
     assert "until the max error is ≤ 0.001: c = 0.9: 14, c = 0.7: 8, c = 0.5: 5; ≤ 1e-05: c = 0.9: not reached" in page
     assert "smaller c never needs more: yes" in page
+    assert "c = 0.9: exact ≤ c(1 + 0.0001) for 18 of 18 layers (largest exact 0.48259 = c(1 + 3.0e-05)), " in page
+    assert "certified ≤ 0.4850" in page
     assert (
         "The vanilla ResNet's inverse does not converge here (mean error 3.0e-01 after the largest iteration count), "
         "where the paper found the vanilla ResNet nearly exact on MNIST" in page
