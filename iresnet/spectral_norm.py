@@ -13,7 +13,8 @@ Power iteration only ever under-estimates ``||W||_2``, so after training the nor
 
 * ``conv_singular_values``: every singular value of the circular convolution (2-D FFT + per-frequency SVD;
   Sedghi, Gupta, Long 2019);
-* ``conv_norm_upper_bound``: a certified upper bound for the zero-padded convolution (circular on the padded grid);
+* ``conv_norm_upper_bound``: a certified upper bound for the zero-padded convolution (the smallest circular norm
+  over the grids that contain it);
 * ``conv_norm_lower_bound``: power iteration on the exact zero-padded operator, run to convergence;
 * ``dense_operator`` / ``operator_norm``: the dense matrix of any small linear map and its exact norm (tests).
 """
@@ -320,16 +321,55 @@ def _check_conv_geometry(weight: Tensor, input_hw: tuple[int, int], padding: int
     return h, w
 
 
-def conv_norm_upper_bound(weight: Tensor, input_hw: tuple[int, int], padding: int) -> float:
+DENSE_LIMIT = 2048  # the exact norm from the dense operator when its smaller side has at most this many entries
+DENSE_MARGIN = 1e-10  # relative; far above the float64 rounding of a Gram eigenvalue (~ n eps = 5e-13 at n = 2048)
+
+
+def dense_conv_norm(weight: Tensor, input_hw: tuple[int, int], padding: int) -> float:
+    """The exact ``||conv2d(., weight, padding=padding)||_2`` on ``H x W`` inputs: the dense matrix ``A`` and the
+    largest eigenvalue of the smaller Gram matrix (``AᵀA`` or ``AAᵀ``), float64. Cost ``O(min(m, n)² max(m, n))``."""
+    kernel = weight.detach().to(torch.float64)
+    dense = dense_operator(lambda z: F.conv2d(z, kernel, padding=padding), (1, kernel.shape[1], *input_hw))
+    gram = dense.T @ dense if dense.shape[1] <= dense.shape[0] else dense @ dense.T
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt())
+
+
+def conv_norm_upper_bound(
+    weight: Tensor, input_hw: tuple[int, int], padding: int, dense_limit: int = DENSE_LIMIT
+) -> float:
     """Certified upper bound on ``||conv2d(., weight, padding=padding)||_2`` for ``H x W`` inputs (stride 1).
 
-    Zero padding by ``p`` embeds the input in an ``(H + 2p) x (W + 2p)`` grid; there no output tap reaches past the
-    grid, so the zero-padded convolution equals (embed, circular convolution on that grid, restrict). Embedding and
-    restriction have norm <= 1, so the largest circular singular value on the padded grid bounds it from above
-    (power iteration, by contrast, only ever under-estimates a norm). For a 1x1 kernel (p = 0) the bound is exact.
+    The zero-padded convolution equals (embed, circular convolution on an ``N_h x N_w`` grid, restrict) on every
+    grid with ``N_h >= H + p`` and ``N_h >= H + 2p - kh + 1`` (the output height), and likewise in width, for the
+    padding ``p``. Why, along the rows: embed the input at rows ``0..H-1`` of the grid, zeros elsewhere. Output row
+    ``o`` reads the ``kh`` input rows from ``o - p``, all within ``[-p, H + p - 1]``. A row above the input (``< 0``)
+    wraps to ``>= N_h - p >= H``, a zero row, as zero padding has it; a row below (``H .. H + p - 1 < N_h``) does not
+    wrap and is zero too. The circular output at ``o - p + kh // 2`` (mod ``N_h``, its centred tap convention) is
+    thus output ``o``, and the outputs land on distinct grid rows since there are at most ``N_h`` of them. Embedding
+    and restriction have norm <= 1, so each such grid's largest circular singular value bounds the operator from
+    above, and so does the smallest of them. It is taken over ``N_h`` from the least valid size to ``H + 2p`` (the
+    plain padded embedding, the only grid used before), and likewise ``N_w``: grids sample different frequencies,
+    and a small grid, sampling few, can miss the peak of the frequency response that a larger one catches. Power
+    iteration, by contrast, only ever under-estimates a norm. For a 1x1 kernel (``p = 0``) the bound is exact.
+
+    When the operator is small (its input or its output has at most ``dense_limit`` entries) the exact norm of the
+    dense matrix (:func:`dense_conv_norm`), raised by :data:`DENSE_MARGIN` to cover its rounding, replaces the
+    circular bound where lower: on small inputs the zero padding is a large share of the grid and the circular
+    bound is loose (e.g. 10% on 7x7 inputs).
     """
     h, w = _check_conv_geometry(weight, input_hw, padding)
-    return float(conv_singular_values(weight, (h + 2 * padding, w + 2 * padding))[0])
+    c_out, c_in, kh, kw = weight.shape
+    p = padding
+    bound = min(
+        float(conv_singular_values(weight, (n_h, n_w))[0])
+        for n_h in range(max(h + p, h + 2 * p - kh + 1), h + 2 * p + 1)
+        for n_w in range(max(w + p, w + 2 * p - kw + 1), w + 2 * p + 1)
+    )
+    out_numel = c_out * (h + 2 * p - kh + 1) * (w + 2 * p - kw + 1)
+    circular_is_exact = kh == kw == 1 and p == 0
+    if not circular_is_exact and min(c_in * h * w, out_numel) <= dense_limit:
+        bound = min(bound, dense_conv_norm(weight, input_hw, padding) * (1.0 + DENSE_MARGIN))
+    return bound
 
 
 def conv_norm_lower_bound(

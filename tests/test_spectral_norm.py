@@ -9,6 +9,7 @@ from torch import Tensor
 
 from iresnet.layers import Squeeze
 from iresnet.spectral_norm import (
+    DENSE_MARGIN,
     LipschitzConv2d,
     LipschitzLinear,
     conv_norm_lower_bound,
@@ -233,6 +234,44 @@ def test_upper_and_lower_bounds_bracket_the_zero_padded_norm(c_out: int, c_in: i
         assert upper == pytest.approx(exact, rel=1e-12)  # circular = zero-padded for 1x1 kernels
     else:
         assert upper > exact  # strictly an upper bound on small inputs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_grid_of_at_least_h_plus_p_bounds_the_zero_padded_norm(seed: int) -> None:
+    """Each circular grid from H + p up bounds the exact (dense) norm; the bound, the smallest of those from H + p to
+    H + 2p, is never below the exact norm and never above the single (H + 2p) grid used before."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(3, 2, 3, 3, generator=generator, dtype=F64)
+    hw, p = (4, 5), 1
+    exact = zero_padded_norm(weight, hw, p)
+    for n_h in range(hw[0] + p, hw[0] + 2 * p + 3):
+        for n_w in range(hw[1] + p, hw[1] + 2 * p + 3):
+            assert float(conv_singular_values(weight, (n_h, n_w))[0]) >= exact * (1 - 1e-12), (n_h, n_w)
+    upper = conv_norm_upper_bound(weight, hw, p, dense_limit=0)  # circular grids only
+    padded_grid = float(conv_singular_values(weight, (hw[0] + 2 * p, hw[1] + 2 * p))[0])
+    assert exact * (1 - 1e-12) <= upper <= padded_grid
+
+
+def test_smallest_grid_is_tighter_where_it_can_be() -> None:
+    """Over random kernels the smaller grids beat the (H + 2p) one strictly, and often (not a rounding effect)."""
+    generator = torch.Generator().manual_seed(0)
+    gains = []
+    for _ in range(20):
+        weight = torch.randn(2, 2, 3, 3, generator=generator, dtype=F64)
+        padded_grid = float(conv_singular_values(weight, (7, 7))[0])
+        gains.append(padded_grid - conv_norm_upper_bound(weight, (5, 5), 1, dense_limit=0))
+    assert sum(g > 1e-6 for g in gains) >= 5
+
+
+@pytest.mark.parametrize(("c_out", "c_in", "hw", "padding"), [(3, 2, (5, 4), 1), (4, 4, (3, 3), 1), (2, 3, (4, 4), 2)])
+def test_small_operators_get_their_dense_exact_norm(c_out: int, c_in: int, hw: tuple, padding: int) -> None:
+    """Below the size limit the bound is the dense operator's exact norm (an SVD here, eigvalsh of a Gram matrix
+    there), raised by the stated margin only: never below it, and tighter than every circular grid."""
+    weight = torch.randn(c_out, c_in, 3, 3, generator=torch.Generator().manual_seed(c_in), dtype=F64)
+    exact = operator_norm(lambda z: F.conv2d(z, weight, padding=padding), (1, c_in, *hw))
+    upper = conv_norm_upper_bound(weight, hw, padding)
+    assert exact <= upper <= exact * (1 + 2 * DENSE_MARGIN)
+    assert upper < conv_norm_upper_bound(weight, hw, padding, dense_limit=0)
 
 
 def test_upper_bound_covers_other_paddings() -> None:

@@ -28,24 +28,29 @@ def plot_samples(path: Path, samples: Tensor, data: Tensor, title: str) -> None:
 
 
 def plot_logdet_bias(path: Path, rows: list[dict[str, float]], title: str) -> None:
-    """Fig. 4: |bias| (with its standard error), std and the Theorem 3 bound against the number of terms n, log y.
+    """Fig. 4: the exact |bias| (eigenvalues), its Monte Carlo estimate (with its standard error), the std of the
+    one-probe estimate and the Theorem 3 bound against the number of terms n, log y.
 
-    ``rows``: the ``logdet_bias`` stage's curve (``n_terms``, ``abs_bias``, ``bias_stderr``, ``std``,
-    ``theorem3_bound``).
+    ``rows``: the ``logdet_bias`` stage's curve (``n_terms``, ``exact_bias``, ``abs_bias``, ``bias_stderr``,
+    ``std``, ``theorem3_bound``).
     """
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     n = [r["n_terms"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    exact = [(k, abs(r["exact_bias"])) for k, r in zip(n, rows) if r["exact_bias"] != 0]
+    ax.plot(*zip(*exact), marker="o", ms=4, lw=2, label="|bias|, exact (eigenvalues of each block's Jacobian)")
     ax.errorbar(
         n,
         [r["abs_bias"] for r in rows],
         yerr=[r["bias_stderr"] for r in rows],
-        marker="o",
-        ms=4,
+        marker=".",
+        ms=3,
+        lw=0.8,
+        alpha=0.6,
         capsize=2,
-        label="|bias| (± std. error)",
+        label="|bias|, Monte Carlo estimate (± std. error)",
     )
     ax.plot(n, [r["std"] for r in rows], marker="s", ms=4, label="std of one-probe estimate")
     bounds = [r["theorem3_bound"] for r in rows]

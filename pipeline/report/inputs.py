@@ -34,13 +34,35 @@ from pipeline.paths import Paths
 STATS = "stats.json"  # the prepared data's summary (pipeline.data.store), read without importing torch
 
 # Keys the report reads from each metrics file (a subset of what the stages write).
-CLASSIFIER_KEYS = ("coeff", "kind", "dataset", "test_error", "epochs", "wall_time_s", "n_params", "throughput_img_s")
-CERTIFICATE_KEYS = ("guaranteed_inverse", "max_block_bound", "max_layer_upper", "frac_layers_above_1", "n_layers")
+CLASSIFIER_KEYS = (
+    "coeff",
+    "kind",
+    "dataset",
+    "test_error",
+    "test_error_stderr",
+    "n_test",
+    "epochs",
+    "wall_time_s",
+    "n_params",
+    "throughput_img_s",
+)
+CERTIFICATE_KEYS = (
+    "guaranteed_inverse",
+    "max_block_bound",
+    "block_bounds",
+    "max_layer_upper",
+    "frac_layers_above_1",
+    "n_layers",
+    "max_layer_lower",
+)
+# i-ResNets only (a vanilla model has no c): how close the exact norms sit to c
+COEFF_KEYS = ("max_excess_over_coeff", "layers_above_coeff_tol", "coeff_rtol")
 RECONSTRUCTION_KEYS = ("iterations_to", "final_mean_error", "final_max_error", "converged")
 FLOW_KEYS = ("dataset", "epochs", "zca", "n_dims", "train_bpd", "wall_time_s", "n_params", "throughput_img_s")
 EVALUATE_KEYS = (
     "bpd",
     "stderr",
+    "stderr_examples",
     "bias_bound_bits",
     "n_terms",
     "n_samples",
@@ -55,7 +77,23 @@ EVALUATE_KEYS = (
     "wall_time_s",
 )
 TOY_KEYS = ("iresnet_nll", "glow_nll", "iresnet_params", "glow_params")
-LOGDET_CURVE_COLUMNS = ("n_terms", "bias", "abs_bias", "std", "theorem3_bound")
+LOGDET_KEYS = (
+    "n_examples",
+    "exact_bias_bpd",
+    "exact_bias_target_bpd",
+    "exact_bias_terms_to_target",
+    "exact_terms_searched",
+)
+LOGDET_CURVE_COLUMNS = (
+    "n_terms",
+    "bias",
+    "abs_bias",
+    "bias_stderr",
+    "std",
+    "theorem3_bound",
+    "exact_bias",
+    "exact_bias_max",
+)
 
 
 @dataclass(frozen=True)
@@ -157,21 +195,34 @@ def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:
     for name, entry in toy["datasets"].items():
         _require_keys(entry, TOY_KEYS, toy_path, TOY_DENSITY.stage, f" `datasets.{name}`")
 
-    def per_model(outputs: StageOutputs, keys: tuple[str, ...]) -> dict[str, Any]:
-        return _per_model(outputs.metrics_path(paths), outputs.stage, labels, keys)
+    def per_model(outputs: StageOutputs, keys: tuple[str, ...], top: tuple[str, ...] = ()) -> dict[str, Any]:
+        data = _per_model(outputs.metrics_path(paths), outputs.stage, labels, keys)
+        _require_keys(data, top, outputs.metrics_path(paths), outputs.stage)
+        return data
 
     def metrics(outputs: StageOutputs, keys: tuple[str, ...] = ()) -> dict[str, Any]:
         return _read(outputs.metrics_path(paths), outputs.stage, keys)
 
+    singular_values = per_model(SINGULAR_VALUES, CERTIFICATE_KEYS)
+    for label in labels:
+        if ClassifierSpec.of(label).coeff is not None:
+            where = f" `models.{label}`"
+            _require_keys(
+                singular_values["models"][label],
+                COEFF_KEYS,
+                SINGULAR_VALUES.metrics_path(paths),
+                "singular_values",
+                where,
+            )
     return ReportInputs(
         stats=_read(paths.prepared / STATS, PREPARE.stage, ("dataset", "n_train", "n_test", "shape")),
         prepare=metrics(PREPARE, ("wall_time_s",)),
         classifiers=classifiers,
-        singular_values=per_model(SINGULAR_VALUES, CERTIFICATE_KEYS),
-        reconstruction=per_model(RECONSTRUCTION, RECONSTRUCTION_KEYS),
+        singular_values=singular_values,
+        reconstruction=per_model(RECONSTRUCTION, RECONSTRUCTION_KEYS, ("iteration_ratios",)),
         flow=metrics(TRAIN_FLOW, FLOW_KEYS),
         evaluate_flow=metrics(EVALUATE_FLOW, EVALUATE_KEYS),
-        logdet_bias=metrics(LOGDET_BIAS),
+        logdet_bias=metrics(LOGDET_BIAS, LOGDET_KEYS),
         logdet_curve=read_curve(LOGDET_BIAS.curve_path(paths, "terms"), LOGDET_BIAS.stage, LOGDET_CURVE_COLUMNS),
         toy=toy,
     )

@@ -8,7 +8,9 @@ Eq. 1 is visible far below float32's rounding floor. ``iterations_to[tol]`` is t
 error is ``<= tol`` (null if none). ``converged`` says whether the largest count reached the smallest tolerance
 with finite values; a model that does not (e.g. an unconstrained baseline whose blocks are not contractions) is
 reported as measured. ``seconds_per_100`` times one float32 reconstruction of the first 100 test images (repeated
-when the test split is smaller) for each of ``reconstruction.timing_iterations``.
+when the test split is smaller) for each of ``reconstruction.timing_iterations``. ``iteration_ratios`` sets the
+iterations of ``c - 0.2`` against those of ``c`` at every tolerance (the paper: about half); they are exact when
+``reconstruction.iterations`` holds every count up to the largest one needed.
 
 Writes ``reports/curves/reconstruction.csv``, ``reports/metrics/reconstruction.json`` and the figures
 ``fig8_reconstruction_error.png`` and ``fig3_reconstructions.png``.
@@ -112,6 +114,32 @@ def summarise(rows: list[dict[str, Any]], tolerances: tuple[float, ...]) -> dict
     }
 
 
+def iteration_ratios(models: dict[str, dict[str, Any]], step: float = 0.2) -> list[dict[str, Any]]:
+    """For every pair of i-ResNets ``c`` and ``c - step`` and every tolerance: the iterations each needs and the
+    ratio ``iterations(c - step) / iterations(c)`` (null when either never reached it). The paper: lowering c by
+    0.2 roughly halves the iterations (ratio about 0.5). ``models``: the per-model summaries (``coeff``,
+    ``iterations_to``)."""
+    by_coeff = {float(m["coeff"]): m for m in models.values() if m["coeff"] is not None}
+    out = []
+    for c, model in sorted(by_coeff.items(), reverse=True):
+        lower = next((m for c2, m in by_coeff.items() if math.isclose(c2, c - step, abs_tol=1e-9)), None)
+        if lower is None:
+            continue
+        for tol, n in model["iterations_to"].items():
+            n_lower = lower["iterations_to"][tol]
+            out.append(
+                {
+                    "coeff": c,
+                    "coeff_lower": float(lower["coeff"]),
+                    "tolerance": tol,
+                    "iterations": n,
+                    "iterations_lower": n_lower,
+                    "ratio": n_lower / n if n and n_lower else None,
+                }
+            )
+    return out
+
+
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Reconstruct ``reconstruction.n_images`` test images with every model; write CSV, JSON, Fig. 3 and Fig. 8."""
     out = StageRun(RECONSTRUCTION, paths, tracker)
@@ -147,7 +175,14 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     order += [label for label in shown if label not in order]
     plot_reconstructions(out.figure("fig3"), {label: shown[label] for label in order}, p.iterations[-1])
     result = out.finish(
-        {"models": models, "n_images": p.n_images, "error_units": "pixels in [0, 1]", "dtype": "float64"}
+        {
+            "models": models,
+            "iteration_ratios": iteration_ratios(models),
+            "iterations_tested": list(p.iterations),
+            "n_images": p.n_images,
+            "error_units": "pixels in [0, 1]",
+            "dtype": "float64",
+        }
     )
     flat: dict[str, Any] = {}
     for label, summary in models.items():

@@ -3,8 +3,9 @@ each block's certified Lipschitz bound, and a per-model invertibility certificat
 
 Per convolution (its weight as used in eval mode, i.e. after Eq. 2), float64:
 
-- ``sigma_upper``: certified upper bound, the largest singular value of the circular convolution on the
-  zero-padded ``(H + k - 1) x (W + k - 1)`` grid (Sedghi et al. 2019; exact for 1x1 kernels);
+- ``sigma_upper``: certified upper bound (``conv_norm_upper_bound``): the smallest largest singular value of the
+  circular convolution over the grids from ``(H + p) x (W + p)`` to ``(H + 2p) x (W + 2p)`` (Sedghi et al. 2019;
+  exact for 1x1 kernels), or the dense operator's exact norm (plus a 1e-10 relative margin) when it is small;
 - ``sigma_lower``: ``singular_values.lower_iters`` block power iterations on the exact zero-padded operator (a lower
   bound after any number of iterations, meeting the true norm in the limit);
 - ``sigma_running``: what training believed, the norm of the used weight according to the stored power-iteration
@@ -53,13 +54,17 @@ CSV_COLUMNS = (
     "sigma_running",
 )
 METHODS = {
-    "sigma_upper": "largest singular value of the circular convolution on the zero-padded grid "
-    "(2-D FFT + per-frequency SVD, Sedghi et al. 2019): certified upper bound, exact for 1x1 kernels",
+    "sigma_upper": "certified upper bound: the smallest largest singular value of the circular convolution over the "
+    "grids from (H+p)x(W+p) to (H+2p)x(W+2p) (2-D FFT + per-frequency SVD, Sedghi et al. 2019; exact for 1x1 "
+    "kernels), or the dense operator's exact norm x (1 + 1e-10) when its smaller side has <= 2048 entries",
     "sigma_lower": "block power iteration on the exact zero-padded operator (singular_values.lower_iters steps): "
     "lower bound",
     "sigma_running": "training's power-iteration estimate of the used weight's norm: min(<u, W v>, c), or <u, W v>",
     "block_bound": "product of the block's sigma_upper values (and BatchNorm scales): certified Lip(g)",
 }
+
+
+COEFF_RTOL = 1e-4  # "at c": an exact norm within c (1 + 1e-4), the lag of one power iteration per step
 
 
 @torch.no_grad()
@@ -107,6 +112,13 @@ def certificate(model: IResNetClassifier, rows: list[dict[str, Any]], coeff: flo
         # Proven above c (the lower bound exceeds it: the power iteration lagged), and not certified below c.
         "layers_above_coeff": None if coeff is None else sum(r["sigma_lower"] > coeff for r in rows),
         "layers_uncertified_at_coeff": None if coeff is None else sum(u > coeff for u in uppers),
+        # How far the exact norm (the converged lower bound) exceeds c, relative: Eq. 2 divides by a power-iteration
+        # estimate that lags the weights by a little, so a layer at c sits at c (1 + 1e-7 .. 1e-4), not above it.
+        "max_excess_over_coeff": None if coeff is None else max(r["sigma_lower"] for r in rows) / coeff - 1.0,
+        "layers_above_coeff_tol": None
+        if coeff is None
+        else sum(r["sigma_lower"] > coeff * (1 + COEFF_RTOL) for r in rows),
+        "coeff_rtol": COEFF_RTOL,
         # > 1: the running estimate under-estimated the true norm (the power iteration lagged the weights).
         "max_lag": finite_or_none(max(_ratio(r["sigma_lower"], r["sigma_running"]) for r in rows)),
         "n_layers": len(rows),

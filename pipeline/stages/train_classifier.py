@@ -13,6 +13,7 @@ Writes ``models/classifier/<label>/model.pt``, ``reports/metrics/classifier/<lab
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,17 @@ _HINT = (
 def running_sigmas(model: IResNetClassifier) -> dict[str, float]:
     """The stored power-iteration estimate ``sigma~`` of each convolution's raw weight, keyed ``sigma.BB.I``."""
     return {f"sigma.{b:02d}.{i}": float(layer.sigma) for b, i, layer in conv_layers(model)}
+
+
+def binomial_stderr(error: float, n: int) -> float:
+    """Standard error ``sqrt(p (1 - p) / n)`` of a test error rate ``p`` measured on ``n`` independent test images.
+
+    The test images are a sample of the data distribution, so the measured error is a binomial proportion; at
+    ``n = 1000`` and ``p = 0.05`` it is 0.0069 (0.69 points), which is what a difference between models is judged by.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one test image, got n={n}")
+    return math.sqrt(error * (1.0 - error) / n)
 
 
 @torch.no_grad()
@@ -205,6 +217,7 @@ def run(
         "n_test": len(test[0]),
         "epochs": len(history),
         "test_error": last["test_error"],
+        "test_error_stderr": binomial_stderr(last["test_error"], len(test[0])),
         "test_loss": last["test_loss"],
         "train_loss": last["train_loss"],
         "train_accuracy": last["train_accuracy"],

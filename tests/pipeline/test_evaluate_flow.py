@@ -155,6 +155,11 @@ def test_stage_metrics_and_chosen_terms(tiny_project: Path, tiny_params: dict) -
     assert metrics["lemma7_lower_bpd"] <= metrics["bpd"] <= metrics["lemma7_upper_bpd"]
     assert metrics["stderr_examples"] > metrics["stderr"]  # over examples the spread is far larger
     assert "bias_note" not in metrics
+    assert metrics["baselines"]["gaussian_logit"] is None  # 30 train images, 64 dims: no full covariance
+    histogram = metrics["baselines"]["histogram"]
+    # the paired difference's mean is the difference of the means (the same examples on both sides)
+    assert histogram["flow_minus"]["mean"] == pytest.approx(metrics["bpd"] - histogram["bpd"], rel=1e-9)
+    assert histogram["stderr_examples"] > 0 and histogram["flow_minus"]["stderr"] > 0
 
     short = evaluate_flow.run(with_section(params, "evaluate_flow", max_terms=n - 1), paths)
     assert short["n_terms"] == n - 1 and short["bias_target_met"] is False and "raise max_terms" in short["bias_note"]

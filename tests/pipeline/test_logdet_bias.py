@@ -114,6 +114,31 @@ def test_bias_curve_of_linear_blocks_matches_the_closed_form() -> None:
     assert rows[-1]["abs_bias"] < 1e-2 * rows[0]["abs_bias"]
 
 
+def test_eigenvalue_bias_equals_trace_power_sums() -> None:
+    """``Σ_i [Σ_{k<=n} (-1)^{k+1} λ_i^k / k - ln(1 + λ_i)]`` from the eigenvalues equals the series of traces of
+    matrix powers minus slogdet (brute force), for every n, on a small float64 branch's exact Jacobians."""
+    model, x = _converged_flow((1, 4, 4))
+    block = residual_blocks(model)[0]
+    h = logdet_bias.block_inputs(model, x)[0]
+    with torch.no_grad():
+        _, jac = branch_jacobian(block.g, h)  # (5, 16, 16), non-symmetric: complex eigenvalues
+    assert bool((torch.linalg.eigvals(jac).imag.abs() > 1e-6).any())
+    got = logdet_bias.eigenvalue_series_bias(jac, 30)
+    eye = torch.eye(jac.shape[-1], dtype=torch.float64)
+    for b, j in enumerate(jac):
+        logdet = torch.linalg.slogdet(eye + j)[1]
+        series = torch.cumsum(
+            torch.stack([(-1) ** (k + 1) * torch.trace(torch.linalg.matrix_power(j, k)) / k for k in range(1, 31)]), 0
+        )
+        torch.testing.assert_close(got[b], series - logdet, rtol=0, atol=1e-12)
+
+
+def test_terms_below_is_the_n_from_which_every_example_stays_below() -> None:
+    bias = torch.tensor([[1.0, -0.5, 0.05, -0.2, 0.01, 0.001], [0.3, 0.02, 0.01, 0.0, -0.001, 0.0]])
+    assert logdet_bias.terms_below(bias, 0.1) == 5  # n = 3 is below, n = 4 is not again (-0.2)
+    assert logdet_bias.terms_below(bias, 1e-4) is None
+
+
 def test_stage_outputs(tiny_project: Path, tiny_params: dict) -> None:
     params, paths, _ = trained_project(tiny_project, tiny_params, epochs=1)
     metrics = logdet_bias.run(params, paths)
@@ -124,6 +149,10 @@ def test_stage_outputs(tiny_project: Path, tiny_params: dict) -> None:
     assert tuple(curve.columns) == logdet_bias.CURVE_COLUMNS and curve["n_terms"].tolist() == list(range(1, 13))
     assert (curve["abs_bias"] == curve["bias"].abs()).all() and (curve["std"] > 0).all()
     assert metrics["abs_bias_last"] == curve["abs_bias"].iloc[-1] and math.isfinite(metrics["exact_logdet_mean"])
+    # the exact bias shrinks with n, and the stated n is where every example's bias falls below 1e-4 bits/dim
+    exact = curve["exact_bias_max"].tolist()
+    assert exact[-1] < exact[0] and (curve["exact_bias"].abs() <= curve["exact_bias_max"]).all()
+    assert metrics["exact_bias_target_bpd"] == 1e-4 and metrics["exact_bias_terms_to_target"] is not None
     assert (LOGDET_BIAS.figure_path(paths, "fig4")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -98,8 +98,24 @@ def test_constrained_models_converge_geometrically(reconstructed: tuple) -> None
     for key, n in summary["0.5"]["iterations_to"].items():
         assert n <= summary["0.9"]["iterations_to"][key]
     assert set(result["models"]) == set(LABELS) and result["n_images"] == 6 and result["wall_time_s"] > 0
+    assert result["iteration_ratios"] == reconstruction.iteration_ratios(summary)  # no c - 0.2 pair here: empty
+    assert result["iterations_tested"] == list(COUNTS)
     for key in ("fig8", "fig3"):
         assert RECONSTRUCTION.figure_path(paths, key).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_iteration_ratios_pair_c_with_c_minus_0_2() -> None:
+    models = {
+        "vanilla": {"coeff": None, "iterations_to": {"1e-03": None}},
+        "0.9": {"coeff": 0.9, "iterations_to": {"1e-03": 8}},
+        "0.7": {"coeff": 0.7, "iterations_to": {"1e-03": 5}},
+        "0.5": {"coeff": 0.5, "iterations_to": {"1e-03": None}},
+        "0.6": {"coeff": 0.6, "iterations_to": {"1e-03": 3}},  # 0.6 has no partner 0.4: no row
+    }
+    ratios = reconstruction.iteration_ratios(models)
+    assert [(r["coeff"], r["coeff_lower"]) for r in ratios] == [(0.9, 0.7), (0.7, 0.5)]
+    assert ratios[0]["ratio"] == 5 / 8 and (ratios[0]["iterations"], ratios[0]["iterations_lower"]) == (8, 5)
+    assert ratios[1]["ratio"] is None and ratios[1]["iterations_lower"] is None  # never reached: no ratio
 
 
 def test_a_diverging_model_is_flagged_not_hidden(tmp_path: Path) -> None:

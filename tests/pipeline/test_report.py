@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ ERRORS = {"vanilla": 0.0123, "0.9": 0.0151, "0.7": 0.0189, "0.5": 0.0342}
 CERTIFIED = {"vanilla": False, "0.9": True, "0.7": True, "0.5": True}
 BOUNDS = {"vanilla": 3.71, "0.9": 0.97, "0.7": 0.68, "0.5": 0.49}
 WALL = {"vanilla": 40.0, "0.9": 61.5, "0.7": 60.25, "0.5": 59.0}
+N_TEST = 1000
 ITER_TO = {"vanilla": None, "0.9": 14, "0.7": 8, "0.5": 5}
 
 
@@ -39,6 +41,8 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
             "kind": "iresnet" if coeff else label,
             "dataset": "mnist-5k",
             "test_error": ERRORS[label],
+            "test_error_stderr": math.sqrt(ERRORS[label] * (1 - ERRORS[label]) / N_TEST),
+            "n_test": N_TEST,
             "test_loss": 0.05,
             "train_loss": 0.04,
             "train_accuracy": 0.99,
@@ -52,11 +56,16 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
             label: {
                 "guaranteed_inverse": CERTIFIED[label],
                 "max_block_bound": BOUNDS[label],
+                "block_bounds": [BOUNDS[label] / 3, BOUNDS[label]],
                 "max_layer_upper": BOUNDS[label] / 2 if label != "vanilla" else 2.5,
                 "frac_layers_above_1": 0.0 if label != "vanilla" else 0.5,
                 "n_layers": 18,
                 "n_blocks": 6,
                 "layers_above_coeff": 0 if label != "vanilla" else None,
+                "max_layer_lower": BOUNDS[label] / 2.01 if label != "vanilla" else 2.4,
+                "max_excess_over_coeff": None if label == "vanilla" else 3e-5,
+                "layers_above_coeff_tol": None if label == "vanilla" else 0,
+                "coeff_rtol": 1e-4,
             }
             for label in labels
         },
@@ -73,6 +82,24 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
             }
             for label in labels
         },
+        "iteration_ratios": [
+            {
+                "coeff": 0.9,
+                "coeff_lower": 0.7,
+                "tolerance": "1e-03",
+                "iterations": 14,
+                "iterations_lower": 8,
+                "ratio": 8 / 14,
+            },
+            {
+                "coeff": 0.9,
+                "coeff_lower": 0.7,
+                "tolerance": "1e-05",
+                "iterations": None,
+                "iterations_lower": None,
+                "ratio": None,
+            },
+        ],
         "wall_time_s": 7.0,
     }
     files["flow.json"] = {
@@ -90,6 +117,15 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
     files["evaluate_flow.json"] = {
         "bpd": 1.6523,
         "stderr": 0.0008,
+        "stderr_examples": 0.0412,
+        "baselines": {
+            "gaussian_logit": {
+                "bpd": 2.1,
+                "stderr_examples": 0.009,
+                "flow_minus": {"mean": 1.6523 - 2.1, "stderr": 0.02},
+            },
+            "histogram": {"bpd": 1.7, "stderr_examples": 0.011, "flow_minus": {"mean": 1.6523 - 1.7, "stderr": 0.03}},
+        },
         "bias_bound_bits": 8.5e-5,
         "n_terms": 14,
         "n_samples": 8,
@@ -103,7 +139,14 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
         "stderr_target_met": True,
         "wall_time_s": 30.0,
     }
-    files["logdet_bias.json"] = {"n_examples": 100, "wall_time_s": 20.0}
+    files["logdet_bias.json"] = {
+        "n_examples": 100,
+        "exact_bias_bpd": {"1": -0.25, "5": 4.2e-3, "10": -3.1e-6, "20": 2.0e-9},
+        "exact_bias_target_bpd": 1e-4,
+        "exact_bias_terms_to_target": 9,
+        "exact_terms_searched": 200,
+        "wall_time_s": 20.0,
+    }
     files["toy.json"] = {
         "datasets": {
             "moons": {"iresnet_nll": 1.20, "glow_nll": 1.35, "iresnet_params": 9000, "glow_params": 9100},
@@ -125,9 +168,11 @@ def write_fixture(root: Path, labels: list[str] = LABELS, files: dict[str, Any] 
     paths.curves.mkdir(parents=True, exist_ok=True)
     with (paths.curves / "logdet_bias.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["n_terms", "bias", "abs_bias", "std", "theorem3_bound"])
+        writer.writerow(
+            ["n_terms", "bias", "abs_bias", "bias_stderr", "std", "theorem3_bound", "exact_bias", "exact_bias_max"]
+        )
         for n in range(1, 21):
-            writer.writerow([n, -(0.5**n), 0.5**n, 0.01, 2 * 0.5**n])
+            writer.writerow([n, -(0.5**n), 0.5**n, 0.003, 0.01, 2 * 0.5**n, -(0.5**n), 1.5 * 0.5**n])
     paths.prepared.mkdir(parents=True, exist_ok=True)
     stats = {"dataset": "mnist-5k", "n_train": 4000, "n_test": 1000, "shape": [1, 28, 28], "zca": {"enabled": True}}
     (paths.prepared / "stats.json").write_text(json.dumps(stats))
@@ -154,9 +199,12 @@ def test_tables_hold_the_metrics_numbers(tmp_path: Path, params: Params) -> None
         assert float(t2.loc["max block Lipschitz bound", label]) == BOUNDS[label]
     assert list(t2.loc["guaranteed inverse"]) == ["False", "True", "True", "True"]
     md = (paths.tables / "table2.md").read_text()
-    assert "| c = 0.9" in md and "1.51" in md and "3.42" in md and "No" in md and "Yes" in md
+    assert "| c = 0.9" in md and "1.51 ± 0.39" in md and "3.42 ± 0.57" in md and "No" in md and "Yes" in md
+    for label in LABELS:
+        stderr = float(t2.loc["test error std. error (points), mnist-5k", label])
+        assert stderr == pytest.approx(100 * math.sqrt(ERRORS[label] * (1 - ERRORS[label]) / N_TEST), rel=1e-12)
     tex = (paths.tables / "table2.tex").read_text()
-    assert "\\begin{tabular}" in tex and "test error (\\%), mnist-5k" in tex
+    assert "\\begin{tabular}" in tex and "test error (\\%) $\\pm$ std. error, mnist-5k" in tex
 
     cost = pd.read_csv(paths.tables / "runcost.csv", index_col=0)
     expected_total = 3.5 + sum(WALL.values()) + 5.0 + 7.0 + 120.0 + 30.0 + 20.0 + 90.0
@@ -173,30 +221,60 @@ def test_tables_hold_the_metrics_numbers(tmp_path: Path, params: Params) -> None
     assert toy.loc["checkerboard", "glow_nll"] == 3.55
 
 
-def test_table4_ours_and_published_rows(tmp_path: Path, params: Params) -> None:
+def _table4_row(md: str, method: str, data: str) -> dict[str, str]:
+    """The cells of the Markdown Table 4 row of ``method`` on ``data``, by column name."""
+    lines = md.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        if cells["method"] == method and cells["data"] == data:
+            return cells
+    raise AssertionError(f"no row {method} on {data}")
+
+
+def test_table4_ours_baselines_and_published_rows(tmp_path: Path, params: Params) -> None:
     paths = write_fixture(tmp_path)
     report.run(params, paths)
     t4 = pd.read_csv(paths.tables / "table4.csv")
     ours = t4[t4.method == "i-ResNet (this run)"].iloc[0]
-    assert (ours.bpd, ours.stderr, ours.n_terms, ours.n_dims) == (1.6523, 0.0008, 14, 784)
-    published = t4[t4.source.str.startswith("published")].set_index(["method", "dataset"]).bpd
-    assert published["i-ResNet", "MNIST"] == 1.06 and published["i-ResNet", "CIFAR10"] == 3.45
-    assert published["Residual Flows", "CIFAR10"] == 3.28 and published["Real NVP", "CIFAR10"] == 3.49
-    assert published["Glow", "MNIST"] == 1.05 and published["FFJORD", "MNIST"] == 0.99 and len(published) == 10
+    assert (ours.bpd, ours.stderr, ours.stderr_examples, ours.n_terms, ours.n_dims) == (1.6523, 0.0008, 0.0412, 14, 784)
+    assert ours.bits_per_image == pytest.approx(1.6523 * 784, rel=1e-12) and ours.dataset == "mnist-5k"
+    gaussian = t4[t4.method == "Gaussian on logit pixels (this run)"].iloc[0]
+    assert (gaussian.bpd, gaussian.stderr_examples, gaussian.n_dims) == (2.1, 0.009, 784)
+    published = t4[t4.source.str.startswith("published")].set_index(["method", "dataset"])
+    assert published.bpd["i-ResNet", "MNIST"] == 1.06 and published.bpd["i-ResNet", "CIFAR10"] == 3.45
+    assert published.bpd["Residual Flows", "CIFAR10"] == 3.28 and published.bpd["Real NVP", "CIFAR10"] == 3.49
+    assert published.bpd["Glow", "MNIST"] == 1.05 and published.bpd["FFJORD", "MNIST"] == 0.99 and len(published) == 10
+    # the authors' MNIST counts 3,072 dims: the same bits per image over 784 pixels is at most 1.06 x 3072 / 784
+    assert published.n_dims["i-ResNet", "MNIST"] == 3072 and pd.isna(published.n_dims["Glow", "MNIST"])
+    assert published.bpd_784_pixels["i-ResNet", "MNIST"] == pytest.approx(1.06 * 3072 / 784, rel=1e-12)
+    assert published.bits_per_image["i-ResNet", "CIFAR10"] == pytest.approx(3.45 * 3072, rel=1e-12)
+
     md = (paths.tables / "table4.md").read_text()
-    assert "1.6523 ± 0.0008" in md and "| mnist-5k" in md and "†" not in md  # mnist-5k is not the MNIST test set
+    row = _table4_row(md, "i-ResNet (this run)", "mnist-5k")
+    assert row["bits/dim"] == "1.6523 ± 0.0008" and row["± test examples"] == "0.0412" and "†" not in md
+    assert row["bits/image"] == f"{1.6523 * 784:.0f} ± {0.0412 * 784:.0f}"
+    assert _table4_row(md, "i-ResNet", "MNIST")["bits/dim over 784 MNIST pixels"] == "≤ 4.15"
+    assert _table4_row(md, "per-pixel histogram (this run)", "mnist-5k")["bits/dim"] == "1.7000"
+
+    page = (paths.reports / "README.md").read_text()
+    assert "Gaussian on logit pixels 2.1000 ± 0.0090, per-pixel histogram 1.7000 ± 0.0110 bits/dim" in page
+    # -0.4477 ± 1.96 x 0.02 excludes 0; -0.0477 ± 1.96 x 0.03 contains it
+    assert "better than the Gaussian on logit pixels (flow − baseline −0.45 bits/dim, paired 95% interval" in page
+    assert "indistinguishable from the per-pixel histogram" in page
+    assert "3256 bits per image: at most 4.15 bits/dim over MNIST's 784 pixels" in page
 
 
-def test_table4_zca_dagger_and_paper_column(tmp_path: Path, params: Params) -> None:
+def test_table4_zca_dagger_and_paper_dataset(tmp_path: Path, params: Params) -> None:
     files = _metrics(LABELS)
     files["evaluate_flow.json"].update({"zca": True, "dataset": "mnist"})
+    files["evaluate_flow.json"]["baselines"]["gaussian_logit"] = None  # too few train images: no row
     paths = write_fixture(tmp_path, files=files)
     report.run(params, paths)
     md = (paths.tables / "table4.md").read_text()
-    ours = next(line for line in md.splitlines() if "this run" in line)
-    cells = [c.strip() for c in ours.strip("|").split("|")]
-    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
-    assert cells[header.index("MNIST")] == "1.6523 ± 0.0008†" and "mnist" not in header
+    assert _table4_row(md, "i-ResNet (this run)", "MNIST")["bits/dim"] == "1.6523 ± 0.0008†"
+    assert _table4_row(md, "per-pixel histogram (this run)", "MNIST")["bits/dim"] == "1.7000"  # pixels: no dagger
+    assert "Gaussian on logit pixels" not in md
 
 
 def test_guaranteed_row_follows_the_certificate(tmp_path: Path, params: Params) -> None:
@@ -233,17 +311,46 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
         assert f"(figures/{name})" in page
     assert page.count("**Paper:**") == page.count("**This run:**") == 10
     assert "dataset `mnist-5k` (4,000 train / 1,000 test images, 1x28x28)" in page and "trained 3 epochs" in page
-    assert "at most 0.66 points worse than vanilla" in page  # max(1.89, 1.51) - 1.23 over c >= 0.7
+    assert "vanilla 1.23 ± 0.35%" in page and "c = 0.7 1.89 ± 0.43%" in page  # sqrt(p (1 - p) / 1000)
+    # 1.89 - 1.23 = 0.66 ± 1.96 sqrt(0.35² + 0.43²) points: the interval contains 0
+    assert "c = 0.7 +0.66 points (95% interval −0.43 to +1.75)" in page
+    assert "every interval contains 0, so the i-ResNets with c ≥ 0.7 classify as well as vanilla" in page
     assert "until the max error is ≤ 0.001: c = 0.9: 14, c = 0.7: 8, c = 0.5: 5; ≤ 1e-05: c = 0.9: not reached" in page
     assert "smaller c never needs more: yes" in page
-    assert "1.6523 ± 0.0008 bits/dim" in page and "between 0.900 and 2.800" in page
-    assert "lower test NLL on 1 of 2 datasets (moons)" in page
+    assert "c = 0.9: exact ≤ c(1 + 0.0001) for 18 of 18 layers (largest exact 0.48259 = c(1 + 3.0e-05)), " in page
+    assert "certified ≤ 0.4850" in page
     assert (
-        "10 terms 9.77e-04" in page
-        and "20 terms 9.54e-07" in page
-        and "within the Theorem 3 bound at every n: yes" in page
+        "The vanilla ResNet's inverse does not converge here (mean error 3.0e-01 after the largest iteration count), "
+        "where the paper found the vanilla ResNet nearly exact on MNIST" in page
     )
+    assert "its blocks' certified Lipschitz bounds are 1.2, 3.7 (2 of 2 at or above 1), and 50% of its" in page
+    assert (
+        "lowering c by 0.2 (paper: about half the iterations, ratio ≈ 0.5): c = 0.9 → 0.7 at ≤ 0.001: 14 → 8 "
+        "(ratio 0.57), c = 0.9 → 0.7 at ≤ 1e-05: not reached → not reached" in page
+    )
+    assert "1.6523 ± 0.0008 (Hutchinson probes, the examples fixed) ± 0.0412 (sampling of the test examples)" in page
+    assert "between 0.900 and 2.800" in page
+    assert "lower test NLL on 1 of 2 datasets (moons)" in page
+    assert "in bits/dim: 1 term −2.5e-01, 5 terms +4.2e-03, 10 terms −3.1e-06, 20 terms +2.0e-09" in page
+    assert "every example's |bias| is below 0.0001 bits/dim from n = 9 terms on" in page
+    assert "at 20 terms its |bias| 9.5e-07 ± 3.0e-03 nats per example, one probe's std 1.0e-02 nats" in page
+    assert "exact bias within the Theorem 3 bound at every n: yes" in page
     assert (paths.tables / "table2.md").read_text() in page
+
+
+def test_a_difference_is_decided_on_its_interval(tmp_path: Path, params: Params) -> None:
+    """The same error rates on 100x more test images: both intervals exclude 0 and the page says worse."""
+    files = _metrics(LABELS)
+    for label in LABELS:
+        entry = files[f"classifier/{label}.json"]
+        entry["test_error_stderr"] = math.sqrt(ERRORS[label] * (1 - ERRORS[label]) / (100 * N_TEST))
+        entry["n_test"] = 100 * N_TEST
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    page = (paths.reports / "README.md").read_text()
+    assert "(binomial, 100,000 test images)" in page
+    assert "an interval excludes 0: c = 0.9 worse, c = 0.7 worse than vanilla" in page
+    assert "classify as well as vanilla" not in page
 
 
 def test_findings_report_what_did_not_reproduce(tmp_path: Path, params: Params) -> None:
@@ -251,7 +358,7 @@ def test_findings_report_what_did_not_reproduce(tmp_path: Path, params: Params) 
     files["reconstruction.json"]["models"]["0.5"]["iterations_to"]["1e-03"] = None  # smaller c, never reached
     paths = write_fixture(tmp_path, files=files)
     with (paths.curves / "logdet_bias.csv").open("a") as f:
-        f.write("21,0.5,0.5,0.01,0.1\n")  # a bias above its Theorem 3 bound
+        f.write("21,0.5,0.5,0.003,0.01,0.1,0.5,0.5\n")  # an exact bias above its Theorem 3 bound
     report.run(params, paths)
     page = (paths.reports / "README.md").read_text()
     assert "c = 0.5: not reached" in page and "smaller c never needs more: no" in page

@@ -39,6 +39,7 @@ METRIC_KEYS = {
     "n_test",
     "epochs",
     "test_error",
+    "test_error_stderr",
     "test_loss",
     "train_loss",
     "train_accuracy",
@@ -90,6 +91,7 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, label: str, kind: 
     assert loaded.model.config.coeff == metrics["coeff"] and loaded.model.config.batchnorm == (kind == "batchnorm")
     loss, error = train_classifier.evaluate(loaded.model, load_prepared(paths, "test"), loaded.stats, 4)
     assert error == metrics["test_error"] and loss == pytest.approx(metrics["test_loss"], rel=1e-6)
+    assert metrics["test_error_stderr"] == train_classifier.binomial_stderr(error, metrics["n_test"])
     assert metrics["n_params"] == sum(p.numel() for p in loaded.model.parameters())
 
     curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(paths, "epochs", label))
@@ -105,6 +107,15 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, label: str, kind: 
     assert len(sigmas) == 6 and logged["sigma_max"] == max(sigmas.values())  # 2 blocks x 3 convs
     assert {f"{label}.json", f"{label}.csv"} <= set(tracker.artifacts)
     assert not list((paths.workspace / ".resume").glob("*.pt"))  # removed once the outputs exist
+
+
+@pytest.mark.parametrize(("wrong", "n"), [(46, 1000), (0, 20), (3, 7)])
+def test_binomial_stderr_is_the_std_error_of_the_mean_of_the_0_1_outcomes(wrong: int, n: int) -> None:
+    """sqrt(p (1 - p) / n) is the standard error of the mean of n Bernoulli outcomes (population variance)."""
+    outcomes = torch.zeros(n, dtype=torch.float64)
+    outcomes[:wrong] = 1.0
+    direct = float(outcomes.std(correction=0) / n**0.5)
+    assert train_classifier.binomial_stderr(wrong / n, n) == pytest.approx(direct, rel=1e-12, abs=1e-300)
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
