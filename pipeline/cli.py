@@ -19,7 +19,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -28,7 +29,7 @@ try:
     import typer
 
     from pipeline.console import console, metrics_table, print_error
-    from pipeline.errors import TrackingError, UserError
+    from pipeline.errors import Interrupted, TrackingError, UserError
     from pipeline.params import Params, load_params, parse_override
     from pipeline.paths import Paths
 except ImportError as _missing:  # a Python without the project installed, e.g. `dvc repro` outside `.venv`
@@ -117,13 +118,18 @@ def run_stage(
     # regenerates them byte for byte. Set here, not at start-up, so `--help` and `iresnet ui` do not import torch.
     if ctx.obj.threads is not None:
         torch.set_num_threads(ctx.obj.threads)
+    tracker = None
     try:
-        params, paths = load(ctx, overrides)
-        with stage_run(family, stage, params.section_dict(*sections), paths, params.tracking.enabled) as tracker:
-            metrics = runner(params, paths, tracker)
-            tracker.log_results(metrics)
+        with on_signals(signal.SIGINT, signal.SIGTERM):
+            params, paths = load(ctx, overrides)
+            with stage_run(family, stage, params.section_dict(*sections), paths, params.tracking.enabled) as tracker:
+                metrics = runner(params, paths, tracker)
+                tracker.log_results(metrics)
     except UserError as err:
         fail(err)
+    except KeyboardInterrupt as err:
+        print_error(interrupted_message(stage, tracker.checkpoint_epoch if tracker is not None else None))
+        raise typer.Exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)) from None
     console.print(metrics_table(f"{stage}: results", metrics))
     return metrics
 
@@ -213,7 +219,30 @@ def report(ctx: typer.Context) -> None:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
+
+
+@contextmanager
+def on_signals(*signums: signal.Signals) -> Iterator[None]:
+    """Turn ``signums`` into :class:`Interrupted` inside the block (SIGTERM's default would end the process without
+    any cleanup: no checkpoint note, the MLflow run left RUNNING); the previous handlers come back afterwards."""
+    previous = {signum: signal.signal(signum, _interrupt) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupted_message(stage: str, checkpoint_epoch: int | None) -> str:
+    """What a stage stopped by a signal tells its user: how to go on, and from where."""
+    stage = os.environ.get("DVC_STAGE") or stage
+    if checkpoint_epoch:
+        return (
+            f"interrupted: run `dvc repro {stage}` again to resume from epoch {checkpoint_epoch + 1} "
+            f"(the checkpoint of epoch {checkpoint_epoch} is kept)."
+        )
+    return f"interrupted: run `dvc repro {stage}` again to run it."
 
 
 def ui_command(uri: str, port: int) -> list[str]:
@@ -243,9 +272,9 @@ def ui(ctx: typer.Context, port: int = typer.Option(5000, help="Port on 127.0.0.
     # Job execution would start extra worker processes the UI does not need.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(ui_command(uri, port), env=env, start_new_session=True)  # own process group
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` of this command also stops the server
     try:
-        code = proc.wait()
+        with on_signals(signal.SIGTERM):  # `kill` of this command also stops the server
+            code = proc.wait()
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGTERM)  # the server's workers are in the same group
         try:

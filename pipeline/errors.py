@@ -21,3 +21,11 @@ class DataError(UserError):
 
 class TrackingError(UserError):
     """The MLflow store cannot be opened (locked, unreadable, unreachable server)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a stage: a KeyboardInterrupt (so every cleanup runs) that knows its signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

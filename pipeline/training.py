@@ -203,24 +203,33 @@ class EpochLoop:
 
     ::
 
-        loop = EpochLoop(resume, epochs, {"model": model, "optimizer": opt, "scheduler": sched})
+        loop = EpochLoop(resume, epochs, {"model": model, "optimizer": opt, "scheduler": sched}, tracker)
         with progress(name, epochs * per_epoch) as advance:
             for epoch in loop:        # first restores the last saved state (if any), then yields the epochs left
-                loop.replay(tracker, advance, per_epoch)  # after a restore: catch up the bar and the MLflow curves
-                ...                   # train, evaluate, scheduler.step(), tracker.log_metrics(..., step=epoch)
-                loop.save(epoch, record)  # appends ``record`` to ``loop.history``; saves states, RNG, history
+                loop.replay(advance, per_epoch)  # after a restore: catch up the progress bar
+                ...                   # train, evaluate, scheduler.step()
+                loop.save(epoch, record)  # appends ``record`` to ``loop.history``; saves the state, logs the record
         ...                           # write the final outputs
         loop.finish()                 # then remove the resume file
 
     Restoring happens when iteration starts, so build the objects (which may draw random numbers) before it: the RNG
     state of the saved epoch then replaces whatever construction left. ``resumed_from`` is the epoch restored (0:
     fresh start). A run killed at any point redoes at most the epoch it was in, from the same state.
+
+    The checkpoint also keeps the MLflow run id: a resumed stage continues that run (``tracker.continue_run``), so
+    the killed and the resumed part make one run with one complete curve. Each save sets
+    ``tracker.checkpoint_epoch``, which the CLI names when a signal stops the stage.
     """
 
-    def __init__(self, resume: ResumeFile, epochs: int, stateful: Mapping[str, Stateful]) -> None:
+    def __init__(
+        self, resume: ResumeFile, epochs: int, stateful: Mapping[str, Stateful], tracker: Tracker | None = None
+    ) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+        from pipeline.tracking import NullTracker
+
         self.resume, self.epochs, self.stateful = resume, epochs, dict(stateful)
+        self.tracker = tracker if tracker is not None else NullTracker()
         self.history: list[dict[str, Any]] = []
         self.resumed_from = 0
 
@@ -246,31 +255,45 @@ class EpochLoop:
         restore_rng(state["rng"])
         self.history = [dict(record) for record in state["history"]]
         self.resumed_from = int(state["epoch"])
+        self.tracker.checkpoint_epoch = self.resumed_from
+        self.tracker.continue_run(state.get("run_id"))
         return self.resumed_from
 
-    def replay(self, tracker: Tracker, advance: Callable[..., None], per_epoch: int) -> None:
+    def replay(self, advance: Callable[..., None], per_epoch: int) -> None:
         """Call first thing in every epoch: on the first one after a restore, catch up with the epochs a killed run
         already did; otherwise it does nothing.
 
         The progress bar (``advance(n, info=...)`` of :func:`pipeline.console.progress`) moves past their
-        ``per_epoch`` steps each, the run is tagged ``resumed_from_epoch``, and every restored record is logged again
-        (without its ``epoch``, at ``step = epoch``): a resumed run is a new MLflow run, so its curves would
-        otherwise start at the resumed epoch.
+        ``per_epoch`` steps each and the run is tagged ``resumed_from_epoch``. The resumed stage continues the killed
+        stage's MLflow run, which holds their metrics already: only epochs it lacks are logged (one saved just
+        before the kill, or all of them when that run is gone and this is a new one).
         """
         if not self.resumed_from or len(self.history) != self.resumed_from:
             return  # a fresh run, or an epoch after the first resumed one (it has saved since)
         advance(self.resumed_from * per_epoch, info=f"resumed after epoch {self.resumed_from}")
-        tracker.set_tags({"resumed_from_epoch": self.resumed_from})
-        for done, record in enumerate(self.history, start=1):
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=done)
+        self.tracker.set_tags({"resumed_from_epoch": self.resumed_from})
+        metrics = _epoch_metrics(self.history[0])
+        logged = self.tracker.last_step(next(iter(metrics))) if metrics else None
+        if logged is not None:
+            for epoch, record in enumerate(self.history[logged:], start=logged + 1):
+                self.tracker.log_metrics(_epoch_metrics(record), step=epoch)
 
     def save(self, epoch: int, record: Mapping[str, Any]) -> None:
-        """Close ``epoch``: record its numbers and write the resume state (atomic: a kill leaves the previous one)."""
+        """Close ``epoch``: record its numbers, write the resume state (atomic: a kill leaves the previous one), then
+        log the record's numbers (all but ``epoch``) at ``step = epoch``.
+
+        Logging after the save means a resumed run never logs an epoch twice: a kill between the two leaves the
+        epoch out of the run, and :meth:`replay` logs it then."""
         if epoch != len(self.history) + 1:
             raise ValueError(f"epoch {epoch} saved out of order: {len(self.history)} epochs are recorded")
         self.history.append(dict(record))
         states = {name: obj.state_dict() for name, obj in self.stateful.items()}
-        self.resume.save({"epoch": epoch, "history": self.history, "rng": capture_rng(), "states": states})
+        state = {"epoch": epoch, "history": self.history, "rng": capture_rng(), "states": states}
+        if self.tracker.run_id is not None:
+            state["run_id"] = self.tracker.run_id
+        self.resume.save(state)
+        self.tracker.checkpoint_epoch = epoch
+        self.tracker.log_metrics(_epoch_metrics(record), step=epoch)
 
     def finish(self) -> None:
         """Remove the resume file (call after the final outputs are written)."""
@@ -287,6 +310,11 @@ class EpochLoop:
         out.finish(metrics, earlier_s=sum(r["seconds"] for r in history[: self.resumed_from]))
         self.finish()
         return metrics
+
+
+def _epoch_metrics(record: Mapping[str, Any]) -> dict[str, Any]:
+    """An epoch record's numbers as logged per step: everything but the epoch number itself."""
+    return {k: v for k, v in record.items() if k != "epoch"}
 
 
 class GeneratorState:

@@ -148,12 +148,12 @@ def run(
     resume = ResumeFile.for_run(paths, f"classifier-{spec.label}", run_fingerprint(params, spec, data_summary))
     if p.actnorm:
         init_actnorm(model, stats.normalize(train[0][: p.batch_size]))
-    loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "scheduler": scheduler})
+    loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, tracker)
 
     per_epoch = n_batches(len(train[0]), p.batch_size, p.max_train_batches)
     with progress(f"train {spec.label}", p.epochs * per_epoch) as advance:
         for epoch in loop:
-            loop.replay(tracker, advance, per_epoch)
+            loop.replay(advance, per_epoch)
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             where = f"model {spec.label}, epoch {epoch}"
@@ -177,7 +177,6 @@ def run(
                 "seconds": time.perf_counter() - t0,
                 **sigmas,
             }
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             loop.save(epoch, record)
 
     history = loop.history

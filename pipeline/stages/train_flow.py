@@ -187,7 +187,8 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "zca")}
     fingerprint = params_hash({"seed": params.seed, "flow": params.section_dict("flow")["flow"], "data": data_summary})
     resume = ResumeFile.for_run(paths, "flow", fingerprint)
-    loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "noise": GeneratorState(noise)})
+    stateful = {"model": model, "optimizer": optimizer, "noise": GeneratorState(noise)}
+    loop = EpochLoop(resume, p.epochs, stateful, tracker)
     test_x = fixed_noise_inputs(space, test_images, params.seed + _EVAL_SEED_OFFSET)  # the same inputs every epoch
     recon_x = fixed_noise_inputs(
         space, test_images[evenly_spaced(len(test_images), RECON_BATCH)], params.seed + _EVAL_SEED_OFFSET
@@ -196,7 +197,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     per_epoch = n_batches(len(train_images), p.batch_size, p.max_train_batches)
     with progress("train flow", p.epochs * per_epoch) as advance:
         for epoch in loop:
-            loop.replay(tracker, advance, per_epoch)
+            loop.replay(advance, per_epoch)
             t0 = time.perf_counter()
             train_bpd, seen = train_epoch(model, optimizer, train_images, space, noise, params, epoch, advance)
             train_seconds = time.perf_counter() - t0
@@ -211,7 +212,6 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
                 "train_seconds": train_seconds,
                 "seconds": time.perf_counter() - t0,
             }
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             loop.save(epoch, record)
 
     model.eval()
