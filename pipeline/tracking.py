@@ -213,6 +213,7 @@ class MlflowTracker:
         self.client, self.experiment_id, self.stage = client, experiment_id, stage
         self._tags, self._params = {**tags, **owner_tags()}, dict(params)
         self._run_id: str | None = None
+        self._curves: set[str] = set()  # metrics with a per-step history in the run (not repeated by log_results)
         self.checkpoint_epoch: int | None = None
 
     @property
@@ -252,6 +253,7 @@ class MlflowTracker:
         self._close_orphans(keep=run_id)
         self.client.update_run(run_id, status="RUNNING")
         self._run_id = run_id
+        self._curves.update(run.data.metrics)  # a killed run logged nothing but its per-epoch curves
         self.set_tags(self._tags)
         try:
             self.client.delete_tag(run_id, "error")  # the interruption it recorded is over
@@ -291,11 +293,17 @@ class MlflowTracker:
                 raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}")
             items.append(Metric(key, float(value), stamp, step or 0))
         self.client.log_batch(self.run_id, metrics=items)
+        if step:
+            self._curves.update(metrics)
 
     def log_results(self, results: Mapping[str, Any]) -> None:
-        """A stage's final result dict: finite numbers become metrics, everything else a ``result.<key>`` tag."""
+        """A stage's final result dict: finite numbers become metrics, everything else a ``result.<key>`` tag.
+
+        A number whose key already has a per-step curve in the run (a final ``test_error`` after the per-epoch ones)
+        is not logged again: a second point at step 0 would bend the curve back to its start, and the curve's last
+        point, which MLflow shows as the metric's value, is that final number already."""
         numbers = {k: v for k, v in results.items() if _is_finite_number(v)}
-        self.log_metrics(numbers)
+        self.log_metrics({k: v for k, v in numbers.items() if k not in self._curves})
         self.set_tags({f"result.{k}": v for k, v in results.items() if k not in numbers})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
