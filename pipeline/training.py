@@ -2,14 +2,17 @@
 and the resumable epoch loop (:class:`EpochLoop`).
 
 Resume state lives outside DVC's outputs (DVC deletes a stage's outputs before it runs, which would throw away the
-very checkpoint a crashed run needs). It sits in ``<workspace>/.resume/<name>-<fingerprint>.pt``, keyed by a hash of
-everything that defines the run, so a run with other params never resumes from it (an ablation starts afresh
-instead of failing), and it is deleted once the stage has written its final outputs.
+very checkpoint a crashed run needs). It sits in ``<workspace>/.resume/<name>-<key>.pt``, keyed by a hash of
+everything that defines the run (params, data, the code of the stage's DVC deps, the DVC experiment), so a run with
+other params or code never resumes from it (an ablation starts afresh instead of failing), and it is deleted once the
+stage has written its final outputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import random
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import DataError, UserError
 from pipeline.files import save_torch
+from pipeline.params import params_hash
 from pipeline.paths import Paths
 
 if TYPE_CHECKING:
@@ -81,6 +85,37 @@ def gradient_norm(model: torch.nn.Module) -> Tensor:
     return torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm()
 
 
+CODE_ROOT = Path(__file__).resolve().parents[1]  # the repository holding pipeline/, iresnet/ and dvc.yaml
+CODE_DIRS = ("pipeline", "iresnet")
+_NOT_CODE = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}  # as in .dvcignore
+
+
+def code_deps(stage: str, root: Path = CODE_ROOT) -> list[str]:
+    """The code a DVC stage depends on, as ``dvc.yaml`` declares it: its ``pipeline/...`` files and the ``iresnet``
+    folder (``stage`` without a matrix item: ``train_classifier``, not ``train_classifier@0.9``). Without a
+    ``dvc.yaml`` stage to read, all of ``pipeline/`` and ``iresnet/``."""
+    import yaml
+
+    try:
+        deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage.split("@")[0]].get("deps", [])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return list(CODE_DIRS)
+    return [dep for dep in deps if isinstance(dep, str) and dep.split("/")[0] in CODE_DIRS]
+
+
+def code_digest(stage: str, root: Path = CODE_ROOT) -> str:
+    """SHA-256 over the paths and bytes of every file of :func:`code_deps` (bytecode and tool caches left out)."""
+    digest = hashlib.sha256()
+    for dep in code_deps(stage, root):
+        path = root / dep
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for file in files:
+            rel = file.relative_to(root)
+            if file.is_file() and not _NOT_CODE & set(rel.parts) and file.suffix not in (".pyc", ".pyo"):
+                digest.update(f"{rel.as_posix()}\0".encode() + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class ResumeFile:
     """The resume state of one training run: model, optimiser, scheduler, RNG and epoch, saved atomically."""
@@ -88,8 +123,12 @@ class ResumeFile:
     path: Path
 
     @classmethod
-    def for_run(cls, paths: Paths, name: str, fingerprint: str) -> ResumeFile:
-        return cls(paths.workspace / ".resume" / f"{name.replace('/', '-')}-{fingerprint}.pt")
+    def for_run(cls, paths: Paths, name: str, fingerprint: str, stage: str) -> ResumeFile:
+        """The checkpoint of run ``name`` (e.g. ``classifier-0.9``) of DVC stage ``stage``: ``fingerprint`` (a hash of
+        the params and data that define the run) + the code the stage depends on + the DVC experiment, so neither
+        another code version nor a parallel queued experiment ever resumes from it."""
+        key = params_hash({"run": fingerprint, "code": code_digest(stage), "exp": os.environ.get("DVC_EXP_NAME")})
+        return cls(paths.workspace / ".resume" / f"{name.replace('/', '-')}-{key}.pt")
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None when there is none; a corrupt file is an error that says how to start over."""
@@ -234,7 +273,9 @@ class EpochLoop:
         self.resumed_from = 0
 
     def __iter__(self) -> Iterator[int]:
-        for epoch in range(self._restore() + 1, self.epochs + 1):
+        first = self._restore() + 1
+        self.tracker.set_tags({"resume_checkpoint": self.resume.path.name})  # tells parallel runs' checkpoints apart
+        for epoch in range(first, self.epochs + 1):
             yield epoch
             if len(self.history) != epoch:
                 raise RuntimeError(f"epoch {epoch} ended without loop.save(epoch, record)")

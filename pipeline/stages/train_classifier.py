@@ -145,7 +145,8 @@ def run(
     optimizer = build_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(p.milestones), p.gamma)
     data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "mean", "std")}
-    resume = ResumeFile.for_run(paths, f"classifier-{spec.label}", run_fingerprint(params, spec, data_summary))
+    fingerprint = run_fingerprint(params, spec, data_summary)
+    resume = ResumeFile.for_run(paths, f"classifier-{spec.label}", fingerprint, "train_classifier")
     if p.actnorm:
         init_actnorm(model, stats.normalize(train[0][: p.batch_size]))
     loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, tracker)

@@ -55,13 +55,16 @@ def test_uri_and_switches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert flatten(PARAMS) == flat
 
 
-def test_queued_experiment_copy_logs_to_the_workspace(tmp_path: Path) -> None:
+def test_queued_experiment_copy_logs_to_the_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC points ``DVC_ROOT`` at the user's repository, also for a queued experiment's temporary copy."""
     copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
     paths = Paths.at(copy)
     assert paths.workspace == (tmp_path / "repo").resolve()
     assert tracking_uri(paths) == f"sqlite:///{(tmp_path / 'repo').resolve()}/mlflow.db"
     assert paths.prepared == copy.resolve() / "data" / "prepared"  # outputs stay in the copy, for DVC
-    assert Paths.at(tmp_path).workspace == tmp_path.resolve()
+    monkeypatch.delenv("DVC_ROOT")
+    assert Paths.at(copy).workspace == copy.resolve()  # outside DVC: the root itself
 
 
 def test_init_store_creates_experiments_once(store: Paths) -> None:

@@ -48,7 +48,7 @@ def test_a_fresh_run_replays_nothing(tmp_path: Path) -> None:
     tracker, moves = _run(
         EpochLoop(ResumeFile(tmp_path / "r.pt"), 3, {"model": torch.nn.Linear(2, 2)}, FakeTracker()), 5
     )
-    assert moves == [] and tracker.tags == {}
+    assert moves == [] and tracker.tags == {"resume_checkpoint": "r.pt"}
     assert tracker.metrics == [(e, {"loss": 1.0 / e, "lr": 0.1}) for e in (1, 2, 3)]  # save() logs each epoch
 
 
@@ -66,7 +66,7 @@ def test_a_resumed_run_catches_up_once(tmp_path: Path) -> None:
     tracker, moves = _run(loop, per_epoch=5)
     assert loop.resumed_from == 2
     assert moves == [(10, "resumed after epoch 2")]  # only in epoch 3: epoch 4 replays nothing
-    assert tracker.tags == {"resumed_from_epoch": 2}
+    assert tracker.tags == {"resume_checkpoint": "r.pt", "resumed_from_epoch": 2}
     assert [step for step, _ in tracker.metrics] == [3, 4] and tracker.checkpoint_epoch == 4
 
 
@@ -86,3 +86,34 @@ def test_a_resumed_run_logs_only_the_epochs_its_mlflow_run_lacks(tmp_path: Path)
 
     tracker, _ = _run(EpochLoop(resume, 4, {"model": model}, HoldsEpochOne()), per_epoch=5)
     assert [step for step, _ in tracker.metrics] == [2, 3, 4]
+
+
+def test_resume_keys_follow_the_stage_code_and_the_dvc_experiment(tmp_path: Path, monkeypatch) -> None:
+    """The checkpoint's name changes with any file of the stage's code deps (not with bytecode or another stage's
+    code) and with the DVC experiment: another code version or a parallel queued experiment never resumes from it."""
+    import shutil
+
+    from pipeline.paths import Paths
+    from pipeline.training import CODE_ROOT, code_deps, code_digest
+
+    root = tmp_path / "code"
+    for name in ("pipeline", "iresnet"):
+        shutil.copytree(CODE_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(CODE_ROOT / "dvc.yaml", root / "dvc.yaml")
+    assert "pipeline/training.py" in code_deps("train_flow", root) and "iresnet" in code_deps("train_flow", root)
+    assert code_deps("train_classifier@0.9", root) == code_deps("train_classifier", root)
+    before = code_digest("train_flow", root)
+    (root / "iresnet" / "__pycache__").mkdir()
+    (root / "iresnet" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"bytecode")
+    (root / "pipeline" / "stages" / "prepare.py").write_text("# another stage's code\n")
+    assert code_digest("train_flow", root) == before
+    (root / "iresnet" / "blocks.py").write_text((root / "iresnet" / "blocks.py").read_text() + "\n# edited\n")
+    assert code_digest("train_flow", root) != before
+
+    paths = Paths.at(tmp_path)
+    names = {ResumeFile.for_run(paths, "flow", "abc", "train_flow").path.name}
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    names.add(ResumeFile.for_run(paths, "flow", "abc", "train_flow").path.name)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-b")
+    names.add(ResumeFile.for_run(paths, "flow", "abc", "train_flow").path.name)
+    assert len(names) == 3 and all(n.startswith("flow-") for n in names)
