@@ -27,6 +27,7 @@ from typing import Any, NoReturn, Optional
 
 try:
     import typer
+    import typer.core
 
     from pipeline.console import console, metrics_table, print_error
     from pipeline.errors import Interrupted, TrackingError, UserError
@@ -38,7 +39,63 @@ except ImportError as _missing:  # a Python without the project installed, e.g. 
         "create it with step 1 of README.md, then run the command again."
     ) from None
 
+
+class GlobalOptionsAnywhere(typer.core.TyperGroup):
+    """The global options (``--params``, ``--set``, ``--root``, ``--threads``) are accepted after the command too:
+    ``iresnet train-classifier --coeff 0.9 -S classifier.epochs=1`` is read as
+    ``iresnet -S classifier.epochs=1 train-classifier --coeff 0.9``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args, self.params, set(self.commands)))
+
+
+def hoist_global_options(args: list[str], options: Sequence[Any], commands: set[str]) -> list[str]:
+    """``args`` with every global option (and its value) found after the command name moved before it; ``--help``,
+    ``--version``, the command's own options and anything after ``--`` stay where they are."""
+    takes_value, flags = set(), set()
+    for option in options:
+        if option.param_type_name == "option" and option.name not in ("help", "version"):
+            (flags if option.is_flag else takes_value).update(option.opts + option.secondary_opts)
+    i = 0
+    while i < len(args) and args[i] not in commands:  # up to the command name
+        i += 2 if args[i] in takes_value else 1
+    if i >= len(args):
+        return list(args)
+    command, rest, moved, after = args[i], args[i + 1 :], [], []
+    j = 0
+    while j < len(rest):
+        arg = rest[j]
+        if arg == "--":
+            after += rest[j:]
+            break
+        name = arg.split("=", 1)[0]
+        if arg in takes_value and j + 1 < len(rest):
+            moved += rest[j : j + 2]
+            j += 2
+            continue
+        if (name in takes_value and "=" in arg) or arg in flags:
+            moved.append(arg)
+        else:
+            after.append(arg)
+        j += 1
+    return [*args[:i], *moved, command, *after]
+
+
+def _version(value: bool) -> None:
+    """``--version``: the installed package's version, then exit."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("iresnet")
+        except PackageNotFoundError:
+            text = "unknown (not installed: `pip install -e .`)"
+        console.print(f"iresnet {text}", highlight=False)
+        raise typer.Exit()
+
+
 app = typer.Typer(
+    cls=GlobalOptionsAnywhere,
     name="iresnet",
     help="Invertible Residual Networks (Behrmann et al., 2019): the experiment pipeline's stages.",
     no_args_is_help=True,
@@ -75,8 +132,14 @@ def main(
         help="torch CPU threads (env IRESNET_THREADS; default: torch's, one per core). 1 reproduces the committed "
         "outputs byte for byte.",
     ),
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_version, help="Print the package version and exit."
+    ),
 ) -> None:
-    """Invertible Residual Networks: run one pipeline stage (normally through `dvc repro`)."""
+    """Invertible Residual Networks: run one pipeline stage (normally through `dvc repro`).
+
+    The options below may also come after the command: `iresnet train-classifier --coeff 0.9 -S classifier.epochs=1`.
+    """
     ctx.obj = Settings(root=root, params_file=params, sets=tuple(set_), threads=threads)
 
 
