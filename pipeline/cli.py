@@ -198,6 +198,21 @@ def run_stage(
 
 
 @app.command()
+def raw_data(ctx: typer.Context) -> None:
+    """Hash the raw dataset files `prepare` reads into data/raw.json (a dep of prepare: DVC re-runs it on a change)."""
+    from pipeline.stages import raw_data as stage
+
+    try:
+        params, paths = load(ctx)
+    except UserError as err:
+        fail(err)
+    record = stage.run(params, paths)
+    missing = sorted(name for name, digest in record["files"].items() if digest is None)
+    note = f"; missing: {', '.join(missing)}" if missing else ""
+    console.print(f"raw data of {record['dataset']}: {len(record['files'])} files hashed{note}", highlight=False)
+
+
+@app.command()
 def prepare(
     ctx: typer.Context,
     dataset: Optional[str] = typer.Option(None, help="Override data.dataset (mnist-5k, mnist, ..., idx:<folder>)."),
