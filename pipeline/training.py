@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import DataError, UserError
+from pipeline.errors import DataError, UserError, brief
 from pipeline.files import save_torch
 from pipeline.params import params_hash
 from pipeline.paths import Paths
@@ -138,7 +138,7 @@ class ResumeFile:
             return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
             raise DataError(
-                f"the resume checkpoint {self.path} cannot be read ({err}). Delete it to train from scratch."
+                f"the resume checkpoint {self.path} cannot be read ({brief(err)}). Delete it to train from scratch."
             ) from None
 
     def save(self, state: dict[str, Any]) -> None:
@@ -191,7 +191,9 @@ def load_model_file(path: Path, kind: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise DataError(f"the model file {path} cannot be read ({err}); re-run the stage that writes it.") from None
+        raise DataError(
+            f"the model file {path} cannot be read ({brief(err)}); re-run the stage that writes it."
+        ) from None
     if not isinstance(state, dict) or state.get("kind") != kind:
         found = state.get("kind") if isinstance(state, dict) else type(state).__name__
         raise DataError(f"{path} holds a {found!r} model, not a {kind!r} one; re-run the stage that writes it.")
@@ -291,7 +293,8 @@ class EpochLoop:
                 obj.load_state_dict(state["states"][name])
         except (RuntimeError, ValueError, KeyError) as err:
             raise DataError(
-                f"the resume checkpoint {self.resume.path} does not fit this run ({err}); delete it to start over."
+                f"the resume checkpoint {self.resume.path} does not fit this run ({brief(err)}); "
+                "delete it to start over."
             ) from None
         restore_rng(state["rng"])
         self.history = [dict(record) for record in state["history"]]

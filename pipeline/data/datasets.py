@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.errors import DataError, ParamsError
+from pipeline.errors import DataError, ParamsError, brief
 from pipeline.params import IDX_PREFIX, DataParams
 
 IDX_FILES = {
@@ -77,7 +77,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise DataError(f"corrupt dataset file {path}: cannot read it ({err}).") from None
+        raise DataError(f"corrupt dataset file {path}: cannot read it ({brief(err)}).") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
         raise DataError(f"corrupt dataset file {path}: not an IDX file of {ndim}-D unsigned bytes (bad header).")
     header = 4 + 4 * ndim
