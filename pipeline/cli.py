@@ -166,11 +166,13 @@ def run_stage(
     runner: StageRun,
     sections: Sequence[str],
     overrides: Mapping[str, Any] | None = None,
+    extra_params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load params, run ``runner(params, paths, tracker)`` in an MLflow run of ``family``, print its metrics.
 
     ``sections``: the top-level params sections the stage reads; they are logged to MLflow and hashed into the
-    run's ``params_hash`` tag.
+    run's ``params_hash`` tag. ``extra_params``: the command's own choices (the DVC matrix item, e.g. ``coeff``),
+    logged as params too.
     """
     import torch
 
@@ -185,7 +187,8 @@ def run_stage(
     try:
         with on_signals(signal.SIGINT, signal.SIGTERM):
             params, paths = load(ctx, overrides)
-            with stage_run(family, stage, params.section_dict(*sections), paths, params.tracking.enabled) as tracker:
+            logged = {**params.section_dict(*sections), **(extra_params or {})}
+            with stage_run(family, stage, logged, paths, params.tracking.enabled) as tracker:
                 metrics = runner(params, paths, tracker)
                 tracker.log_results(metrics)
     except UserError as err:
@@ -237,7 +240,7 @@ def train_classifier(
         return stage.run(params, paths, tracker, coeff=coeff)
 
     run_stage(ctx, "classifier", f"train_classifier@{coeff}", runner, ("seed", "data", "classifier"),
-              {"classifier.epochs": epochs})  # fmt: skip
+              {"classifier.epochs": epochs}, {"coeff": coeff})  # fmt: skip
 
 
 @app.command()

@@ -13,13 +13,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,6 +32,7 @@ from pipeline.paths import Paths
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from torch import Tensor, nn
 
 FAMILIES = ("data", "classifier", "flow", "analysis", "toy")
 EXPERIMENT_PREFIX = "iresnet-"
@@ -106,8 +109,12 @@ def _git_commit(root: Path) -> str | None:
 
 
 def run_tags(stage: str, params: Mapping[str, Any], paths: Paths) -> dict[str, str]:
-    """Tags that tie an MLflow run to its DVC stage, DVC experiment, code version and parameters."""
-    tags = {"stage": stage, "params_hash": params_hash(params), "mlflow.source.name": f"iresnet {stage}"}
+    """Tags that tie an MLflow run to its DVC stage, DVC experiment, code version and parameters, over MLflow's own
+    context tags (``mlflow.user``, ``mlflow.source.type``, ...: what ``mlflow.start_run`` would set)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {**resolve_tags(), "stage": stage, "params_hash": params_hash(params)}
+    tags["mlflow.source.name"] = f"iresnet {stage}"
     for env, tag in (("DVC_STAGE", "dvc_stage"), ("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_ROOT", "dvc_root")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
@@ -142,6 +149,12 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_model(self, model: nn.Module, example: Tensor, name: str = "model") -> str | None: ...
+
+    def log_input(self, path: Path, context: str) -> None: ...
+
+    def child_run(self, name: str, params: Mapping[str, Any]) -> AbstractContextManager[Tracker]: ...
+
 
 class NullTracker:
     """The tracker when tracking is off: same methods, does nothing."""
@@ -171,6 +184,16 @@ class NullTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
+
+    def log_model(self, model: nn.Module, example: Tensor, name: str = "model") -> str | None:
+        return None
+
+    def log_input(self, path: Path, context: str) -> None:
+        pass
+
+    @contextmanager
+    def child_run(self, name: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
+        yield NullTracker()
 
 
 OWNER_TAGS = ("iresnet.host", "iresnet.pid", "iresnet.pid_started")
@@ -211,6 +234,7 @@ class MlflowTracker:
         self, client: MlflowClient, experiment_id: str, stage: str, tags: Mapping[str, str], params: Mapping[str, Any]
     ) -> None:
         self.client, self.experiment_id, self.stage = client, experiment_id, stage
+        self.uri = client.tracking_uri
         self._tags, self._params = {**tags, **owner_tags()}, dict(params)
         self._run_id: str | None = None
         self._curves: set[str] = set()  # metrics with a per-step history in the run (not repeated by log_results)
@@ -275,6 +299,17 @@ class MlflowTracker:
                 self.client.set_tag(run.info.run_id, "error", "its process ended without closing the run (kill -9?)")
                 self.client.set_terminated(run.info.run_id, "KILLED")
 
+    @contextmanager
+    def child_run(self, name: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
+        """A nested run (tag ``mlflow.parentRunId``: the UI shows it under this run) for one part of the stage, e.g.
+        one toy fit; it ends FINISHED, or FAILED / KILLED with the exception, like the stage's own run."""
+        tags = {**self._tags, "mlflow.parentRunId": self.run_id}
+        child = MlflowTracker(self.client, self.experiment_id, self.stage, tags, params)
+        child._run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        child.log_params(params)
+        with _ended(child):
+            yield child
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Flattened params; lists and None as their text."""
         from mlflow.entities import Param
@@ -321,6 +356,58 @@ class MlflowTracker:
         else:
             raise FileNotFoundError(f"artifact {path} does not exist")
 
+    def log_model(self, model: nn.Module, example: Tensor, name: str = "model") -> str:
+        """``model`` as an MLflow model of the run (the runs page's Models column), with the signature and input
+        example of ``example`` (a small batch of what its ``forward`` takes); returns its ``models:/`` URI.
+
+        ``pip_requirements`` is given, so MLflow does not infer it (that loads the model in a subprocess: seconds);
+        the ``iresnet`` package is copied along (``code_paths``), so the model loads wherever torch is installed.
+        """
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        import iresnet
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                output = model(example)
+            # mlflow.pytorch logs through the global client, and files the model under the global experiment (else
+            # the Default one, with its artifacts in ./mlruns of the working directory)
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(experiment_id=self.experiment_id)
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                run_id=self.run_id,
+                signature=infer_signature(example.numpy(), output.numpy()),
+                input_example=example.numpy(),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                code_paths=[str(Path(iresnet.__file__).parent)],  # the model's classes travel with it
+                serialization_format="pickle",  # torch.export cannot trace the flow's log-det estimators
+            )
+        finally:
+            model.train(was_training)
+        return info.model_uri
+
+    def log_input(self, path: Path, context: str) -> None:
+        """The file ``path`` (e.g. the prepared training split) as a dataset input of the run, named after the file
+        and its folder, with its md5 as the digest (the hash DVC records for it) and ``context`` (train, test)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        digest = hashlib.md5(path.read_bytes()).hexdigest()  # noqa: S324 - identity, not security
+        with warnings.catch_warnings():  # a local path fits two registered source kinds (the same one, twice)
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(path))
+        dataset = MetaDataset(source, name=f"{path.parent.name}/{path.name}", digest=digest)
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
+
 
 def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and (isinstance(value, bool) or math.isfinite(value))
@@ -353,15 +440,23 @@ def stage_run(
             f"cannot start an MLflow run in {uri} ({type(err).__name__}: {err}). Fix or move that store, point "
             f"MLFLOW_TRACKING_URI elsewhere, or run without tracking: IRESNET_TRACKING=0 or `tracking.enabled: false`."
         ) from err
-    try:
+    with _ended(tracker):
         yield tracker
+
+
+@contextmanager
+def _ended(tracker: MlflowTracker) -> Iterator[None]:
+    """End ``tracker``'s run with the block: FINISHED, or FAILED (KILLED for a KeyboardInterrupt) with an ``error``
+    tag, the exception propagating."""
+    try:
+        yield
         run_id = tracker.run_id  # a stage that logged nothing still gets its (empty) run
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         try:
             tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
         finally:
-            client.set_terminated(tracker.run_id, status)
+            tracker.client.set_terminated(tracker.run_id, status)
         raise
     else:
-        client.set_terminated(run_id, "FINISHED")
+        tracker.client.set_terminated(run_id, "FINISHED")

@@ -343,15 +343,30 @@ class EpochLoop:
         """Remove the resume file (call after the final outputs are written)."""
         self.resume.remove()
 
-    def close(self, out: StageRun, model: nn.Module, metrics: dict[str, Any]) -> dict[str, Any]:
+    def close(
+        self,
+        out: StageRun,
+        model: nn.Module,
+        metrics: dict[str, Any],
+        example: Tensor | None = None,
+        inputs: Mapping[str, Path] | None = None,
+    ) -> dict[str, Any]:
         """End a training stage: add the parameter count and the training throughput (images per second of training,
         over every epoch, an interrupted run's included) to ``metrics``, end the stage with :meth:`StageRun.finish`
         (its wall time counts the interrupted run's epochs too), then remove the resume file. Epoch records need
-        ``images``, ``train_seconds`` and ``seconds``."""
+        ``images``, ``train_seconds`` and ``seconds``.
+
+        After the wall time is taken, the run also gets ``model`` as an MLflow model (signature and input example
+        from ``example``, a small batch of its input) and ``inputs`` (context -> file, e.g. the prepared splits) as
+        its dataset inputs."""
         history = self.history
         metrics["n_params"] = n_params(model)
         metrics["throughput_img_s"] = sum(r["images"] for r in history) / sum(r["train_seconds"] for r in history)
         out.finish(metrics, earlier_s=sum(r["seconds"] for r in history[: self.resumed_from]))
+        for context, path in (inputs or {}).items():
+            self.tracker.log_input(path, context)
+        if example is not None:
+            self.tracker.log_model(model, example)
         self.finish()
         return metrics
 

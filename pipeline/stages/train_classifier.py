@@ -25,7 +25,7 @@ from iresnet.models import IResNetClassifier
 from pipeline.console import progress
 from pipeline.data.batches import augment, batch_indices, n_batches
 from pipeline.data.preprocess import ChannelStats
-from pipeline.data.store import load_channel_stats, load_prepared, load_stats
+from pipeline.data.store import load_channel_stats, load_prepared, load_stats, split_file
 from pipeline.models.classifiers import MODEL_KIND, conv_layers, resnet_config
 from pipeline.models.specs import ClassifierSpec, resolve_spec
 from pipeline.outputs import TRAIN_CLASSIFIER, StageRun
@@ -209,4 +209,5 @@ def run(
         "train_loss": last["train_loss"],
         "train_accuracy": last["train_accuracy"],
     }
-    return loop.close(out, model, metrics)
+    inputs = {split: split_file(paths, split) for split in ("train", "test")}
+    return loop.close(out, model, metrics, example=stats.normalize(test[0][:2]), inputs=inputs)

@@ -26,7 +26,7 @@ from iresnet.models import MultiscaleFlow
 from iresnet.spectral_norm import LipschitzConv2d
 from pipeline.console import progress
 from pipeline.data.batches import batch_indices, evenly_spaced, n_batches
-from pipeline.data.store import load_prepared, load_stats, load_zca
+from pipeline.data.store import load_prepared, load_stats, load_zca, split_file
 from pipeline.models.flows import (
     MODEL_KIND,
     FlowSpace,
@@ -258,4 +258,5 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "samples_max_residual": inverse["max_residual"],
         "samples_max_iterations": inverse["max_iterations"],
     }
-    return loop.close(out, model, metrics)
+    inputs = {split: split_file(paths, split) for split in ("train", "test")}
+    return loop.close(out, model, metrics, example=test_x[:2], inputs=inputs)
