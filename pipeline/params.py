@@ -10,13 +10,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from pipeline.errors import ParamsError
 from pipeline.schema import (
@@ -270,37 +267,37 @@ def check_spatial(params: Params, height: int, width: int) -> None:
             )
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML implements YAML 1.1, which reads ``1e-4`` (no dot) as a string; DVC writes such values with
-    ``-S key=1e-4``, so add YAML 1.2's float form."""
+def _yaml_load(text: str) -> Any:
+    """Parse YAML as DVC does (ruamel.yaml's safe loader, YAML 1.2), so both read the same values: ``1e-4`` is a
+    float, while ``yes``/``on`` stay strings (not booleans) and ``010`` is ten (not octal eight) as in YAML 1.2."""
+    from ruamel.yaml import YAML
 
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+    return YAML(typ="safe").load(text)
 
 
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file, turning a missing or malformed file into a :class:`ParamsError`."""
+    from ruamel.yaml import YAMLError
+
     if not path.is_file():
         raise ParamsError("--params", str(path), "an existing params file (run from the repository root)")
     try:
-        return yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        raise ParamsError("--params", str(path), f"valid YAML ({err})") from None
+        return _yaml_load(path.read_text())
+    except YAMLError as err:
+        raise ParamsError("--params", str(path), f"valid YAML ({' '.join(str(err).split())})") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``"a.b=value"`` -> ``("a.b", parsed YAML value)``, as in ``dvc exp run -S``."""
+    from ruamel.yaml import YAMLError
+
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ParamsError("--set", text, "KEY=VALUE, e.g. data.dataset=cifar10")
     try:
-        return key.strip(), yaml.load(value, Loader=_Loader)  # noqa: S506
-    except yaml.YAMLError as err:
-        raise ParamsError(key, value, f"a YAML value ({err})") from None
+        return key.strip(), _yaml_load(value)
+    except YAMLError as err:
+        raise ParamsError(key, value, f"a YAML value ({' '.join(str(err).split())})") from None
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
