@@ -19,16 +19,18 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 try:
     import typer
+    import typer.core
 
     from pipeline.console import console, metrics_table, print_error
-    from pipeline.errors import TrackingError, UserError
+    from pipeline.errors import Interrupted, TrackingError, UserError
     from pipeline.params import Params, load_params, parse_override
     from pipeline.paths import Paths
 except ImportError as _missing:  # a Python without the project installed, e.g. `dvc repro` outside `.venv`
@@ -37,7 +39,63 @@ except ImportError as _missing:  # a Python without the project installed, e.g. 
         "create it with step 1 of README.md, then run the command again."
     ) from None
 
+
+class GlobalOptionsAnywhere(typer.core.TyperGroup):
+    """The global options (``--params``, ``--set``, ``--root``, ``--threads``) are accepted after the command too:
+    ``iresnet train-classifier --coeff 0.9 -S classifier.epochs=1`` is read as
+    ``iresnet -S classifier.epochs=1 train-classifier --coeff 0.9``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args, self.params, set(self.commands)))
+
+
+def hoist_global_options(args: list[str], options: Sequence[Any], commands: set[str]) -> list[str]:
+    """``args`` with every global option (and its value) found after the command name moved before it; ``--help``,
+    ``--version``, the command's own options and anything after ``--`` stay where they are."""
+    takes_value, flags = set(), set()
+    for option in options:
+        if option.param_type_name == "option" and option.name not in ("help", "version"):
+            (flags if option.is_flag else takes_value).update(option.opts + option.secondary_opts)
+    i = 0
+    while i < len(args) and args[i] not in commands:  # up to the command name
+        i += 2 if args[i] in takes_value else 1
+    if i >= len(args):
+        return list(args)
+    command, rest, moved, after = args[i], args[i + 1 :], [], []
+    j = 0
+    while j < len(rest):
+        arg = rest[j]
+        if arg == "--":
+            after += rest[j:]
+            break
+        name = arg.split("=", 1)[0]
+        if arg in takes_value and j + 1 < len(rest):
+            moved += rest[j : j + 2]
+            j += 2
+            continue
+        if (name in takes_value and "=" in arg) or arg in flags:
+            moved.append(arg)
+        else:
+            after.append(arg)
+        j += 1
+    return [*args[:i], *moved, command, *after]
+
+
+def _version(value: bool) -> None:
+    """``--version``: the installed package's version, then exit."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("iresnet")
+        except PackageNotFoundError:
+            text = "unknown (not installed: `pip install -e .`)"
+        console.print(f"iresnet {text}", highlight=False)
+        raise typer.Exit()
+
+
 app = typer.Typer(
+    cls=GlobalOptionsAnywhere,
     name="iresnet",
     help="Invertible Residual Networks (Behrmann et al., 2019): the experiment pipeline's stages.",
     no_args_is_help=True,
@@ -74,8 +132,14 @@ def main(
         help="torch CPU threads (env IRESNET_THREADS; default: torch's, one per core). 1 reproduces the committed "
         "outputs byte for byte.",
     ),
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_version, help="Print the package version and exit."
+    ),
 ) -> None:
-    """Invertible Residual Networks: run one pipeline stage (normally through `dvc repro`)."""
+    """Invertible Residual Networks: run one pipeline stage (normally through `dvc repro`).
+
+    The options below may also come after the command: `iresnet train-classifier --coeff 0.9 -S classifier.epochs=1`.
+    """
     ctx.obj = Settings(root=root, params_file=params, sets=tuple(set_), threads=threads)
 
 
@@ -102,11 +166,13 @@ def run_stage(
     runner: StageRun,
     sections: Sequence[str],
     overrides: Mapping[str, Any] | None = None,
+    extra_params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load params, run ``runner(params, paths, tracker)`` in an MLflow run of ``family``, print its metrics.
 
     ``sections``: the top-level params sections the stage reads; they are logged to MLflow and hashed into the
-    run's ``params_hash`` tag.
+    run's ``params_hash`` tag. ``extra_params``: the command's own choices (the DVC matrix item, e.g. ``coeff``),
+    logged as params too.
     """
     import torch
 
@@ -117,15 +183,36 @@ def run_stage(
     # regenerates them byte for byte. Set here, not at start-up, so `--help` and `iresnet ui` do not import torch.
     if ctx.obj.threads is not None:
         torch.set_num_threads(ctx.obj.threads)
+    tracker = None
     try:
-        params, paths = load(ctx, overrides)
-        with stage_run(family, stage, params.section_dict(*sections), paths, params.tracking.enabled) as tracker:
-            metrics = runner(params, paths, tracker)
-            tracker.log_results(metrics)
+        with on_signals(signal.SIGINT, signal.SIGTERM):
+            params, paths = load(ctx, overrides)
+            logged = {**params.section_dict(*sections), **(extra_params or {})}
+            with stage_run(family, stage, logged, paths, params.tracking.enabled) as tracker:
+                metrics = runner(params, paths, tracker)
+                tracker.log_results(metrics)
     except UserError as err:
         fail(err)
+    except KeyboardInterrupt as err:
+        print_error(interrupted_message(stage, tracker.checkpoint_epoch if tracker is not None else None))
+        raise typer.Exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)) from None
     console.print(metrics_table(f"{stage}: results", metrics))
     return metrics
+
+
+@app.command()
+def raw_data(ctx: typer.Context) -> None:
+    """Hash the raw dataset files `prepare` reads into data/raw.json (a dep of prepare: DVC re-runs it on a change)."""
+    from pipeline.stages import raw_data as stage
+
+    try:
+        params, paths = load(ctx)
+    except UserError as err:
+        fail(err)
+    record = stage.run(params, paths)
+    missing = sorted(name for name, digest in record["files"].items() if digest is None)
+    note = f"; missing: {', '.join(missing)}" if missing else ""
+    console.print(f"raw data of {record['dataset']}: {len(record['files'])} files hashed{note}", highlight=False)
 
 
 @app.command()
@@ -153,7 +240,7 @@ def train_classifier(
         return stage.run(params, paths, tracker, coeff=coeff)
 
     run_stage(ctx, "classifier", f"train_classifier@{coeff}", runner, ("seed", "data", "classifier"),
-              {"classifier.epochs": epochs})  # fmt: skip
+              {"classifier.epochs": epochs}, {"coeff": coeff})  # fmt: skip
 
 
 @app.command()
@@ -240,7 +327,30 @@ def bench(
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
+
+
+@contextmanager
+def on_signals(*signums: signal.Signals) -> Iterator[None]:
+    """Turn ``signums`` into :class:`Interrupted` inside the block (SIGTERM's default would end the process without
+    any cleanup: no checkpoint note, the MLflow run left RUNNING); the previous handlers come back afterwards."""
+    previous = {signum: signal.signal(signum, _interrupt) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupted_message(stage: str, checkpoint_epoch: int | None) -> str:
+    """What a stage stopped by a signal tells its user: how to go on, and from where."""
+    stage = os.environ.get("DVC_STAGE") or stage
+    if checkpoint_epoch:
+        return (
+            f"interrupted: run `dvc repro {stage}` again to resume from epoch {checkpoint_epoch + 1} "
+            f"(the checkpoint of epoch {checkpoint_epoch} is kept)."
+        )
+    return f"interrupted: run `dvc repro {stage}` again to run it."
 
 
 def ui_command(uri: str, port: int) -> list[str]:
@@ -270,9 +380,9 @@ def ui(ctx: typer.Context, port: int = typer.Option(5000, help="Port on 127.0.0.
     # Job execution would start extra worker processes the UI does not need.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(ui_command(uri, port), env=env, start_new_session=True)  # own process group
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` of this command also stops the server
     try:
-        code = proc.wait()
+        with on_signals(signal.SIGTERM):  # `kill` of this command also stops the server
+            code = proc.wait()
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGTERM)  # the server's workers are in the same group
         try:

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def brief(err: BaseException, limit: int = 240) -> str:
+    """The first line of ``err`` (torch's unpickling errors run to a dozen lines), cut at ``limit`` characters: the
+    cause inside a one-line message."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class UserError(Exception):
     """Base class of every error caused by input the user controls (params, data, missing stage outputs)."""
 
@@ -19,5 +26,17 @@ class DataError(UserError):
     """A dataset is missing or corrupt, or a stage's input has not been produced yet."""
 
 
+class OutputError(UserError):
+    """A stage cannot write one of its outputs (a read-only folder, a full disk); the earlier file is untouched."""
+
+
 class TrackingError(UserError):
     """The MLflow store cannot be opened (locked, unreadable, unreachable server)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a stage: a KeyboardInterrupt (so every cleanup runs) that knows its signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

@@ -17,23 +17,34 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline.errors import OutputError, brief
+
 if TYPE_CHECKING:
     import pandas as pd
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, creating parent folders."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` atomically, creating parent folders.
+
+    A folder that refuses the write (read-only, full disk) raises :class:`OutputError` naming it, and leaves the
+    earlier ``path`` as it was: nothing replaces it before the new content is complete on disk.
+    """
     # A unique name opened with "x" (not mkstemp, whose files are private 0600): the result gets the umask's mode.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OutputError(
+                f"cannot write {path} ({err.strerror or brief(err)}): make {path.parent} writable (or free space "
+                f"on its disk) and run the stage again; the earlier {path.name}, if any, is untouched."
+            ) from None
         raise
 
 

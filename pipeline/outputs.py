@@ -52,6 +52,9 @@ class StageOutputs:
             raise ValueError(f"stage {self.stage!r} writes no single model file")
         return paths.models / _fill(self.model, label)
 
+    def other_path(self, paths: Paths, index: int) -> Path:
+        return paths.root / self.other[index]
+
     def files(self) -> list[str]:
         """Every output path from the project root, with ``{label}`` unfilled (what ``dvc.yaml`` declares)."""
         out = list(self.other) + ([f"models/{self.model}"] if self.model is not None else [])
@@ -68,6 +71,7 @@ def _fill(name: str, label: str | None) -> str:
     return name.replace(LABEL, label) if label is not None else name
 
 
+RAW_DATA = StageOutputs("raw_data", other=("data/raw.json",))
 PREPARE = StageOutputs("prepare", "prepare.json", figures={"preview": "data_preview.png"}, other=("data/prepared",))
 TRAIN_CLASSIFIER = StageOutputs(
     "train_classifier",
@@ -115,6 +119,7 @@ REPORT = StageOutputs("report", other=("reports/tables", f"reports/{PAGE}", f"re
 STAGES: dict[str, StageOutputs] = {
     o.stage: o
     for o in (
+        RAW_DATA,
         PREPARE,
         TRAIN_CLASSIFIER,
         SINGULAR_VALUES,

@@ -1,27 +1,22 @@
-"""``params.yaml`` as frozen dataclasses, one per section, validated when loaded and before any compute.
+"""``params.yaml`` as frozen pydantic dataclasses, one per section, validated when loaded and before any compute.
 
 Every key is required (``params.yaml`` is the single source of defaults, and DVC tracks its leaf keys), unknown keys
 are rejected (a typo must not silently fall back to a default), and every bad value raises :class:`ParamsError`
 naming the key path, the value and what is allowed. Cross-field rules live in each section's ``check``.
 """
 
-from __future__ import annotations
-
 import copy
 import hashlib
 import json
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from pipeline.errors import ParamsError
 from pipeline.schema import (
     boolean,
     build,
+    checked,
     choice,
     integer,
     list_of,
@@ -41,34 +36,40 @@ TOY_DATASETS = ("moons", "8gaussians", "checkerboard", "2spirals", "rings", "cir
 # Native spatial size (height = width) of each named dataset; an ``idx:`` folder is only known once loaded.
 NATIVE_SIZE = {"mnist-5k": 28, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
 
-_positive_int = integer(lo=1)
-_per_stage_ints = list_of(_positive_int)
-_open_unit = real(0.0, 1.0, lo_open=True, hi_open=True)
+Bool = boolean()
+Text = string()
+PositiveInt = integer(lo=1)
+NonNegativeInt = integer(lo=0)
+PositiveReal = real(0.0, lo_open=True)
+OpenUnit = real(0.0, 1.0, lo_open=True, hi_open=True)
+PerStage = list_of(PositiveInt)
+Strides = list_of(choice(1, 2))
+InitDs = choice(1, 2)
+_DATASET_TEXT = "one of " + ", ".join(repr(d) for d in DATASETS) + f", or '{IDX_PREFIX}<folder of IDX files>'"
 
 
-def _dataset(value: Any, key: str) -> str:
-    allowed = ", ".join(repr(d) for d in DATASETS) + f", or '{IDX_PREFIX}<folder of IDX files>'"
-    if isinstance(value, str) and (value in DATASETS or (value.startswith(IDX_PREFIX) and len(value) > 4)):
-        return value
-    raise ParamsError(key, value, f"one of {allowed}")
+def _dataset_problem(value: str) -> str | None:
+    return None if value in DATASETS or (value.startswith(IDX_PREFIX) and len(value) > 4) else _DATASET_TEXT
 
 
-def _nonlinearity(value: Any, key: str) -> str:
+def _nonlinearity_problem(value: str) -> str | None:
     """A name of the library's 1-Lipschitz nonlinearities (imported here, not at start-up: ``iresnet --help`` and
     the params check need no torch until a stage runs)."""
     from iresnet.layers import NONLINEARITIES
 
-    return choice(*NONLINEARITIES)(value, key)
+    return None if value in NONLINEARITIES else "one of " + ", ".join(repr(n) for n in NONLINEARITIES)
 
 
-_coeff = one_of(_open_unit, choice(*BASELINES))
+Dataset = checked(Text, _dataset_problem, _DATASET_TEXT)
+Nonlinearity = checked(Text, _nonlinearity_problem, "a nonlinearity of iresnet.layers.NONLINEARITIES")
+Coeff = one_of(OpenUnit, choice(*BASELINES))
 
 
-def _check_stages(section_key: str, n_blocks: tuple, strides: tuple, channels: tuple) -> None:
-    """Per-stage lists describe the same stages, so their lengths must agree."""
+def _check_stages(n_blocks: tuple, strides: tuple, channels: tuple) -> None:
+    """Per-stage lists describe the same stages, so their lengths must agree (key relative to the section)."""
     if not len(n_blocks) == len(strides) == len(channels):
         lengths = f"n_blocks {len(n_blocks)}, strides {len(strides)}, channels {len(channels)}"
-        raise ParamsError(f"{section_key}.strides", list(strides), f"lists of equal length ({lengths})")
+        raise ParamsError("strides", list(strides), f"lists of equal length ({lengths})")
 
 
 def squeeze_factor(init_ds: int, strides: tuple[int, ...]) -> int:
@@ -76,23 +77,23 @@ def squeeze_factor(init_ds: int, strides: tuple[int, ...]) -> int:
     return init_ds * 2 ** sum(1 for s in strides if s == 2)
 
 
-@dataclass(frozen=True)
+@section
 class ZCAParams:
-    enabled: bool = param(boolean(), "fit ZCA whitening on the train split")
-    epsilon: float = param(real(0.0, lo_open=True), "regulariser added to the covariance eigenvalues")
+    enabled: Bool = param("fit ZCA whitening on the train split")
+    epsilon: PositiveReal = param("regulariser added to the covariance eigenvalues")
 
 
-@dataclass(frozen=True)
+@section
 class DataParams:
-    dataset: str = param(_dataset, "dataset name")
-    root: str = param(string(), "folder holding torchvision-layout datasets")
-    download: bool = param(boolean(), "allow torchvision to download a missing dataset")
-    split_seed: int = param(integer(lo=0), "seed of the mnist-5k stratified split and of subsampling")
-    test_fraction: float = param(_open_unit, "fraction of mnist-5k held out as the test split")
-    max_train: int | None = param(optional(_positive_int), "keep at most this many training images")
-    max_test: int | None = param(optional(_positive_int), "keep at most this many test images")
-    pad_to_32: bool = param(boolean(), "zero-pad images to 32x32")
-    zca: ZCAParams = param(section(ZCAParams), "ZCA whitening")
+    dataset: Dataset = param("dataset name")
+    root: Text = param("folder holding torchvision-layout datasets")
+    download: Bool = param("allow torchvision to download a missing dataset")
+    split_seed: NonNegativeInt = param("seed of the mnist-5k stratified split and of subsampling")
+    test_fraction: OpenUnit = param("fraction of mnist-5k held out as the test split")
+    max_train: optional(PositiveInt) = param("keep at most this many training images")
+    max_test: optional(PositiveInt) = param("keep at most this many test images")
+    pad_to_32: Bool = param("zero-pad images to 32x32")
+    zca: ZCAParams = param("ZCA whitening")
 
     def input_size(self) -> int | None:
         """Height = width of the prepared images, or None for an ``idx:`` folder (known only once loaded)."""
@@ -101,144 +102,144 @@ class DataParams:
         return NATIVE_SIZE.get(self.dataset)
 
 
-@dataclass(frozen=True)
+@section
 class ClassifierParams:
-    coeffs: tuple[float | str, ...] = param(list_of(_coeff, unique=True), "Lipschitz coefficients c and baselines")
-    n_blocks: tuple[int, ...] = param(_per_stage_ints, "residual blocks per stage")
-    strides: tuple[int, ...] = param(list_of(choice(1, 2)), "stride per stage (2 = invertible squeeze)")
-    channels: tuple[int, ...] = param(_per_stage_ints, "hidden channels of g per stage")
-    init_ds: int = param(choice(1, 2), "initial squeeze (2) or none (1)")
-    inj_pad: int = param(integer(lo=0), "zero channels appended to the input (injective padding)")
-    nonlin: str = param(_nonlinearity, "1-Lipschitz nonlinearity")
-    n_power_iter: int = param(_positive_int, "spectral-norm power iterations per training step")
-    actnorm: bool = param(boolean(), "ActNorm before each residual block")
-    epochs: int = param(_positive_int, "training epochs")
-    batch_size: int = param(_positive_int, "training batch size")
-    eval_batch_size: int = param(_positive_int, "evaluation batch size")
-    optimizer: str = param(choice("sgd", "adam", "adamax"), "optimiser")
-    lr: float = param(real(0.0, lo_open=True), "learning rate")
-    momentum: float = param(real(0.0, 1.0, hi_open=True), "SGD momentum")
-    weight_decay: float = param(real(0.0), "weight decay")
-    milestones: tuple[int, ...] = param(list_of(_positive_int, min_len=0, increasing=True), "lr decay epochs")
-    gamma: float = param(real(0.0, 1.0, lo_open=True), "lr factor at each milestone")
-    shift_px: int = param(integer(lo=0), "random shift augmentation, pixels")
-    hflip: bool = param(boolean(), "random horizontal flips")
-    max_train_batches: int | None = param(optional(_positive_int), "cap on batches per epoch (CPU profile)")
+    coeffs: list_of(Coeff, unique=True) = param("Lipschitz coefficients c and baselines")
+    n_blocks: PerStage = param("residual blocks per stage")
+    strides: Strides = param("stride per stage (2 = invertible squeeze)")
+    channels: PerStage = param("hidden channels of g per stage")
+    init_ds: InitDs = param("initial squeeze (2) or none (1)")
+    inj_pad: NonNegativeInt = param("zero channels appended to the input (injective padding)")
+    nonlin: Nonlinearity = param("1-Lipschitz nonlinearity")
+    n_power_iter: PositiveInt = param("spectral-norm power iterations per training step")
+    actnorm: Bool = param("ActNorm before each residual block")
+    epochs: PositiveInt = param("training epochs")
+    batch_size: PositiveInt = param("training batch size")
+    eval_batch_size: PositiveInt = param("evaluation batch size")
+    optimizer: choice("sgd", "adam", "adamax") = param("optimiser")
+    lr: PositiveReal = param("learning rate")
+    momentum: real(0.0, 1.0, hi_open=True) = param("SGD momentum")
+    weight_decay: real(0.0) = param("weight decay")
+    milestones: list_of(PositiveInt, min_len=0, increasing=True) = param("lr decay epochs")
+    gamma: real(0.0, 1.0, lo_open=True) = param("lr factor at each milestone")
+    shift_px: NonNegativeInt = param("random shift augmentation, pixels")
+    hflip: Bool = param("random horizontal flips")
+    max_train_batches: optional(PositiveInt) = param("cap on batches per epoch (CPU profile)")
 
-    def check(self, key: str) -> None:
-        _check_stages(key, self.n_blocks, self.strides, self.channels)
+    def check(self) -> None:
+        _check_stages(self.n_blocks, self.strides, self.channels)
 
 
-@dataclass(frozen=True)
+@section
 class SingularValuesParams:
-    project: bool = param(boolean(), "project trained weights onto the constraint and re-measure")
-    lower_iters: int = param(_positive_int, "block power iterations for each layer's lower bound (more: tighter)")
+    project: Bool = param("project trained weights onto the constraint and re-measure")
+    lower_iters: PositiveInt = param("block power iterations for each layer's lower bound (more: tighter)")
 
 
-@dataclass(frozen=True)
+@section
 class ReconstructionParams:
-    iterations: tuple[int, ...] = param(list_of(_positive_int, increasing=True), "fixed-point iteration counts")
-    n_images: int = param(_positive_int, "test images reconstructed")
-    tolerances: tuple[float, ...] = param(list_of(real(0.0, lo_open=True)), "errors whose iteration count is found")
-    timing_iterations: tuple[int, ...] = param(list_of(_positive_int), "iteration counts timed per batch")
+    iterations: list_of(PositiveInt, increasing=True) = param("fixed-point iteration counts")
+    n_images: PositiveInt = param("test images reconstructed")
+    tolerances: list_of(PositiveReal) = param("errors whose iteration count is found")
+    timing_iterations: PerStage = param("iteration counts timed per batch")
 
 
-@dataclass(frozen=True)
+@section
 class FlowParams:
-    n_blocks: tuple[int, ...] = param(_per_stage_ints, "residual blocks per scale")
-    strides: tuple[int, ...] = param(list_of(choice(1, 2)), "stride per scale (2 = squeeze)")
-    channels: tuple[int, ...] = param(_per_stage_ints, "hidden channels of g per scale")
-    init_ds: int = param(choice(1, 2), "initial squeeze (2) or none (1)")
-    coeff: float = param(_open_unit, "Lipschitz coefficient c")
-    nonlin: str = param(_nonlinearity, "1-Lipschitz nonlinearity (smooth: elu, softplus, lipswish)")
-    n_power_iter: int = param(_positive_int, "spectral-norm power iterations per training step")
-    actnorm: bool = param(boolean(), "ActNorm before each residual block")
-    n_terms: int = param(_positive_int, "power-series terms while training (unbiased: terms always evaluated)")
-    n_samples: int = param(_positive_int, "Hutchinson probes per example while training")
-    estimator: str = param(choice("truncated", "unbiased"), "log-det estimator")
-    memory_efficient: bool = param(boolean(), "Neumann-series gradient instead of backprop through the series")
-    prior: str = param(choice("learned", "fixed"), "Gaussian prior with learned or fixed (N(0, I)) parameters")
-    epochs: int = param(_positive_int, "training epochs")
-    batch_size: int = param(_positive_int, "training batch size")
-    eval_batch_size: int = param(_positive_int, "evaluation batch size")
-    optimizer: str = param(choice("adamax", "adam"), "optimiser")
-    lr: float = param(real(0.0, lo_open=True), "learning rate")
-    warmup_epochs: int = param(integer(lo=0), "linear learning-rate warm-up epochs")
-    weight_decay: float = param(real(0.0), "weight decay")
-    use_zca: bool = param(boolean(), "train on ZCA-whitened data (needs data.zca.enabled)")
-    n_generated: int = param(_positive_int, "samples drawn for the samples grid")
-    max_train_batches: int | None = param(optional(_positive_int), "cap on batches per epoch (CPU profile)")
+    n_blocks: PerStage = param("residual blocks per scale")
+    strides: Strides = param("stride per scale (2 = squeeze)")
+    channels: PerStage = param("hidden channels of g per scale")
+    init_ds: InitDs = param("initial squeeze (2) or none (1)")
+    coeff: OpenUnit = param("Lipschitz coefficient c")
+    nonlin: Nonlinearity = param("1-Lipschitz nonlinearity (smooth: elu, softplus, lipswish)")
+    n_power_iter: PositiveInt = param("spectral-norm power iterations per training step")
+    actnorm: Bool = param("ActNorm before each residual block")
+    n_terms: PositiveInt = param("power-series terms while training (unbiased: terms always evaluated)")
+    n_samples: PositiveInt = param("Hutchinson probes per example while training")
+    estimator: choice("truncated", "unbiased") = param("log-det estimator")
+    memory_efficient: Bool = param("Neumann-series gradient instead of backprop through the series")
+    prior: choice("learned", "fixed") = param("Gaussian prior with learned or fixed (N(0, I)) parameters")
+    epochs: PositiveInt = param("training epochs")
+    batch_size: PositiveInt = param("training batch size")
+    eval_batch_size: PositiveInt = param("evaluation batch size")
+    optimizer: choice("adamax", "adam") = param("optimiser")
+    lr: PositiveReal = param("learning rate")
+    warmup_epochs: NonNegativeInt = param("linear learning-rate warm-up epochs")
+    weight_decay: real(0.0) = param("weight decay")
+    use_zca: Bool = param("train on ZCA-whitened data (needs data.zca.enabled)")
+    n_generated: PositiveInt = param("samples drawn for the samples grid")
+    max_train_batches: optional(PositiveInt) = param("cap on batches per epoch (CPU profile)")
 
-    def check(self, key: str) -> None:
-        _check_stages(key, self.n_blocks, self.strides, self.channels)
+    def check(self) -> None:
+        _check_stages(self.n_blocks, self.strides, self.channels)
         if self.memory_efficient and self.estimator != "truncated":
             raise ParamsError(
-                f"{key}.memory_efficient", True, "false with estimator unbiased (the Neumann gradient is for truncated)"
+                "memory_efficient", True, "false with estimator unbiased (the Neumann gradient is for truncated)"
             )
 
 
-@dataclass(frozen=True)
+@section
 class EvaluateFlowParams:
-    max_bias_bits: float = param(real(0.0, lo_open=True), "bound on the truncation bias, bits/dim")
-    max_stderr_bits: float = param(real(0.0, lo_open=True), "target standard error, bits/dim")
-    max_terms: int = param(_positive_int, "most power-series terms the budget allows")
-    max_samples: int = param(integer(lo=2), "most Hutchinson probes per example (>= 2 for a standard error)")
-    n_examples: int | None = param(optional(_positive_int), "test examples evaluated (null = all)")
-    batch_size: int = param(_positive_int, "evaluation batch size")
+    max_bias_bits: PositiveReal = param("bound on the truncation bias, bits/dim")
+    max_stderr_bits: PositiveReal = param("target standard error, bits/dim")
+    max_terms: PositiveInt = param("most power-series terms the budget allows")
+    max_samples: integer(lo=2) = param("most Hutchinson probes per example (>= 2 for a standard error)")
+    n_examples: optional(PositiveInt) = param("test examples evaluated (null = all)")
+    batch_size: PositiveInt = param("evaluation batch size")
 
 
-@dataclass(frozen=True)
+@section
 class LogdetBiasParams:
-    n_examples: int = param(_positive_int, "test examples averaged over")
-    max_terms: int = param(_positive_int, "largest number of series terms")
-    n_samples: int = param(integer(lo=2), "Hutchinson probes per example (>= 2 for a standard deviation)")
+    n_examples: PositiveInt = param("test examples averaged over")
+    max_terms: PositiveInt = param("largest number of series terms")
+    n_samples: integer(lo=2) = param("Hutchinson probes per example (>= 2 for a standard deviation)")
 
 
-@dataclass(frozen=True)
+@section
 class ToyParams:
-    datasets: tuple[str, ...] = param(list_of(choice(*TOY_DATASETS), unique=True), "2-D densities")
-    n_blocks: int = param(_positive_int, "residual blocks (coupling layers for the Glow-style flow)")
-    hidden: tuple[int, ...] = param(_per_stage_ints, "hidden widths of each block's MLP (all equal)")
-    coeff: float = param(_open_unit, "Lipschitz coefficient c")
-    nonlin: str = param(_nonlinearity, "1-Lipschitz nonlinearity")
-    n_power_iter: int = param(_positive_int, "spectral-norm power iterations per training step")
-    steps: int = param(_positive_int, "optimiser steps")
-    batch_size: int = param(_positive_int, "samples per step")
-    lr: float = param(real(0.0, lo_open=True), "Adam learning rate of the i-ResNet flow")
-    glow_lr: float = param(real(0.0, lo_open=True), "Adam learning rate of the Glow-style flow")
-    n_test: int = param(_positive_int, "test samples for the NLL")
-    grid_size: int = param(integer(lo=2), "heatmap resolution per axis")
+    datasets: list_of(choice(*TOY_DATASETS), unique=True) = param("2-D densities")
+    n_blocks: PositiveInt = param("residual blocks (coupling layers for the Glow-style flow)")
+    hidden: PerStage = param("hidden widths of each block's MLP (all equal)")
+    coeff: OpenUnit = param("Lipschitz coefficient c")
+    nonlin: Nonlinearity = param("1-Lipschitz nonlinearity")
+    n_power_iter: PositiveInt = param("spectral-norm power iterations per training step")
+    steps: PositiveInt = param("optimiser steps")
+    batch_size: PositiveInt = param("samples per step")
+    lr: PositiveReal = param("Adam learning rate of the i-ResNet flow")
+    glow_lr: PositiveReal = param("Adam learning rate of the Glow-style flow")
+    n_test: PositiveInt = param("test samples for the NLL")
+    grid_size: integer(lo=2) = param("heatmap resolution per axis")
 
-    def check(self, key: str) -> None:
+    def check(self) -> None:
         if len(set(self.hidden)) != 1:
-            raise ParamsError(f"{key}.hidden", list(self.hidden), "equal widths (the toy MLPs have one hidden width)")
+            raise ParamsError("hidden", list(self.hidden), "equal widths (the toy MLPs have one hidden width)")
 
     def mlp_shape(self) -> tuple[int, int]:
         """``(width, n_hidden_layers)`` of each block's MLP, e.g. ``[64, 64, 64]`` -> ``(64, 3)``."""
         return self.hidden[0], len(self.hidden)
 
 
-@dataclass(frozen=True)
+@section
 class TrackingParams:
-    enabled: bool = param(boolean(), "log runs to MLflow (env IRESNET_TRACKING=0 also disables)")
+    enabled: Bool = param("log runs to MLflow (env IRESNET_TRACKING=0 also disables)")
 
 
-@dataclass(frozen=True)
+@section
 class Params:
     """All of ``params.yaml``."""
 
-    seed: int = param(integer(lo=0), "global seed of every training stage")
-    data: DataParams = param(section(DataParams))
-    classifier: ClassifierParams = param(section(ClassifierParams))
-    singular_values: SingularValuesParams = param(section(SingularValuesParams))
-    reconstruction: ReconstructionParams = param(section(ReconstructionParams))
-    flow: FlowParams = param(section(FlowParams))
-    evaluate_flow: EvaluateFlowParams = param(section(EvaluateFlowParams))
-    logdet_bias: LogdetBiasParams = param(section(LogdetBiasParams))
-    toy: ToyParams = param(section(ToyParams))
-    tracking: TrackingParams = param(section(TrackingParams))
+    seed: NonNegativeInt = param("global seed of every training stage")
+    data: DataParams = param()
+    classifier: ClassifierParams = param()
+    singular_values: SingularValuesParams = param()
+    reconstruction: ReconstructionParams = param()
+    flow: FlowParams = param()
+    evaluate_flow: EvaluateFlowParams = param()
+    logdet_bias: LogdetBiasParams = param()
+    toy: ToyParams = param()
+    tracking: TrackingParams = param()
 
-    def check(self, key: str) -> None:
+    def check(self) -> None:
         if self.flow.use_zca and not self.data.zca.enabled:
             raise ParamsError("flow.use_zca", True, "false unless data.zca.enabled is true (no ZCA is prepared)")
         size = self.data.input_size()
@@ -270,37 +271,37 @@ def check_spatial(params: Params, height: int, width: int) -> None:
             )
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML implements YAML 1.1, which reads ``1e-4`` (no dot) as a string; DVC writes such values with
-    ``-S key=1e-4``, so add YAML 1.2's float form."""
+def _yaml_load(text: str) -> Any:
+    """Parse YAML as DVC does (ruamel.yaml's safe loader, YAML 1.2), so both read the same values: ``1e-4`` is a
+    float, while ``yes``/``on`` stay strings (not booleans) and ``010`` is ten (not octal eight) as in YAML 1.2."""
+    from ruamel.yaml import YAML
 
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+    return YAML(typ="safe").load(text)
 
 
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file, turning a missing or malformed file into a :class:`ParamsError`."""
+    from ruamel.yaml import YAMLError
+
     if not path.is_file():
         raise ParamsError("--params", str(path), "an existing params file (run from the repository root)")
     try:
-        return yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        raise ParamsError("--params", str(path), f"valid YAML ({err})") from None
+        return _yaml_load(path.read_text())
+    except YAMLError as err:
+        raise ParamsError("--params", str(path), f"valid YAML ({' '.join(str(err).split())})") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``"a.b=value"`` -> ``("a.b", parsed YAML value)``, as in ``dvc exp run -S``."""
+    from ruamel.yaml import YAMLError
+
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ParamsError("--set", text, "KEY=VALUE, e.g. data.dataset=cifar10")
     try:
-        return key.strip(), yaml.load(value, Loader=_Loader)  # noqa: S506
-    except yaml.YAMLError as err:
-        raise ParamsError(key, value, f"a YAML value ({err})") from None
+        return key.strip(), _yaml_load(value)
+    except YAMLError as err:
+        raise ParamsError(key, value, f"a YAML value ({' '.join(str(err).split())})") from None
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -323,7 +324,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
 
 def parse_params(raw: Any) -> Params:
     """Validate already-parsed YAML data."""
-    return build(Params, raw, "")
+    return build(Params, raw)
 
 
 def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:

@@ -57,16 +57,16 @@ class Paths:
 
     @property
     def workspace(self) -> Path:
-        """The user's workspace that owns the tracking store.
+        """The user's repository, which owns the MLflow store and the resume checkpoints: ``DVC_ROOT`` when set, else
+        ``root``.
 
-        ``dvc exp run --queue`` runs stages in a temporary copy at ``<workspace>/.dvc/tmp/exps/<tmpdir>``; runs there
-        must log into the workspace's store, not into a copy that DVC deletes afterwards.
+        DVC sets ``DVC_ROOT`` for every stage it runs, and for a queued experiment (``dvc exp run --queue``, which
+        runs in a temporary copy under ``.dvc/tmp/exps/``) it points it at the user's repository, not the copy
+        (``dvc/repo/experiments/queue/base.py``, checked in ``tests/pipeline/test_exp_queue.py``). Runs there must
+        log into the workspace's store, not into a copy that DVC deletes afterwards.
         """
-        for path in (self.root, *self.root.parents):
-            up = path.parents
-            if len(up) >= 4 and up[0].name == "exps" and up[1].name == "tmp" and up[2].name == ".dvc":
-                return up[3]
-        return self.root
+        dvc_root = os.environ.get("DVC_ROOT")
+        return Path(dvc_root).resolve() if dvc_root else self.root
 
     @property
     def mlflow_db(self) -> Path:

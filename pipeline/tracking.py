@@ -13,12 +13,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,11 +32,11 @@ from pipeline.paths import Paths
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from torch import Tensor, nn
 
 FAMILIES = ("data", "classifier", "flow", "analysis", "toy")
 EXPERIMENT_PREFIX = "iresnet-"
 ENV_SWITCH = "IRESNET_TRACKING"
-_BATCH = 100  # MLflow's limit of params/tags per log_batch call (metrics allow 1000)
 
 
 def experiment_name(family: str) -> str:
@@ -106,8 +109,12 @@ def _git_commit(root: Path) -> str | None:
 
 
 def run_tags(stage: str, params: Mapping[str, Any], paths: Paths) -> dict[str, str]:
-    """Tags that tie an MLflow run to its DVC stage, DVC experiment, code version and parameters."""
-    tags = {"stage": stage, "params_hash": params_hash(params), "mlflow.source.name": f"iresnet {stage}"}
+    """Tags that tie an MLflow run to its DVC stage, DVC experiment, code version and parameters, over MLflow's own
+    context tags (``mlflow.user``, ``mlflow.source.type``, ...: what ``mlflow.start_run`` would set)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {**resolve_tags(), "stage": stage, "params_hash": params_hash(params)}
+    tags["mlflow.source.name"] = f"iresnet {stage}"
     for env, tag in (("DVC_STAGE", "dvc_stage"), ("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_ROOT", "dvc_root")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
@@ -119,9 +126,18 @@ def run_tags(stage: str, params: Mapping[str, Any], paths: Paths) -> dict[str, s
 
 
 class Tracker(Protocol):
-    """What a stage may call while it runs (an MLflow run, or nothing when tracking is off)."""
+    """What a stage may call while it runs (an MLflow run, or nothing when tracking is off).
+
+    ``checkpoint_epoch`` is the last epoch a resumable stage saved (set by :class:`pipeline.training.EpochLoop`), so
+    an interrupted stage can say where it will resume.
+    """
 
     run_id: str | None
+    checkpoint_epoch: int | None
+
+    def continue_run(self, run_id: str | None) -> bool: ...
+
+    def last_step(self, key: str) -> int | None: ...
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
 
@@ -133,11 +149,26 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_model(self, model: nn.Module, example: Tensor, name: str = "model") -> str | None: ...
+
+    def log_input(self, path: Path, context: str) -> None: ...
+
+    def child_run(self, name: str, params: Mapping[str, Any]) -> AbstractContextManager[Tracker]: ...
+
 
 class NullTracker:
     """The tracker when tracking is off: same methods, does nothing."""
 
     run_id: str | None = None
+
+    def __init__(self) -> None:
+        self.checkpoint_epoch: int | None = None
+
+    def continue_run(self, run_id: str | None) -> bool:
+        return False
+
+    def last_step(self, key: str) -> int | None:
+        return None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
@@ -154,20 +185,137 @@ class NullTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
 
+    def log_model(self, model: nn.Module, example: Tensor, name: str = "model") -> str | None:
+        return None
+
+    def log_input(self, path: Path, context: str) -> None:
+        pass
+
+    @contextmanager
+    def child_run(self, name: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
+        yield NullTracker()
+
+
+OWNER_TAGS = ("iresnet.host", "iresnet.pid", "iresnet.pid_started")
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming the process that holds a run open, so a later stage can tell a live run from one left RUNNING by
+    ``kill -9`` (host, pid, and the pid's start time, which tells a reused pid apart)."""
+    import psutil
+
+    me = psutil.Process()
+    return dict(zip(OWNER_TAGS, (socket.gethostname(), str(me.pid), f"{me.create_time():.3f}"), strict=True))
+
+
+def owner_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process the owner tags name still runs (a run from another host counts as alive: unknowable)."""
+    import psutil
+
+    if any(name not in tags for name in OWNER_TAGS):
+        return False  # a run started before these tags existed: nobody can still hold it open
+    if tags["iresnet.host"] != socket.gethostname():
+        return True
+    try:
+        return f"{psutil.Process(int(tags['iresnet.pid'])).create_time():.3f}" == tags["iresnet.pid_started"]
+    except (psutil.Error, ValueError):
+        return False
+
 
 class MlflowTracker:
-    """Logs to one MLflow run; every call is one batched request."""
+    """Logs to one MLflow run of ``stage``; every call is one request (``log_batch`` splits large ones itself).
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
+    The run starts at the first call that logs anything, or continues an earlier run of the same stage through
+    :meth:`continue_run` (a resumed stage: one stage execution, killed and resumed, is one run with one curve).
+    Either way, runs of this stage left RUNNING by a dead process are closed as KILLED first.
+    """
+
+    def __init__(
+        self, client: MlflowClient, experiment_id: str, stage: str, tags: Mapping[str, str], params: Mapping[str, Any]
+    ) -> None:
+        self.client, self.experiment_id, self.stage = client, experiment_id, stage
+        self.uri = client.tracking_uri
+        self._tags, self._params = {**tags, **owner_tags()}, dict(params)
+        self._run_id: str | None = None
+        self._curves: set[str] = set()  # metrics with a per-step history in the run (not repeated by log_results)
+        self.checkpoint_epoch: int | None = None
+
+    @property
+    def run_id(self) -> str:
+        """The run's id; starts the run if nothing has started it yet."""
+        if self._run_id is None:
+            self._close_orphans()
+            run = self.client.create_run(self.experiment_id, run_name=self.stage, tags=self._tags)
+            self._run_id = run.info.run_id
+            self.log_params(self._params)
+        return self._run_id
+
+    @property
+    def started(self) -> bool:
+        return self._run_id is not None
+
+    def continue_run(self, run_id: str | None) -> bool:
+        """Log into the earlier run ``run_id`` (set RUNNING again) instead of a new one, if it is a run of this stage
+        in this store that no live process holds and that has not finished; returns whether it does."""
+        from mlflow.exceptions import MlflowException
+
+        if run_id is None or self._run_id is not None:
+            return False
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False  # another store, or a deleted run
+        info, tags = run.info, run.data.tags
+        if (
+            info.experiment_id != self.experiment_id
+            or info.lifecycle_stage != "active"
+            or info.status == "FINISHED"
+            or tags.get("stage") != self.stage
+            or (info.status == "RUNNING" and owner_alive(tags))
+        ):
+            return False
+        self._close_orphans(keep=run_id)
+        self.client.update_run(run_id, status="RUNNING")
+        self._run_id = run_id
+        self._curves.update(run.data.metrics)  # a killed run logged nothing but its per-epoch curves
+        self.set_tags(self._tags)
+        try:
+            self.client.delete_tag(run_id, "error")  # the interruption it recorded is over
+        except MlflowException:
+            pass  # it had none
+        missing = {k: v for k, v in flatten(self._params).items() if k not in run.data.params}
+        self.log_params(missing)  # params are immutable in MLflow: the run keeps the values it started with
+        return True
+
+    def last_step(self, key: str) -> int:
+        """The highest step of metric ``key`` in the run (0 when it has none)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+
+    def _close_orphans(self, keep: str | None = None) -> None:
+        """Mark KILLED every run of this stage still RUNNING whose process is gone (``kill -9``, a power cut)."""
+        query = f"attributes.status = 'RUNNING' and tags.stage = '{self.stage}'"
+        for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000):
+            if run.info.run_id != keep and not owner_alive(run.data.tags):
+                self.client.set_tag(run.info.run_id, "error", "its process ended without closing the run (kill -9?)")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
+    @contextmanager
+    def child_run(self, name: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
+        """A nested run (tag ``mlflow.parentRunId``: the UI shows it under this run) for one part of the stage, e.g.
+        one toy fit; it ends FINISHED, or FAILED / KILLED with the exception, like the stage's own run."""
+        tags = {**self._tags, "mlflow.parentRunId": self.run_id}
+        child = MlflowTracker(self.client, self.experiment_id, self.stage, tags, params)
+        child._run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        child.log_params(params)
+        with _ended(child):
+            yield child
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Flattened params; lists and None as their text."""
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)) for k, v in flatten(params).items()]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+        if params:
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in flatten(params).items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Numeric metrics (bools as 0/1) at ``step`` in one request; a non-number is a programming error."""
@@ -179,21 +327,24 @@ class MlflowTracker:
             if not isinstance(value, (int, float)):
                 raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}")
             items.append(Metric(key, float(value), stamp, step or 0))
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        self.client.log_batch(self.run_id, metrics=items)
+        if step:
+            self._curves.update(metrics)
 
     def log_results(self, results: Mapping[str, Any]) -> None:
-        """A stage's final result dict: finite numbers become metrics, everything else a ``result.<key>`` tag."""
+        """A stage's final result dict: finite numbers become metrics, everything else a ``result.<key>`` tag.
+
+        A number whose key already has a per-step curve in the run (a final ``test_error`` after the per-epoch ones)
+        is not logged again: a second point at step 0 would bend the curve back to its start, and the curve's last
+        point, which MLflow shows as the metric's value, is that final number already."""
         numbers = {k: v for k, v in results.items() if _is_finite_number(v)}
-        self.log_metrics(numbers)
+        self.log_metrics({k: v for k, v in numbers.items() if k not in self._curves})
         self.set_tags({f"result.{k}": v for k, v in results.items() if k not in numbers})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, tags=items[i : i + _BATCH])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A file, or a folder's contents, under ``artifact_path`` of the run."""
@@ -204,6 +355,58 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
         else:
             raise FileNotFoundError(f"artifact {path} does not exist")
+
+    def log_model(self, model: nn.Module, example: Tensor, name: str = "model") -> str:
+        """``model`` as an MLflow model of the run (the runs page's Models column), with the signature and input
+        example of ``example`` (a small batch of what its ``forward`` takes); returns its ``models:/`` URI.
+
+        ``pip_requirements`` is given, so MLflow does not infer it (that loads the model in a subprocess: seconds);
+        the ``iresnet`` package is copied along (``code_paths``), so the model loads wherever torch is installed.
+        """
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        import iresnet
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                output = model(example)
+            # mlflow.pytorch logs through the global client, and files the model under the global experiment (else
+            # the Default one, with its artifacts in ./mlruns of the working directory)
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(experiment_id=self.experiment_id)
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                run_id=self.run_id,
+                signature=infer_signature(example.numpy(), output.numpy()),
+                input_example=example.numpy(),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                code_paths=[str(Path(iresnet.__file__).parent)],  # the model's classes travel with it
+                serialization_format="pickle",  # torch.export cannot trace the flow's log-det estimators
+            )
+        finally:
+            model.train(was_training)
+        return info.model_uri
+
+    def log_input(self, path: Path, context: str) -> None:
+        """The file ``path`` (e.g. the prepared training split) as a dataset input of the run, named after the file
+        and its folder, with its md5 as the digest (the hash DVC records for it) and ``context`` (train, test)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        digest = hashlib.md5(path.read_bytes()).hexdigest()  # noqa: S324 - identity, not security
+        with warnings.catch_warnings():  # a local path fits two registered source kinds (the same one, twice)
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(path))
+        dataset = MetaDataset(source, name=f"{path.parent.name}/{path.name}", digest=digest)
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
 
 
 def _is_finite_number(value: Any) -> bool:
@@ -216,8 +419,10 @@ def stage_run(
 ) -> Iterator[Tracker]:
     """One MLflow run for one stage execution, in the family's experiment; yields the tracker.
 
-    ``params`` (nested sections) are logged flattened and hashed into the ``params_hash`` tag. On an exception the
-    run ends FAILED (KILLED for KeyboardInterrupt) with an ``error`` tag, and the exception propagates.
+    ``params`` (nested sections) are logged flattened and hashed into the ``params_hash`` tag. The run starts with
+    the first thing logged, or continues the run a resumed stage names (:meth:`MlflowTracker.continue_run`). On an
+    exception the run ends FAILED (KILLED for KeyboardInterrupt, which SIGINT and SIGTERM raise) with an ``error``
+    tag, and the exception propagates.
     """
     experiment_name(family)  # validates the family before anything runs
     if not tracking_enabled(enabled):
@@ -229,22 +434,29 @@ def stage_run(
     try:
         experiment_id = init_store(paths, uri)[family]
         client = MlflowClient(uri)
-        run = client.create_run(experiment_id, run_name=stage, tags=run_tags(stage, params, paths))
+        tracker = MlflowTracker(client, experiment_id, stage, run_tags(stage, params, paths), params)
     except Exception as err:  # sqlite locked, a broken file, an unreachable server, a lock timeout ...
         raise TrackingError(
             f"cannot start an MLflow run in {uri} ({type(err).__name__}: {err}). Fix or move that store, point "
             f"MLFLOW_TRACKING_URI elsewhere, or run without tracking: IRESNET_TRACKING=0 or `tracking.enabled: false`."
         ) from err
-    tracker = MlflowTracker(client, run.info.run_id)
-    try:
-        tracker.log_params(params)
+    with _ended(tracker):
         yield tracker
+
+
+@contextmanager
+def _ended(tracker: MlflowTracker) -> Iterator[None]:
+    """End ``tracker``'s run with the block: FINISHED, or FAILED (KILLED for a KeyboardInterrupt) with an ``error``
+    tag, the exception propagating."""
+    try:
+        yield
+        run_id = tracker.run_id  # a stage that logged nothing still gets its (empty) run
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         try:
             tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
         finally:
-            client.set_terminated(run.info.run_id, status)
+            tracker.client.set_terminated(tracker.run_id, status)
         raise
     else:
-        client.set_terminated(run.info.run_id, "FINISHED")
+        tracker.client.set_terminated(run_id, "FINISHED")

@@ -2,14 +2,17 @@
 and the resumable epoch loop (:class:`EpochLoop`).
 
 Resume state lives outside DVC's outputs (DVC deletes a stage's outputs before it runs, which would throw away the
-very checkpoint a crashed run needs). It sits in ``<workspace>/.resume/<name>-<fingerprint>.pt``, keyed by a hash of
-everything that defines the run, so a run with other params never resumes from it (an ablation starts afresh
-instead of failing), and it is deleted once the stage has written its final outputs.
+very checkpoint a crashed run needs). It sits in ``<workspace>/.resume/<name>-<key>.pt``, keyed by a hash of
+everything that defines the run (params, data, the code of the stage's DVC deps, the DVC experiment), so a run with
+other params or code never resumes from it (an ablation starts afresh instead of failing), and it is deleted once the
+stage has written its final outputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import random
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -21,8 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import DataError, UserError
+from pipeline.errors import DataError, UserError, brief
 from pipeline.files import save_torch
+from pipeline.params import params_hash
 from pipeline.paths import Paths
 
 if TYPE_CHECKING:
@@ -81,6 +85,37 @@ def gradient_norm(model: torch.nn.Module) -> Tensor:
     return torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm()
 
 
+CODE_ROOT = Path(__file__).resolve().parents[1]  # the repository holding pipeline/, iresnet/ and dvc.yaml
+CODE_DIRS = ("pipeline", "iresnet")
+_NOT_CODE = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}  # as in .dvcignore
+
+
+def code_deps(stage: str, root: Path = CODE_ROOT) -> list[str]:
+    """The code a DVC stage depends on, as ``dvc.yaml`` declares it: its ``pipeline/...`` files and the ``iresnet``
+    folder (``stage`` without a matrix item: ``train_classifier``, not ``train_classifier@0.9``). Without a
+    ``dvc.yaml`` stage to read, all of ``pipeline/`` and ``iresnet/``."""
+    import yaml
+
+    try:
+        deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage.split("@")[0]].get("deps", [])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return list(CODE_DIRS)
+    return [dep for dep in deps if isinstance(dep, str) and dep.split("/")[0] in CODE_DIRS]
+
+
+def code_digest(stage: str, root: Path = CODE_ROOT) -> str:
+    """SHA-256 over the paths and bytes of every file of :func:`code_deps` (bytecode and tool caches left out)."""
+    digest = hashlib.sha256()
+    for dep in code_deps(stage, root):
+        path = root / dep
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for file in files:
+            rel = file.relative_to(root)
+            if file.is_file() and not _NOT_CODE & set(rel.parts) and file.suffix not in (".pyc", ".pyo"):
+                digest.update(f"{rel.as_posix()}\0".encode() + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class ResumeFile:
     """The resume state of one training run: model, optimiser, scheduler, RNG and epoch, saved atomically."""
@@ -88,8 +123,12 @@ class ResumeFile:
     path: Path
 
     @classmethod
-    def for_run(cls, paths: Paths, name: str, fingerprint: str) -> ResumeFile:
-        return cls(paths.workspace / ".resume" / f"{name.replace('/', '-')}-{fingerprint}.pt")
+    def for_run(cls, paths: Paths, name: str, fingerprint: str, stage: str) -> ResumeFile:
+        """The checkpoint of run ``name`` (e.g. ``classifier-0.9``) of DVC stage ``stage``: ``fingerprint`` (a hash of
+        the params and data that define the run) + the code the stage depends on + the DVC experiment, so neither
+        another code version nor a parallel queued experiment ever resumes from it."""
+        key = params_hash({"run": fingerprint, "code": code_digest(stage), "exp": os.environ.get("DVC_EXP_NAME")})
+        return cls(paths.workspace / ".resume" / f"{name.replace('/', '-')}-{key}.pt")
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None when there is none; a corrupt file is an error that says how to start over."""
@@ -99,7 +138,7 @@ class ResumeFile:
             return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
             raise DataError(
-                f"the resume checkpoint {self.path} cannot be read ({err}). Delete it to train from scratch."
+                f"the resume checkpoint {self.path} cannot be read ({brief(err)}). Delete it to train from scratch."
             ) from None
 
     def save(self, state: dict[str, Any]) -> None:
@@ -152,7 +191,9 @@ def load_model_file(path: Path, kind: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise DataError(f"the model file {path} cannot be read ({err}); re-run the stage that writes it.") from None
+        raise DataError(
+            f"the model file {path} cannot be read ({brief(err)}); re-run the stage that writes it."
+        ) from None
     if not isinstance(state, dict) or state.get("kind") != kind:
         found = state.get("kind") if isinstance(state, dict) else type(state).__name__
         raise DataError(f"{path} holds a {found!r} model, not a {kind!r} one; re-run the stage that writes it.")
@@ -203,29 +244,40 @@ class EpochLoop:
 
     ::
 
-        loop = EpochLoop(resume, epochs, {"model": model, "optimizer": opt, "scheduler": sched})
+        loop = EpochLoop(resume, epochs, {"model": model, "optimizer": opt, "scheduler": sched}, tracker)
         with progress(name, epochs * per_epoch) as advance:
             for epoch in loop:        # first restores the last saved state (if any), then yields the epochs left
-                loop.replay(tracker, advance, per_epoch)  # after a restore: catch up the bar and the MLflow curves
-                ...                   # train, evaluate, scheduler.step(), tracker.log_metrics(..., step=epoch)
-                loop.save(epoch, record)  # appends ``record`` to ``loop.history``; saves states, RNG, history
+                loop.replay(advance, per_epoch)  # after a restore: catch up the progress bar
+                ...                   # train, evaluate, scheduler.step()
+                loop.save(epoch, record)  # appends ``record`` to ``loop.history``; saves the state, logs the record
         ...                           # write the final outputs
         loop.finish()                 # then remove the resume file
 
     Restoring happens when iteration starts, so build the objects (which may draw random numbers) before it: the RNG
     state of the saved epoch then replaces whatever construction left. ``resumed_from`` is the epoch restored (0:
     fresh start). A run killed at any point redoes at most the epoch it was in, from the same state.
+
+    The checkpoint also keeps the MLflow run id: a resumed stage continues that run (``tracker.continue_run``), so
+    the killed and the resumed part make one run with one complete curve. Each save sets
+    ``tracker.checkpoint_epoch``, which the CLI names when a signal stops the stage.
     """
 
-    def __init__(self, resume: ResumeFile, epochs: int, stateful: Mapping[str, Stateful]) -> None:
+    def __init__(
+        self, resume: ResumeFile, epochs: int, stateful: Mapping[str, Stateful], tracker: Tracker | None = None
+    ) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+        from pipeline.tracking import NullTracker
+
         self.resume, self.epochs, self.stateful = resume, epochs, dict(stateful)
+        self.tracker = tracker if tracker is not None else NullTracker()
         self.history: list[dict[str, Any]] = []
         self.resumed_from = 0
 
     def __iter__(self) -> Iterator[int]:
-        for epoch in range(self._restore() + 1, self.epochs + 1):
+        first = self._restore() + 1
+        self.tracker.set_tags({"resume_checkpoint": self.resume.path.name})  # tells parallel runs' checkpoints apart
+        for epoch in range(first, self.epochs + 1):
             yield epoch
             if len(self.history) != epoch:
                 raise RuntimeError(f"epoch {epoch} ended without loop.save(epoch, record)")
@@ -241,52 +293,87 @@ class EpochLoop:
                 obj.load_state_dict(state["states"][name])
         except (RuntimeError, ValueError, KeyError) as err:
             raise DataError(
-                f"the resume checkpoint {self.resume.path} does not fit this run ({err}); delete it to start over."
+                f"the resume checkpoint {self.resume.path} does not fit this run ({brief(err)}); "
+                "delete it to start over."
             ) from None
         restore_rng(state["rng"])
         self.history = [dict(record) for record in state["history"]]
         self.resumed_from = int(state["epoch"])
+        self.tracker.checkpoint_epoch = self.resumed_from
+        self.tracker.continue_run(state.get("run_id"))
         return self.resumed_from
 
-    def replay(self, tracker: Tracker, advance: Callable[..., None], per_epoch: int) -> None:
+    def replay(self, advance: Callable[..., None], per_epoch: int) -> None:
         """Call first thing in every epoch: on the first one after a restore, catch up with the epochs a killed run
         already did; otherwise it does nothing.
 
         The progress bar (``advance(n, info=...)`` of :func:`pipeline.console.progress`) moves past their
-        ``per_epoch`` steps each, the run is tagged ``resumed_from_epoch``, and every restored record is logged again
-        (without its ``epoch``, at ``step = epoch``): a resumed run is a new MLflow run, so its curves would
-        otherwise start at the resumed epoch.
+        ``per_epoch`` steps each and the run is tagged ``resumed_from_epoch``. The resumed stage continues the killed
+        stage's MLflow run, which holds their metrics already: only epochs it lacks are logged (one saved just
+        before the kill, or all of them when that run is gone and this is a new one).
         """
         if not self.resumed_from or len(self.history) != self.resumed_from:
             return  # a fresh run, or an epoch after the first resumed one (it has saved since)
         advance(self.resumed_from * per_epoch, info=f"resumed after epoch {self.resumed_from}")
-        tracker.set_tags({"resumed_from_epoch": self.resumed_from})
-        for done, record in enumerate(self.history, start=1):
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=done)
+        self.tracker.set_tags({"resumed_from_epoch": self.resumed_from})
+        metrics = _epoch_metrics(self.history[0])
+        logged = self.tracker.last_step(next(iter(metrics))) if metrics else None
+        if logged is not None:
+            for epoch, record in enumerate(self.history[logged:], start=logged + 1):
+                self.tracker.log_metrics(_epoch_metrics(record), step=epoch)
 
     def save(self, epoch: int, record: Mapping[str, Any]) -> None:
-        """Close ``epoch``: record its numbers and write the resume state (atomic: a kill leaves the previous one)."""
+        """Close ``epoch``: record its numbers, write the resume state (atomic: a kill leaves the previous one), then
+        log the record's numbers (all but ``epoch``) at ``step = epoch``.
+
+        Logging after the save means a resumed run never logs an epoch twice: a kill between the two leaves the
+        epoch out of the run, and :meth:`replay` logs it then."""
         if epoch != len(self.history) + 1:
             raise ValueError(f"epoch {epoch} saved out of order: {len(self.history)} epochs are recorded")
         self.history.append(dict(record))
         states = {name: obj.state_dict() for name, obj in self.stateful.items()}
-        self.resume.save({"epoch": epoch, "history": self.history, "rng": capture_rng(), "states": states})
+        state = {"epoch": epoch, "history": self.history, "rng": capture_rng(), "states": states}
+        if self.tracker.run_id is not None:
+            state["run_id"] = self.tracker.run_id
+        self.resume.save(state)
+        self.tracker.checkpoint_epoch = epoch
+        self.tracker.log_metrics(_epoch_metrics(record), step=epoch)
 
     def finish(self) -> None:
         """Remove the resume file (call after the final outputs are written)."""
         self.resume.remove()
 
-    def close(self, out: StageRun, model: nn.Module, metrics: dict[str, Any]) -> dict[str, Any]:
+    def close(
+        self,
+        out: StageRun,
+        model: nn.Module,
+        metrics: dict[str, Any],
+        example: Tensor | None = None,
+        inputs: Mapping[str, Path] | None = None,
+    ) -> dict[str, Any]:
         """End a training stage: add the parameter count and the training throughput (images per second of training,
         over every epoch, an interrupted run's included) to ``metrics``, end the stage with :meth:`StageRun.finish`
         (its wall time counts the interrupted run's epochs too), then remove the resume file. Epoch records need
-        ``images``, ``train_seconds`` and ``seconds``."""
+        ``images``, ``train_seconds`` and ``seconds``.
+
+        After the wall time is taken, the run also gets ``model`` as an MLflow model (signature and input example
+        from ``example``, a small batch of its input) and ``inputs`` (context -> file, e.g. the prepared splits) as
+        its dataset inputs."""
         history = self.history
         metrics["n_params"] = n_params(model)
         metrics["throughput_img_s"] = sum(r["images"] for r in history) / sum(r["train_seconds"] for r in history)
         out.finish(metrics, earlier_s=sum(r["seconds"] for r in history[: self.resumed_from]))
+        for context, path in (inputs or {}).items():
+            self.tracker.log_input(path, context)
+        if example is not None:
+            self.tracker.log_model(model, example)
         self.finish()
         return metrics
+
+
+def _epoch_metrics(record: Mapping[str, Any]) -> dict[str, Any]:
+    """An epoch record's numbers as logged per step: everything but the epoch number itself."""
+    return {k: v for k, v in record.items() if k != "epoch"}
 
 
 class GeneratorState:

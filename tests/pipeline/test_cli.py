@@ -97,3 +97,29 @@ def test_ui_command_targets_the_project_store(tmp_path: Path) -> None:
     assert cmd[cmd.index("--backend-store-uri") + 1] == uri
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5055"
     assert cmd[cmd.index("--workers") + 1] == "1"
+
+
+def test_global_options_after_the_command(tiny_project: Path, tiny_params: dict) -> None:
+    """``--root``, ``--params``, ``-S`` and ``--threads`` work after the command as before it (a bad ``-S`` value
+    placed last is still refused before any compute); the command's own options stay its own."""
+    raw = copy.deepcopy(tiny_params)
+    raw["data"]["max_train"] = 12
+    (tiny_project / "other.yaml").write_text(yaml.safe_dump(raw))
+    torch.set_num_threads(1)
+    args = ["prepare", "--root", str(tiny_project), "--dataset", "idx:tiny", f"--params={tiny_project / 'other.yaml'}",
+            "-S", "data.max_test=6", "--threads", "1"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    images, _ = load_prepared(Paths.at(tiny_project), "train")
+    tests, _ = load_prepared(Paths.at(tiny_project), "test")
+    assert len(images) == 12 and len(tests) == 6  # from other.yaml and from -S
+
+    bad = runner.invoke(app, ["train-classifier", "--coeff", "0.9", "--root", str(tiny_project), "-S", "flow.coeff=0"])
+    assert bad.exit_code == 1 and "flow.coeff" in bad.output and "No such option" not in bad.output
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"iresnet {version('iresnet')}"

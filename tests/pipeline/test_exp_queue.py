@@ -40,3 +40,39 @@ def test_queued_experiment_logs_into_the_workspace_store(
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"figures", "metrics", "prepared"}
     # The stage wrote its outputs in DVC's temporary copy (deleted since), not here, yet its run is in this store.
     assert not (repo.root / "data" / "prepared").exists()
+
+
+def test_two_queued_experiments_train_in_parallel_without_sharing_a_checkpoint(
+    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, fresh_store: Callable
+) -> None:
+    """Two experiments that differ only in an analysis param train the same classifier at once (``-j 2``): each
+    keeps its own resume checkpoint (keyed by ``DVC_EXP_NAME``) and its own complete MLflow run."""
+    from mlflow import MlflowClient
+
+    from tests.pipeline.classifier_helpers import TINY_CLASSIFIER
+
+    params = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9]}}
+    params["classifier"].update(epochs=2, milestones=[1], max_train_batches=1)
+    repo = make_repo_copy(tmp_path / "repo", params)
+    make_idx_folder(repo.root / "tiny")
+    commit_all(repo)
+    fresh_store(repo.root)
+
+    for name, iters in (("exp-a", 3), ("exp-b", 4)):
+        repo.dvc(
+            "exp", "run", "--queue", "-n", name, "-S", f"singular_values.lower_iters={iters}", "train_classifier@0.9"
+        )
+    ran = repo.dvc("exp", "run", "--run-all", "-j", "2", timeout=300)
+    status = repo.dvc("queue", "status")
+    assert status.count("Success") == 2, f"{ran}\n{status}"
+
+    client = MlflowClient(f"sqlite:///{repo.root.resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("iresnet-classifier").experiment_id])
+    assert sorted(r.data.tags["dvc_exp_name"] for r in runs) == ["exp-a", "exp-b"]
+    for run in runs:
+        assert run.info.status == "FINISHED" and "resumed_from_epoch" not in run.data.tags
+        assert run.data.tags["dvc_root"] == str(repo.root.resolve())  # DVC points it at the user's repository
+        history = client.get_metric_history(run.info.run_id, "test_error")
+        assert sorted(m.step for m in history) == [1, 2]
+    assert len({r.data.tags["resume_checkpoint"] for r in runs}) == 2  # no checkpoint shared
+    assert not list((repo.root / ".resume").glob("*.pt"))  # in the workspace, and removed once each finished

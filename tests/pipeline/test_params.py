@@ -185,3 +185,16 @@ def test_params_hash_is_stable_and_sensitive() -> None:
     assert params_hash(a) == params_hash(b)
     assert params_hash(a) != params_hash({**a, "seed": 1})
     assert len(params_hash(a)) == 16
+
+
+def test_params_are_read_as_dvc_reads_them(tmp_path: Path) -> None:
+    """YAML 1.2, as DVC (ruamel.yaml): ``yes`` is a string, so it is refused as a boolean instead of silently
+    meaning true; ``010`` is ten; ``1e-4`` a float. Overrides follow the same rules."""
+    text = (REPO / "params.yaml").read_text()
+    (tmp_path / "yes.yaml").write_text(text.replace("download: false", "download: yes"))
+    with pytest.raises(ParamsError, match=r"`data.download` = 'yes': expected true or false"):
+        load_params(tmp_path / "yes.yaml")
+    (tmp_path / "ten.yaml").write_text(text.replace("max_train: null", "max_train: 010"))
+    assert load_params(tmp_path / "ten.yaml").data.max_train == 10
+    assert parse_override("data.download=on") == ("data.download", "on")
+    assert parse_override("flow.lr=1e-4") == ("flow.lr", 1e-4)

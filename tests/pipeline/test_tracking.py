@@ -55,13 +55,16 @@ def test_uri_and_switches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert flatten(PARAMS) == flat
 
 
-def test_queued_experiment_copy_logs_to_the_workspace(tmp_path: Path) -> None:
+def test_queued_experiment_copy_logs_to_the_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC points ``DVC_ROOT`` at the user's repository, also for a queued experiment's temporary copy."""
     copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
     paths = Paths.at(copy)
     assert paths.workspace == (tmp_path / "repo").resolve()
     assert tracking_uri(paths) == f"sqlite:///{(tmp_path / 'repo').resolve()}/mlflow.db"
     assert paths.prepared == copy.resolve() / "data" / "prepared"  # outputs stay in the copy, for DVC
-    assert Paths.at(tmp_path).workspace == tmp_path.resolve()
+    monkeypatch.delenv("DVC_ROOT")
+    assert Paths.at(copy).workspace == copy.resolve()  # outside DVC: the root itself
 
 
 def test_init_store_creates_experiments_once(store: Paths) -> None:
@@ -171,3 +174,16 @@ def test_unusable_store_is_a_user_error(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(TrackingError, match="IRESNET_TRACKING=0"):
         with stage_run("data", "prepare", PARAMS, Paths.at(tmp_path)):
             pass
+
+
+def test_final_results_do_not_repeat_a_curve_at_step_0(store: Paths) -> None:
+    """``test_error`` has a per-epoch curve: the final results leave it alone; ``n_params`` has none: it is logged."""
+    with stage_run("classifier", "train_classifier@0.9", PARAMS, store) as tracker:
+        for epoch in (1, 2):
+            tracker.log_metrics({"test_error": 0.5 / epoch}, step=epoch)
+        tracker.log_results({"test_error": 0.25, "n_params": 10})
+    client = _client(store)
+    run_id = tracker.run_id
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "test_error")] == [(1, 0.5), (2, 0.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "n_params")] == [(0, 10.0)]
+    assert client.get_run(run_id).data.metrics["test_error"] == 0.25

@@ -1,0 +1,139 @@
+"""Faults a researcher meets, through the CLI: each ends in one line that names the file and the way out (exit 1, no
+traceback), and an earlier good output is never lost."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.stages import train_classifier
+from tests.pipeline.classifier_helpers import classifier_project
+
+runner = CliRunner()
+
+
+def _cli(root: Path, *args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["--root", str(root), *args])
+    return result.exit_code, result.output
+
+
+def _one_error_line(output: str, *parts: str) -> str:
+    """The single ``error:`` line of ``output`` (no traceback), holding every one of ``parts``."""
+    assert "Traceback" not in output, output
+    (line,) = [text for text in output.splitlines() if text.strip()]
+    assert line.startswith("error: ") and all(part in line for part in parts), line
+    return line
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> Path:
+    """A tiny project with the ``0.9`` classifier trained once (its model is the earlier good output)."""
+    params, paths = classifier_project(tmp_path, epochs=1)
+    train_classifier.run(params, paths, coeff=0.9)
+    return tmp_path
+
+
+def _model(root: Path) -> Path:
+    return root / "models" / "classifier" / "0.9" / "model.pt"
+
+
+def _checkpoint_after_epoch_1(root: Path) -> Path:
+    """Train 2 epochs and die while writing the outputs: the epoch-2 checkpoint stays."""
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_classifier, "save_model", killed)
+        assert _cli(root, "train-classifier", "--coeff", "0.9", "--epochs", "2")[0] == 130
+    (checkpoint,) = (root / ".resume").glob("classifier-0.9-*.pt")
+    return checkpoint
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_corrupt_resume_checkpoint(trained: Path, damage: str) -> None:
+    checkpoint = _checkpoint_after_epoch_1(trained)
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint" * 20)
+    before = _model(trained).read_bytes()
+    code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--epochs", "2")
+    assert code == 1
+    _one_error_line(output, str(checkpoint), "Delete it")
+    assert _model(trained).read_bytes() == before
+
+
+def test_a_resume_checkpoint_of_another_shape(trained: Path) -> None:
+    """A checkpoint under this run's name whose model does not fit (written by hand, or by a bug) is refused."""
+    import torch
+
+    checkpoint = _checkpoint_after_epoch_1(trained)
+    state = torch.load(checkpoint, weights_only=True)
+    state["states"]["model"] = torch.nn.Linear(2, 2).state_dict()
+    torch.save(state, checkpoint)
+    code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--epochs", "2")
+    assert code == 1
+    _one_error_line(output, str(checkpoint), "does not fit this run", "delete it")
+
+
+@pytest.mark.parametrize("name", ["train.pt", "stats.json"])
+def test_corrupt_prepared_data(trained: Path, name: str) -> None:
+    path = trained / "data" / "prepared" / name
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    before = _model(trained).read_bytes()
+    code, output = _cli(trained, "train-classifier", "--coeff", "0.9")
+    assert code == 1
+    _one_error_line(output, str(path), "dvc repro prepare")
+    assert _model(trained).read_bytes() == before
+
+
+def test_a_corrupt_model_file(trained: Path) -> None:
+    model = _model(trained)
+    model.write_bytes(model.read_bytes()[:100])
+    code, output = _cli(trained, "-S", "classifier.coeffs=[0.9]", "singular-values")
+    assert code == 1
+    _one_error_line(output, str(model), "re-run the stage that writes it")
+
+
+def test_an_unwritable_output_folder_keeps_the_earlier_outputs(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's folder refuses writes: a one-line error naming it, and the earlier model stays whole. (Root writes
+    through permission bits, so as root the refusal is simulated at the rename that publishes a file.)"""
+    folder = _model(trained).parent
+    before = _model(trained).read_bytes()
+    if os.geteuid() == 0:
+        real_replace = os.replace
+
+        def refused(src: str | Path, dst: str | Path) -> None:
+            if Path(dst).parent == folder:
+                raise PermissionError(13, "Permission denied", str(dst))
+            real_replace(src, dst)
+
+        monkeypatch.setattr("pipeline.files.os.replace", refused)
+    else:
+        folder.chmod(0o555)
+    try:
+        code, output = _cli(trained, "train-classifier", "--coeff", "0.9")
+    finally:
+        folder.chmod(0o755)
+    assert code == 1
+    _one_error_line(output, "cannot write", str(folder), "Permission denied")
+    assert _model(trained).read_bytes() == before
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no half-written file left behind
+
+
+def test_nan_mid_training_keeps_the_earlier_model(trained: Path) -> None:
+    """The existing diagnosis (where, and what to try) as one line; the earlier model is untouched."""
+    from pipeline.files import read_json, write_json
+
+    stats_path = trained / "data" / "prepared" / "stats.json"
+    stats = read_json(stats_path)
+    stats["mean"] = [float("nan")]
+    write_json(stats_path, stats)
+    before = _model(trained).read_bytes()
+    code, output = _cli(trained, "train-classifier", "--coeff", "0.9")
+    assert code == 1
+    _one_error_line(output, "became nan", "epoch 1", "Lower")
+    assert _model(trained).read_bytes() == before

@@ -1,0 +1,110 @@
+"""Real signals on a real ``iresnet train-classifier`` process: SIGINT and SIGTERM end the stage cleanly (checkpoint
+kept, MLflow run KILLED, exit 130 / 143, one line saying how to resume); a resumed stage continues the same MLflow run
+with one complete curve; a run left RUNNING by ``kill -9`` is continued by the resumed stage, or closed as KILLED when
+the next run of the stage starts afresh."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline.classifier_helpers import REPO, classifier_project
+
+EPOCHS = 8  # one batch of 8x8 images per epoch: a fraction of a second each
+
+
+def _start(root: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "IRESNET_TRACKING": "1", "IRESNET_PROGRESS": "0", "IRESNET_THREADS": "1"}
+    args = ["--root", str(root), "-S", "tracking.enabled=true", "train-classifier", "--coeff", "0.9", *extra]
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _after_first_checkpoint(proc: subprocess.Popen, root: Path, signum: int) -> tuple[int, str]:
+    """Send ``signum`` once the stage has saved an epoch; returns its exit code and stderr."""
+    deadline = time.monotonic() + 90
+    while not list((root / ".resume").glob("*.pt")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=90)
+    return proc.returncode, err
+
+
+def _runs(root: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root.resolve()}/mlflow.db")
+    return client.search_runs([client.get_experiment_by_name("iresnet-classifier").experiment_id])
+
+
+def _finish(root: Path) -> None:
+    proc = _start(root)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert not list((root / ".resume").glob("*.pt"))
+
+
+@pytest.fixture
+def project(tmp_path: Path, fresh_store: Callable) -> Path:
+    classifier_project(tmp_path, epochs=EPOCHS, milestones=[EPOCHS - 1], max_train_batches=1)
+    fresh_store(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_ends_the_stage_cleanly_and_the_resumed_stage_continues_its_run(
+    project: Path, signum: int, code: int
+) -> None:
+    from mlflow import MlflowClient
+
+    returncode, err = _after_first_checkpoint(_start(project), project, signum)
+    assert returncode == code, err
+    assert "Traceback" not in err
+    (line,) = [text for text in err.splitlines() if text.strip()]
+    assert line.startswith("error: interrupted: run `dvc repro train_classifier@0.9` again to resume from epoch "), line
+    assert len(list((project / ".resume").glob("*.pt"))) == 1  # the checkpoint is kept
+    (killed,) = _runs(project)
+    assert killed.info.status == "KILLED"
+
+    _finish(project)
+    (run,) = _runs(project)  # the same run, continued: one stage execution, one run
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert "error" not in run.data.tags and int(run.data.tags["resumed_from_epoch"]) >= 1
+    history = MlflowClient(f"sqlite:///{project}/mlflow.db").get_metric_history(run.info.run_id, "test_error")
+    assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))  # one complete curve, no epoch twice
+
+
+def test_a_run_left_running_by_kill_9_is_continued_or_closed(project: Path) -> None:
+    returncode, _ = _after_first_checkpoint(_start(project), project, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
+    (orphan,) = _runs(project)
+    assert orphan.info.status == "RUNNING"  # nobody could close it
+
+    _finish(project)  # resumes from the checkpoint: continues the orphan
+    (run,) = _runs(project)
+    assert run.info.run_id == orphan.info.run_id and run.info.status == "FINISHED"
+
+    returncode, _ = _after_first_checkpoint(_start(project), project, signal.SIGKILL)
+    for checkpoint in (project / ".resume").glob("*.pt"):
+        checkpoint.unlink()  # this time the next run starts afresh
+    _finish(project)
+    runs = {r.info.run_id: r for r in _runs(project)}
+    statuses = sorted(r.info.status for r in runs.values())
+    assert statuses == ["FINISHED", "FINISHED", "KILLED"], statuses
+    (closed,) = [r for r in runs.values() if r.info.status == "KILLED"]
+    assert "kill -9" in closed.data.tags["error"]
