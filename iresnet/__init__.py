@@ -12,7 +12,21 @@ from iresnet.logdet import LogDetSettings, estimate_logdet, exact_logdet, power_
 from iresnet.models import FlowConfig, IResNetClassifier, MultiscaleFlow, ResNetConfig, bits_per_dim
 
 __all__ = [
-    "FlowConfig", "IResNetClassifier", "InverseSettings", "Invertible", "InvertibleResidualBlock",
-    "InvertibleSequential", "LogDetSettings", "MultiscaleFlow", "ResNetConfig", "bits_per_dim", "conv_branch",
-    "estimate_logdet", "exact_logdet", "fixed_point_inverse", "mlp_branch", "power_series_logdet", "residual_blocks",
+    "FlowConfig",
+    "IResNetClassifier",
+    "InverseSettings",
+    "Invertible",
+    "InvertibleResidualBlock",
+    "InvertibleSequential",
+    "LogDetSettings",
+    "MultiscaleFlow",
+    "ResNetConfig",
+    "bits_per_dim",
+    "conv_branch",
+    "estimate_logdet",
+    "exact_logdet",
+    "fixed_point_inverse",
+    "mlp_branch",
+    "power_series_logdet",
+    "residual_blocks",
 ]

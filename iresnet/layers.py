@@ -96,7 +96,7 @@ class Squeeze(Invertible):
     def inverse(self, y: Tensor) -> Tensor:
         if y.ndim != 4 or y.shape[1] % (self.factor**2):
             raise ValueError(
-                f"Squeeze({self.factor}).inverse needs (B, C, H, W) with C divisible by {self.factor ** 2}, "
+                f"Squeeze({self.factor}).inverse needs (B, C, H, W) with C divisible by {self.factor**2}, "
                 f"got {tuple(y.shape)}"
             )
         return F.pixel_shuffle(y, self.factor)
@@ -129,14 +129,16 @@ class InjectivePad(Invertible):
 
 
 class MaxMin(nn.Module):
-    """"Sorting" nonlinearity: split dim 1 into halves ``a, b`` and return ``cat(max(a, b), min(a, b))``.
+    """ "Sorting" nonlinearity: split dim 1 into halves ``a, b`` and return ``cat(max(a, b), min(a, b))``.
 
     It permutes coordinates locally, so it is 1-Lipschitz (and norm preserving); needs an even channel count.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim < 2 or x.shape[1] % 2:
-            raise ValueError(f"the sorting (max-min) nonlinearity needs an even number of channels, got {tuple(x.shape)}")
+            raise ValueError(
+                f"the sorting (max-min) nonlinearity needs an even number of channels, got {tuple(x.shape)}"
+            )
         a, b = x.chunk(2, dim=1)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
 

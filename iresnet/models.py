@@ -1,4 +1,5 @@
-"""The i-ResNet classifier (Sec. 5.1, App. C.2), its vanilla / BatchNorm baselines, and the multiscale flow (App. C.3)."""
+"""The i-ResNet classifier (Sec. 5.1, App. C.2), its vanilla / BatchNorm baselines, and the multiscale flow
+(App. C.3)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ class ResNetConfig:
         if self.init_ds not in (1, 2):
             raise ValueError(f"init_ds must be 1 (no squeeze) or 2, got {self.init_ds}")
         if self.coeff is not None and not 0 < self.coeff < 1:
-            raise ValueError(f"coeff must lie in (0, 1) for an invertible network, or be None (vanilla); got {self.coeff}")
+            raise ValueError(
+                f"coeff must lie in (0, 1) for an invertible network, or be None (vanilla); got {self.coeff}"
+            )
         if self.inj_pad < 0 or any(n < 1 for n in self.n_blocks) or any(c < 1 for c in self.channels):
             raise ValueError("inj_pad must be >= 0, and every n_blocks and channels entry >= 1")
 
@@ -74,8 +77,14 @@ def _stage_blocks(
         if config.actnorm:
             layers.append(ActNorm(c))
         branch = conv_branch(
-            c, config.channels[stage], (h, w), config.coeff, config.n_power_iter, config.nonlin,
-            config.kernel_sizes, batchnorm=config.batchnorm,
+            c,
+            config.channels[stage],
+            (h, w),
+            config.coeff,
+            config.n_power_iter,
+            config.nonlin,
+            config.kernel_sizes,
+            batchnorm=config.batchnorm,
         )
         layers.append(InvertibleResidualBlock(branch, logdet))
     return layers
@@ -243,4 +252,3 @@ def bits_per_dim(log_prob: Tensor, n_dims: int, n_bins: int = 256) -> Tensor:
     but 3072 once padded to 32x32 and repeated to 3 channels as in the authors' code. ``(B,) -> (B,)``.
     """
     return (-log_prob + n_dims * math.log(n_bins)) / (n_dims * math.log(2))
-

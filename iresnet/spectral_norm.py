@@ -153,7 +153,9 @@ class LipschitzConv2d(_SpectrallyNormalised):
     ) -> None:
         super().__init__(coeff, n_power_iter)
         if kernel_size < 1 or kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd and positive so that 'same' zero padding exists, got {kernel_size}")
+            raise ValueError(
+                f"kernel_size must be odd and positive so that 'same' zero padding exists, got {kernel_size}"
+            )
         input_hw = tuple(int(s) for s in input_hw)
         if len(input_hw) != 2 or min(input_hw) < 1:
             raise ValueError(f"input_hw must be the (H, W) the layer sees, two positive ints; got {input_hw}")
@@ -183,7 +185,8 @@ class LipschitzConv2d(_SpectrallyNormalised):
         """``(B, in_channels, H, W) -> (B, out_channels, H, W)`` with the Eq. 2 weight."""
         if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != self.input_hw:
             raise ValueError(
-                f"expected input (B, {self.in_channels}, {self.input_hw[0]}, {self.input_hw[1]}), got {tuple(x.shape)}; "
+                f"expected input (B, {self.in_channels}, {self.input_hw[0]}, {self.input_hw[1]}), "
+                f"got {tuple(x.shape)}; "
                 "the power iteration runs at input_hw, so build the layer with the spatial size it really sees "
                 "(after any squeeze)"
             )
@@ -305,7 +308,8 @@ def operator_norm(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> float:
-    """Largest singular value of the linear map ``fn`` at ``input_shape`` (batch dim included), from its dense matrix."""
+    """Largest singular value of the linear map ``fn`` at ``input_shape`` (batch dim included), from its dense
+    matrix."""
     return float(torch.linalg.matrix_norm(dense_operator(fn, input_shape, dtype, device), ord=2))
 
 

@@ -8,10 +8,10 @@ with the value (forward mode by hand: ``J <- W J`` at a linear layer, ``J <- φ'
 first-order backward pass.
 
 On a problem this small the cost of a step is mostly per-op overhead and memory traffic, not arithmetic, so the same
-code runs ``M`` models at once: weights carry a leading model axis (``(M, out, in)``, batched matrix products). :class:`StackedToyIResNet` and
-:class:`StackedToyGlow` hold ``M`` independent flows of one shape as stacked parameters (each with its own spectral
-normalisation and ActNorm initialisation) to train them as one model; ``write_to`` copies the result back into the
-ordinary per-model :class:`Flow2d` modules."""
+code runs ``M`` models at once: weights carry a leading model axis (``(M, out, in)``, batched matrix products).
+:class:`StackedToyIResNet` and :class:`StackedToyGlow` hold ``M`` independent flows of one shape as stacked
+parameters (each with its own spectral normalisation and ActNorm initialisation) to train them as one model;
+``write_to`` copies the result back into the ordinary per-model :class:`Flow2d` modules."""
 
 from __future__ import annotations
 
@@ -133,7 +133,12 @@ class _MLPLogDet(torch.autograd.Function):
     def backward(ctx, grad_g: Tensor | None, grad_logdet: Tensor | None) -> tuple[Tensor | None, ...]:
         n = ctx.n_layers
         x, out, det, *rest = ctx.saved_tensors
-        weights, ys, slopes, stored = rest[:n], rest[n: 2 * n - 1], rest[2 * n - 1: 3 * n - 2], iter(rest[3 * n - 2:])
+        weights, ys, slopes, stored = (
+            rest[:n],
+            rest[n : 2 * n - 1],
+            rest[2 * n - 1 : 3 * n - 2],
+            iter(rest[3 * n - 2 :]),
+        )
         ratios = [next(stored) if has else None for has in ctx.has_ratio]
         batch = x.shape[1]
         grad_g = torch.zeros_like(x) if grad_g is None else grad_g
@@ -199,7 +204,7 @@ class _StackedMLP(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         n = ctx.n_layers
         saved = ctx.saved_tensors
-        weights, inputs, slopes = saved[:n], saved[n: 2 * n], saved[2 * n:]
+        weights, inputs, slopes = saved[:n], saved[n : 2 * n], saved[2 * n :]
         grad_w, grad_b = [], []
         for k in range(n - 1, -1, -1):
             grad_w.append(torch.bmm(grad.mT, inputs[k]))
@@ -300,8 +305,12 @@ def _bias(layer: LipschitzLinear | nn.Linear) -> Tensor:
 
 
 def toy_iresnet(
-    n_blocks: int = 100, hidden: int = 64, n_hidden_layers: int = 3, coeff: float = 0.9,
-    n_power_iter: int = 1, nonlin: str = "elu",
+    n_blocks: int = 100,
+    hidden: int = 64,
+    n_hidden_layers: int = 3,
+    coeff: float = 0.9,
+    n_power_iter: int = 1,
+    nonlin: str = "elu",
 ) -> Flow2d:
     """i-ResNet toy flow: ``n_blocks`` residual blocks with MLP branches (2-64-64-64-2, ELU), ActNorm after each.
 
@@ -426,10 +435,12 @@ class _StackedMLPs(nn.Module):
         self.coeff = first[0].coeff if self.normalised else None
         self.n_power_iter = first[0].n_power_iter if self.normalised else 0
         layer = lambda j: [[mlp[j] for mlp in row] for row in linears]  # noqa: E731 - (M, N) modules of layer j
-        self.weights = nn.ParameterList([nn.Parameter(_stack([[m.weight for m in r] for r in layer(j)]))
-                                         for j in range(self.n_layers)])  # fmt: skip
-        self.biases = nn.ParameterList([nn.Parameter(_stack([[_bias(m) for m in r] for r in layer(j)]))
-                                        for j in range(self.n_layers)])  # fmt: skip
+        self.weights = nn.ParameterList(
+            [nn.Parameter(_stack([[m.weight for m in r] for r in layer(j)])) for j in range(self.n_layers)]
+        )
+        self.biases = nn.ParameterList(
+            [nn.Parameter(_stack([[_bias(m) for m in r] for r in layer(j)])) for j in range(self.n_layers)]
+        )
         if self.normalised:
             for j in range(self.n_layers):
                 for name in ("u", "v", "sigma"):
@@ -485,15 +496,23 @@ class StackedToyIResNet(nn.Module):
         blocks = [[layer for layer in flow.transform.layers if isinstance(layer, ToyResidualBlock)] for flow in flows]
         nonlin = blocks[0][0].nonlin
         if nonlin not in ACTIVATIONS:
-            raise ValueError(f"stacked training needs an elementwise nonlinearity ({', '.join(ACTIVATIONS)}), got {nonlin!r}")
+            raise ValueError(
+                f"stacked training needs an elementwise nonlinearity ({', '.join(ACTIVATIONS)}), got {nonlin!r}"
+            )
         self.nonlin = nonlin
         self.mlps = _StackedMLPs(self._linears(flows))
         self.actnorms = _StackedActNorms(self._actnorms(flows))
 
     @staticmethod
     def _linears(flows: Sequence[Flow2d]) -> list[list[list[LipschitzLinear]]]:
-        return [[[m for m in layer.g if isinstance(m, LipschitzLinear)]
-                 for layer in flow.transform.layers if isinstance(layer, ToyResidualBlock)] for flow in flows]  # fmt: skip
+        return [
+            [
+                [m for m in layer.g if isinstance(m, LipschitzLinear)]
+                for layer in flow.transform.layers
+                if isinstance(layer, ToyResidualBlock)
+            ]
+            for flow in flows
+        ]
 
     @staticmethod
     def _actnorms(flows: Sequence[Flow2d]) -> list[list[ActNorm]]:
@@ -574,7 +593,8 @@ class StackedToyGlow(nn.Module):
         return (-0.5 * (z.pow(2).sum(-1) + 2 * _LOG_2PI)) + logdet + constant.unsqueeze(1)
 
     def _transform(self, x: Tensor, initialise: bool = False) -> tuple[Tensor, Tensor]:
-        """``f(x)`` and the couplings' log-dets ``(M, B)``; ``initialise`` as in :meth:`StackedToyIResNet._transform`."""
+        """``f(x)`` and the couplings' log-dets ``(M, B)``; ``initialise`` as in
+        :meth:`StackedToyIResNet._transform`."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not initialise):
             per_layer_w = [w.unbind(1) for w in self.mlps.weights]
             per_layer_b = [b.unbind(1) for b in self.mlps.biases]

@@ -56,8 +56,15 @@ from iresnet.toy import toy_iresnet
 #: The paper's CIFAR10 classifier (seed command: --nBlocks 7 7 7 --nStrides 1 2 2 --nChannels 32 64 128
 #: --coeff 0.9 --init_ds 1 --inj_pad 13 --powerIterSpectralNorm 1 --nonlin elu).
 CLF_CONFIG = ResNetConfig(
-    in_shape=(3, 32, 32), n_blocks=(7, 7, 7), strides=(1, 2, 2), channels=(32, 64, 128), coeff=0.9,
-    n_power_iter=1, nonlin="elu", init_ds=1, inj_pad=13,
+    in_shape=(3, 32, 32),
+    n_blocks=(7, 7, 7),
+    strides=(1, 2, 2),
+    channels=(32, 64, 128),
+    coeff=0.9,
+    n_power_iter=1,
+    nonlin="elu",
+    init_ds=1,
+    inj_pad=13,
 )
 CLF_BATCH = 64
 #: CLF cases: the config above, the vanilla baseline (no Lipschitz constraint) and ReLU instead of ELU.
@@ -65,14 +72,23 @@ CLF_CASES: dict[str, dict[str, Any]] = {"clf_elu": {}, "clf_vanilla": {"coeff": 
 
 #: A small multiscale flow: blocks 4-4-4, 32 hidden channels, initial squeeze; 5 series terms, 1 probe.
 DENS_CONFIG = FlowConfig(
-    in_shape=(3, 32, 32), n_blocks=(4, 4, 4), strides=(1, 2, 2), channels=(32, 32, 32), coeff=0.9,
-    n_power_iter=1, nonlin="elu", init_ds=2,
+    in_shape=(3, 32, 32),
+    n_blocks=(4, 4, 4),
+    strides=(1, 2, 2),
+    channels=(32, 32, 32),
+    coeff=0.9,
+    n_power_iter=1,
+    nonlin="elu",
+    init_ds=2,
 )
 DENS_BATCH = 64
 DENS_LOGDET = LogDetSettings(n_terms=5, n_samples=1)
 #: DENS cases: each log-det estimator, and "none" (the same network without log-det: a classifier-like step).
 DENS_CASES: dict[str, str] = {
-    "dens_series": "series", "dens_neumann": "neumann", "dens_unbiased": "unbiased", "dens_none": "none",
+    "dens_series": "series",
+    "dens_neumann": "neumann",
+    "dens_unbiased": "unbiased",
+    "dens_none": "none",
 }
 
 #: The 2-D toy i-ResNet flow (MLP 2-64-64-64-2, ELU, exact log-det) at 16 and 100 blocks.
@@ -87,7 +103,9 @@ SGEMM_N = 1024
 SEED = 0
 
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "CLF": tuple(CLF_CASES), "DENS": tuple(DENS_CASES), "TOY": tuple(TOY_CASES),
+    "CLF": tuple(CLF_CASES),
+    "DENS": tuple(DENS_CASES),
+    "TOY": tuple(TOY_CASES),
 }
 
 # Quick mode (a smoke test of a few seconds): tiny shapes, 1 block per stage, few repeats.
@@ -95,8 +113,14 @@ _QUICK_CLF = replace(CLF_CONFIG, in_shape=(3, 8, 8), n_blocks=(1, 1, 1), channel
 _QUICK_DENS = replace(DENS_CONFIG, in_shape=(3, 8, 8), n_blocks=(1, 1, 1), channels=(8, 8, 8))
 _QUICK_TOY = {"toy_16": 2, "toy_100": 4}
 _QUICK_BATCH = 4
-_QUICK_COUNTS = {"warmup": 1, "repeats": 2, "forward_repeats": 1, "inverse_repeats": 1, "fixed_iters": 3,
-                 "sgemm_n": 128}  # fmt: skip
+_QUICK_COUNTS = {
+    "warmup": 1,
+    "repeats": 2,
+    "forward_repeats": 1,
+    "inverse_repeats": 1,
+    "fixed_iters": 3,
+    "sgemm_n": 128,
+}
 
 
 # --- one case ---------------------------------------------------------------------------------------------------
@@ -159,8 +183,14 @@ class _Case:
 def _stats(times: Sequence[float]) -> dict[str, float]:
     ordered = sorted(times)
     q = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
-    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "q1": q[0], "q3": q[2],
-            "n": len(ordered)}  # fmt: skip
+    return {
+        "median": statistics.median(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "q1": q[0],
+        "q3": q[2],
+        "n": len(ordered),
+    }
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[dict[str, float], Any]:
@@ -220,9 +250,18 @@ def sgemm_gflops(n: int = SGEMM_N, repeats: int = 5) -> float:
 
 def measure_case(name: str, quick: bool = False) -> dict[str, Any]:
     """Every measurement of one case (see the module docstring); JSON-serialisable."""
-    counts = _QUICK_COUNTS if quick else {"warmup": WARMUP, "repeats": REPEATS, "forward_repeats": FORWARD_REPEATS,
-                                          "inverse_repeats": INVERSE_REPEATS, "fixed_iters": INVERSE_FIXED_ITERS,
-                                          "sgemm_n": SGEMM_N}  # fmt: skip
+    counts = (
+        _QUICK_COUNTS
+        if quick
+        else {
+            "warmup": WARMUP,
+            "repeats": REPEATS,
+            "forward_repeats": FORWARD_REPEATS,
+            "inverse_repeats": INVERSE_REPEATS,
+            "fixed_iters": INVERSE_FIXED_ITERS,
+            "sgemm_n": SGEMM_N,
+        }
+    )
     case = _Case(name, quick)
     model = case.model
     sgemm = sgemm_gflops(counts["sgemm_n"])
@@ -233,11 +272,17 @@ def measure_case(name: str, quick: bool = False) -> dict[str, Any]:
     step, _ = _timed(case.step, counts["repeats"])
     flops = count_flops(case.step)
     result: dict[str, Any] = {
-        "family": case.family, "description": case.description, "batch": case.batch,
-        "threads": torch.get_num_threads(), "step_s": step, "peak_mem_mb": peak,
-        "peak_rss_total_mb": peak_total, "flops_per_step": flops,
-        "gflops": flops / step["median"] / 1e9, "sgemm_gflops": sgemm,
-    }  # fmt: skip
+        "family": case.family,
+        "description": case.description,
+        "batch": case.batch,
+        "threads": torch.get_num_threads(),
+        "step_s": step,
+        "peak_mem_mb": peak,
+        "peak_rss_total_mb": peak_total,
+        "flops_per_step": flops,
+        "gflops": flops / step["median"] / 1e9,
+        "sgemm_gflops": sgemm,
+    }
 
     model.eval()
     set_logdet_settings(model, LogDetSettings(estimator="none"))
@@ -256,12 +301,13 @@ def measure_case(name: str, quick: bool = False) -> dict[str, Any]:
                 timing, x_rec = _timed(lambda: case.decode(z), counts["inverse_repeats"])
                 infos = [block.last_inverse_info for block in residual_blocks(model)]
                 result["inverse_tol"][method] = {
-                    "time_s": timing, "atol": INVERSE_ATOL,
+                    "time_s": timing,
+                    "atol": INVERSE_ATOL,
                     "iterations_total": sum(info.iterations for info in infos),
                     "iterations_max": max(info.iterations for info in infos),
                     "all_converged": all(info.converged for info in infos),
                     "reconstruction_max_error": float((x_rec - case.x).abs().max()),
-                }  # fmt: skip
+                }
     return result
 
 
@@ -330,14 +376,17 @@ def run_benchmarks(
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
         cases[name] = _in_subprocess(name, quick, threads) if isolate else measure_case(name, quick)
     meta = {
-        "torch": torch.__version__, "threads": threads, "quick": quick, "isolated": isolate,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "sgemm_gflops": sgemm_gflops(
-            _QUICK_COUNTS["sgemm_n"] if quick else SGEMM_N),
+        "torch": torch.__version__,
+        "threads": threads,
+        "quick": quick,
+        "isolated": isolate,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "sgemm_gflops": sgemm_gflops(_QUICK_COUNTS["sgemm_n"] if quick else SGEMM_N),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "memory_method": "peak RSS growth during the first training step (VmHWM reset via /proc/self/clear_refs)"
         + ("; each case in a fresh process" if isolate else "; all cases in one process (allocator reuse)"),
         "step": "forward + loss + backward, no optimiser",
-    }  # fmt: skip
+    }
     return {"meta": meta, "cases": cases, "ratios": _ratios(cases)}
 
 
@@ -348,18 +397,29 @@ def _ms(stats: dict[str, float]) -> str:
 def render(results: dict[str, Any]) -> list[Table]:
     """Two rich tables: one row per case, and the ratios."""
     cases = Table(title=f"iresnet bench (torch {results['meta']['torch']}, {results['meta']['threads']} threads)")
-    for column in ("case", "step ms median [min-max]", "peak MB", "GFLOP/s (sgemm)", "forward ms",
-                   "inverse step / forward", "to 1e-5: iters (ms)"):  # fmt: skip
+    for column in (
+        "case",
+        "step ms median [min-max]",
+        "peak MB",
+        "GFLOP/s (sgemm)",
+        "forward ms",
+        "inverse step / forward",
+        "to 1e-5: iters (ms)",
+    ):
         cases.add_column(column, justify="left" if column == "case" else "right")
     for name, case in results["cases"].items():
         tol = ", ".join(
             f"{m}: {t['iterations_total']} ({t['time_s']['median'] * 1e3:.0f})" for m, t in case["inverse_tol"].items()
         )
         cases.add_row(
-            name, _ms(case["step_s"]), f"{case['peak_mem_mb']:.0f}",
-            f"{case['gflops']:.1f} ({case['sgemm_gflops']:.0f})", _ms(case["forward_s"]),
-            f"{case['inverse_step_over_forward']:.2f}", tol or "-",
-        )  # fmt: skip
+            name,
+            _ms(case["step_s"]),
+            f"{case['peak_mem_mb']:.0f}",
+            f"{case['gflops']:.1f} ({case['sgemm_gflops']:.0f})",
+            _ms(case["forward_s"]),
+            f"{case['inverse_step_over_forward']:.2f}",
+            tol or "-",
+        )
     ratios = Table(title="ratios (same run)")
     ratios.add_column("ratio")
     ratios.add_column("value", justify="right")

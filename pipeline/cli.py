@@ -239,8 +239,15 @@ def train_classifier(
     def runner(params: Params, paths: Paths, tracker: Any) -> dict[str, Any]:
         return stage.run(params, paths, tracker, coeff=coeff)
 
-    run_stage(ctx, "classifier", f"train_classifier@{coeff}", runner, ("seed", "data", "classifier"),
-              {"classifier.epochs": epochs}, {"coeff": coeff})  # fmt: skip
+    run_stage(
+        ctx,
+        "classifier",
+        f"train_classifier@{coeff}",
+        runner,
+        ("seed", "data", "classifier"),
+        {"classifier.epochs": epochs},
+        {"coeff": coeff},
+    )
 
 
 @app.command()
@@ -355,8 +362,20 @@ def interrupted_message(stage: str, checkpoint_epoch: int | None) -> str:
 
 def ui_command(uri: str, port: int) -> list[str]:
     """The ``mlflow server`` command line for the project's store, bound to 127.0.0.1 with one worker."""
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 @app.command()
@@ -369,11 +388,13 @@ def ui(ctx: typer.Context, port: int = typer.Option(5000, help="Port on 127.0.0.
     try:
         ids = init_store(paths, uri)
     except Exception as err:  # e.g. a locked or unreadable database
-        fail(TrackingError(
-            f"cannot open the MLflow store {uri}: {err}. If another process holds the database (a stage still "
-            "running), wait for it or stop it; otherwise move the damaged file away or point MLFLOW_TRACKING_URI "
-            "at another store."
-        ))  # fmt: skip
+        fail(
+            TrackingError(
+                f"cannot open the MLflow store {uri}: {err}. If another process holds the database (a stage still "
+                "running), wait for it or stop it; otherwise move the damaged file away or point MLFLOW_TRACKING_URI "
+                "at another store."
+            )
+        )
     console.print(f"MLflow UI for {uri}; runs tables:")
     for family in FAMILIES:
         console.print(f"  {family:<10} http://127.0.0.1:{port}/#/experiments/{ids[family]}/runs", highlight=False)

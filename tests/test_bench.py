@@ -38,8 +38,12 @@ def test_quick_benchmark_structure_and_finite_numbers() -> None:
     assert "inverse_tol" in results["cases"]["clf_vanilla"] and not results["cases"]["clf_vanilla"]["inverse_tol"]
     assert all(math.isfinite(n) for n in _numbers(results))
     assert all(value > 0 for value in results["ratios"].values())
-    assert {"clf_elu_step_over_relu_step", "clf_vanilla_step_over_c09_step", "toy_100_step_over_16_step",
-            "dens_neumann_step_over_none_step"} <= set(results["ratios"])  # fmt: skip
+    assert {
+        "clf_elu_step_over_relu_step",
+        "clf_vanilla_step_over_c09_step",
+        "toy_100_step_over_16_step",
+        "dens_neumann_step_over_none_step",
+    } <= set(results["ratios"])
     tables = render(results)
     assert all(isinstance(t, Table) for t in tables)
     Console(file=io.StringIO(), width=200).print(*tables)

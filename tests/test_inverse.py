@@ -24,7 +24,6 @@ from tests.helpers import DTYPE, conv_operator_norm, randn, scaled_to_norm
 Branch = Callable[[Tensor], Tensor]
 
 
-
 def linear_branch(lipschitz: float, seed: int = 0) -> tuple[Branch, tuple[int, ...], float]:
     a = scaled_to_norm(randn(torch.Generator().manual_seed(seed), 5, 5), lipschitz)
     return (lambda x: x @ a.T), (5,), lipschitz

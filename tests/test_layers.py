@@ -213,7 +213,9 @@ def test_actnorm_keeps_a_constant_channel_at_scale_one() -> None:
     y, _ = layer(x)
     assert layer.log_scale[2].item() == 0.0 and y[:, 2].abs().max().item() == 0.0
     torch.testing.assert_close(y[:, :2].mean(dim=(0, 2, 3)), torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
-    torch.testing.assert_close(y[:, :2].std(dim=(0, 2, 3), correction=0), torch.ones(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        y[:, :2].std(dim=(0, 2, 3), correction=0), torch.ones(2, dtype=torch.float64), atol=1e-12, rtol=0
+    )
 
 
 # The fast CPU nonlinearities (autograd Functions) against torch's own, and their first and second derivatives.

@@ -369,6 +369,7 @@ def test_differentiable_estimators_pass_gradcheck(function: str) -> None:
     def value(weight: Tensor, x: Tensor) -> Tensor:
         def g(z: Tensor) -> Tensor:
             return torch.tanh(z @ weight.T)
+
         generator = torch.Generator().manual_seed(8)
         if function == "series":
             return power_series_logdet(g, x, 4, n_samples=2, generator=generator)[1]

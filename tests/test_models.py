@@ -71,7 +71,10 @@ def test_indivisible_spatial_size_is_named() -> None:
 
 def tiny_flow() -> MultiscaleFlow:
     config = FlowConfig(
-        in_shape=(1, 4, 4), n_blocks=(1, 1), strides=(1, 2), channels=(4, 4),
+        in_shape=(1, 4, 4),
+        n_blocks=(1, 1),
+        strides=(1, 2),
+        channels=(4, 4),
         logdet=LogDetSettings(estimator="exact"),
     )
     flow = MultiscaleFlow(config).double()
@@ -121,7 +124,9 @@ def test_flow_rejects_unconstrained_or_padded() -> None:
 def test_bits_per_dim_closed_form() -> None:
     """The uniform density on [-1/2, 1/2]^D has ln p = 0, so each of the 256 bins costs exactly 8 bits."""
     for n_dims in (784, 3072):
-        assert bits_per_dim(torch.zeros(2, dtype=torch.float64), n_dims).tolist() == pytest.approx([8.0, 8.0], abs=1e-12)
+        assert bits_per_dim(torch.zeros(2, dtype=torch.float64), n_dims).tolist() == pytest.approx(
+            [8.0, 8.0], abs=1e-12
+        )
     # a Gaussian with std s: per-dimension entropy 0.5 ln(2πe s²) nats; its bits/dim follow in closed form
     s, n_dims = 0.1, 10
     log_prob = torch.tensor([-n_dims * 0.5 * math.log(2 * math.pi * math.e * s**2)], dtype=torch.float64)

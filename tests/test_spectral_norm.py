@@ -32,7 +32,9 @@ def zero_padded_norm(weight: Tensor, input_hw: tuple[int, int], padding: int) ->
     return operator_norm(lambda z: F.conv2d(z, weight, padding=padding), (1, weight.shape[1], *input_hw))
 
 
-def inflated_conv(c_in: int, c_out: int, k: int, hw: tuple[int, int], coeff: float | None, n_iter: int) -> LipschitzConv2d:
+def inflated_conv(
+    c_in: int, c_out: int, k: int, hw: tuple[int, int], coeff: float | None, n_iter: int
+) -> LipschitzConv2d:
     layer = LipschitzConv2d(c_in, c_out, k, hw, coeff=coeff, n_power_iter=n_iter).to(F64)
     with torch.no_grad():
         layer.weight.mul_(10.0)
@@ -206,7 +208,8 @@ def test_dense_operator_matches_autograd_jacobian() -> None:
 
 
 @pytest.mark.parametrize(
-    "c_out, c_in, k, hw", [(3, 2, 3, (5, 4)), (2, 3, 1, (4, 4)), (2, 2, 5, (6, 5)), (1, 1, 3, (3, 3)), (4, 4, 3, (2, 2))]
+    "c_out, c_in, k, hw",
+    [(3, 2, 3, (5, 4)), (2, 3, 1, (4, 4)), (2, 2, 5, (6, 5)), (1, 1, 3, (3, 3)), (4, 4, 3, (2, 2))],
 )
 def test_conv_singular_values_match_dense_circular_operator(c_out: int, c_in: int, k: int, hw: tuple) -> None:
     weight = torch.randn(c_out, c_in, k, k, dtype=F64)
@@ -220,7 +223,9 @@ def test_conv_singular_values_match_dense_circular_operator(c_out: int, c_in: in
     assert float((got - expected).abs().max()) < 1e-12  # in fact exact up to rounding
 
 
-@pytest.mark.parametrize("c_out, c_in, k, hw", [(3, 2, 3, (5, 4)), (4, 4, 3, (4, 4)), (2, 3, 5, (6, 6)), (3, 3, 1, (4, 5))])
+@pytest.mark.parametrize(
+    "c_out, c_in, k, hw", [(3, 2, 3, (5, 4)), (4, 4, 3, (4, 4)), (2, 3, 5, (6, 6)), (3, 3, 1, (4, 5))]
+)
 def test_upper_and_lower_bounds_bracket_the_zero_padded_norm(c_out: int, c_in: int, k: int, hw: tuple) -> None:
     weight = torch.randn(c_out, c_in, k, k, dtype=F64)
     p = k // 2

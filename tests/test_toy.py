@@ -30,7 +30,7 @@ from iresnet.toy import (
     mlp_logdet,
     toy_glow,
     toy_iresnet,
-)  # fmt: skip
+)
 
 PHI: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": torch.nn.functional.elu,
@@ -41,14 +41,17 @@ PHI: dict[str, Callable[[Tensor], Tensor]] = {
 
 def _random_mlps(m: int, widths: list[int], generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
     """``m`` stacked MLPs with the given widths: weights ``(m, out, in)`` and biases ``(m, out)`` that require grad."""
-    weights = [(torch.randn(m, o, i, generator=generator, dtype=torch.float64) / i**0.5).requires_grad_()
-               for i, o in zip(widths[:-1], widths[1:])]  # fmt: skip
+    weights = [
+        (torch.randn(m, o, i, generator=generator, dtype=torch.float64) / i**0.5).requires_grad_()
+        for i, o in zip(widths[:-1], widths[1:])
+    ]
     biases = [(0.3 * torch.randn(m, o, generator=generator, dtype=torch.float64)).requires_grad_() for o in widths[1:]]
     return weights, biases
 
 
 def _reference(x: Tensor, weights: list[Tensor], biases: list[Tensor], nonlin: str) -> tuple[Tensor, Tensor]:
     """``g(x)`` and ``ln|det(I + J_g)|`` from autograd's Jacobian of each example, twice differentiable."""
+
     def g(v: Tensor, m: int) -> Tensor:
         for k, (w, b) in enumerate(zip(weights, biases)):
             v = (PHI[nonlin](v) if k > 0 else v) @ w[m].T + b[m]
@@ -57,8 +60,9 @@ def _reference(x: Tensor, weights: list[Tensor], biases: list[Tensor], nonlin: s
     values, logdets = [], []
     for m in range(x.shape[0]):
         values.append(g(x[m], m))
-        jac = torch.stack([torch.autograd.functional.jacobian(lambda v, m=m: g(v[None], m)[0], xb, create_graph=True)
-                           for xb in x[m]])  # fmt: skip
+        jac = torch.stack(
+            [torch.autograd.functional.jacobian(lambda v, m=m: g(v[None], m)[0], xb, create_graph=True) for xb in x[m]]
+        )
         logdets.append(torch.linalg.slogdet(torch.eye(2, dtype=x.dtype) + jac).logabsdet)
     return torch.stack(values), torch.stack(logdets)
 
@@ -167,7 +171,10 @@ def _perturb(flows: list[Flow2d]) -> None:
 
 @pytest.mark.parametrize(
     ("make", "stack_type"),
-    [(lambda: toy_iresnet(n_blocks=3, hidden=8), StackedToyIResNet), (lambda: toy_glow(n_layers=3, hidden=8), StackedToyGlow)],
+    [
+        (lambda: toy_iresnet(n_blocks=3, hidden=8), StackedToyIResNet),
+        (lambda: toy_glow(n_layers=3, hidden=8), StackedToyGlow),
+    ],
 )
 def test_stacked_training_equals_separate_training(make: Callable[[], Flow2d], stack_type: type) -> None:
     """Three flows trained as one stack end in the same state as each trained alone on its own data: log-densities,

@@ -59,8 +59,15 @@ def model_config(kind: str, toy: ToyParams) -> dict[str, Any]:
     """The keyword arguments that rebuild a flow of ``kind`` with :func:`build_flow`."""
     width, depth = toy.mlp_shape()
     if kind == "iresnet":
-        return {"kind": kind, "n_blocks": toy.n_blocks, "hidden": width, "n_hidden_layers": depth,
-                "coeff": toy.coeff, "n_power_iter": toy.n_power_iter, "nonlin": toy.nonlin}  # fmt: skip
+        return {
+            "kind": kind,
+            "n_blocks": toy.n_blocks,
+            "hidden": width,
+            "n_hidden_layers": depth,
+            "coeff": toy.coeff,
+            "n_power_iter": toy.n_power_iter,
+            "nonlin": toy.nonlin,
+        }
     if kind == "glow":
         return {"kind": kind, "n_layers": toy.n_blocks, "hidden": width, "n_hidden_layers": depth}
     raise ValueError(f"unknown toy model {kind!r}; use one of {', '.join(MODELS)}")
@@ -206,7 +213,11 @@ def grid(size: int) -> tuple[Tensor, float]:
 
 
 def fit_dataset(
-    name: str, params: Params, paths: Paths, tracker: Tracker, curve_rows: list[dict[str, Any]],
+    name: str,
+    params: Params,
+    paths: Paths,
+    tracker: Tracker,
+    curve_rows: list[dict[str, Any]],
     trained: dict[str, tuple[Flow2d, list[float], float]],
 ) -> tuple[dict[str, Any], Panel]:
     """Evaluate both flows trained on ``name`` (``trained[kind]`` from :func:`train_flows`; appending their losses to
@@ -236,13 +247,15 @@ def fit_dataset(
         nll = float(-log_density(model, test).mean())
         check_finite(torch.tensor(nll), "test NLL", f"{name} / {LABELS[kind]}", "Train longer or lower toy.lr.")
         density = log_density(model, points).exp()
-        result.update({
-            f"{kind}_nll": nll,
-            f"{kind}_params": n_params(model),
-            f"{kind}_steps_per_s": steps_per_s,
-            f"{kind}_final_train_loss": losses[-1],
-            f"{kind}_grid_mass": float(density.sum() * area),
-        })  # fmt: skip
+        result.update(
+            {
+                f"{kind}_nll": nll,
+                f"{kind}_params": n_params(model),
+                f"{kind}_steps_per_s": steps_per_s,
+                f"{kind}_final_train_loss": losses[-1],
+                f"{kind}_grid_mass": float(density.sum() * area),
+            }
+        )
         titles[kind] = f"{LABELS[kind]}: NLL {nll:.3f}"
         images[kind] = density.reshape(toy.grid_size, toy.grid_size)
         save_model(paths.models / "toy" / f"{name}-{kind}.pt", MODEL_KIND, config, model, dataset=name)
@@ -271,8 +284,9 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "datasets": per_dataset,
         "iresnet_wins": wins,
         "n_params": {kind: per_dataset[toy.datasets[0]][f"{kind}_params"] for kind in MODELS},
-        "steps_per_s": {kind: sum(m[f"{kind}_steps_per_s"] for m in per_dataset.values()) / len(per_dataset)
-                        for kind in MODELS},  # fmt: skip
+        "steps_per_s": {
+            kind: sum(m[f"{kind}_steps_per_s"] for m in per_dataset.values()) / len(per_dataset) for kind in MODELS
+        },
         "nll_units": "nats per 2-D point (test set); reference_nll: the true density's, where it is closed-form",
         "window": [-WINDOW, WINDOW],
     }
@@ -281,11 +295,25 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     out.finish(summary)
     flat: dict[str, Any] = {}
     for name, metrics in per_dataset.items():
-        for key in ("iresnet_nll", "glow_nll", "reference_nll", "iresnet_grid_mass", "glow_grid_mass",
-                    "iresnet_lipschitz_max", "iresnet_certified_invertible", "iresnet_steps_per_s",
-                    "glow_steps_per_s"):  # fmt: skip
+        for key in (
+            "iresnet_nll",
+            "glow_nll",
+            "reference_nll",
+            "iresnet_grid_mass",
+            "glow_grid_mass",
+            "iresnet_lipschitz_max",
+            "iresnet_certified_invertible",
+            "iresnet_steps_per_s",
+            "glow_steps_per_s",
+        ):
             if metrics[key] is not None:
                 flat[f"{name}.{key}"] = metrics[key]
-    flat.update({"iresnet_params": summary["n_params"]["iresnet"], "glow_params": summary["n_params"]["glow"],
-                 "iresnet_wins": wins, "wall_time_s": summary["wall_time_s"]})  # fmt: skip
+    flat.update(
+        {
+            "iresnet_params": summary["n_params"]["iresnet"],
+            "glow_params": summary["n_params"]["glow"],
+            "iresnet_wins": wins,
+            "wall_time_s": summary["wall_time_s"],
+        }
+    )
     return flat

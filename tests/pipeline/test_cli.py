@@ -106,8 +106,18 @@ def test_global_options_after_the_command(tiny_project: Path, tiny_params: dict)
     raw["data"]["max_train"] = 12
     (tiny_project / "other.yaml").write_text(yaml.safe_dump(raw))
     torch.set_num_threads(1)
-    args = ["prepare", "--root", str(tiny_project), "--dataset", "idx:tiny", f"--params={tiny_project / 'other.yaml'}",
-            "-S", "data.max_test=6", "--threads", "1"]  # fmt: skip
+    args = [
+        "prepare",
+        "--root",
+        str(tiny_project),
+        "--dataset",
+        "idx:tiny",
+        f"--params={tiny_project / 'other.yaml'}",
+        "-S",
+        "data.max_test=6",
+        "--threads",
+        "1",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     images, _ = load_prepared(Paths.at(tiny_project), "train")

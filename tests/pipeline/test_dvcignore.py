@@ -18,8 +18,20 @@ for package in ("pipeline", "iresnet"):
     for info in pkgutil.walk_packages([package], prefix=package + "."):
         importlib.import_module(info.name)
 """
-TINY_TOY = {"datasets": ["moons"], "n_blocks": 1, "hidden": [4, 4], "coeff": 0.9, "nonlin": "elu", "n_power_iter": 1,
-            "steps": 2, "batch_size": 16, "lr": 1.0e-3, "glow_lr": 1.0e-3, "n_test": 16, "grid_size": 4}  # fmt: skip
+TINY_TOY = {
+    "datasets": ["moons"],
+    "n_blocks": 1,
+    "hidden": [4, 4],
+    "coeff": 0.9,
+    "nonlin": "elu",
+    "n_power_iter": 1,
+    "steps": 2,
+    "batch_size": 16,
+    "lr": 1.0e-3,
+    "glow_lr": 1.0e-3,
+    "n_test": 16,
+    "grid_size": 4,
+}
 
 
 def test_bytecode_and_caches_leave_dvc_status_clean(tmp_path, tiny_params: dict) -> None:

@@ -103,10 +103,13 @@ def _check_certificate(model: Flow2d, reported: float, x: torch.Tensor) -> None:
     and no block's Jacobian ‖J_g(x)‖₂ at the test points exceeds it."""
     model.eval()
     per_block = [
-        math.prod(torch.linalg.matrix_norm(m.effective_weight().detach().double(), ord=2).item()
-                  for m in block.g.modules() if isinstance(m, LipschitzLinear))
+        math.prod(
+            torch.linalg.matrix_norm(m.effective_weight().detach().double(), ord=2).item()
+            for m in block.g.modules()
+            if isinstance(m, LipschitzLinear)
+        )
         for block in residual_blocks(model)
-    ]  # fmt: skip
+    ]
     assert reported == pytest.approx(max(per_block), rel=1e-6)
     h = x
     for layer in model.transform.layers:
@@ -248,7 +251,7 @@ def test_nan_in_one_dataset_names_that_dataset(
 
 
 def test_a_nonlinearity_without_closed_form_trains_each_model_alone(tmp_path: Path, toy_raw: dict[str, Any]) -> None:
-    """"sorting" has no elementwise slope: the i-ResNets fall back to per-model training with the autograd log-det."""
+    """ "sorting" has no elementwise slope: the i-ResNets fall back to per-model training with the autograd log-det."""
     toy_raw["toy"].update({"datasets": ["moons"], "steps": 2, "nonlin": "sorting"})
     flat = toy_density.run(parse_params(toy_raw), Paths.at(tmp_path))
     assert math.isfinite(flat["moons.iresnet_nll"]) and math.isfinite(flat["moons.glow_nll"])
@@ -304,5 +307,10 @@ def test_dvc_stage_tracks_exactly_the_params_it_reads() -> None:
     assert {"pipeline/stages/toy_density.py", "pipeline/data/toy2d.py", "iresnet"} <= set(stage["deps"])
     outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]}
     # the stage's metrics file is a plain uncached out: `dvc metrics` compares only the report's summary
-    expected = {"reports/curves/toy.csv", "reports/figures/fig2_toy_densities.png", "models/toy", "reports/metrics/toy.json"}
+    expected = {
+        "reports/curves/toy.csv",
+        "reports/figures/fig2_toy_densities.png",
+        "models/toy",
+        "reports/metrics/toy.json",
+    }
     assert outs == expected
