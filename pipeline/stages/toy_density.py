@@ -17,8 +17,7 @@ layers and MLP widths (so a similar parameter count). Writes
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,18 +40,6 @@ CURVE_COLUMNS = ("dataset", "model", "step", "loss")
 MODEL_KIND = "toy_flow"
 EVAL_CHUNK = 4096  # points per log-density evaluation
 MLFLOW_POINTS = 50  # curve points per model sent to MLflow (each is one request)
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one thread: the 2-D ops are tiny, and a second thread only adds synchronisation (measured ~10x
-    slower per step on the shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def model_config(kind: str, toy: ToyParams) -> dict[str, Any]:
@@ -272,13 +259,14 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     per_dataset: dict[str, dict[str, Any]] = {}
     panels: list[Panel] = []
     curve_rows: list[dict[str, Any]] = []
-    with single_thread():
-        trained = {kind: train_flows(kind, params) for kind in MODELS}  # all datasets at once, per model kind
-        for name in toy.datasets:
-            per_dataset[name], panel = fit_dataset(
-                name, params, paths, tracker, curve_rows, {kind: trained[kind][name] for kind in MODELS}
-            )
-            panels.append(panel)
+    # The stacked models' matrix products are large enough for threads to pay off (measured 1.4x faster per step
+    # on 2 threads than on 1), unlike the old per-model steps, which ran on one thread.
+    trained = {kind: train_flows(kind, params) for kind in MODELS}  # all datasets at once, per model kind
+    for name in toy.datasets:
+        per_dataset[name], panel = fit_dataset(
+            name, params, paths, tracker, curve_rows, {kind: trained[kind][name] for kind in MODELS}
+        )
+        panels.append(panel)
     wins = sum(m["iresnet_nll"] <= m["glow_nll"] for m in per_dataset.values())
     summary = {
         "datasets": per_dataset,
