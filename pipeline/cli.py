@@ -320,7 +320,8 @@ def bench(
 
     from pipeline import bench as stage
 
-    torch.set_num_threads(ctx.obj.threads)  # each case's subprocess uses the same count
+    if ctx.obj.threads is not None:
+        torch.set_num_threads(ctx.obj.threads)  # each case's subprocess uses the same count (default: torch's)
     families = [f.strip() for f in only.split(",") if f.strip()] if only else None
     try:
         results = stage.run_benchmarks(quick=quick, only=families, progress=True)

@@ -54,3 +54,16 @@ def test_only_selects_families_and_rejects_unknown_ones() -> None:
     assert list(results["cases"]) == list(FAMILIES["TOY"])
     with pytest.raises(ValueError, match="unknown benchmark families"):
         run_benchmarks(quick=True, only=["GPU"])
+
+
+def test_bench_command_writes_json_with_the_default_threads(tmp_path) -> None:
+    """``iresnet bench`` without ``--threads`` keeps torch's default thread count (it used to pass None to torch)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--only", "TOY", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert list(results["cases"]) == list(FAMILIES["TOY"])
