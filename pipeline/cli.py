@@ -103,7 +103,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-StageRun = Callable[..., dict[str, Any]]
+StageRunner = Callable[..., dict[str, Any]]  # a stage module's run(params, paths, tracker)
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def run_stage(
     ctx: typer.Context,
     family: str,
     stage: str,
-    runner: StageRun,
+    runner: StageRunner,
     sections: Sequence[str],
     overrides: Mapping[str, Any] | None = None,
     extra_params: Mapping[str, Any] | None = None,
