@@ -10,9 +10,9 @@ from torch import Tensor
 
 from iresnet.blocks import residual_blocks, set_inverse_settings, set_logdet_settings
 from iresnet.inverse import InverseSettings
+from iresnet.layers import Logit
 from iresnet.logdet import LogDetSettings
 from iresnet.models import FlowConfig, IResNetClassifier, MultiscaleFlow, ResNetConfig, bits_per_dim
-from iresnet.layers import Logit
 from iresnet.priors import ConditionalGaussian, DiagonalGaussian, standard_normal_logprob
 from iresnet.toy import toy_glow, toy_iresnet
 
