@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -302,3 +306,40 @@ def test_dvc_yaml_tracks_exactly_the_params_each_flow_stage_reads(stage: str, se
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
     assert set(spec["params"]) == {"seed"} | {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
     assert f"pipeline/stages/{stage}.py" in spec["deps"] and "iresnet" in spec["deps"]
+
+
+BEFORE_FLOW_OPTIONS = "d98fe65"  # the last commit before flow.{prior: conditional, factor_out, logit_alpha, ...}
+NEW_FLOW_KEYS = ("factor_out", "logit_alpha", "actnorm_init_images", "lr_schedule")
+
+
+def test_default_flow_options_train_bit_identically_to_the_code_before_them(
+    tiny_project: Path, tiny_params: dict, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The tiny flow trained with the new options at their defaults equals, bit for bit, the one trained by the code
+    of the commit before them (run from a ``git archive`` of it, on the same prepared data)."""
+    old_code = tmp_path_factory.mktemp("old_code")
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", BEFORE_FLOW_OPTIONS, "iresnet", "pipeline"], capture_output=True
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"commit {BEFORE_FLOW_OPTIONS} is not available: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(old_code)], input=archive.stdout, check=True)
+
+    params, paths, _ = trained_project(tiny_project, tiny_params)
+    old_root = tmp_path_factory.mktemp("old_project")
+    shutil.copytree(paths.root / "data", old_root / "data")
+    raw = params.to_dict()
+    for key in NEW_FLOW_KEYS:
+        del raw["flow"][key]
+    (old_root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    script = (  # one thread, as the tests run (tests/conftest.py): reductions then add up in the same order
+        "import torch; torch.set_num_threads(1); "
+        "from pipeline.params import load_params; from pipeline.paths import Paths; "
+        "from pipeline.stages import train_flow; paths = Paths.at('.'); "
+        "train_flow.run(load_params(paths.params_file), paths)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(old_code), "IRESNET_TRACKING": "0"}
+    subprocess.run([sys.executable, "-c", script], cwd=old_root, env=env, check=True, capture_output=True)
+    old = torch.load(old_root / "models" / "flow" / "model.pt", weights_only=True)["state_dict"]
+    new = torch.load(TRAIN_FLOW.model_path(paths), weights_only=True)["state_dict"]
+    assert list(old) == list(new) and all(torch.equal(old[k], new[k]) for k in old)
