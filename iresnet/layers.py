@@ -4,6 +4,7 @@
   each residual block (App. C.2); its "initialised" flag is a buffer, so a loaded model never re-initialises.
 * ``Squeeze``: invertible space-to-depth used for downsampling (spatial / f, channels x f^2).
 * ``InjectivePad``: appends zero channels (the classifier's ``inj_pad``).
+* ``Logit``: maps dequantised pixels in ``[-1/2, 1/2)`` to the real line (Real NVP / Glow preprocessing).
 * ``make_nonlinearity``: the 1-Lipschitz ``phi`` of Sec. 2.1 (ELU, softplus, ReLU, max-min sorting, LipSwish).
 """
 
@@ -126,6 +127,39 @@ class InjectivePad(Invertible):
         if y.ndim < 2 or y.shape[1] < self.pad_channels:
             raise ValueError(f"InjectivePad({self.pad_channels}).inverse got {tuple(y.shape)}: too few channels")
         return y[:, : y.shape[1] - self.pad_channels]
+
+
+class Logit(Invertible):
+    """``y = logit(p)`` with ``p = α + (1 - 2α)(x + 1/2)``, for dequantised inputs ``x`` in ``[-1/2, 1/2)``.
+
+    ``α`` keeps ``p`` inside ``(0, 1)`` (Real NVP uses 0.05, 1e-6 is nearly the plain logit). Elementwise, so the
+    Jacobian is diagonal: ``logdet = Σ_i [ln(1 - 2α) - ln p_i - ln(1 - p_i)]`` per example, shape ``(B,)``. ``1 - p``
+    is computed as ``α + (1 - 2α)(1/2 - x)``, not by subtraction, to keep its precision near ``x = 1/2``. Inputs
+    outside ``[-1/2, 1/2]`` (beyond the margin ``α``) give non-finite values. Any shape ``(B, ...)``.
+
+    >>> layer = Logit(1e-6)
+    >>> x = torch.tensor([[-0.5, 0.0, 0.25]], dtype=torch.float64)
+    >>> y, logdet = layer(x)
+    >>> bool((layer.inverse(y) - x).abs().max() < 1e-12), y[0, 1].item()
+    (True, 0.0)
+    """
+
+    def __init__(self, alpha: float = 1e-6) -> None:
+        super().__init__()
+        if not 0 < alpha < 0.5:
+            raise ValueError(f"alpha must lie in (0, 1/2), got {alpha}")
+        self.alpha = float(alpha)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        scale = 1 - 2 * self.alpha
+        p = self.alpha + scale * (x + 0.5)
+        q = self.alpha + scale * (0.5 - x)  # 1 - p
+        log_p, log_q = torch.log(p), torch.log(q)
+        logdet = (math.log(scale) - log_p - log_q).flatten(1).sum(1)
+        return log_p - log_q, logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha) - 0.5
 
 
 class MaxMin(nn.Module):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,9 +12,9 @@ from torch import Tensor, nn
 
 from iresnet.base import Invertible, InvertibleSequential
 from iresnet.blocks import InvertibleResidualBlock, conv_branch
-from iresnet.layers import ActNorm, InjectivePad, Squeeze
+from iresnet.layers import ActNorm, InjectivePad, Logit, Squeeze
 from iresnet.logdet import LogDetSettings
-from iresnet.priors import DiagonalGaussian
+from iresnet.priors import ConditionalGaussian, DiagonalGaussian
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,9 @@ class IResNetClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+FLOW_PRIORS: tuple[str, ...] = ("diagonal", "conditional")
+
+
 @dataclass(frozen=True)
 class FlowConfig(ResNetConfig):
     """A multiscale flow (App. C.3): after every stage but the last, half the channels are factored out.
@@ -146,6 +150,13 @@ class FlowConfig(ResNetConfig):
     Defaults follow the seed's density command (``--nBlocks 16 16 16 --nStrides 1 2 2 --nChannels 512 512 512
     --coeff 0.9 --numSeriesTerms 5``) with an initial squeeze. ``learned_prior`` selects a learned diagonal Gaussian
     per factored-out part instead of the standard normal.
+
+    Options whose defaults keep the paper's flow: ``logit_alpha`` (None: none) puts a :class:`~iresnet.layers.Logit`
+    layer with that ``α`` first, so the flow models ``logit`` space while its log-det keeps every likelihood in pixel
+    space; ``prior="conditional"`` replaces the factored-out parts' priors by Glow's
+    :class:`~iresnet.priors.ConditionalGaussian` given the kept half (``"diagonal"``: ``learned_prior`` decides; the
+    last scale's prior always follows ``learned_prior``); ``factor_out=False`` keeps every channel to the end, with one
+    prior over the last stage's output (single scale).
     """
 
     n_blocks: tuple[int, ...] = (16, 16, 16)
@@ -153,9 +164,18 @@ class FlowConfig(ResNetConfig):
     init_ds: int = 2
     learned_prior: bool = True
     logdet: LogDetSettings = field(default_factory=LogDetSettings)
+    logit_alpha: float | None = None
+    prior: str = "diagonal"
+    factor_out: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.logit_alpha is not None and not 0 < self.logit_alpha < 0.5:
+            raise ValueError(f"logit_alpha must lie in (0, 1/2), or be None (no logit layer); got {self.logit_alpha}")
+        if self.prior not in FLOW_PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(map(repr, FLOW_PRIORS))}, got {self.prior!r}")
+        if self.prior == "conditional" and (not self.factor_out or len(self.strides) < 2):
+            raise ValueError("prior 'conditional' needs factored-out parts: factor_out=True and at least 2 stages")
         if self.inj_pad:
             raise ValueError("a flow must be bijective: inj_pad must be 0 for the multiscale flow")
         if self.coeff is None:
@@ -175,6 +195,10 @@ class MultiscaleFlow(nn.Module):
     >>> flow = flow.eval()  # fixed weights: no power-iteration step between encoding and decoding
     >>> bool((flow.decode(flow.encode(x)[0]) - x).abs().max() < 1e-4)
     True
+
+    With ``factor_out`` (the default), ``zs[i]`` for ``i`` below the last stage is the first half of stage ``i``'s
+    output channels, and ``priors[i]`` its prior (conditional on the second, kept half with ``prior="conditional"``);
+    without it, ``zs`` and ``priors`` hold a single entry.
     """
 
     def __init__(self, config: FlowConfig) -> None:
@@ -187,6 +211,8 @@ class MultiscaleFlow(nn.Module):
         self.block_dims: list[int] = []
         for stage, stride in enumerate(config.strides):
             layers: list[Invertible] = []
+            if stage == 0 and config.logit_alpha is not None:
+                layers.append(Logit(config.logit_alpha))
             squeeze = config.init_ds if stage == 0 else 1
             squeeze *= stride
             if squeeze > 1:
@@ -196,38 +222,62 @@ class MultiscaleFlow(nn.Module):
             self.block_dims.extend([math.prod(shape)] * config.n_blocks[stage])
             self.stages.append(InvertibleSequential(layers))
             last = stage == len(config.strides) - 1
-            if not last:
+            if last:
+                self.priors.append(DiagonalGaussian(shape, learned=config.learned_prior))
+            elif config.factor_out:
                 if shape[0] % 2:
                     raise ValueError(f"stage {stage}: {shape[0]} channels cannot be split in half for factor-out")
                 shape = (shape[0] // 2, shape[1], shape[2])
-            self.priors.append(DiagonalGaussian(shape, learned=config.learned_prior))
+                if config.prior == "conditional":
+                    self.priors.append(ConditionalGaussian(shape, shape[0]))
+                else:
+                    self.priors.append(DiagonalGaussian(shape, learned=config.learned_prior))
 
-    def encode(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """``x -> (zs, logdet)``: the latents of every scale and ``ln|det J_F(x)|`` of shape ``(B,)``."""
+    def _factors(self, stage: int) -> bool:
+        """Whether half of stage ``stage``'s output is factored out."""
+        return self.config.factor_out and stage < len(self.stages) - 1
+
+    def _encode(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """``x -> (zs, kept, logdet)``; ``kept[i]`` is the half of stage ``i``'s output that goes on (``zs[i]``'s
+        condition), for every factored-out ``zs[i]``."""
         zs: list[Tensor] = []
+        kept: list[Tensor] = []
         logdet = x.new_zeros(x.shape[0])
         h = x
         for stage, layers in enumerate(self.stages):
             h, stage_logdet = layers(h)
             logdet = logdet + stage_logdet
-            if stage < len(self.stages) - 1:
+            if self._factors(stage):
                 z, h = h.chunk(2, dim=1)
                 zs.append(z)
+                kept.append(h)
         zs.append(h)
+        return zs, kept, logdet
+
+    def encode(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``x -> (zs, logdet)``: the latents of every scale and ``ln|det J_F(x)|`` of shape ``(B,)``."""
+        zs, _, logdet = self._encode(x)
         return zs, logdet
 
-    def decode(self, zs: list[Tensor]) -> Tensor:
-        """Inverse of ``encode`` (fixed-point inverse in every block)."""
-        h = zs[-1]
+    def _decode(self, top: Tensor, factored: Callable[[int, Tensor], Tensor]) -> Tensor:
+        """Invert from the last latent ``top``; ``factored(stage, kept)`` gives the factored-out part of ``stage``."""
+        h = top
         for stage in reversed(range(len(self.stages))):
-            if stage < len(self.stages) - 1:
-                h = torch.cat([zs[stage], h], dim=1)
+            if self._factors(stage):
+                h = torch.cat([factored(stage, h), h], dim=1)
             h = self.stages[stage].inverse(h)
         return h
 
+    def decode(self, zs: list[Tensor]) -> Tensor:
+        """Inverse of ``encode`` (fixed-point inverse in every block)."""
+        return self._decode(zs[-1], lambda stage, _: zs[stage])
+
     def log_prob_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(ln p(z), ln|det J_F(x)|)``, each ``(B,)``: the two terms of Eq. 3, whose sum is :meth:`log_prob`."""
-        zs, logdet = self.encode(x)
+        zs, kept, logdet = self._encode(x)
+        if self.config.prior == "conditional":
+            factored = sum(prior.log_prob(z, h) for prior, z, h in zip(self.priors[:-1], zs[:-1], kept))
+            return factored + self.priors[-1].log_prob(zs[-1]), logdet
         return sum(prior.log_prob(z) for prior, z in zip(self.priors, zs)), logdet
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -240,7 +290,14 @@ class MultiscaleFlow(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` samples ``(n, *in_shape)`` drawn from the priors and pushed through the inverse."""
+        """``n`` samples ``(n, *in_shape)`` drawn from the priors and pushed through the inverse.
+
+        With the conditional prior, the last scale's latent is drawn first and each factored-out part given the kept
+        half that the inverse has reached (coarse to fine); otherwise every prior is drawn in order, then inverted.
+        """
+        if self.config.prior == "conditional":
+            top = self.priors[-1].sample(n, temperature, generator)
+            return self._decode(top, lambda stage, h: self.priors[stage].sample(h, temperature, generator))
         return self.decode([prior.sample(n, temperature, generator) for prior in self.priors])
 
 

@@ -1,4 +1,5 @@
-"""Base distributions of the flows: a standard normal and a learned diagonal Gaussian."""
+"""Base distributions of the flows: a standard normal, a learned diagonal Gaussian, and a Glow-style conditional
+Gaussian for factored-out latents."""
 
 from __future__ import annotations
 
@@ -42,3 +43,35 @@ class DiagonalGaussian(nn.Module):
         """``n`` samples ``(n, *shape)``; ``temperature`` scales the standard deviation."""
         eps = torch.randn((n, *self.shape), generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + temperature * torch.exp(self.log_std) * eps
+
+
+class ConditionalGaussian(nn.Module):
+    """Glow's factor-out prior: ``p(z | h) = N(z; mean(h), diag(exp(2 log_std(h))))`` for a factored-out part ``z``
+    ``(B, *shape)`` given the kept half ``h`` ``(B, cond_channels, H, W)`` of the same scale.
+
+    ``mean`` and ``log_std`` come from one ``kernel_size`` convolution of ``h`` (``cond_channels -> 2 C``, same
+    padding), zero-initialised, so the prior starts as the standard normal.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], cond_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.conv = nn.Conv2d(cond_channels, 2 * self.shape[0], kernel_size, padding=kernel_size // 2)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def params(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean, log_std)``, each ``(B, *shape)``, given the kept half ``h``."""
+        mean, log_std = self.conv(h).chunk(2, dim=1)
+        return mean, log_std
+
+    def log_prob(self, z: Tensor, h: Tensor) -> Tensor:
+        """``ln p(z | h)``: ``(B, *shape), (B, cond_channels, H, W) -> (B,)``."""
+        mean, log_std = self.params(h)
+        return standard_normal_logprob((z - mean) * torch.exp(-log_std)) - log_std.flatten(1).sum(1)
+
+    def sample(self, h: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """One sample ``(B, *shape)`` per kept half in ``h``; ``temperature`` scales the standard deviation."""
+        mean, log_std = self.params(h)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + temperature * torch.exp(log_std) * eps

@@ -158,13 +158,23 @@ class FlowParams:
     n_samples: PositiveInt = param("Hutchinson probes per example while training")
     estimator: choice("truncated", "unbiased") = param("log-det estimator")
     memory_efficient: Bool = param("Neumann-series gradient instead of backprop through the series")
-    prior: choice("learned", "fixed") = param("Gaussian prior with learned or fixed (N(0, I)) parameters")
+    prior: choice("learned", "fixed", "conditional") = param(
+        "Gaussian prior with learned or fixed (N(0, I)) parameters, or Glow's conditional factor-out prior"
+    )
+    factor_out: Bool = param("factor out half the channels after every scale but the last (false: single scale)")
+    logit_alpha: optional(real(0.0, 0.5, lo_open=True, hi_open=True)) = param(
+        "logit transform with this alpha as the first layer (null: none)"
+    )
+    actnorm_init_images: optional(PositiveInt) = param(
+        "ActNorm data initialisation on this many evenly spaced train images (null: the first training batch)"
+    )
     epochs: PositiveInt = param("training epochs")
     batch_size: PositiveInt = param("training batch size")
     eval_batch_size: PositiveInt = param("evaluation batch size")
     optimizer: choice("adamax", "adam") = param("optimiser")
     lr: PositiveReal = param("learning rate")
     warmup_epochs: NonNegativeInt = param("linear learning-rate warm-up epochs")
+    lr_schedule: choice("constant", "cosine") = param("learning rate after the warm-up: constant or cosine decay to 0")
     weight_decay: real(0.0) = param("weight decay")
     use_zca: Bool = param("train on ZCA-whitened data (needs data.zca.enabled)")
     n_generated: PositiveInt = param("samples drawn for the samples grid")
@@ -175,6 +185,12 @@ class FlowParams:
         if self.memory_efficient and self.estimator != "truncated":
             raise ParamsError(
                 "memory_efficient", True, "false with estimator unbiased (the Neumann gradient is for truncated)"
+            )
+        if self.prior == "conditional" and (not self.factor_out or len(self.strides) < 2):
+            raise ParamsError("prior", "conditional", "learned or fixed unless factor_out is true with >= 2 scales")
+        if self.logit_alpha is not None and self.use_zca:
+            raise ParamsError(
+                "logit_alpha", self.logit_alpha, "null with use_zca (the logit needs pixels in [-1/2, 1/2))"
             )
 
 

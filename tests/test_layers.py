@@ -8,7 +8,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iresnet.base import Invertible
-from iresnet.layers import NONLINEARITIES, ActNorm, InjectivePad, LipSwish, MaxMin, Squeeze, make_nonlinearity
+from iresnet.layers import (
+    NONLINEARITIES,
+    ActNorm,
+    InjectivePad,
+    LipSwish,
+    Logit,
+    MaxMin,
+    Squeeze,
+    make_nonlinearity,
+)
 
 F64 = torch.float64
 
@@ -254,3 +263,30 @@ def test_lipswish_keeps_its_formula_in_float32() -> None:
     x = torch.cat([torch.randn(1000) * 5.0, torch.tensor(LARGE_VALUES)])
     beta = F.softplus(f.raw_beta.detach())
     torch.testing.assert_close(f(x), x * torch.sigmoid(beta * x) / 1.1)
+
+
+# ------------------------------------------------------------------ Logit
+
+
+@pytest.mark.parametrize("alpha", [1e-6, 0.05])
+def test_logit_logdet_equals_autograd_jacobian_and_inverts(alpha: float) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(3, 2, 2, 2, dtype=F64) - 0.5
+    x[0, 0, 0, 0] = -0.5  # the lowest dequantised value
+    layer = Logit(alpha)
+    y, logdet = layer(x)
+    p = alpha + (1 - 2 * alpha) * (x + 0.5)
+    torch.testing.assert_close(y, torch.log(p / (1 - p)), atol=1e-12, rtol=1e-12)
+    assert logdet.shape == (3,)
+    torch.testing.assert_close(logdet, jacobian_logdets(layer, x), atol=1e-9, rtol=1e-12)
+    assert (layer.inverse(y) - x).abs().max() < 1e-12
+
+
+def test_logit_float32_near_the_edges_and_bad_alpha() -> None:
+    x = torch.tensor([[-0.5, 0.5 - 1 / 512, 0.0]])
+    y, logdet = Logit(1e-6)(x)
+    assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+    assert (Logit(1e-6).inverse(y) - x).abs().max() < 1e-6
+    for alpha in (0.0, 0.5, -1.0):
+        with pytest.raises(ValueError, match="alpha"):
+            Logit(alpha)

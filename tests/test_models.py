@@ -10,9 +10,10 @@ from torch import Tensor
 
 from iresnet.blocks import residual_blocks, set_inverse_settings, set_logdet_settings
 from iresnet.inverse import InverseSettings
+from iresnet.layers import Logit
 from iresnet.logdet import LogDetSettings
 from iresnet.models import FlowConfig, IResNetClassifier, MultiscaleFlow, ResNetConfig, bits_per_dim
-from iresnet.priors import standard_normal_logprob
+from iresnet.priors import ConditionalGaussian, DiagonalGaussian, standard_normal_logprob
 from iresnet.toy import toy_glow, toy_iresnet
 
 TINY = dict(n_blocks=(1, 1, 1), strides=(1, 2, 2), channels=(4, 4, 4))
@@ -149,3 +150,147 @@ def test_toy_flow_log_prob_equals_brute_force(make) -> None:
         expected.append(standard_normal_logprob(z).squeeze(0) + torch.linalg.slogdet(jac)[1])
     torch.testing.assert_close(flow.log_prob(x).detach(), torch.stack(expected).detach(), atol=1e-8, rtol=0)
     assert flow.sample(7).shape == (7, 2)
+
+
+# ------------------------------------------------------------------ flow options: logit, conditional prior, one scale
+
+
+def option_flow(**options) -> MultiscaleFlow:
+    config = FlowConfig(
+        in_shape=(1, 4, 4),
+        n_blocks=(1, 1),
+        strides=(1, 2),
+        channels=(4, 4),
+        logdet=LogDetSettings(estimator="exact"),
+        **options,
+    )
+    flow = MultiscaleFlow(config).double()
+    with torch.no_grad():  # non-trivial priors, also the zero-initialised conditional convolutions
+        for prior in flow.priors:
+            for param in prior.parameters():
+                param.normal_(0, 0.3)
+    return flow
+
+
+def brute_force_log_prob(flow: MultiscaleFlow, x: Tensor, prior_log_prob) -> Tensor:
+    """``prior_log_prob(zs) + ln|det J|`` per example, with ``J`` the autograd Jacobian of ``x -> cat(zs)``."""
+
+    def latent(v: Tensor) -> Tensor:
+        return torch.cat([z.flatten() for z in flow.encode(v.unsqueeze(0))[0]])
+
+    out = []
+    for xi in x:
+        jac = torch.autograd.functional.jacobian(latent, xi).reshape(xi.numel(), xi.numel())
+        zs, _ = flow.encode(xi.unsqueeze(0))
+        out.append(prior_log_prob(zs).squeeze(0) + torch.linalg.slogdet(jac)[1])
+    return torch.stack(out).detach()
+
+
+def normal_log_prob(z: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
+    """The Gaussian density written out: ``Σ -(z - m)² / (2 σ²) - ln σ - ln(2π) / 2``, ``(B, ...) -> (B,)``."""
+    var = torch.exp(2 * log_std)
+    return (-((z - mean) ** 2) / (2 * var) - log_std - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
+
+def inverts(flow: MultiscaleFlow, x: Tensor) -> None:
+    set_inverse_settings(flow, InverseSettings(max_iter=300, atol=1e-12))
+    with torch.no_grad():
+        zs, _ = flow.encode(x)
+        assert (flow.decode(zs) - x).abs().max() <= 1e-6
+
+
+def test_flow_with_logit_counts_its_logdet_in_pixel_space() -> None:
+    torch.manual_seed(0)
+    flow = option_flow(logit_alpha=0.05)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
+    converge_power_iterations(flow, x)
+    assert isinstance(flow.stages[0][0], Logit) and flow.block_dims == [16, 8]
+    expected = brute_force_log_prob(flow, x, lambda zs: sum(p.log_prob(z) for p, z in zip(flow.priors, zs)))
+    torch.testing.assert_close(flow.log_prob(x).detach(), expected, atol=1e-8, rtol=0)
+    inverts(flow, x)
+    samples = flow.sample(3, generator=torch.Generator().manual_seed(0))
+    bound = 0.5 + 0.05 / 0.9  # the logit's inverse maps the real line onto (-bound, bound)
+    assert samples.shape == (3, 1, 4, 4) and samples.abs().max() < bound
+
+
+def test_conditional_prior_log_prob_equals_exact_densities_by_hand() -> None:
+    torch.manual_seed(1)
+    flow = option_flow(prior="conditional")
+    assert isinstance(flow.priors[0], ConditionalGaussian) and isinstance(flow.priors[1], DiagonalGaussian)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
+    converge_power_iterations(flow, x)
+
+    def by_hand(zs: list[Tensor]) -> Tensor:
+        z0, top = zs
+        h = top_input(zs)
+        weight, bias = flow.priors[0].conv.weight, flow.priors[0].conv.bias
+        params = torch.nn.functional.conv2d(h, weight, bias, padding=1)
+        mean, log_std = params[:, :2], params[:, 2:]
+        last = flow.priors[1]
+        return normal_log_prob(z0, mean, log_std) + normal_log_prob(top, last.mean, last.log_std)
+
+    def top_input(zs: list[Tensor]) -> Tensor:  # stage 0's kept half = the inverse of stage 1 at the last latent
+        return flow.stages[1].inverse(zs[1])
+
+    set_inverse_settings(flow, InverseSettings(max_iter=300, atol=1e-13))
+    expected = brute_force_log_prob(flow, x, by_hand)
+    torch.testing.assert_close(flow.log_prob(x).detach(), expected, atol=1e-7, rtol=0)
+
+
+def test_conditional_prior_starts_standard_normal_and_samples_round_trip() -> None:
+    torch.manual_seed(2)
+    fresh = MultiscaleFlow(
+        FlowConfig(
+            in_shape=(1, 4, 4),
+            n_blocks=(1, 1),
+            strides=(1, 2),
+            channels=(4, 4),
+            prior="conditional",
+            learned_prior=False,
+        )
+    )
+    h = torch.randn(3, 2, 2, 2)
+    z = torch.randn(3, 2, 2, 2)
+    torch.testing.assert_close(fresh.priors[0].log_prob(z, h), standard_normal_logprob(z))
+
+    flow = option_flow(prior="conditional")
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
+    converge_power_iterations(flow, x)
+    inverts(flow, x)
+    samples = flow.sample(3, temperature=0.7, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        zs, _ = flow.encode(samples)
+        gen = torch.Generator().manual_seed(5)  # the same draws in the same order: last scale first
+        top = flow.priors[1].sample(3, 0.7, gen)
+        kept = flow.stages[1].inverse(top)
+        z0 = flow.priors[0].sample(kept, 0.7, gen)
+    assert (zs[1] - top).abs().max() < 1e-6 and (zs[0] - z0).abs().max() < 1e-6
+
+
+def test_single_scale_flow_has_one_prior_over_everything() -> None:
+    torch.manual_seed(3)
+    flow = option_flow(factor_out=False)
+    assert len(flow.priors) == 1 and flow.priors[0].shape == (16, 1, 1) and flow.block_dims == [16, 16]
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
+    converge_power_iterations(flow, x)
+    zs, _ = flow.encode(x)
+    assert len(zs) == 1 and zs[0].shape == (2, 16, 1, 1)
+    expected = brute_force_log_prob(flow, x, lambda zs: flow.priors[0].log_prob(zs[0]))
+    torch.testing.assert_close(flow.log_prob(x).detach(), expected, atol=1e-8, rtol=0)
+    inverts(flow, x)
+    assert flow.sample(2).shape == (2, 1, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(prior="learned"), "prior must be one of"),
+        (dict(prior="conditional", factor_out=False), "conditional"),
+        (dict(prior="conditional", n_blocks=(1,), strides=(1,), channels=(4,)), "conditional"),
+        (dict(logit_alpha=0.5), "logit_alpha"),
+        (dict(logit_alpha=0.0), "logit_alpha"),
+    ],
+)
+def test_flow_options_are_checked(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FlowConfig(in_shape=(1, 4, 4), **options)

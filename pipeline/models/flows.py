@@ -54,8 +54,11 @@ def flow_config(flow: FlowParams, in_shape: tuple[int, int, int]) -> FlowConfig:
         nonlin=flow.nonlin,
         init_ds=flow.init_ds,
         actnorm=flow.actnorm,
-        learned_prior=flow.prior == "learned",
+        learned_prior=flow.prior != "fixed",  # conditional: the last scale's prior is learned too (Glow)
         logdet=logdet_settings(flow),
+        logit_alpha=flow.logit_alpha,
+        prior="conditional" if flow.prior == "conditional" else "diagonal",
+        factor_out=flow.factor_out,
     )
 
 

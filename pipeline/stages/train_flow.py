@@ -2,7 +2,9 @@
 
 Each step draws fresh dequantisation noise from a seeded generator of its own (optionally ZCA-whitens) and minimises
 the bits/dim of Eq. 3 with the configured log-det estimator (``flow.estimator``, ``flow.memory_efficient``), with
-Adamax and a linear warm-up (:func:`warmup_lr`). After each epoch: test bits/dim (same estimator, fixed noise and
+Adamax and a linear warm-up (:func:`warmup_lr`), then a constant or cosine-decaying rate (:func:`scheduled_lr`).
+ActNorm initialises on the first training batch, or with ``flow.actnorm_init_images`` on that many evenly spaced train
+images before training (:func:`initialise_actnorm`). After each epoch: test bits/dim (same estimator, fixed noise and
 probes), mean ``ln p(z)`` and log-det, and the fixed-point reconstruction error of a test batch go to MLflow and
 ``reports/curves/flow.csv``; a resume checkpoint (model, optimiser, both RNG streams; :class:`EpochLoop`) makes a
 killed run continue bit-identically. A NaN stops with a diagnosis (certified ``Lip(g)`` of the blocks at that point).
@@ -13,6 +15,7 @@ through the inverse, with its convergence report in the metrics).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 from iresnet.blocks import lipschitz_bounds, logdet_settings_as, residual_blocks
+from iresnet.layers import ActNorm
 from iresnet.logdet import LogDetSettings
 from iresnet.models import MultiscaleFlow
 from iresnet.spectral_norm import LipschitzConv2d
@@ -57,6 +61,8 @@ RECON_BATCH = 64  # test images reconstructed after every epoch
 # for hundreds of steps, with norms above c meanwhile (and certified Lip(g) >= 1 after short runs).
 _INIT_POWER_ITERS = 100
 _EVAL_SEED_OFFSET = 1  # the per-epoch test evaluation's noise and probes: fixed, and apart from the training streams
+_ACTNORM_SEED_OFFSET = 2  # the dequantisation noise of the ActNorm initialisation images (flow.actnorm_init_images)
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -71,6 +77,36 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     if step >= warmup_steps:
         return base_lr
     return base_lr * (step + 1) / warmup_steps
+
+
+def scheduled_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of ``total_steps``: :func:`warmup_lr` during the warm-up;
+    after it ``base_lr`` (``constant``) or ``base_lr · (1 + cos(π (step - W) / (T - W))) / 2`` (``cosine``, with
+    ``W = warmup_steps``, ``T = total_steps``): ``base_lr`` at the first step after the warm-up, decaying to 0 at
+    ``T`` (the end of training, one step after the last).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    lr = warmup_lr(step, base_lr, warmup_steps)
+    if schedule == "constant" or step < warmup_steps:
+        return lr
+    if step >= total_steps:
+        return 0.0
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+
+
+@torch.no_grad()
+def initialise_actnorm(model: MultiscaleFlow, x: Tensor) -> None:
+    """Data-initialise every ActNorm layer on the model inputs ``x`` (one forward, in order, like the first training
+    batch would), changing nothing else: the other modules stay in eval mode (no power-iteration step) and the
+    log-det is not computed (no probes drawn). Leaves the model in eval mode."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, ActNorm):
+            module.train()
+    with logdet_settings_as(model, LogDetSettings(estimator="none")):
+        model.encode(x)
+    model.eval()
 
 
 def divergence_hint(model: MultiscaleFlow) -> str:
@@ -111,7 +147,7 @@ def train_epoch(
     model.train()
     total, seen = 0.0, 0
     for k, idx in enumerate(batch_indices(len(images), p.batch_size, True, p.max_train_batches)):
-        lr = warmup_lr((epoch - 1) * per_epoch + k, p.lr, warmup_steps)
+        lr = scheduled_lr((epoch - 1) * per_epoch + k, p.lr, warmup_steps, p.epochs * per_epoch, p.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = space.bpd(model.log_prob(space.to_model(images[idx], noise))).mean()
@@ -182,6 +218,9 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     config = flow_config(p, shape)  # type: ignore[arg-type]
     model = MultiscaleFlow(config)
     converge_spectral_norms(model)
+    if p.actnorm_init_images is not None:  # else ActNorm initialises on the first training batch
+        init_images = train_images[evenly_spaced(len(train_images), p.actnorm_init_images)]
+        initialise_actnorm(model, fixed_noise_inputs(space, init_images, params.seed + _ACTNORM_SEED_OFFSET))
     optimizer = build_optimizer(p.optimizer, model.parameters(), p.lr, weight_decay=p.weight_decay)
     noise = torch.Generator().manual_seed(params.seed)  # dequantisation noise of the training batches
     data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "zca")}

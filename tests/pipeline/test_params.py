@@ -98,6 +98,10 @@ BAD = [
     ("flow.strides", [2, 2], "flow.strides", "divide the 28x28"),  # with init_ds 2: /8
     ("flow.use_zca", True, "flow.use_zca", "data.zca.enabled"),
     ("flow.warmup_epochs", -1, "flow.warmup_epochs", ">= 0"),
+    ("flow.lr_schedule", "step", "flow.lr_schedule", "'constant'"),
+    ("flow.logit_alpha", 0.5, "flow.logit_alpha", "< 0.5"),
+    ("flow.actnorm_init_images", 0, "flow.actnorm_init_images", "null or"),
+    ("flow.factor_out", "no", "flow.factor_out", "true or false"),
     ("evaluate_flow.max_bias_bits", 0, "evaluate_flow.max_bias_bits", "> 0"),
     ("evaluate_flow.n_examples", 0, "evaluate_flow.n_examples", "null or"),
     ("logdet_bias.max_terms", 0, "logdet_bias.max_terms", ">= 1"),
@@ -198,3 +202,14 @@ def test_params_are_read_as_dvc_reads_them(tmp_path: Path) -> None:
     assert load_params(tmp_path / "ten.yaml").data.max_train == 10
     assert parse_override("data.download=on") == ("data.download", "on")
     assert parse_override("flow.lr=1e-4") == ("flow.lr", 1e-4)
+
+
+def test_flow_option_combinations_are_checked(repo_params: dict) -> None:
+    raw = _set(_set(repo_params, "flow.prior", "conditional"), "flow.factor_out", False)
+    with pytest.raises(ParamsError, match="factor_out") as info:
+        parse_params(raw)
+    assert info.value.key == "flow.prior"
+    raw = _set(_set(repo_params, "flow.logit_alpha", 1e-6), "flow.use_zca", True)
+    with pytest.raises(ParamsError, match="use_zca") as info:
+        parse_params(raw)
+    assert info.value.key == "flow.logit_alpha"

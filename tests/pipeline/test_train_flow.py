@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,21 @@ def test_warmup_lr_values() -> None:
     assert train_flow.warmup_lr(0, lr, 0) == lr  # no warm-up
     with pytest.raises(ValueError, match="step and warmup_steps"):
         train_flow.warmup_lr(-1, lr, 4)
+
+
+def test_scheduled_lr_closed_form() -> None:
+    lr, warmup, total = 0.01, 4, 12
+    constant = [train_flow.scheduled_lr(s, lr, warmup, total, "constant") for s in range(total)]
+    assert constant == [train_flow.warmup_lr(s, lr, warmup) for s in range(total)]  # today's schedule
+    cosine = [train_flow.scheduled_lr(s, lr, warmup, total, "cosine") for s in range(total)]
+    assert cosine[:warmup] == constant[:warmup]
+    expected = [lr * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) / 2 for s in range(warmup, total)]
+    assert cosine[warmup:] == pytest.approx(expected, rel=1e-15, abs=0)
+    assert cosine[warmup] == lr and cosine[warmup + 4] == pytest.approx(lr / 2) and 0 < cosine[-1] < lr / 20
+    assert train_flow.scheduled_lr(total, lr, warmup, total, "cosine") == 0.0
+    assert train_flow.scheduled_lr(0, lr, 0, 5, "cosine") == lr  # no warm-up: decays from the first step
+    with pytest.raises(ValueError, match="schedule"):
+        train_flow.scheduled_lr(0, lr, warmup, total, "step")
 
 
 def test_stage_outputs_and_applied_learning_rates(tiny_project: Path, tiny_params: dict) -> None:
@@ -140,6 +159,64 @@ def test_kill_and_resume_gives_identical_results(
     a = torch.load(killed.models / "flow" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(straight.models / "flow" / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_flow_options_train_and_reload(tiny_project: Path, tiny_params: dict) -> None:
+    """Logit layer, conditional prior, ActNorm on 12 images and the cosine schedule together; a single-scale flow."""
+    applied: list[float] = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"]))
+    try:
+        params, paths, metrics = trained_project(
+            tiny_project,
+            tiny_params,
+            prior="conditional",
+            logit_alpha=1e-6,
+            actnorm_init_images=12,
+            lr_schedule="cosine",
+        )
+    finally:
+        hook.remove()
+    lr = params.flow.lr
+    assert applied == pytest.approx([train_flow.scheduled_lr(s, lr, 4, 8, "cosine") for s in range(8)], rel=1e-15)
+    assert math.isfinite(metrics["test_bpd_estimate"]) and metrics["recon_error"] < 1e-3
+    flow = load_trained_flow(paths)
+    assert flow.model.config.prior == "conditional" and flow.model.config.logit_alpha == 1e-6
+    samples = flow.model.sample(2, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
+
+    _, paths, metrics = trained_project(tiny_project, tiny_params, epochs=1, factor_out=False)
+    assert len(load_trained_flow(paths).model.priors) == 1 and math.isfinite(metrics["test_bpd_estimate"])
+
+
+def test_actnorm_initialises_on_the_given_images_only(tiny_project: Path, tiny_params: dict) -> None:
+    """``initialise_actnorm`` standardises the first ActNorm's output on those images and leaves the rest as it was."""
+    params, paths = prepared_project(tiny_project, tiny_flow_params(tiny_params, actnorm_init_images=12))
+    model = MultiscaleFlow(flow_config(params.flow, (1, 8, 8)))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "actnorm" not in k}
+    from pipeline.data.store import load_prepared
+
+    images, _ = load_prepared(paths, "train")
+    x = fixed_noise_inputs(FlowSpace((1, 8, 8)), images[evenly_spaced(len(images), 12)], 5)
+    rng = torch.get_rng_state()
+    train_flow.initialise_actnorm(model, x)
+    assert torch.equal(torch.get_rng_state(), rng) and not model.training  # no random draws
+    first = model.stages[0][1]  # after the squeeze
+    assert bool(first.initialized)
+    out, _ = first(model.stages[0][0](x)[0])
+    assert (
+        out.mean(dim=(0, 2, 3)).abs().max() < 1e-5 and (out.std(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-4
+    )
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert all(k.endswith(("bias", "log_scale", "initialized")) for k in changed) and changed
+
+
+def test_config_files_before_the_flow_options_still_load(repo_params: dict) -> None:
+    plain = config_to_dict(flow_config(parse_params(repo_params).flow, (1, 28, 28)))
+    old = {k: v for k, v in plain.items() if k not in ("logit_alpha", "prior", "factor_out")}
+    config = config_from_dict(FlowConfig, old)
+    assert config == flow_config(parse_params(repo_params).flow, (1, 28, 28))
+    assert config.logit_alpha is None and config.prior == "diagonal" and config.factor_out
 
 
 @pytest.mark.parametrize(("estimator", "library"), [("truncated", "series"), ("unbiased", "unbiased")])
@@ -229,3 +306,40 @@ def test_dvc_yaml_tracks_exactly_the_params_each_flow_stage_reads(stage: str, se
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
     assert set(spec["params"]) == {"seed"} | {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
     assert f"pipeline/stages/{stage}.py" in spec["deps"] and "iresnet" in spec["deps"]
+
+
+BEFORE_FLOW_OPTIONS = "d98fe65"  # the last commit before flow.{prior: conditional, factor_out, logit_alpha, ...}
+NEW_FLOW_KEYS = ("factor_out", "logit_alpha", "actnorm_init_images", "lr_schedule")
+
+
+def test_default_flow_options_train_bit_identically_to_the_code_before_them(
+    tiny_project: Path, tiny_params: dict, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The tiny flow trained with the new options at their defaults equals, bit for bit, the one trained by the code
+    of the commit before them (run from a ``git archive`` of it, on the same prepared data)."""
+    old_code = tmp_path_factory.mktemp("old_code")
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", BEFORE_FLOW_OPTIONS, "iresnet", "pipeline"], capture_output=True
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"commit {BEFORE_FLOW_OPTIONS} is not available: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(old_code)], input=archive.stdout, check=True)
+
+    params, paths, _ = trained_project(tiny_project, tiny_params)
+    old_root = tmp_path_factory.mktemp("old_project")
+    shutil.copytree(paths.root / "data", old_root / "data")
+    raw = params.to_dict()
+    for key in NEW_FLOW_KEYS:
+        del raw["flow"][key]
+    (old_root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    script = (  # one thread, as the tests run (tests/conftest.py): reductions then add up in the same order
+        "import torch; torch.set_num_threads(1); "
+        "from pipeline.params import load_params; from pipeline.paths import Paths; "
+        "from pipeline.stages import train_flow; paths = Paths.at('.'); "
+        "train_flow.run(load_params(paths.params_file), paths)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(old_code), "IRESNET_TRACKING": "0"}
+    subprocess.run([sys.executable, "-c", script], cwd=old_root, env=env, check=True, capture_output=True)
+    old = torch.load(old_root / "models" / "flow" / "model.pt", weights_only=True)["state_dict"]
+    new = torch.load(TRAIN_FLOW.model_path(paths), weights_only=True)["state_dict"]
+    assert list(old) == list(new) and all(torch.equal(old[k], new[k]) for k in old)
