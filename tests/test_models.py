@@ -70,19 +70,22 @@ def test_indivisible_spatial_size_is_named() -> None:
         IResNetClassifier(ResNetConfig(in_shape=(1, 6, 6), **TINY))
 
 
-def tiny_flow() -> MultiscaleFlow:
+def tiny_flow(**options) -> MultiscaleFlow:
+    """A two-scale float64 flow on 1x4x4 with the exact log-det and FlowConfig ``options``; every prior parameter is
+    drawn at random (non-trivial learned priors, also the zero-initialised conditional convolutions)."""
     config = FlowConfig(
         in_shape=(1, 4, 4),
         n_blocks=(1, 1),
         strides=(1, 2),
         channels=(4, 4),
         logdet=LogDetSettings(estimator="exact"),
+        **options,
     )
     flow = MultiscaleFlow(config).double()
-    with torch.no_grad():  # a non-trivial learned prior
+    with torch.no_grad():
         for prior in flow.priors:
-            prior.mean.normal_(0, 0.3)
-            prior.log_std.normal_(0, 0.3)
+            for param in prior.parameters():
+                param.normal_(0, 0.3)
     return flow
 
 
@@ -155,23 +158,6 @@ def test_toy_flow_log_prob_equals_brute_force(make) -> None:
 # ------------------------------------------------------------------ flow options: logit, conditional prior, one scale
 
 
-def option_flow(**options) -> MultiscaleFlow:
-    config = FlowConfig(
-        in_shape=(1, 4, 4),
-        n_blocks=(1, 1),
-        strides=(1, 2),
-        channels=(4, 4),
-        logdet=LogDetSettings(estimator="exact"),
-        **options,
-    )
-    flow = MultiscaleFlow(config).double()
-    with torch.no_grad():  # non-trivial priors, also the zero-initialised conditional convolutions
-        for prior in flow.priors:
-            for param in prior.parameters():
-                param.normal_(0, 0.3)
-    return flow
-
-
 def brute_force_log_prob(flow: MultiscaleFlow, x: Tensor, prior_log_prob) -> Tensor:
     """``prior_log_prob(zs) + ln|det J|`` per example, with ``J`` the autograd Jacobian of ``x -> cat(zs)``."""
 
@@ -201,7 +187,7 @@ def inverts(flow: MultiscaleFlow, x: Tensor) -> None:
 
 def test_flow_with_logit_counts_its_logdet_in_pixel_space() -> None:
     torch.manual_seed(0)
-    flow = option_flow(logit_alpha=0.05)
+    flow = tiny_flow(logit_alpha=0.05)
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
     converge_power_iterations(flow, x)
     assert isinstance(flow.stages[0][0], Logit) and flow.block_dims == [16, 8]
@@ -215,7 +201,7 @@ def test_flow_with_logit_counts_its_logdet_in_pixel_space() -> None:
 
 def test_conditional_prior_log_prob_equals_exact_densities_by_hand() -> None:
     torch.manual_seed(1)
-    flow = option_flow(prior="conditional")
+    flow = tiny_flow(prior="conditional")
     assert isinstance(flow.priors[0], ConditionalGaussian) and isinstance(flow.priors[1], DiagonalGaussian)
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
     converge_power_iterations(flow, x)
@@ -253,7 +239,7 @@ def test_conditional_prior_starts_standard_normal_and_samples_round_trip() -> No
     z = torch.randn(3, 2, 2, 2)
     torch.testing.assert_close(fresh.priors[0].log_prob(z, h), standard_normal_logprob(z))
 
-    flow = option_flow(prior="conditional")
+    flow = tiny_flow(prior="conditional")
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
     converge_power_iterations(flow, x)
     inverts(flow, x)
@@ -269,7 +255,7 @@ def test_conditional_prior_starts_standard_normal_and_samples_round_trip() -> No
 
 def test_single_scale_flow_has_one_prior_over_everything() -> None:
     torch.manual_seed(3)
-    flow = option_flow(factor_out=False)
+    flow = tiny_flow(factor_out=False)
     assert len(flow.priors) == 1 and flow.priors[0].shape == (16, 1, 1) and flow.block_dims == [16, 16]
     x = torch.rand(2, 1, 4, 4, dtype=torch.float64) - 0.5
     converge_power_iterations(flow, x)
