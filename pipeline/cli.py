@@ -203,12 +203,26 @@ def select_device(settings: Settings) -> Any:
     return device
 
 
+def without_nproc(args: list[str]) -> list[str]:
+    """``args`` less ``--nproc N`` / ``--nproc=N`` (torchrun's own parser would read ``--nproc`` as an ambiguous
+    abbreviation of its options; its processes know their number from ``WORLD_SIZE``)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def launch(nproc: int) -> NoReturn:
     """Run this very command line again as ``nproc`` processes of one data-parallel run, through PyTorch's launcher
     (``torchrun --standalone --nproc-per-node nproc -m pipeline.cli ...``), and exit with its status. The processes
     see ``WORLD_SIZE`` and so never launch again."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command += ["-m", "pipeline.cli", *sys.argv[1:]]
+    command += ["-m", "pipeline.cli", *without_nproc(sys.argv[1:])]
     try:
         code = subprocess.call(command)
     except KeyboardInterrupt:
@@ -254,7 +268,8 @@ def run_stage(
             if batch_key is not None and (here.distributed or nproc > 1):
                 from pipeline.distributed import check_divides, init_process_group
 
-                check_divides(*batch_key(params), here.size if here.distributed else nproc)
+                key, batch = batch_key(params)
+                check_divides(batch, key, here.size if here.distributed else nproc)
                 if not here.distributed:
                     launch(nproc)
                 init_process_group(device)
@@ -272,6 +287,35 @@ def run_stage(
     if here.is_main:
         console.print(metrics_table(f"{stage}: results", metrics))
     return metrics
+
+
+def dry_run(
+    ctx: typer.Context,
+    measure: Callable[[Params, Paths, int], dict[str, Any]],
+    overrides: Mapping[str, Any],
+    batch_key: BatchKey,
+) -> None:
+    """``--dry-run`` of a training stage: parameters, activation memory per example and the time per epoch from 10
+    measured steps on the current device (:mod:`pipeline.dry_run`), for each of ``--nproc`` processes; no outputs."""
+    import torch
+
+    if ctx.obj.threads is not None:
+        torch.set_num_threads(ctx.obj.threads)
+    select_device(ctx.obj)
+    nproc = ctx.obj.nproc or 1
+    try:
+        params, paths = load(ctx, overrides)
+        from pipeline.distributed import check_divides
+
+        key, batch = batch_key(params)
+        check_divides(batch, key, nproc)
+        result = measure(params, paths, nproc)
+    except UserError as err:
+        fail(err)
+    console.print(metrics_table("dry run (nothing written)", result))
+
+
+DRY_RUN_HELP = "Print parameters, activation memory per example and the time per epoch from 10 measured steps."
 
 
 @app.command()
@@ -306,9 +350,21 @@ def train_classifier(
     ctx: typer.Context,
     coeff: str = typer.Option(..., help="Which entry of classifier.coeffs: vanilla, batchnorm, or c (e.g. 0.9)."),
     epochs: Optional[int] = typer.Option(None, help="Override classifier.epochs."),
+    dry: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
     """Train one classifier of Table 2 (resumes from its last epoch checkpoint if an earlier run was killed)."""
     from pipeline.stages import train_classifier as stage
+
+    def batch_key(params: Params) -> tuple[str, int]:
+        return "classifier.batch_size", params.classifier.batch_size
+
+    if dry:
+        from pipeline import dry_run as measure
+
+        def runner_dry(params: Params, paths: Paths, nproc: int) -> dict[str, Any]:
+            return measure.classifier(params, paths, coeff, nproc)
+
+        return dry_run(ctx, runner_dry, {"classifier.epochs": epochs}, batch_key)
 
     def runner(params: Params, paths: Paths, tracker: Any) -> dict[str, Any]:
         return stage.run(params, paths, tracker, coeff=coeff)
@@ -321,7 +377,7 @@ def train_classifier(
         ("seed", "data", "classifier"),
         {"classifier.epochs": epochs},
         {"coeff": coeff},
-        batch_key=lambda params: ("classifier.batch_size", params.classifier.batch_size),
+        batch_key=batch_key,
     )
 
 
@@ -342,9 +398,21 @@ def reconstruction(ctx: typer.Context) -> None:
 
 
 @app.command()
-def train_flow(ctx: typer.Context, epochs: Optional[int] = typer.Option(None, help="Override flow.epochs.")) -> None:
+def train_flow(
+    ctx: typer.Context,
+    epochs: Optional[int] = typer.Option(None, help="Override flow.epochs."),
+    dry: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
+) -> None:
     """Train the multiscale flow (Table 4), samples grid (Fig. 5); resumes from its last epoch checkpoint."""
     from pipeline.stages import train_flow as stage
+
+    def batch_key(params: Params) -> tuple[str, int]:
+        return "flow.batch_size", params.flow.batch_size
+
+    if dry:
+        from pipeline import dry_run as measure
+
+        return dry_run(ctx, measure.flow, {"flow.epochs": epochs}, batch_key)
 
     run_stage(
         ctx,
@@ -353,7 +421,7 @@ def train_flow(ctx: typer.Context, epochs: Optional[int] = typer.Option(None, he
         stage.run,
         ("seed", "flow"),
         {"flow.epochs": epochs},
-        batch_key=lambda params: ("flow.batch_size", params.flow.batch_size),
+        batch_key=batch_key,
     )
 
 

@@ -80,6 +80,14 @@ def device() -> Any:
     return _current_device if _current_device is not None else torch.device("cpu")
 
 
+def synchronize() -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously): call before reading a wall clock."""
+    import torch
+
+    if device().type == "cuda":
+        torch.cuda.synchronize(device())
+
+
 def device_info(value: Any = None) -> dict[str, str]:
     """``{"device": "cuda:0", "gpu": "<name>"}`` (``gpu`` only on CUDA): MLflow tags, and metrics off the CPU."""
     import torch
