@@ -13,6 +13,7 @@ Writes ``models/classifier/<label>/model.pt``, ``reports/metrics/classifier/<lab
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -89,6 +90,15 @@ def refresh_unconstrained(model: IResNetClassifier) -> None:
             layer.power_iterate(_MONITOR_ITERS)
 
 
+def mixed_precision(enabled: bool, where: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast of the forward pass when ``classifier.bf16`` (convolutions and matmuls in bf16, the
+    spectral normalisation and its power iteration in float32: :class:`iresnet.spectral_norm.LipschitzConv2d`);
+    otherwise nothing at all (today's float32 code path)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=where.type, dtype=torch.bfloat16)
+
+
 def train_epoch(
     model: IResNetClassifier | nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -114,10 +124,13 @@ def train_epoch(
         if here.distributed:  # ... of which this rank trains on its part (pipeline.distributed)
             part = shard(torch.arange(len(idx)), here)
             x, y = x[part], y[part]
+        with mixed_precision(p.bf16, x.device):
             logits = model(x)
+        if p.bf16:
+            logits = logits.float()  # the loss in float32
+        if here.distributed:
             loss = global_mean(F.cross_entropy(logits, y, reduction="sum"), len(idx), here)
         else:
-            logits = model(x)
             loss = F.cross_entropy(logits, y)
         check_finite(loss, "training loss", f"{where}, batch {k}", _HINT)
         optimizer.zero_grad(set_to_none=True)

@@ -96,3 +96,38 @@ def test_dry_run_measures_and_writes_nothing(tmp_path: Path, command: list[str])
     for key in ("n_params", "activation_mb_per_example", "step_s_measured", "epoch_s_estimate", "processes"):
         assert key in output
     assert not (tmp_path / "models").exists() and not (tmp_path / "reports").exists()
+
+
+def _bf16_certificates(root: Path) -> tuple[dict, dict]:
+    from pipeline.outputs import TRAIN_CLASSIFIER
+    from pipeline.stages import singular_values
+    from tests.pipeline.classifier_helpers import trained_project
+
+    params, paths = trained_project(root / "bf16", coeffs=[0.9, 0.5], bf16=True)
+    _, plain = trained_project(root / "fp32", coeffs=[0.9], bf16=False)
+    result = singular_values.run(params, paths)
+    states = [
+        torch.load(TRAIN_CLASSIFIER.model_path(p, "0.9"), weights_only=True)["state_dict"] for p in (paths, plain)
+    ]
+    return result, states  # type: ignore[return-value]
+
+
+def test_bf16_training_keeps_its_certificates(tmp_path: Path) -> None:
+    """classifier.bf16: the forward runs in bfloat16 (the weights end elsewhere than float32 training), the spectral
+    normalisation in float32, so the trained models are still certified invertible (every block's Lip < 1)."""
+    result, (bf16, fp32) = _bf16_certificates(tmp_path)
+    assert result["0.9/guaranteed_inverse"] and result["0.5/guaranteed_inverse"]
+    assert result["0.9/max_block_bound"] <= 0.9 * 1.01 and result["0.5/max_block_bound"] <= 0.5 * 1.01
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in bf16)
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_keeps_its_certificates(tmp_path: Path) -> None:
+    from pipeline.env import set_device
+
+    set_device(torch.device("cuda"))
+    try:
+        result, _ = _bf16_certificates(tmp_path)
+    finally:
+        set_device(torch.device("cpu"))
+    assert result["0.9/guaranteed_inverse"] and result["0.5/guaranteed_inverse"]
