@@ -461,7 +461,9 @@ def report(ctx: typer.Context) -> None:
 def bench(
     ctx: typer.Context,
     quick: bool = typer.Option(False, "--quick", help="Tiny shapes and repeats: a smoke test of a few seconds."),
-    only: Optional[str] = typer.Option(None, help="Comma-separated families to run: CLF,DENS,TOY (default: all)."),
+    only: Optional[str] = typer.Option(
+        None, help="Comma-separated families: CLF,DENS,TOY (the default) and PAPER (the paper's runtime claims)."
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
 ) -> None:
     """Speed and memory of the library at fixed configurations (train step, inverse, peak memory, ratios)."""
@@ -470,12 +472,17 @@ def bench(
     import torch
 
     from pipeline import bench as stage
+    from pipeline.env import DeviceError, parse_device
 
     if ctx.obj.threads is not None:
         torch.set_num_threads(ctx.obj.threads)  # each case's subprocess uses the same count (default: torch's)
+    try:
+        device = str(parse_device(ctx.obj.device))  # --device auto: CUDA when present
+    except DeviceError as err:
+        fail(err)
     families = [f.strip() for f in only.split(",") if f.strip()] if only else None
     try:
-        results = stage.run_benchmarks(quick=quick, only=families, progress=True)
+        results = stage.run_benchmarks(quick=quick, only=families, progress=True, device=device)
     except ValueError as err:
         fail(err)
     for table in stage.render(results):
