@@ -223,10 +223,13 @@ def launch(nproc: int) -> NoReturn:
     see ``WORLD_SIZE`` and so never launch again."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command += ["-m", "pipeline.cli", *without_nproc(sys.argv[1:])]
+    proc = subprocess.Popen(command)
     try:
-        code = subprocess.call(command)
-    except KeyboardInterrupt:
-        code = 128 + signal.SIGINT
+        code = proc.wait()
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM (DVC stopping the stage): torchrun stops its processes
+        proc.send_signal(err.signum if isinstance(err, Interrupted) else signal.SIGINT)
+        proc.wait()
+        code = 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)
     raise typer.Exit(code)
 
 
@@ -279,6 +282,10 @@ def run_stage(
             with stage_run(family, stage, logged, paths, enabled, tags) as tracker:
                 metrics = runner(params, paths, tracker)
                 tracker.log_results(metrics)
+            if here.distributed:
+                from pipeline.distributed import close_process_group
+
+                close_process_group(here)
     except UserError as err:
         fail(err)
     except KeyboardInterrupt as err:

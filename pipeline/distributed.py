@@ -157,3 +157,12 @@ def barrier(here: World) -> None:
 
     if here.distributed and dist.is_initialized():
         dist.barrier()
+
+
+def close_process_group(here: World) -> None:
+    """Wait for every rank (rank 0 writes the outputs last), then leave the process group."""
+    import torch.distributed as dist
+
+    if here.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
