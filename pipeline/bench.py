@@ -102,11 +102,21 @@ WARMUP, REPEATS, FORWARD_REPEATS, INVERSE_REPEATS = 1, 5, 3, 1
 SGEMM_N = 1024
 SEED = 0
 
+#: The paper's runtime claims (Sec. 5.1 / App. C): a forward+backward of 128 CIFAR10 images through the classifier
+#: above costs 0.5 s with spectral normalisation (1 power iteration) against 0.2 s without (4 GTX 1080); and a
+#: 5-term log-det about 4x a classification step (the DENS ratio ``dens_series_step_over_none_step``). Not in the
+#: default run (``--only PAPER``, on a GPU: ``iresnet --device cuda bench --only PAPER,DENS``).
+PAPER_BATCH = 128
+PAPER_CASES: dict[str, dict[str, Any]] = {"paper_sn_128": {}, "paper_plain_128": {"coeff": None}}
+
 FAMILIES: dict[str, tuple[str, ...]] = {
     "CLF": tuple(CLF_CASES),
     "DENS": tuple(DENS_CASES),
     "TOY": tuple(TOY_CASES),
+    "PAPER": tuple(PAPER_CASES),
 }
+DEFAULT_FAMILIES = ("CLF", "DENS", "TOY")
+_device = torch.device("cpu")  # where measure_case runs (set by it): _timed waits for CUDA before reading clocks
 
 # Quick mode (a smoke test of a few seconds): tiny shapes, 1 block per stage, few repeats.
 _QUICK_CLF = replace(CLF_CONFIG, in_shape=(3, 8, 8), n_blocks=(1, 1, 1), channels=(4, 8, 8), inj_pad=1)
@@ -133,9 +143,10 @@ class _Case:
         torch.manual_seed(SEED)
         self.name = name
         self.family = next(f for f, names in FAMILIES.items() if name in names)
-        if self.family == "CLF":
-            config = replace(_QUICK_CLF if quick else CLF_CONFIG, **CLF_CASES[name])
-            batch = _QUICK_BATCH if quick else CLF_BATCH
+        if self.family in ("CLF", "PAPER"):
+            cases = CLF_CASES if self.family == "CLF" else PAPER_CASES
+            config = replace(_QUICK_CLF if quick else CLF_CONFIG, **cases[name])
+            batch = _QUICK_BATCH if quick else (CLF_BATCH if self.family == "CLF" else PAPER_BATCH)
             self.model: nn.Module = IResNetClassifier(config)
             self.x = torch.randn(batch, *config.in_shape)
             self.labels = torch.randint(0, 10, (batch,))
@@ -155,8 +166,15 @@ class _Case:
             self.description = f"toy flow {n_blocks} blocks, exact log-det"
         self.batch = self.x.shape[0]
 
+    def to(self, device: torch.device) -> None:
+        """Model and batch on ``device`` (built on the CPU: the same weights and inputs everywhere)."""
+        self.model.to(device)
+        self.x = self.x.to(device)
+        if hasattr(self, "labels"):
+            self.labels = self.labels.to(device)
+
     def loss(self) -> Tensor:
-        if self.family == "CLF":
+        if self.family in ("CLF", "PAPER"):
             return F.cross_entropy(self.model(self.x), self.labels)
         return -self.model(self.x).mean()
 
@@ -166,14 +184,14 @@ class _Case:
 
     def encode(self) -> Any:
         """The body's output (no log-det): what ``decode`` inverts."""
-        if self.family == "CLF":
+        if self.family in ("CLF", "PAPER"):
             return self.model.body(self.x)[0]
         if self.family == "DENS":
             return self.model.encode(self.x)[0]
         return self.model.transform(self.x)[0]
 
     def decode(self, z: Any) -> Tensor:
-        if self.family == "CLF":
+        if self.family in ("CLF", "PAPER"):
             return self.model.body.inverse(z)
         if self.family == "DENS":
             return self.model.decode(z)
@@ -193,11 +211,18 @@ def _stats(times: Sequence[float]) -> dict[str, float]:
     }
 
 
+def _sync() -> None:
+    if _device.type == "cuda":
+        torch.cuda.synchronize(_device)
+
+
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[dict[str, float], Any]:
     times, out = [], None
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return _stats(times), out
 
@@ -210,7 +235,16 @@ def _status_kb(key: str) -> int:
 
 
 def _peak_growth_mb(fn: Callable[[], Any]) -> tuple[float, float]:
-    """``(peak RSS growth, peak RSS)`` in MB while ``fn`` runs: reset the high-water mark, run, read it (Linux)."""
+    """``(peak RSS growth, peak RSS)`` in MB while ``fn`` runs: reset the high-water mark, run, read it (Linux).
+    On CUDA: the growth of the GPU's allocated memory over what was allocated before, and the peak allocated."""
+    if _device.type == "cuda":
+        torch.cuda.synchronize(_device)
+        torch.cuda.reset_peak_memory_stats(_device)
+        before_cuda = torch.cuda.memory_allocated(_device)
+        fn()
+        torch.cuda.synchronize(_device)
+        peak_cuda = torch.cuda.max_memory_allocated(_device)
+        return (peak_cuda - before_cuda) / 2**20, peak_cuda / 2**20
     Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
     before = _status_kb("VmRSS")
     fn()
@@ -242,14 +276,20 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 def sgemm_gflops(n: int = SGEMM_N, repeats: int = 5) -> float:
     """GFLOP/s of a plain float32 ``n x n`` matmul (best of ``repeats``): the machine's reference speed."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=_device), torch.randn(n, n, device=_device)
     a @ b
     best = min(_timed(lambda: a @ b, 1)[0]["min"] for _ in range(repeats))
     return 2 * n**3 / best / 1e9
 
 
-def measure_case(name: str, quick: bool = False) -> dict[str, Any]:
-    """Every measurement of one case (see the module docstring); JSON-serialisable."""
+def measure_case(name: str, quick: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Every measurement of one case (see the module docstring) on ``device``; JSON-serialisable."""
+    global _device
+    _device = torch.device(device)
+    if _device.type == "cuda":  # full float32, as the pipeline computes (pipeline.env.set_device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.cuda.set_device(_device)
     counts = (
         _QUICK_COUNTS
         if quick
@@ -263,6 +303,7 @@ def measure_case(name: str, quick: bool = False) -> dict[str, Any]:
         }
     )
     case = _Case(name, quick)
+    case.to(_device)
     model = case.model
     sgemm = sgemm_gflops(counts["sgemm_n"])
     model.train()
@@ -276,6 +317,7 @@ def measure_case(name: str, quick: bool = False) -> dict[str, Any]:
         "description": case.description,
         "batch": case.batch,
         "threads": torch.get_num_threads(),
+        "device": str(_device),
         "step_s": step,
         "peak_mem_mb": peak,
         "peak_rss_total_mb": peak_total,
@@ -295,7 +337,8 @@ def measure_case(name: str, quick: bool = False) -> dict[str, Any]:
         result["inverse_fixed_s"] = {**fixed, "iterations_per_block": iters}
         result["inverse_step_over_forward"] = fixed["median"] / iters / result["forward_s"]["median"]
         result["inverse_tol"] = {}
-        if case.family != "CLF" or CLF_CASES[name].get("coeff", 0.9) is not None:  # vanilla: no inverse to reach
+        cases = {**CLF_CASES, **PAPER_CASES}
+        if case.family not in ("CLF", "PAPER") or cases[name].get("coeff", 0.9) is not None:  # vanilla: no inverse
             for method in ("fixed_point",):  # Anderson acceleration was tried and not faster here
                 set_inverse_settings(model, InverseSettings(max_iter=INVERSE_MAX_ITER, atol=INVERSE_ATOL))
                 timing, x_rec = _timed(lambda: case.decode(z), counts["inverse_repeats"])
@@ -316,7 +359,7 @@ def measure_case(name: str, quick: bool = False) -> dict[str, Any]:
 
 def _selected(only: Sequence[str] | None) -> list[str]:
     if not only:
-        return [name for names in FAMILIES.values() for name in names]
+        return [name for family in DEFAULT_FAMILIES for name in FAMILIES[family]]
     unknown = [f for f in only if f.upper() not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown benchmark families {unknown}; choose from {', '.join(FAMILIES)}")
@@ -324,13 +367,13 @@ def _selected(only: Sequence[str] | None) -> list[str]:
     return [name for family, names in FAMILIES.items() if family in wanted for name in names]
 
 
-def _in_subprocess(name: str, quick: bool, threads: int) -> dict[str, Any]:
+def _in_subprocess(name: str, quick: bool, threads: int, device: str = "cpu") -> dict[str, Any]:
     """``measure_case`` in a fresh interpreter (fresh allocator, honest peak memory)."""
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     code = (
         "import json, sys, torch; from pipeline.bench import measure_case; "
-        f"torch.set_num_threads({threads}); print(json.dumps(measure_case({name!r}, {quick!r})))"
+        f"torch.set_num_threads({threads}); print(json.dumps(measure_case({name!r}, {quick!r}, {device!r})))"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)
     if proc.returncode != 0:
@@ -347,6 +390,8 @@ def _ratios(cases: dict[str, dict[str, Any]]) -> dict[str, float]:
         return cases[name]["step_s"]["median"] if name in cases else None
 
     ratios: dict[str, float | None] = {
+        # the paper: 0.5 s / 0.2 s = 2.5 (128 CIFAR10 images, 1 power iteration, 4 GTX 1080)
+        "paper_spectral_norm_overhead_128": _ratio(step("paper_sn_128"), step("paper_plain_128")),
         "clf_elu_step_over_relu_step": _ratio(step("clf_elu"), step("clf_relu")),
         "clf_vanilla_step_over_c09_step": _ratio(step("clf_vanilla"), step("clf_elu")),
         "toy_100_step_over_16_step": _ratio(step("toy_100"), step("toy_16")),
@@ -360,12 +405,17 @@ def _ratios(cases: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def run_benchmarks(
-    quick: bool = False, only: Sequence[str] | None = None, isolate: bool | None = None, progress: bool = False
+    quick: bool = False,
+    only: Sequence[str] | None = None,
+    isolate: bool | None = None,
+    progress: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run the benchmark cases of the families in ``only`` (``CLF``, ``DENS``, ``TOY``; all by default).
 
     ``quick``: tiny shapes and repeats (a smoke test; numbers mean nothing). ``isolate``: each case in a fresh
-    process (default: unless ``quick``). Uses torch's current thread count. Returns a JSON-serialisable dict
+    process (default: unless ``quick``). ``device``: where the cases run (``cuda:0``: peak memory is then the GPU's
+    allocated memory). Uses torch's current thread count. Returns a JSON-serialisable dict
     ``{"meta": ..., "cases": {name: ...}, "ratios": {...}}``.
     """
     isolate = not quick if isolate is None else isolate
@@ -374,13 +424,15 @@ def run_benchmarks(
     for name in _selected(only):
         if progress:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
-        cases[name] = _in_subprocess(name, quick, threads) if isolate else measure_case(name, quick)
+        cases[name] = _in_subprocess(name, quick, threads, device) if isolate else measure_case(name, quick, device)
     meta = {
         "torch": torch.__version__,
         "threads": threads,
         "quick": quick,
         "isolated": isolate,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None,
         "sgemm_gflops": sgemm_gflops(_QUICK_COUNTS["sgemm_n"] if quick else SGEMM_N),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "memory_method": "peak RSS growth during the first training step (VmHWM reset via /proc/self/clear_refs)"

@@ -41,7 +41,8 @@ except ImportError as _missing:  # a Python without the project installed, e.g. 
 
 
 class GlobalOptionsAnywhere(typer.core.TyperGroup):
-    """The global options (``--params``, ``--set``, ``--root``, ``--threads``) are accepted after the command too:
+    """The global options (``--params``, ``--set``, ``--root``, ``--threads``, ``--device``, ``--nproc``) are
+    accepted after the command too:
     ``iresnet train-classifier --coeff 0.9 -S classifier.epochs=1`` is read as
     ``iresnet -S classifier.epochs=1 train-classifier --coeff 0.9``."""
 
@@ -114,6 +115,8 @@ class Settings:
     params_file: Path | None
     sets: tuple[str, ...]
     threads: int | None
+    device: str | None = None
+    nproc: int | None = None
 
 
 @app.callback()
@@ -132,6 +135,21 @@ def main(
         help="torch CPU threads (env IRESNET_THREADS; default: torch's, one per core). 1 reproduces the committed "
         "outputs byte for byte.",
     ),
+    device: Optional[str] = typer.Option(
+        None,
+        "--device",
+        envvar="IRESNET_DEVICE",
+        help="Where stages compute: auto (CUDA when present, the default), cpu, cuda or cuda:N (env IRESNET_DEVICE). "
+        "An execution setting: it does not change dvc.lock.",
+    ),
+    nproc: Optional[int] = typer.Option(
+        None,
+        "--nproc",
+        envvar="IRESNET_NPROC",
+        min=1,
+        help="Data-parallel processes for train-classifier and train-flow (env IRESNET_NPROC), launched through "
+        "torchrun, one per GPU on CUDA; the params' batch size is the global one, split across them.",
+    ),
     version: bool = typer.Option(
         False, "--version", is_eager=True, callback=_version, help="Print the package version and exit."
     ),
@@ -140,7 +158,7 @@ def main(
 
     The options below may also come after the command: `iresnet train-classifier --coeff 0.9 -S classifier.epochs=1`.
     """
-    ctx.obj = Settings(root=root, params_file=params, sets=tuple(set_), threads=threads)
+    ctx.obj = Settings(root=root, params_file=params, sets=tuple(set_), threads=threads, device=device, nproc=nproc)
 
 
 def fail(err: BaseException) -> NoReturn:
@@ -159,6 +177,62 @@ def load(ctx: typer.Context, overrides: Mapping[str, Any] | None = None) -> tupl
     return params, paths
 
 
+BatchKey = Callable[[Params], tuple[str, int]]  # a data-parallel stage's global batch size: (param key, value)
+
+
+def select_device(settings: Settings) -> Any:
+    """Resolve ``--device`` / ``--nproc`` for this process and make the device current
+    (:func:`pipeline.env.set_device`); a device or process count this machine cannot honour is a one-line error,
+    before any compute."""
+    import torch
+
+    from pipeline.env import DeviceError, parse_device, set_device, world
+
+    here = world()
+    try:
+        device = parse_device(settings.device, here.local_rank if here.distributed else None)
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        if device.type == "cuda" and (settings.nproc or 1) > gpus:
+            raise DeviceError(
+                f"--nproc {settings.nproc} but this machine has {gpus} GPU(s): use --nproc {gpus} or fewer here, "
+                "or torchrun's multi-node rendezvous (README, 'Many GPUs') for more."
+            )
+    except DeviceError as err:
+        fail(err)
+    set_device(device)
+    return device
+
+
+def without_nproc(args: list[str]) -> list[str]:
+    """``args`` less ``--nproc N`` / ``--nproc=N`` (torchrun's own parser would read ``--nproc`` as an ambiguous
+    abbreviation of its options; its processes know their number from ``WORLD_SIZE``)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def launch(nproc: int) -> NoReturn:
+    """Run this very command line again as ``nproc`` processes of one data-parallel run, through PyTorch's launcher
+    (``torchrun --standalone --nproc-per-node nproc -m pipeline.cli ...``), and exit with its status. The processes
+    see ``WORLD_SIZE`` and so never launch again."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command += ["-m", "pipeline.cli", *without_nproc(sys.argv[1:])]
+    proc = subprocess.Popen(command)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM (DVC stopping the stage): torchrun stops its processes
+        proc.send_signal(err.signum if isinstance(err, Interrupted) else signal.SIGINT)
+        proc.wait()
+        code = 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)
+    raise typer.Exit(code)
+
+
 def run_stage(
     ctx: typer.Context,
     family: str,
@@ -167,15 +241,19 @@ def run_stage(
     sections: Sequence[str],
     overrides: Mapping[str, Any] | None = None,
     extra_params: Mapping[str, Any] | None = None,
+    batch_key: BatchKey | None = None,
 ) -> dict[str, Any]:
     """Load params, run ``runner(params, paths, tracker)`` in an MLflow run of ``family``, print its metrics.
 
     ``sections``: the top-level params sections the stage reads; they are logged to MLflow and hashed into the
     run's ``params_hash`` tag. ``extra_params``: the command's own choices (the DVC matrix item, e.g. ``coeff``),
-    logged as params too.
+    logged as params too. ``batch_key``: set for the stages that train data-parallel (``--nproc``); it names their
+    global batch size, which must divide by the number of processes. Other stages run as one process whatever
+    ``--nproc`` says. Under torchrun, only rank 0 tracks and prints.
     """
     import torch
 
+    from pipeline.env import device_info, world
     from pipeline.tracking import stage_run
 
     # torch's default uses every core. Results can differ in the last bits between thread counts (reductions split
@@ -183,21 +261,68 @@ def run_stage(
     # regenerates them byte for byte. Set here, not at start-up, so `--help` and `iresnet ui` do not import torch.
     if ctx.obj.threads is not None:
         torch.set_num_threads(ctx.obj.threads)
+    device = select_device(ctx.obj)
+    here = world()
+    nproc = (ctx.obj.nproc or 1) if batch_key is not None else 1
     tracker = None
     try:
         with on_signals(signal.SIGINT, signal.SIGTERM):
             params, paths = load(ctx, overrides)
+            if batch_key is not None and (here.distributed or nproc > 1):
+                from pipeline.distributed import check_divides, init_process_group
+
+                key, batch = batch_key(params)
+                check_divides(batch, key, here.size if here.distributed else nproc)
+                if not here.distributed:
+                    launch(nproc)
+                init_process_group(device)
             logged = {**params.section_dict(*sections), **(extra_params or {})}
-            with stage_run(family, stage, logged, paths, params.tracking.enabled) as tracker:
+            enabled = params.tracking.enabled and here.is_main
+            tags = {**device_info(device), "world_size": here.size}
+            with stage_run(family, stage, logged, paths, enabled, tags) as tracker:
                 metrics = runner(params, paths, tracker)
                 tracker.log_results(metrics)
+            if here.distributed:
+                from pipeline.distributed import close_process_group
+
+                close_process_group(here)
     except UserError as err:
         fail(err)
     except KeyboardInterrupt as err:
         print_error(interrupted_message(stage, tracker.checkpoint_epoch if tracker is not None else None))
         raise typer.Exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)) from None
-    console.print(metrics_table(f"{stage}: results", metrics))
+    if here.is_main:
+        console.print(metrics_table(f"{stage}: results", metrics))
     return metrics
+
+
+def dry_run(
+    ctx: typer.Context,
+    measure: Callable[[Params, Paths, int], dict[str, Any]],
+    overrides: Mapping[str, Any],
+    batch_key: BatchKey,
+) -> None:
+    """``--dry-run`` of a training stage: parameters, activation memory per example and the time per epoch from 10
+    measured steps on the current device (:mod:`pipeline.dry_run`), for each of ``--nproc`` processes; no outputs."""
+    import torch
+
+    if ctx.obj.threads is not None:
+        torch.set_num_threads(ctx.obj.threads)
+    select_device(ctx.obj)
+    nproc = ctx.obj.nproc or 1
+    try:
+        params, paths = load(ctx, overrides)
+        from pipeline.distributed import check_divides
+
+        key, batch = batch_key(params)
+        check_divides(batch, key, nproc)
+        result = measure(params, paths, nproc)
+    except UserError as err:
+        fail(err)
+    console.print(metrics_table("dry run (nothing written)", result))
+
+
+DRY_RUN_HELP = "Print parameters, activation memory per example and the time per epoch from 10 measured steps."
 
 
 @app.command()
@@ -232,9 +357,21 @@ def train_classifier(
     ctx: typer.Context,
     coeff: str = typer.Option(..., help="Which entry of classifier.coeffs: vanilla, batchnorm, or c (e.g. 0.9)."),
     epochs: Optional[int] = typer.Option(None, help="Override classifier.epochs."),
+    dry: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
     """Train one classifier of Table 2 (resumes from its last epoch checkpoint if an earlier run was killed)."""
     from pipeline.stages import train_classifier as stage
+
+    def batch_key(params: Params) -> tuple[str, int]:
+        return "classifier.batch_size", params.classifier.batch_size
+
+    if dry:
+        from pipeline import dry_run as measure
+
+        def runner_dry(params: Params, paths: Paths, nproc: int) -> dict[str, Any]:
+            return measure.classifier(params, paths, coeff, nproc)
+
+        return dry_run(ctx, runner_dry, {"classifier.epochs": epochs}, batch_key)
 
     def runner(params: Params, paths: Paths, tracker: Any) -> dict[str, Any]:
         return stage.run(params, paths, tracker, coeff=coeff)
@@ -247,6 +384,7 @@ def train_classifier(
         ("seed", "data", "classifier"),
         {"classifier.epochs": epochs},
         {"coeff": coeff},
+        batch_key=batch_key,
     )
 
 
@@ -267,11 +405,31 @@ def reconstruction(ctx: typer.Context) -> None:
 
 
 @app.command()
-def train_flow(ctx: typer.Context, epochs: Optional[int] = typer.Option(None, help="Override flow.epochs.")) -> None:
+def train_flow(
+    ctx: typer.Context,
+    epochs: Optional[int] = typer.Option(None, help="Override flow.epochs."),
+    dry: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
+) -> None:
     """Train the multiscale flow (Table 4), samples grid (Fig. 5); resumes from its last epoch checkpoint."""
     from pipeline.stages import train_flow as stage
 
-    run_stage(ctx, "flow", "train_flow", stage.run, ("seed", "flow"), {"flow.epochs": epochs})
+    def batch_key(params: Params) -> tuple[str, int]:
+        return "flow.batch_size", params.flow.batch_size
+
+    if dry:
+        from pipeline import dry_run as measure
+
+        return dry_run(ctx, measure.flow, {"flow.epochs": epochs}, batch_key)
+
+    run_stage(
+        ctx,
+        "flow",
+        "train_flow",
+        stage.run,
+        ("seed", "flow"),
+        {"flow.epochs": epochs},
+        batch_key=batch_key,
+    )
 
 
 @app.command()
@@ -310,7 +468,9 @@ def report(ctx: typer.Context) -> None:
 def bench(
     ctx: typer.Context,
     quick: bool = typer.Option(False, "--quick", help="Tiny shapes and repeats: a smoke test of a few seconds."),
-    only: Optional[str] = typer.Option(None, help="Comma-separated families to run: CLF,DENS,TOY (default: all)."),
+    only: Optional[str] = typer.Option(
+        None, help="Comma-separated families: CLF,DENS,TOY (the default) and PAPER (the paper's runtime claims)."
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this file."),
 ) -> None:
     """Speed and memory of the library at fixed configurations (train step, inverse, peak memory, ratios)."""
@@ -319,12 +479,17 @@ def bench(
     import torch
 
     from pipeline import bench as stage
+    from pipeline.env import DeviceError, parse_device
 
     if ctx.obj.threads is not None:
         torch.set_num_threads(ctx.obj.threads)  # each case's subprocess uses the same count (default: torch's)
+    try:
+        device = str(parse_device(ctx.obj.device))  # --device auto: CUDA when present
+    except DeviceError as err:
+        fail(err)
     families = [f.strip() for f in only.split(",") if f.strip()] if only else None
     try:
-        results = stage.run_benchmarks(quick=quick, only=families, progress=True)
+        results = stage.run_benchmarks(quick=quick, only=families, progress=True, device=device)
     except ValueError as err:
         fail(err)
     for table in stage.render(results):

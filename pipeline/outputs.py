@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.env import device, device_info, world
 from pipeline.files import write_csv, write_json
 from pipeline.paths import Paths
 from pipeline.tracking import NullTracker, Tracker
@@ -193,6 +194,11 @@ class StageRun:
         """End the stage: add ``wall_time_s``, write ``metrics`` to the stage's JSON (when it has one), log every
         output as an MLflow artifact. Returns ``metrics``."""
         metrics["wall_time_s"] = self.elapsed(earlier_s)
+        # Where it ran, except in the default single CPU process (whose metrics files stay exactly as they were).
+        if device().type != "cpu":
+            metrics.update(device_info())
+        if world().distributed:
+            metrics["world_size"] = world().size
         if self.outputs.metrics is not None:
             write_json(self.metrics_path, metrics)
             self._artifacts = {self.metrics_path: "metrics", **self._artifacts}

@@ -125,6 +125,7 @@ class ClassifierParams:
     shift_px: NonNegativeInt = param("random shift augmentation, pixels")
     hflip: Bool = param("random horizontal flips")
     max_train_batches: optional(PositiveInt) = param("cap on batches per epoch (CPU profile)")
+    bf16: Bool = param("bfloat16 autocast of the training forward pass")
 
     def check(self) -> None:
         _check_stages(self.n_blocks, self.strides, self.channels)

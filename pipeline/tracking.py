@@ -370,6 +370,11 @@ class MlflowTracker:
 
         import iresnet
 
+        if any(t.device.type != "cpu" for t in model.state_dict().values()):  # a GPU model: log a CPU copy
+            import copy
+
+            model = copy.deepcopy(model).cpu()
+        example = example.cpu()
         was_training = model.training
         model.eval()
         try:
@@ -415,14 +420,19 @@ def _is_finite_number(value: Any) -> bool:
 
 @contextmanager
 def stage_run(
-    family: str, stage: str, params: Mapping[str, Any], paths: Paths, enabled: bool = True
+    family: str,
+    stage: str,
+    params: Mapping[str, Any],
+    paths: Paths,
+    enabled: bool = True,
+    tags: Mapping[str, Any] | None = None,
 ) -> Iterator[Tracker]:
     """One MLflow run for one stage execution, in the family's experiment; yields the tracker.
 
     ``params`` (nested sections) are logged flattened and hashed into the ``params_hash`` tag. The run starts with
     the first thing logged, or continues the run a resumed stage names (:meth:`MlflowTracker.continue_run`). On an
     exception the run ends FAILED (KILLED for KeyboardInterrupt, which SIGINT and SIGTERM raise) with an ``error``
-    tag, and the exception propagates.
+    tag, and the exception propagates. ``tags``: more tags for the run (e.g. the device it computes on).
     """
     experiment_name(family)  # validates the family before anything runs
     if not tracking_enabled(enabled):
@@ -434,7 +444,13 @@ def stage_run(
     try:
         experiment_id = init_store(paths, uri)[family]
         client = MlflowClient(uri)
-        tracker = MlflowTracker(client, experiment_id, stage, run_tags(stage, params, paths), params)
+        tracker = MlflowTracker(
+            client,
+            experiment_id,
+            stage,
+            {**run_tags(stage, params, paths), **{k: str(v) for k, v in (tags or {}).items()}},
+            params,
+        )
     except Exception as err:  # sqlite locked, a broken file, an unreachable server, a lock timeout ...
         raise TrackingError(
             f"cannot start an MLflow run in {uri} ({type(err).__name__}: {err}). Fix or move that store, point "

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.env import world
 from pipeline.errors import DataError, UserError, brief
 from pipeline.files import save_torch
 from pipeline.params import params_hash
@@ -55,11 +56,14 @@ def seed_everything(seed: int) -> None:
 def capture_rng() -> dict[str, Any]:
     """Every global RNG's state in a form ``torch.load(weights_only=True)`` accepts."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
+    state = {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # the current GPU's stream (probes drawn there)
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -67,6 +71,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def check_finite(value: Tensor, what: str, where: str, hint: str | Callable[[], str]) -> None:
@@ -181,7 +187,16 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
 
 def save_model(path: Path, kind: str, config: dict[str, Any], model: nn.Module, **extra: Any) -> None:
     """Write a final model file: its kind, the config that rebuilds it, its state dict, and ``extra`` metadata."""
-    save_torch(path, {"kind": kind, "config": config, "state_dict": model.state_dict(), **extra})
+    save_torch(path, {"kind": kind, "config": config, "state_dict": cpu_state(model), **extra})
+
+
+def cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every tensor on the CPU (the same tensors when it is there already), so a file
+    written on a GPU loads anywhere."""
+    state = model.state_dict()
+    for key, value in state.items():  # in place: the dict keeps its ``_metadata``, which torch.save writes
+        state[key] = value.cpu()
+    return state
 
 
 def load_model_file(path: Path, kind: str) -> dict[str, Any]:
@@ -335,7 +350,8 @@ class EpochLoop:
         state = {"epoch": epoch, "history": self.history, "rng": capture_rng(), "states": states}
         if self.tracker.run_id is not None:
             state["run_id"] = self.tracker.run_id
-        self.resume.save(state)
+        if world().is_main:  # the other ranks of a data-parallel run hold the same state
+            self.resume.save(state)
         self.tracker.checkpoint_epoch = epoch
         self.tracker.log_metrics(_epoch_metrics(record), step=epoch)
 

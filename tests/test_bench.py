@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.bench import FAMILIES, render, run_benchmarks
+from pipeline.bench import DEFAULT_FAMILIES, FAMILIES, render, run_benchmarks
 
 
 def _numbers(tree: object) -> list[float]:
@@ -25,7 +25,7 @@ def test_quick_benchmark_structure_and_finite_numbers() -> None:
     results = run_benchmarks(quick=True)
     assert json.loads(json.dumps(results)) == results  # JSON-serialisable as is
     assert set(results) == {"meta", "cases", "ratios"}
-    assert list(results["cases"]) == [name for names in FAMILIES.values() for name in names]
+    assert list(results["cases"]) == [name for family in DEFAULT_FAMILIES for name in FAMILIES[family]]
     for name, case in results["cases"].items():
         for key in ("step_s", "forward_s", "inverse_fixed_s"):
             stats = case[key]
@@ -47,6 +47,20 @@ def test_quick_benchmark_structure_and_finite_numbers() -> None:
     tables = render(results)
     assert all(isinstance(t, Table) for t in tables)
     Console(file=io.StringIO(), width=200).print(*tables)
+
+
+def test_paper_family_measures_the_spectral_norm_overhead_at_batch_128() -> None:
+    results = run_benchmarks(quick=True, only=["PAPER"])
+    assert list(results["cases"]) == ["paper_sn_128", "paper_plain_128"]
+    assert results["ratios"]["paper_spectral_norm_overhead_128"] > 0
+    assert results["meta"]["device"] == "cpu" and results["cases"]["paper_sn_128"]["device"] == "cpu"
+
+
+@pytest.mark.gpu
+def test_benchmark_runs_on_cuda() -> None:
+    results = run_benchmarks(quick=True, only=["PAPER", "DENS"], device="cuda")
+    assert results["meta"]["gpu"] and results["cases"]["paper_sn_128"]["device"].startswith("cuda")
+    assert all(math.isfinite(n) for n in _numbers(results))
 
 
 def test_only_selects_families_and_rejects_unknown_ones() -> None:

@@ -25,18 +25,18 @@ def random_shift(images: Tensor, shift_px: int) -> Tensor:
         return images
     b, _, h, w = images.shape
     padded = F.pad(images, (shift_px,) * 4)
-    dy = torch.randint(0, 2 * shift_px + 1, (b,))
+    dy = torch.randint(0, 2 * shift_px + 1, (b,))  # on the CPU on every device: a GPU run sees the CPU's shifts
     dx = torch.randint(0, 2 * shift_px + 1, (b,))
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1): padded row of output row i
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
-    batch = torch.arange(b)[:, None, None]
+    rows = (dy[:, None] + torch.arange(h))[:, :, None].to(images.device)  # (B, H, 1): padded row of output row i
+    cols = (dx[:, None] + torch.arange(w))[:, None, :].to(images.device)  # (B, 1, W)
+    batch = torch.arange(b, device=images.device)[:, None, None]
     # Advanced indexing over (batch, row, col) of the channels-last view gives (B, H, W, C).
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def random_hflip(images: Tensor) -> Tensor:
     """Mirror each image left-right with probability 1/2. ``(B, C, H, W) -> (B, C, H, W)``."""
-    flip = torch.rand(images.shape[0]) < 0.5
+    flip = (torch.rand(images.shape[0]) < 0.5).to(images.device)  # drawn on the CPU on every device
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 

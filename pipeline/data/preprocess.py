@@ -69,7 +69,10 @@ def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     the bin ``[k/256, (k+1)/256) - 0.5`` of width 1/256, so a density on it is a lower bound on the discrete model's
     likelihood (bits/dim count 256 bins per dimension). Draw fresh noise every batch with an explicit generator.
     """
-    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    # Drawn where the generator lives (the pipeline keeps its noise generators on the CPU, so a GPU run sees the noise
+    # a CPU run does and a checkpoint's generator state fits either), then moved to ``x``.
+    where = generator.device if generator is not None else x.device
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=where).to(x.device)
     return (x * 255.0 + u) / 256.0 - 0.5
 
 

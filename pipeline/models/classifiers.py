@@ -15,6 +15,7 @@ from iresnet.blocks import residual_blocks
 from iresnet.models import IResNetClassifier, ResNetConfig
 from iresnet.spectral_norm import LipschitzConv2d
 from pipeline.data.preprocess import ChannelStats
+from pipeline.env import device
 from pipeline.errors import DataError, brief
 from pipeline.models.specs import ClassifierSpec
 from pipeline.outputs import TRAIN_CLASSIFIER
@@ -62,7 +63,8 @@ class LoadedClassifier:
 
 
 def load_classifier(paths: Paths, spec: ClassifierSpec) -> LoadedClassifier:
-    """Rebuild the model of ``spec`` from ``models/classifier/<label>/model.pt``; eval mode, float32."""
+    """Rebuild the model of ``spec`` from ``models/classifier/<label>/model.pt``; eval mode, float32, on the stages'
+    device (:func:`pipeline.env.device`)."""
     path = TRAIN_CLASSIFIER.model_path(paths, spec.label)
     state = load_model_file(path, MODEL_KIND)
     if state.get("label") != spec.label:
@@ -73,6 +75,6 @@ def load_classifier(paths: Paths, spec: ClassifierSpec) -> LoadedClassifier:
         raise DataError(f"{path} holds an unusable config ({brief(err)}); re-run train_classifier.") from None
     model = IResNetClassifier(config, n_classes=int(state["n_classes"]))
     load_state_checked(model, state["state_dict"], path)
-    model.eval()
+    model.to(device()).eval()  # loaded on the CPU, then moved to the stage's device
     mean, std = (torch.tensor(state[key], dtype=torch.float64) for key in ("mean", "std"))
     return LoadedClassifier(spec, model, ChannelStats(mean, std), path)

@@ -21,6 +21,7 @@ from iresnet.models import FlowConfig, MultiscaleFlow, bits_per_dim
 from pipeline.data.batches import evenly_spaced
 from pipeline.data.preprocess import ZCA, dequantize
 from pipeline.data.store import load_prepared, load_zca
+from pipeline.env import device
 from pipeline.errors import DataError
 from pipeline.outputs import TRAIN_FLOW
 from pipeline.params import FlowParams
@@ -121,10 +122,10 @@ def load_trained_flow(paths: Paths) -> TrainedFlow:
     state = load_model_file(path, MODEL_KIND)
     model = MultiscaleFlow(config_from_dict(FlowConfig, state["config"]))
     load_state_checked(model, state["state_dict"], path)
-    model.eval()
+    model.to(device()).eval()  # loaded on the CPU, then moved to the stage's device
     zca = None
     if state["zca"]:
-        zca = load_zca(paths)
+        zca = load_zca(paths).to(device())
         if not math.isclose(zca.logdet, state["zca_logdet"], rel_tol=1e-12, abs_tol=1e-9):
             raise DataError(
                 f"{path} was trained on data whitened with a ZCA of log-det {state['zca_logdet']}, but "
@@ -151,4 +152,5 @@ def load_flow_with_test_inputs(
     flow = load_trained_flow(paths)
     flow.model.to(dtype)
     images, _ = load_prepared(paths, "test")
-    return flow, fixed_noise_inputs(flow.space, images[evenly_spaced(len(images), n_examples)].to(dtype), seed)
+    chosen = images[evenly_spaced(len(images), n_examples)].to(device=device(), dtype=dtype)
+    return flow, fixed_noise_inputs(flow.space, chosen, seed)

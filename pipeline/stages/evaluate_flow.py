@@ -199,6 +199,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     lower, upper = lemma7_bpd(model, x, space, lipschitz, dims, p.batch_size)
     with progress(f"evaluate flow ({n_terms} terms)", p.max_samples) as advance:
         samples = hutchinson_rounds(model, x, space, n_terms, p.batch_size, p.max_samples, p.max_stderr_bits, advance)
+    samples = samples.cpu()  # from the device (the very tensor on the CPU)
     stderr = probe_stderr(samples)
     baselines = baseline_bits(paths, p.n_examples, params.seed, samples.double().mean(dim=1))
 

@@ -99,7 +99,7 @@ def eigenvalue_series_bias(jac: Tensor, max_terms: int) -> Tensor:
     for the series to converge (Lip(g) < 1 ensures it), but any n is exact as written.
     """
     eigenvalues = torch.linalg.eigvals(jac.to(torch.float64))  # (B, d) complex128
-    k = torch.arange(1, max_terms + 1, dtype=torch.float64)
+    k = torch.arange(1, max_terms + 1, dtype=torch.float64, device=jac.device)
     coefficients = ((-1.0) ** (k + 1) / k).to(eigenvalues.dtype)
     powers = eigenvalues[..., None] ** k.to(eigenvalues.dtype)  # (B, d, K)
     partial_sums = (powers * coefficients).sum(dim=1).real.cumsum(dim=-1)  # (B, K): PS(J, n) for n = 1..K
@@ -219,6 +219,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     chunks = math.ceil(len(x) / max(1, _JACOBIAN_BYTES // (max(dims) ** 2 * 8)))
     with progress("log-det bias (exact Jacobians)", chunks * len(dims)) as advance:
         est = flow_estimates(model, x, p.n_samples, p.max_terms, advance)
+    est = Estimates(*(getattr(est, f.name).cpu() for f in fields(est)))  # from the device (the same on the CPU)
     rows = bias_curve(est, lipschitz, dims)
     out.write_curve("terms", rows, CURVE_COLUMNS)
     per_bit = 1.0 / (flow.space.n_dims * math.log(2))

@@ -32,6 +32,7 @@ from iresnet.inverse import InverseSettings
 from pipeline.console import track
 from pipeline.data.batches import evenly_spaced
 from pipeline.data.store import load_prepared
+from pipeline.env import device, synchronize
 from pipeline.errors import DataError
 from pipeline.files import finite_or_none
 from pipeline.models.classifiers import LoadedClassifier, load_classifier
@@ -93,8 +94,10 @@ def seconds_per_batch(loaded: LoadedClassifier, images: Tensor, counts: tuple[in
     reconstruct(loaded, x[:2], 1)  # warm-up: first-call allocations are not part of the cost
     timings = {}
     for n in counts:
+        synchronize()
         t0 = time.perf_counter()
         reconstruct(loaded, x, n)
+        synchronize()
         timings[str(n)] = time.perf_counter() - t0
     return timings
 
@@ -151,16 +154,17 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
             f"reconstruction.n_images = {p.n_images} but the test split holds {len(test)} images; "
             "lower reconstruction.n_images or prepare more test data."
         )
+    test = test.to(device())  # on the CPU the very tensor
     images = test[evenly_spaced(len(test), p.n_images)]
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     show = evenly_spaced(p.n_images, min(N_SHOWN, p.n_images))
-    shown: dict[str, Tensor] = {"original": images[show]}
+    shown: dict[str, Tensor] = {"original": images[show].cpu()}
     for spec in track(classifier_specs(params.classifier), "reconstruction"):
         loaded = load_classifier(paths, spec)
         model_rows, pixels = error_curve(loaded, images, p.iterations)
         rows += model_rows
-        shown[spec.label] = pixels[show]
+        shown[spec.label] = pixels[show].cpu()
         models[spec.label] = {
             "kind": spec.kind,
             "coeff": spec.coeff,

@@ -27,6 +27,7 @@ from iresnet.blocks import lipschitz_bounds
 from iresnet.toy import ACTIVATIONS, Flow2d, StackedToyGlow, StackedToyIResNet, toy_glow, toy_iresnet
 from pipeline.console import progress
 from pipeline.data.toy2d import WINDOW, reference_log_prob, sample, stream_seed
+from pipeline.env import device
 from pipeline.outputs import TOY_DENSITY, StageRun
 from pipeline.params import Params, ToyParams
 from pipeline.paths import Paths
@@ -98,7 +99,7 @@ def train_flow(
     losses = []
     start = time.perf_counter()
     for step in range(toy.steps):
-        x = sample(name, toy.batch_size, params.seed, "train", step).float()
+        x = sample(name, toy.batch_size, params.seed, "train", step).float().to(device())
         loss = -model.log_prob(x).mean()
         where = f"{name} / {LABELS[kind]}, step {step}"
         check_finite(loss, "loss", where, hint)
@@ -132,6 +133,7 @@ def train_stacked(
     start = time.perf_counter()
     for step in range(toy.steps):
         x = torch.stack([sample(name, toy.batch_size, params.seed, "train", step) for name in names]).float()
+        x = x.to(device())  # drawn on the CPU on every device
         loss = -stack.log_prob(x).mean(dim=1)  # (M,): one loss per dataset
         _check_each(loss, "loss", names, kind, step, hint)
         optimizer.zero_grad(set_to_none=True)
@@ -169,7 +171,7 @@ def train_flows(kind: str, params: Params) -> dict[str, tuple[Flow2d, list[float
     models: dict[str, Flow2d] = {}
     for name in toy.datasets:
         torch.manual_seed(stream_seed(params.seed, name, f"init/{kind}"))  # same init whatever ran before
-        models[name] = build_flow(config)
+        models[name] = build_flow(config).to(device())  # built on the CPU (the same init everywhere), then moved
     if kind == "iresnet" and toy.nonlin not in ACTIVATIONS:
         trained = {}
         for name, model in models.items():
@@ -187,7 +189,8 @@ def log_density(model: Flow2d, x: Tensor) -> Tensor:
     model.eval()
     with torch.no_grad():
         param = next(model.parameters())
-        return torch.cat([model.log_prob(c.to(param.dtype)) for c in x.split(EVAL_CHUNK)]).double()
+        parts = [model.log_prob(c.to(device=param.device, dtype=param.dtype)) for c in x.split(EVAL_CHUNK)]
+        return torch.cat(parts).double().cpu()
 
 
 def grid(size: int) -> tuple[Tensor, float]:

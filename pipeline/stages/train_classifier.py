@@ -13,6 +13,7 @@ Writes ``models/classifier/<label>/model.pt``, ``reports/metrics/classifier/<lab
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -20,13 +21,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from iresnet.models import IResNetClassifier
 from pipeline.console import progress
 from pipeline.data.batches import augment, batch_indices, n_batches
 from pipeline.data.preprocess import ChannelStats
 from pipeline.data.store import load_channel_stats, load_prepared, load_stats, split_file
+from pipeline.distributed import check_divides, global_mean, shard, sync_rng, wrap
+from pipeline.env import device, world
 from pipeline.models.classifiers import MODEL_KIND, conv_layers, resnet_config
 from pipeline.models.specs import ClassifierSpec, resolve_spec
 from pipeline.outputs import TRAIN_CLASSIFIER, StageRun
@@ -87,8 +90,17 @@ def refresh_unconstrained(model: IResNetClassifier) -> None:
             layer.power_iterate(_MONITOR_ITERS)
 
 
+def mixed_precision(enabled: bool, where: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast of the forward pass when ``classifier.bf16`` (convolutions and matmuls in bf16, the
+    spectral normalisation and its power iteration in float32: :class:`iresnet.spectral_norm.LipschitzConv2d`);
+    otherwise nothing at all (today's float32 code path)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=where.type, dtype=torch.bfloat16)
+
+
 def train_epoch(
-    model: IResNetClassifier,
+    model: IResNetClassifier | nn.Module,
     optimizer: torch.optim.Optimizer,
     data: tuple[Tensor, Tensor],
     stats: ChannelStats,
@@ -96,25 +108,41 @@ def train_epoch(
     where: str,
     advance: Callable[..., None],
 ) -> tuple[float, float, int]:
-    """One pass over the (augmented, shuffled) train split; returns (mean loss, accuracy, images seen)."""
+    """One pass over the (augmented, shuffled) train split; returns (mean loss, accuracy, images seen); under torchrun
+    the loss and accuracy are this rank's part's, the images the global batches'.
+
+    ``model``: the classifier, or under torchrun its DDP wrapper (:func:`pipeline.distributed.wrap`); ``data`` on the
+    model's device."""
     p = params.classifier
     images, labels = data
+    here = world()
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, mine, seen = 0.0, 0, 0, 0  # mine: this rank's examples; seen: the global batches'
     for k, idx in enumerate(batch_indices(len(images), p.batch_size, True, p.max_train_batches), start=1):
-        x = stats.normalize(augment(images[idx], p.shift_px, p.hflip))
-        logits = model(x)
-        loss = F.cross_entropy(logits, labels[idx])
+        # The global batch, augmented as one (the same random numbers on every rank) ...
+        x, y = stats.normalize(augment(images[idx], p.shift_px, p.hflip)), labels[idx]
+        if here.distributed:  # ... of which this rank trains on its part (pipeline.distributed)
+            part = shard(torch.arange(len(idx)), here)
+            x, y = x[part], y[part]
+        with mixed_precision(p.bf16, x.device):
+            logits = model(x)
+        if p.bf16:
+            logits = logits.float()  # the loss in float32
+        if here.distributed:
+            loss = global_mean(F.cross_entropy(logits, y, reduction="sum"), len(idx), here)
+        else:
+            loss = F.cross_entropy(logits, y)
         check_finite(loss, "training loss", f"{where}, batch {k}", _HINT)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        value = loss.item()
-        loss_sum += value * len(idx)
-        correct += int((logits.argmax(1) == labels[idx]).sum())
+        value = loss.item()  # under torchrun: rank 0's part, as an estimate of the global batch's mean
+        loss_sum += value * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        mine += len(y)
         seen += len(idx)
         advance(info=f"loss {value:.3f}")
-    return loss_sum / seen, correct / seen, seen
+    return loss_sum / mine, correct / mine, seen
 
 
 @torch.no_grad()
@@ -147,13 +175,18 @@ def run(
     tracker = out.tracker
     p = params.classifier
     seed_everything(params.seed)
-    train, test = load_prepared(paths, "train"), load_prepared(paths, "test")
+    dev, here = device(), world()
+    # Moved to the device once (on the CPU, .to() returns the very tensors: today's code path).
+    train, test = (tuple(t.to(dev) for t in load_prepared(paths, split)) for split in ("train", "test"))
     summary = load_stats(paths)
     stats = load_channel_stats(paths)
     in_shape = tuple(train[0].shape[1:])
     check_spatial(params, in_shape[1], in_shape[2])
     config = resnet_config(p, spec, in_shape)  # type: ignore[arg-type]
-    model = IResNetClassifier(config, n_classes=int(summary["n_classes"]))
+    if here.distributed:
+        check_divides(p.batch_size, "classifier.batch_size", here.size)
+    # Built on the CPU (the same initial weights on every device), then moved.
+    model = IResNetClassifier(config, n_classes=int(summary["n_classes"])).to(dev)
     optimizer = build_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(p.milestones), p.gamma)
     data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "mean", "std")}
@@ -162,6 +195,7 @@ def run(
     if p.actnorm:
         init_actnorm(model, stats.normalize(train[0][: p.batch_size]))
     loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, tracker)
+    net = wrap(model, dev) if here.distributed else model  # after ActNorm's init, which the wrapping broadcasts
 
     per_epoch = n_batches(len(train[0]), p.batch_size, p.max_train_batches)
     with progress(f"train {spec.label}", p.epochs * per_epoch) as advance:
@@ -170,7 +204,8 @@ def run(
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             where = f"model {spec.label}, epoch {epoch}"
-            train_loss, train_acc, seen = train_epoch(model, optimizer, train, stats, params, where, advance)
+            sync_rng(here)  # every rank draws the same permutation and augmentation (a no-op in one process)
+            train_loss, train_acc, seen = train_epoch(net, optimizer, train, stats, params, where, advance)
             train_seconds = time.perf_counter() - t0
             scheduler.step()
             refresh_unconstrained(model)
@@ -192,6 +227,8 @@ def run(
             }
             loop.save(epoch, record)
 
+    if not here.is_main:  # rank 0 writes every output; the other ranks hold the same model
+        return {}
     history = loop.history
     last = history[-1]
     save_model(

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from iresnet.blocks import lipschitz_bounds, logdet_settings_as, residual_blocks
 from iresnet.layers import ActNorm
@@ -31,6 +31,8 @@ from iresnet.spectral_norm import LipschitzConv2d
 from pipeline.console import progress
 from pipeline.data.batches import batch_indices, evenly_spaced, n_batches
 from pipeline.data.store import load_prepared, load_stats, load_zca, split_file
+from pipeline.distributed import Method, check_divides, global_mean, shard, sync_rng, wrap
+from pipeline.env import device, world
 from pipeline.models.flows import (
     MODEL_KIND,
     FlowSpace,
@@ -109,6 +111,19 @@ def initialise_actnorm(model: MultiscaleFlow, x: Tensor) -> None:
     model.eval()
 
 
+@torch.no_grad()
+def first_batch_inputs(
+    images: Tensor, space: FlowSpace, noise: torch.Generator, batch_size: int, max_batches: int | None
+) -> Tensor:
+    """The model inputs of the first training step, drawn without moving any RNG: under torchrun, ActNorm initialises
+    on them before the model is wrapped (one process initialises in that step itself, on the same batch)."""
+    with torch.random.fork_rng(devices=[]):
+        idx = next(iter(batch_indices(len(images), batch_size, True, max_batches)))
+    peek = torch.Generator(device=noise.device)
+    peek.set_state(noise.get_state())
+    return space.to_model(images[idx], peek)
+
+
 def divergence_hint(model: MultiscaleFlow) -> str:
     """What to try after a NaN, with the certified ``Lip(g)`` of the blocks right now (>= 1 breaks Eq. 4)."""
     try:
@@ -139,28 +154,39 @@ def train_epoch(
     params: Params,
     epoch: int,
     advance: Callable[..., None],
+    net: nn.Module | None = None,
 ) -> tuple[float, int]:
-    """One pass over the shuffled train split; returns (mean training bits/dim, images seen)."""
+    """One pass over the shuffled train split; returns (mean training bits/dim, images seen).
+
+    ``net``: under torchrun, the DDP wrapper of ``model.log_prob`` (:func:`pipeline.distributed.wrap`); the bits/dim
+    are then rank 0's part's, the images the global batches'."""
     p = params.flow
+    here = world()
     per_epoch = n_batches(len(images), p.batch_size, p.max_train_batches)
     warmup_steps = p.warmup_epochs * per_epoch
     model.train()
-    total, seen = 0.0, 0
+    total, mine, seen = 0.0, 0, 0  # mine: this rank's examples; seen: the global batches'
     for k, idx in enumerate(batch_indices(len(images), p.batch_size, True, p.max_train_batches)):
         lr = scheduled_lr((epoch - 1) * per_epoch + k, p.lr, warmup_steps, p.epochs * per_epoch, p.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = space.bpd(model.log_prob(space.to_model(images[idx], noise))).mean()
+        x = space.to_model(images[idx], noise)  # the global batch's noise, the same on every rank
+        if net is not None:  # torchrun: this rank's part of the global batch, gradients averaged by DDP
+            x = x[shard(torch.arange(len(idx)), here)]
+            loss = global_mean(space.bpd(net(x)).sum(), len(idx), here)
+        else:
+            loss = space.bpd(model.log_prob(x)).mean()
         where = f"epoch {epoch}, batch {k + 1}"
         check_finite(loss, "training loss (bits/dim)", where, lambda: divergence_hint(model))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         check_finite(gradient_norm(model), "gradient norm", where, lambda: divergence_hint(model))
         optimizer.step()
-        total += loss.item() * len(idx)
+        total += loss.item() * len(x)  # under torchrun: rank 0's part, as an estimate of the global batch's mean
+        mine += len(x)
         seen += len(idx)
         advance(info=f"{loss.item():.3f} bits/dim")
-    return total / seen, seen
+    return total / mine, seen
 
 
 @torch.no_grad()
@@ -209,20 +235,30 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     tracker = out.tracker
     p = params.flow
     seed_everything(params.seed)
-    train_images, _ = load_prepared(paths, "train")
-    test_images, _ = load_prepared(paths, "test")
+    dev, here = device(), world()
+    if here.distributed:
+        check_divides(p.batch_size, "flow.batch_size", here.size)
+    # Moved to the device once (on the CPU, .to() returns the very tensors: today's code path).
+    train_images = load_prepared(paths, "train")[0].to(dev)
+    test_images = load_prepared(paths, "test")[0].to(dev)
     summary = load_stats(paths)
     shape = tuple(train_images.shape[1:])
     check_spatial(params, shape[1], shape[2])
-    space = FlowSpace(shape, load_zca(paths) if p.use_zca else None)  # type: ignore[arg-type]
+    space = FlowSpace(shape, load_zca(paths).to(dev) if p.use_zca else None)  # type: ignore[arg-type]
     config = flow_config(p, shape)  # type: ignore[arg-type]
-    model = MultiscaleFlow(config)
+    model = MultiscaleFlow(config).to(dev)  # built on the CPU (the same initial weights everywhere), then moved
     converge_spectral_norms(model)
     if p.actnorm_init_images is not None:  # else ActNorm initialises on the first training batch
         init_images = train_images[evenly_spaced(len(train_images), p.actnorm_init_images)]
         initialise_actnorm(model, fixed_noise_inputs(space, init_images, params.seed + _ACTNORM_SEED_OFFSET))
     optimizer = build_optimizer(p.optimizer, model.parameters(), p.lr, weight_decay=p.weight_decay)
-    noise = torch.Generator().manual_seed(params.seed)  # dequantisation noise of the training batches
+    # Dequantisation noise of the training batches: on the CPU on every device (see preprocess.dequantize).
+    noise = torch.Generator().manual_seed(params.seed)
+    net = None
+    if here.distributed:
+        if p.actnorm and p.actnorm_init_images is None:
+            initialise_actnorm(model, first_batch_inputs(train_images, space, noise, p.batch_size, p.max_train_batches))
+        net = wrap(Method(model, "log_prob"), dev)  # broadcasts rank 0's weights and buffers (ActNorm's init too)
     data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "zca")}
     fingerprint = params_hash({"seed": params.seed, "flow": params.section_dict("flow")["flow"], "data": data_summary})
     resume = ResumeFile.for_run(paths, "flow", fingerprint, "train_flow")
@@ -238,7 +274,8 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         for epoch in loop:
             loop.replay(advance, per_epoch)
             t0 = time.perf_counter()
-            train_bpd, seen = train_epoch(model, optimizer, train_images, space, noise, params, epoch, advance)
+            sync_rng(here)  # every rank draws the same permutation (a no-op in one process)
+            train_bpd, seen = train_epoch(model, optimizer, train_images, space, noise, params, epoch, advance, net)
             train_seconds = time.perf_counter() - t0
             test = evaluate_epoch(model, space, test_x, p.eval_batch_size, params.seed + _EVAL_SEED_OFFSET)
             record = {
@@ -253,8 +290,10 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
             }
             loop.save(epoch, record)
 
+    if not here.is_main:  # rank 0 writes every output; the other ranks hold the same model
+        return {}
     model.eval()
-    sample_generator = torch.Generator().manual_seed(params.seed)
+    sample_generator = torch.Generator(device=dev).manual_seed(params.seed)
     samples = space.to_images(model.sample(p.n_generated, generator=sample_generator))
     inverse = inverse_report(model)
     history, last = loop.history, loop.history[-1]

@@ -315,7 +315,7 @@ def test_dvc_yaml_runs_one_stage_per_coefficient_and_tracks_what_it_reads() -> N
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100"])
 def test_paper_configs_hold_the_paper_settings(name: str) -> None:
-    params = load_params(REPO / "configs" / f"{name}.yaml")  # validates every key of every section
+    params = load_params(REPO / "configs" / name / "params.yaml")  # validates every key of every section
     c = params.classifier
     assert params.data.dataset == name
     assert c.coeffs == ("vanilla", "batchnorm", 0.9, 0.8, 0.7, 0.6, 0.5, 0.3)  # Table 2 and Fig. 6

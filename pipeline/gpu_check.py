@@ -1,0 +1,170 @@
+"""Every stage at tiny size on the CPU and on CUDA, and their metrics side by side: ``python -m pipeline.gpu_check``.
+
+Runs ``raw_data`` .. ``report`` in two temporary projects (the committed ``params.yaml`` with :data:`TINY` on top,
+the offline mnist-5k data), one per device, in this process, then compares every number of every metrics file.
+Deterministic stages (the classifiers, their singular values and reconstructions) must agree to ``--rtol``; the
+stages that draw probes on the device (the flows, the toy fits) draw other random numbers there than on the CPU, so
+they must agree to ``--stochastic-rtol``; integers (iteration counts) to 1, error rates of the small test set to
+:data:`COUNT_ATOL`. Timings are listed, never compared. Prints one line per number and ends
+with ``GPU CHECK: PASS`` or ``FAIL`` (exit status 0 or 1); about a minute on a GPU machine.
+
+Not a stage and not imported by one: it changes no output and no ``dvc.lock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TINY: dict[str, Any] = {
+    "data.max_train": 1024,  # more examples than the 784 pixels: the Gaussian baseline needs a full-rank covariance
+    "data.max_test": 128,
+    "classifier.coeffs": ["vanilla", 0.9],
+    "classifier.epochs": 1,
+    "classifier.max_train_batches": 8,
+    "classifier.eval_batch_size": 128,
+    "reconstruction.n_images": 4,
+    "reconstruction.iterations": [1, 5, 20],
+    "reconstruction.tolerances": [1.0e-3],
+    "reconstruction.timing_iterations": [5],
+    "flow.epochs": 1,
+    "flow.max_train_batches": 8,
+    "flow.lr": 1.0e-3,  # 8 steps at the default 0.01 left a block at certified Lip 1.13: no log-det to compare
+    "flow.n_generated": 4,
+    "evaluate_flow.n_examples": 32,
+    "evaluate_flow.max_samples": 4,
+    "evaluate_flow.max_terms": 20,
+    "logdet_bias.n_examples": 4,
+    "logdet_bias.max_terms": 8,
+    "logdet_bias.n_samples": 2,
+    "toy.datasets": ["moons"],
+    "toy.steps": 50,
+    "toy.n_test": 256,
+    "toy.grid_size": 20,
+    "tracking.enabled": False,
+}
+DETERMINISTIC = ("prepare", "classifier", "singular_values", "reconstruction")
+# Fractions of a small test set (one flipped prediction of 128 moves them by 0.008): compared to COUNT_ATOL.
+COUNTED = ("test_error", "accuracy")
+COUNT_ATOL = 0.02
+TIMING = ("time", "seconds", "throughput", "steps_per_s", "per_100", "device", "gpu")
+
+
+def run_pipeline(root: Path, params: Any) -> float:
+    """Every stage of the pipeline on ``root`` (already holding the prepared data when ``prepare`` ran before)."""
+    from pipeline.paths import Paths
+    from pipeline.stages import (
+        evaluate_flow,
+        logdet_bias,
+        prepare,
+        reconstruction,
+        report,
+        singular_values,
+        toy_density,
+        train_classifier,
+        train_flow,
+    )
+
+    paths = Paths.at(root)
+    start = time.perf_counter()
+    prepare.run(params, paths)
+    for coeff in params.classifier.coeffs:
+        train_classifier.run(params, paths, coeff=coeff)
+    for stage in (singular_values, reconstruction, train_flow, evaluate_flow, logdet_bias, toy_density, report):
+        stage.run(params, paths)
+    return time.perf_counter() - start
+
+
+def numbers(data: Any, prefix: str = "") -> dict[str, float]:
+    """Every number (bools as 0/1) of a JSON document, keyed by its path."""
+    out: dict[str, float] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(numbers(value, f"{prefix}{key}."))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            out.update(numbers(value, f"{prefix}{i}."))
+    elif isinstance(data, (int, float)) and not (isinstance(data, float) and math.isnan(data)):
+        out[prefix.rstrip(".")] = float(data)
+    return out
+
+
+def compare(cpu_root: Path, gpu_root: Path, rtol: float, stochastic_rtol: float) -> list[str]:
+    """Print every metric of both runs; returns the failures."""
+    from pipeline.files import read_json
+
+    failures = []
+    for path in sorted((cpu_root / "reports" / "metrics").rglob("*.json")):
+        name = path.relative_to(cpu_root / "reports" / "metrics").as_posix()
+        other = gpu_root / "reports" / "metrics" / name
+        if not other.is_file():
+            failures.append(f"{name}: missing on CUDA")
+            continue
+        a, b = numbers(read_json(path)), numbers(read_json(other))
+        tol = rtol if name.startswith(DETERMINISTIC) else stochastic_rtol
+        for key in sorted(a):
+            if any(word in key for word in TIMING):
+                print(f"  {name:<28} {key:<44} cpu {a[key]:>12.6g}  cuda {b.get(key, math.nan):>12.6g}  (timing)")
+                continue
+            if key not in b:
+                failures.append(f"{name} {key}: missing on CUDA")
+                continue
+            diff = abs(a[key] - b[key]) / max(abs(a[key]), 1e-3)
+            close = (
+                diff <= tol
+                or (a[key].is_integer() and b[key].is_integer() and abs(a[key] - b[key]) <= 1)  # e.g. iterations
+                or (any(word in key for word in COUNTED) and abs(a[key] - b[key]) <= COUNT_ATOL)
+            )
+            verdict = "ok" if close else "DIFFERS"
+            print(f"  {name:<28} {key:<44} cpu {a[key]:>12.6g}  cuda {b[key]:>12.6g}  rel {diff:.1e} {verdict}")
+            if not close:
+                failures.append(f"{name} {key}: cpu {a[key]:.6g}, cuda {b[key]:.6g} (rel {diff:.1e} > {tol:g})")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="the device to compare with the CPU (default: cuda)")
+    parser.add_argument("--rtol", type=float, default=1e-3, help="deterministic stages (default 1e-3)")
+    parser.add_argument("--stochastic-rtol", type=float, default=0.1, help="stages with device-drawn probes (0.1)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep both projects under this folder")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from pipeline.env import device_info, parse_device, set_device
+    from pipeline.params import load_params
+    from pipeline.paths import Paths
+
+    threads = os.environ.get("IRESNET_THREADS")
+    torch.set_num_threads(int(threads) if threads else min(8, torch.get_num_threads()))
+    target = parse_device(args.device)
+    params = load_params(Paths.at(Path(__file__).resolve().parents[1]).params_file, TINY)
+    base = Path(tempfile.mkdtemp(prefix="iresnet-gpu-check-")) if args.keep is None else args.keep
+    roots = {"cpu": base / "cpu", "cuda": base / "cuda"}
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {device_info(target)}")
+    seconds = {}
+    for name, dev in (("cpu", torch.device("cpu")), ("cuda", target)):
+        roots[name].mkdir(parents=True, exist_ok=True)
+        set_device(dev)
+        seconds[name] = run_pipeline(roots[name], params)
+        print(f"{name}: every stage in {seconds[name]:.1f} s")
+    set_device(torch.device("cpu"))
+    failures = compare(roots["cpu"], roots["cuda"], args.rtol, args.stochastic_rtol)
+    for failure in failures:
+        print(f"FAIL {failure}")
+    print(f"GPU CHECK: {'FAIL' if failures else 'PASS'} (cpu {seconds['cpu']:.1f} s, {target} {seconds['cuda']:.1f} s)")
+    if args.keep is None:
+        shutil.rmtree(base, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
