@@ -326,12 +326,14 @@ def toy_iresnet(
 class AffineCoupling(Invertible):
     """Glow / Real NVP affine coupling on ``(B, 2)``: ``y1 = x1``, ``y2 = x2 · exp(s(x1)) + t(x1)``.
 
-    ``s`` passes through ``tanh`` to keep early training stable; ``logdet = s(x1)``. The network's last layer
-    starts at zero, so the layer starts as the identity.
+    With ``scale_cap`` (the default), ``s`` passes through ``tanh`` (``|s| < 1`` per layer) to keep early training
+    stable; without it ``s`` is the network's output as it is. ``logdet = s(x1)``. The network's last layer starts at
+    zero, so the layer starts as the identity.
     """
 
-    def __init__(self, hidden: int = 64, n_hidden_layers: int = 3) -> None:
+    def __init__(self, hidden: int = 64, n_hidden_layers: int = 3, scale_cap: bool = True) -> None:
         super().__init__()
+        self.scale_cap = scale_cap
         widths = [1] + [hidden] * n_hidden_layers
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
@@ -343,7 +345,7 @@ class AffineCoupling(Invertible):
 
     def _scale_shift(self, x1: Tensor) -> tuple[Tensor, Tensor]:
         s, t = self.net(x1).chunk(2, dim=1)
-        return torch.tanh(s), t
+        return (torch.tanh(s) if self.scale_cap else s), t
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x1, x2 = x[:, :1], x[:, 1:]
@@ -374,11 +376,12 @@ class InvertibleLinear(Invertible):
         return torch.linalg.solve(self.weight, y.T).T
 
 
-def toy_glow(n_layers: int = 100, hidden: int = 64, n_hidden_layers: int = 3) -> Flow2d:
-    """Glow-style toy flow: ``n_layers`` x (ActNorm, invertible linear map, affine coupling), App. C.3."""
+def toy_glow(n_layers: int = 100, hidden: int = 64, n_hidden_layers: int = 3, scale_cap: bool = True) -> Flow2d:
+    """Glow-style toy flow: ``n_layers`` x (ActNorm, invertible linear map, affine coupling), App. C.3; ``scale_cap``:
+    the couplings' log-scales pass through ``tanh`` (:class:`AffineCoupling`)."""
     layers: list[Invertible] = []
     for _ in range(n_layers):
-        layers += [ActNorm(2), InvertibleLinear(2), AffineCoupling(hidden, n_hidden_layers)]
+        layers += [ActNorm(2), InvertibleLinear(2), AffineCoupling(hidden, n_hidden_layers, scale_cap)]
     return Flow2d(InvertibleSequential(layers))
 
 
@@ -555,13 +558,17 @@ class StackedToyIResNet(nn.Module):
 class StackedToyGlow(nn.Module):
     """``M`` Glow-style toy flows (:func:`toy_glow`, one shape) trained as one model, as :class:`StackedToyIResNet`.
 
-    Per layer: ActNorm, ``y = x Wᵀ`` (``ln|det W|`` in closed form for 2x2), affine coupling with a ``tanh``-capped
-    scale. The x-independent log-dets (ActNorm, linear maps) are summed once for all layers.
+    Per layer: ActNorm, ``y = x Wᵀ`` (``ln|det W|`` in closed form for 2x2), affine coupling (its scale ``tanh``-capped
+    when the flows' couplings are). The x-independent log-dets (ActNorm, linear maps) are summed once for all layers.
     """
 
     def __init__(self, flows: Sequence[Flow2d]) -> None:
         super().__init__()
         _check_same_shape(flows)
+        caps = {c.scale_cap for flow in flows for c in self._layers(flow, AffineCoupling)}
+        if len(caps) != 1:
+            raise ValueError("stacking needs at least one flow, all of the same architecture")
+        self.scale_cap = caps.pop()
         self.mlps = _StackedMLPs(self._linears(flows))
         self.actnorms = _StackedActNorms(self._actnorms(flows))
         self.mixing = nn.Parameter(_stack([[m.weight for m in row] for row in self._mixings(flows)]))  # (M, N, 2, 2)
@@ -610,7 +617,8 @@ class StackedToyGlow(nn.Module):
                 x1, x2 = h[..., :1], h[..., 1:]
                 a = stacked_mlp(x1, [w[n] for w in per_layer_w], [b[n] for b in per_layer_b], "elu")
                 s, t = a.unbind(-1)
-                s = torch.tanh(s)
+                if self.scale_cap:
+                    s = torch.tanh(s)
                 h = torch.stack([x1.squeeze(-1), x2.squeeze(-1) * torch.exp(s) + t], dim=-1)
                 logdet = logdet + s
         return h, logdet

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -174,6 +175,7 @@ def _perturb(flows: list[Flow2d]) -> None:
     [
         (lambda: toy_iresnet(n_blocks=3, hidden=8), StackedToyIResNet),
         (lambda: toy_glow(n_layers=3, hidden=8), StackedToyGlow),
+        (lambda: toy_glow(n_layers=3, hidden=8, scale_cap=False), StackedToyGlow),
     ],
 )
 def test_stacked_training_equals_separate_training(make: Callable[[], Flow2d], stack_type: type) -> None:
@@ -211,6 +213,28 @@ def test_stacked_training_equals_separate_training(make: Callable[[], Flow2d], s
         assert state.keys() == state_ref.keys()
         for key in state:
             torch.testing.assert_close(state[key], state_ref[key], rtol=0, atol=1e-12, msg=key)
+
+
+def test_glow_scale_cap_bounds_each_coupling_logdet() -> None:
+    """With the cap every coupling's log-scale is ``tanh(s)`` (``|s| < 1``); without it the network's raw ``s``."""
+    flows = _flows(lambda: toy_glow(n_layers=1, hidden=8), 1) + _flows(lambda: toy_glow(1, 8, scale_cap=False), 1)
+    flows[1].load_state_dict(flows[0].state_dict())
+    with torch.no_grad():
+        for flow in flows:
+            flow.transform.layers[2].net[-1].bias.copy_(torch.tensor([3.0, 0.0]))  # s = 3 for every input
+    x = torch.randn(8, 2, dtype=torch.float64)
+    (_, capped), (_, raw) = (flow.transform.layers[2](x) for flow in flows)
+    torch.testing.assert_close(capped, torch.full_like(capped, math.tanh(3.0)))
+    torch.testing.assert_close(raw, torch.full_like(raw, 3.0))
+    for flow in flows:
+        torch.testing.assert_close(flow.transform.inverse(flow.transform(x)[0]), x)
+    stacks = [StackedToyGlow([flow]) for flow in flows]
+    for stack, flow in zip(stacks, flows):
+        stack.actnorms.initialized.fill_(True)
+        flow.transform.layers[0].initialized.fill_(True)
+        torch.testing.assert_close(stack.log_prob(x.unsqueeze(0))[0], flow.log_prob(x))
+    with pytest.raises(ValueError, match="same architecture"):
+        StackedToyGlow(flows)
 
 
 def test_stacked_iresnet_needs_an_elementwise_nonlinearity() -> None:

@@ -32,7 +32,7 @@ from pipeline.params import Params, ToyParams
 from pipeline.paths import Paths
 from pipeline.plots.toy import Panel, data_histogram, plot_toy_densities
 from pipeline.tracking import Tracker
-from pipeline.training import check_finite, gradient_norm, n_params, save_model, seed_everything
+from pipeline.training import check_finite, gradient_norm, n_params, save_model, scheduled_lr, seed_everything
 
 MODELS = ("iresnet", "glow")
 LABELS = {"iresnet": "i-ResNet", "glow": "Glow"}
@@ -56,7 +56,13 @@ def model_config(kind: str, toy: ToyParams) -> dict[str, Any]:
             "nonlin": toy.nonlin,
         }
     if kind == "glow":
-        return {"kind": kind, "n_layers": toy.n_blocks, "hidden": width, "n_hidden_layers": depth}
+        return {
+            "kind": kind,
+            "n_layers": toy.n_blocks,
+            "hidden": width,
+            "n_hidden_layers": depth,
+            "scale_cap": toy.glow_scale_cap,
+        }
     raise ValueError(f"unknown toy model {kind!r}; use one of {', '.join(MODELS)}")
 
 
@@ -75,6 +81,8 @@ def _divergence_hint(kind: str, toy: ToyParams) -> str:
     return (
         f"Lower toy.{lr_key} (now {lr:g})"
         + (f" or toy.coeff (now {toy.coeff:g})" if kind == "iresnet" else "")
+        + f", raise toy.warmup_steps (now {toy.warmup_steps})"
+        + (", set toy.glow_scale_cap: true" if kind == "glow" and not toy.glow_scale_cap else "")
         + " and re-run `dvc repro toy_density`."
     )
 
@@ -83,11 +91,20 @@ def _learning_rate(kind: str, toy: ToyParams) -> float:
     return toy.lr if kind == "iresnet" else toy.glow_lr
 
 
+def _set_learning_rate(optimizer: torch.optim.Optimizer, kind: str, toy: ToyParams, step: int) -> None:
+    """The rate of optimiser step ``step``: ``toy.warmup_steps`` of linear warm-up to the flow's rate, then
+    ``toy.lr_schedule`` (:func:`pipeline.training.scheduled_lr`), the same schedule for both flows."""
+    lr = scheduled_lr(step, _learning_rate(kind, toy), toy.warmup_steps, toy.steps, toy.lr_schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train_flow(
     model: Flow2d, name: str, kind: str, params: Params, advance: Callable[..., None]
 ) -> tuple[list[float], float]:
-    """Adam (``toy.lr`` for the i-ResNet, ``toy.glow_lr`` for Glow) on ``-mean ln p(x)`` over the dataset's fixed
-    batch stream; returns (loss per step, steps per second). One model alone: the fallback of :func:`train_flows`.
+    """Adam (``toy.lr`` for the i-ResNet, ``toy.glow_lr`` for Glow, after a warm-up and with ``toy.lr_schedule``) on
+    ``-mean ln p(x)`` over the dataset's fixed batch stream; returns (loss per step, steps per second). One model
+    alone: the fallback of :func:`train_flows`.
 
     Stops with :class:`pipeline.training.TrainingDiverged` when a loss or the gradient norm is not finite.
     """
@@ -102,6 +119,7 @@ def train_flow(
         loss = -model.log_prob(x).mean()
         where = f"{name} / {LABELS[kind]}, step {step}"
         check_finite(loss, "loss", where, hint)
+        _set_learning_rate(optimizer, kind, toy, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         check_finite(gradient_norm(model), "gradient norm", where, hint)
@@ -134,6 +152,7 @@ def train_stacked(
         x = torch.stack([sample(name, toy.batch_size, params.seed, "train", step) for name in names]).float()
         loss = -stack.log_prob(x).mean(dim=1)  # (M,): one loss per dataset
         _check_each(loss, "loss", names, kind, step, hint)
+        _set_learning_rate(optimizer, kind, toy, step)
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # model m's parameters get exactly the gradient of its own loss
         _check_each(_gradient_norms(stack), "gradient norm", names, kind, step, hint)
