@@ -36,35 +36,36 @@ _LOG_2PI = math.log(2 * math.pi)
 # --- elementwise nonlinearities with their first and second derivatives ---------------------------------------
 
 
-def _elu_(z: Tensor) -> tuple[Tensor, Tensor | None]:
-    negative = z < 0  # ELU'' / ELU' = 1 for z < 0, 0 for z > 0
+def _elu_(z: Tensor, curvature: bool = True) -> tuple[Tensor, Tensor | None]:
+    negative = z < 0 if curvature else None  # ELU'' / ELU' = 1 for z < 0, 0 for z > 0
     slope = z.clamp_max(0.0).exp_()  # ELU'(z): exp(z) for z < 0, 1 for z >= 0
     torch.maximum(z, slope - 1.0, out=z)  # ELU(z): e^z - 1 > z for z < 0, and slope - 1 = 0 for z >= 0
     return slope, negative
 
 
-def _softplus_(z: Tensor) -> tuple[Tensor, Tensor | None]:
+def _softplus_(z: Tensor, curvature: bool = True) -> tuple[Tensor, Tensor | None]:
     slope = torch.sigmoid(z)
     tail = z.abs().neg_().exp_().add_(1.0).log_()  # softplus(z) = relu(z) + ln(1 + e^{-|z|}), stable for large |z|
     z.relu_().add_(tail)
-    return slope, 1.0 - slope  # σ' / σ = 1 - σ
+    return slope, (1.0 - slope) if curvature else None  # σ' / σ = 1 - σ
 
 
-def _relu_(z: Tensor) -> tuple[Tensor, Tensor | None]:
+def _relu_(z: Tensor, curvature: bool = True) -> tuple[Tensor, Tensor | None]:
     slope = (z > 0).to(z.dtype)
     z.relu_()
     return slope, None  # ReLU'' = 0
 
 
-ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor | None]]] = {
+ACTIVATIONS: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {
     "elu": _elu_,
     "softplus": _softplus_,
     "relu": _relu_,
 }
 """Nonlinearities (by the names of :func:`iresnet.layers.make_nonlinearity`) that act elementwise, so the Jacobian of
 an MLP follows in closed form. Each overwrites ``z`` with ``φ(z)`` (the activations are large, and a fresh tensor
-per op costs more than the arithmetic) and returns ``φ'(z)`` and the factor ``φ''(z) / φ'(z)`` (``None`` when 0):
-the log-det's gradient needs ``φ''``, and as a ratio it applies to the tangents after the nonlinearity. The others
+per op costs more than the arithmetic) and returns ``φ'(z)`` and the factor ``φ''(z) / φ'(z)`` (``None`` when 0, or
+when called with ``curvature=False``): the log-det's gradient needs ``φ''``, and as a ratio it applies to the tangents
+after the nonlinearity; a plain MLP's backward pass needs only ``φ'``. The others
 ("sorting", "lipswish") fall back to autograd."""
 
 
@@ -192,7 +193,7 @@ class _StackedMLP(torch.autograd.Function):
         for k, (w, b) in enumerate(zip(weights, biases)):
             a = torch.baddbmm(b.unsqueeze(1), a, w.mT)
             if k < n - 1:
-                slope, _ = activation_(a)  # a becomes φ(z)
+                slope, _ = activation_(a, curvature=False)  # a becomes φ(z)
                 slopes.append(slope)
                 inputs.append(a)
         ctx.save_for_backward(*weights, *inputs, *slopes)
