@@ -294,11 +294,18 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "steps_per_s": {
             kind: sum(m[f"{kind}_steps_per_s"] for m in per_dataset.values()) / len(per_dataset) for kind in MODELS
         },
+        "setup": {
+            key: getattr(toy, key)
+            for key in ("n_blocks", "steps", "batch_size", "warmup_steps", "lr_schedule", "glow_scale_cap")
+        },
         "nll_units": "nats per 2-D point (test set); reference_nll: the true density's, where it is closed-form",
         "window": [-WINDOW, WINDOW],
     }
     out.write_curve("steps", curve_rows, CURVE_COLUMNS)
-    plot_toy_densities(out.figure("fig2"), panels, ["data", *MODELS])
+    cap = "tanh-capped" if toy.glow_scale_cap else "uncapped"
+    plot_toy_densities(
+        out.figure("fig2"), panels, ["data", *MODELS], f"{toy.n_blocks} blocks / layers; Glow: {cap} coupling scales"
+    )
     out.finish(summary)
     flat: dict[str, Any] = {}
     for name, metrics in per_dataset.items():

@@ -74,6 +74,10 @@ def test_stage_writes_metrics_curves_figure_and_models(tmp_path: Path, toy_param
     mlp = 2 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2
     glow_mlp = 1 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2
     assert summary["n_params"] == {"iresnet": mlp + 4, "glow": glow_mlp + 8}
+    assert summary["setup"] == {
+        key: TINY_TOY[key]
+        for key in ("n_blocks", "steps", "batch_size", "warmup_steps", "lr_schedule", "glow_scale_cap")
+    }
     assert summary["datasets"]["checkerboard"]["reference_nll"] == pytest.approx(math.log(8), abs=1e-12)
     assert summary["datasets"]["moons"]["reference_nll"] is None
 
