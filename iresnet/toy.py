@@ -225,6 +225,12 @@ def _unit(t: Tensor) -> Tensor:
     return t / t.norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
+def _times(row: Tensor, matrix: Tensor) -> Tensor:
+    """``rowᵀ M`` for stacks: ``(..., k)``, ``(..., k, n)`` -> ``(..., n)``. As a product of 1-row matrices: for a
+    stack of 400 64x64 matrices this is 10-20x faster than the matrix-vector form ``M.mT @ row[..., None]``."""
+    return (row.unsqueeze(-2) @ matrix).squeeze(-2)
+
+
 @torch.no_grad()
 def power_iterate(weight: Tensor, u: Tensor, v: Tensor, n_iter: int) -> tuple[Tensor, Tensor, Tensor]:
     """``n_iter`` power iterations on ``Wᵀ W`` for a stack of matrices, exactly as ``LipschitzLinear.power_iterate``.
@@ -232,10 +238,10 @@ def power_iterate(weight: Tensor, u: Tensor, v: Tensor, n_iter: int) -> tuple[Te
     Shapes: ``weight: (..., out, in)``, ``u: (..., out)``, ``v: (..., in)`` -> new ``(u, v, sigma: (...))``.
     """
     weight = weight.detach()
-    wv = (weight @ v.unsqueeze(-1)).squeeze(-1)
+    wv = _times(v, weight.mT)
     for _ in range(n_iter):
-        v = _unit((weight.mT @ u.unsqueeze(-1)).squeeze(-1))
-        wv = (weight @ v.unsqueeze(-1)).squeeze(-1)
+        v = _unit(_times(u, weight))
+        wv = _times(v, weight.mT)
         u = _unit(wv)
     return u, v, (u * wv).sum(-1)
 
@@ -245,8 +251,31 @@ def normalised_weight(weight: Tensor, u: Tensor, v: Tensor, coeff: float | None)
     ``LipschitzLinear.effective_weight``). Shapes: ``(..., out, in)``, ``(..., out)``, ``(..., in)``."""
     if coeff is None:
         return weight
-    sigma = (u * (weight @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)
-    return weight / torch.clamp(sigma / coeff, min=1.0)[..., None, None]
+    return _NormalisedWeight.apply(weight, u, v, coeff)
+
+
+class _NormalisedWeight(torch.autograd.Function):
+    """``W / s`` with ``s = max(1, σ / c)``, ``σ = uᵀ W v`` (``u``, ``v`` constants), and its gradient written out:
+    ``W̄ = Ḡ / s - [σ / c >= 1] ⟨Ḡ, W⟩ / (c s²) · u vᵀ`` (4 passes over the weights instead of autograd's ~10 and a
+    batched outer product; the same value as autograd's up to rounding)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, coeff: float) -> Tensor:  # type: ignore[override]
+        ratio = (_times(u, weight) * v).sum(-1) / coeff  # σ / c
+        scale = ratio.clamp(min=1.0)
+        ctx.save_for_backward(weight, u, v, scale, ratio >= 1.0)  # torch.clamp passes the gradient at equality
+        ctx.coeff = coeff
+        return weight / scale[..., None, None]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        weight, u, v, scale, active = ctx.saved_tensors
+        grad_weight = grad / scale[..., None, None]
+        if bool(active.any()):
+            grad_sigma = (grad * weight).sum((-2, -1)).div_(scale.square()).mul_(active).div_(-ctx.coeff)
+            grad_weight.add_((grad_sigma.unsqueeze(-1) * u).unsqueeze(-1) * v.unsqueeze(-2))
+        return grad_weight, None, None, None
 
 
 # --- per-model flows -----------------------------------------------------------------------------------------------

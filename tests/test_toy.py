@@ -29,6 +29,8 @@ from iresnet.toy import (
     StackedToyIResNet,
     ToyResidualBlock,
     mlp_logdet,
+    normalised_weight,
+    power_iterate,
     toy_glow,
     toy_iresnet,
 )
@@ -259,3 +261,25 @@ def test_spectral_normalisation_of_the_stack_is_per_model() -> None:
         for i, layer in enumerate(layers):
             expected = layer.train()._forward_weight()
             torch.testing.assert_close(weights[i % per_block][m, i // per_block], expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("coeff", [0.9, 50.0])  # σ > c (scaled down, gradient through σ) and σ < c (unchanged)
+def test_normalised_weight_and_its_gradient_equal_autograd_of_eq_2(coeff: float) -> None:
+    """The hand-written backward of Eq. 2 for stacked weights equals autograd of ``W / max(1, uᵀ W v / c)`` (its
+    matrix-vector form); the power iteration's σ is ``uᵀ W v``."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 2, 5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    u, v = torch.randn(3, 2, 5, generator=generator, dtype=torch.float64), torch.randn(3, 2, 4, dtype=torch.float64)
+    u, v, sigma = power_iterate(weight, u, v, 3)
+    grad = torch.randn(3, 2, 5, 4, generator=generator, dtype=torch.float64)
+    ours = normalised_weight(weight, u, v, coeff)
+    (ours * grad).sum().backward()
+    ours_grad, weight.grad = weight.grad, None
+    reference = (
+        weight / torch.clamp((u * (weight @ v.unsqueeze(-1)).squeeze(-1)).sum(-1) / coeff, min=1.0)[..., None, None]
+    )
+    (reference * grad).sum().backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-14, atol=0)
+    torch.testing.assert_close(ours_grad, weight.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sigma, (u * (weight.detach() @ v.unsqueeze(-1)).squeeze(-1)).sum(-1), rtol=1e-14, atol=0)
+    assert (sigma > 0.9).all() and bool((sigma > coeff).all()) == (coeff < 1)
