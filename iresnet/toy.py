@@ -36,35 +36,36 @@ _LOG_2PI = math.log(2 * math.pi)
 # --- elementwise nonlinearities with their first and second derivatives ---------------------------------------
 
 
-def _elu_(z: Tensor) -> tuple[Tensor, Tensor | None]:
-    negative = z < 0  # ELU'' / ELU' = 1 for z < 0, 0 for z > 0
+def _elu_(z: Tensor, curvature: bool = True) -> tuple[Tensor, Tensor | None]:
+    negative = z < 0 if curvature else None  # ELU'' / ELU' = 1 for z < 0, 0 for z > 0
     slope = z.clamp_max(0.0).exp_()  # ELU'(z): exp(z) for z < 0, 1 for z >= 0
     torch.maximum(z, slope - 1.0, out=z)  # ELU(z): e^z - 1 > z for z < 0, and slope - 1 = 0 for z >= 0
     return slope, negative
 
 
-def _softplus_(z: Tensor) -> tuple[Tensor, Tensor | None]:
+def _softplus_(z: Tensor, curvature: bool = True) -> tuple[Tensor, Tensor | None]:
     slope = torch.sigmoid(z)
     tail = z.abs().neg_().exp_().add_(1.0).log_()  # softplus(z) = relu(z) + ln(1 + e^{-|z|}), stable for large |z|
     z.relu_().add_(tail)
-    return slope, 1.0 - slope  # σ' / σ = 1 - σ
+    return slope, (1.0 - slope) if curvature else None  # σ' / σ = 1 - σ
 
 
-def _relu_(z: Tensor) -> tuple[Tensor, Tensor | None]:
+def _relu_(z: Tensor, curvature: bool = True) -> tuple[Tensor, Tensor | None]:
     slope = (z > 0).to(z.dtype)
     z.relu_()
     return slope, None  # ReLU'' = 0
 
 
-ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor | None]]] = {
+ACTIVATIONS: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {
     "elu": _elu_,
     "softplus": _softplus_,
     "relu": _relu_,
 }
 """Nonlinearities (by the names of :func:`iresnet.layers.make_nonlinearity`) that act elementwise, so the Jacobian of
 an MLP follows in closed form. Each overwrites ``z`` with ``φ(z)`` (the activations are large, and a fresh tensor
-per op costs more than the arithmetic) and returns ``φ'(z)`` and the factor ``φ''(z) / φ'(z)`` (``None`` when 0):
-the log-det's gradient needs ``φ''``, and as a ratio it applies to the tangents after the nonlinearity. The others
+per op costs more than the arithmetic) and returns ``φ'(z)`` and the factor ``φ''(z) / φ'(z)`` (``None`` when 0, or
+when called with ``curvature=False``): the log-det's gradient needs ``φ''``, and as a ratio it applies to the tangents
+after the nonlinearity; a plain MLP's backward pass needs only ``φ'``. The others
 ("sorting", "lipswish") fall back to autograd."""
 
 
@@ -192,7 +193,7 @@ class _StackedMLP(torch.autograd.Function):
         for k, (w, b) in enumerate(zip(weights, biases)):
             a = torch.baddbmm(b.unsqueeze(1), a, w.mT)
             if k < n - 1:
-                slope, _ = activation_(a)  # a becomes φ(z)
+                slope, _ = activation_(a, curvature=False)  # a becomes φ(z)
                 slopes.append(slope)
                 inputs.append(a)
         ctx.save_for_backward(*weights, *inputs, *slopes)
@@ -224,6 +225,12 @@ def _unit(t: Tensor) -> Tensor:
     return t / t.norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
+def _times(row: Tensor, matrix: Tensor) -> Tensor:
+    """``rowᵀ M`` for stacks: ``(..., k)``, ``(..., k, n)`` -> ``(..., n)``. As a product of 1-row matrices: for a
+    stack of 400 64x64 matrices this is 10-20x faster than the matrix-vector form ``M.mT @ row[..., None]``."""
+    return (row.unsqueeze(-2) @ matrix).squeeze(-2)
+
+
 @torch.no_grad()
 def power_iterate(weight: Tensor, u: Tensor, v: Tensor, n_iter: int) -> tuple[Tensor, Tensor, Tensor]:
     """``n_iter`` power iterations on ``Wᵀ W`` for a stack of matrices, exactly as ``LipschitzLinear.power_iterate``.
@@ -231,10 +238,10 @@ def power_iterate(weight: Tensor, u: Tensor, v: Tensor, n_iter: int) -> tuple[Te
     Shapes: ``weight: (..., out, in)``, ``u: (..., out)``, ``v: (..., in)`` -> new ``(u, v, sigma: (...))``.
     """
     weight = weight.detach()
-    wv = (weight @ v.unsqueeze(-1)).squeeze(-1)
+    wv = _times(v, weight.mT)
     for _ in range(n_iter):
-        v = _unit((weight.mT @ u.unsqueeze(-1)).squeeze(-1))
-        wv = (weight @ v.unsqueeze(-1)).squeeze(-1)
+        v = _unit(_times(u, weight))
+        wv = _times(v, weight.mT)
         u = _unit(wv)
     return u, v, (u * wv).sum(-1)
 
@@ -244,8 +251,31 @@ def normalised_weight(weight: Tensor, u: Tensor, v: Tensor, coeff: float | None)
     ``LipschitzLinear.effective_weight``). Shapes: ``(..., out, in)``, ``(..., out)``, ``(..., in)``."""
     if coeff is None:
         return weight
-    sigma = (u * (weight @ v.unsqueeze(-1)).squeeze(-1)).sum(-1)
-    return weight / torch.clamp(sigma / coeff, min=1.0)[..., None, None]
+    return _NormalisedWeight.apply(weight, u, v, coeff)
+
+
+class _NormalisedWeight(torch.autograd.Function):
+    """``W / s`` with ``s = max(1, σ / c)``, ``σ = uᵀ W v`` (``u``, ``v`` constants), and its gradient written out:
+    ``W̄ = Ḡ / s - [σ / c >= 1] ⟨Ḡ, W⟩ / (c s²) · u vᵀ`` (4 passes over the weights instead of autograd's ~10 and a
+    batched outer product; the same value as autograd's up to rounding)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, coeff: float) -> Tensor:  # type: ignore[override]
+        ratio = (_times(u, weight) * v).sum(-1) / coeff  # σ / c
+        scale = ratio.clamp(min=1.0)
+        ctx.save_for_backward(weight, u, v, scale, ratio >= 1.0)  # torch.clamp passes the gradient at equality
+        ctx.coeff = coeff
+        return weight / scale[..., None, None]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        weight, u, v, scale, active = ctx.saved_tensors
+        grad_weight = grad / scale[..., None, None]
+        if bool(active.any()):
+            grad_sigma = (grad * weight).sum((-2, -1)).div_(scale.square()).mul_(active).div_(-ctx.coeff)
+            grad_weight.add_((grad_sigma.unsqueeze(-1) * u).unsqueeze(-1) * v.unsqueeze(-2))
+        return grad_weight, None, None, None
 
 
 # --- per-model flows -----------------------------------------------------------------------------------------------
@@ -326,12 +356,14 @@ def toy_iresnet(
 class AffineCoupling(Invertible):
     """Glow / Real NVP affine coupling on ``(B, 2)``: ``y1 = x1``, ``y2 = x2 · exp(s(x1)) + t(x1)``.
 
-    ``s`` passes through ``tanh`` to keep early training stable; ``logdet = s(x1)``. The network's last layer
-    starts at zero, so the layer starts as the identity.
+    With ``scale_cap`` (the default), ``s`` passes through ``tanh`` (``|s| < 1`` per layer) to keep early training
+    stable; without it ``s`` is the network's output as it is. ``logdet = s(x1)``. The network's last layer starts at
+    zero, so the layer starts as the identity.
     """
 
-    def __init__(self, hidden: int = 64, n_hidden_layers: int = 3) -> None:
+    def __init__(self, hidden: int = 64, n_hidden_layers: int = 3, scale_cap: bool = True) -> None:
         super().__init__()
+        self.scale_cap = scale_cap
         widths = [1] + [hidden] * n_hidden_layers
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
@@ -343,7 +375,7 @@ class AffineCoupling(Invertible):
 
     def _scale_shift(self, x1: Tensor) -> tuple[Tensor, Tensor]:
         s, t = self.net(x1).chunk(2, dim=1)
-        return torch.tanh(s), t
+        return (torch.tanh(s) if self.scale_cap else s), t
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x1, x2 = x[:, :1], x[:, 1:]
@@ -374,11 +406,12 @@ class InvertibleLinear(Invertible):
         return torch.linalg.solve(self.weight, y.T).T
 
 
-def toy_glow(n_layers: int = 100, hidden: int = 64, n_hidden_layers: int = 3) -> Flow2d:
-    """Glow-style toy flow: ``n_layers`` x (ActNorm, invertible linear map, affine coupling), App. C.3."""
+def toy_glow(n_layers: int = 100, hidden: int = 64, n_hidden_layers: int = 3, scale_cap: bool = True) -> Flow2d:
+    """Glow-style toy flow: ``n_layers`` x (ActNorm, invertible linear map, affine coupling), App. C.3; ``scale_cap``:
+    the couplings' log-scales pass through ``tanh`` (:class:`AffineCoupling`)."""
     layers: list[Invertible] = []
     for _ in range(n_layers):
-        layers += [ActNorm(2), InvertibleLinear(2), AffineCoupling(hidden, n_hidden_layers)]
+        layers += [ActNorm(2), InvertibleLinear(2), AffineCoupling(hidden, n_hidden_layers, scale_cap)]
     return Flow2d(InvertibleSequential(layers))
 
 
@@ -555,13 +588,17 @@ class StackedToyIResNet(nn.Module):
 class StackedToyGlow(nn.Module):
     """``M`` Glow-style toy flows (:func:`toy_glow`, one shape) trained as one model, as :class:`StackedToyIResNet`.
 
-    Per layer: ActNorm, ``y = x Wᵀ`` (``ln|det W|`` in closed form for 2x2), affine coupling with a ``tanh``-capped
-    scale. The x-independent log-dets (ActNorm, linear maps) are summed once for all layers.
+    Per layer: ActNorm, ``y = x Wᵀ`` (``ln|det W|`` in closed form for 2x2), affine coupling (its scale ``tanh``-capped
+    when the flows' couplings are). The x-independent log-dets (ActNorm, linear maps) are summed once for all layers.
     """
 
     def __init__(self, flows: Sequence[Flow2d]) -> None:
         super().__init__()
         _check_same_shape(flows)
+        caps = {c.scale_cap for flow in flows for c in self._layers(flow, AffineCoupling)}
+        if len(caps) != 1:
+            raise ValueError("stacking needs at least one flow, all of the same architecture")
+        self.scale_cap = caps.pop()
         self.mlps = _StackedMLPs(self._linears(flows))
         self.actnorms = _StackedActNorms(self._actnorms(flows))
         self.mixing = nn.Parameter(_stack([[m.weight for m in row] for row in self._mixings(flows)]))  # (M, N, 2, 2)
@@ -610,7 +647,8 @@ class StackedToyGlow(nn.Module):
                 x1, x2 = h[..., :1], h[..., 1:]
                 a = stacked_mlp(x1, [w[n] for w in per_layer_w], [b[n] for b in per_layer_b], "elu")
                 s, t = a.unbind(-1)
-                s = torch.tanh(s)
+                if self.scale_cap:
+                    s = torch.tanh(s)
                 h = torch.stack([x1.squeeze(-1), x2.squeeze(-1) * torch.exp(s) + t], dim=-1)
                 logdet = logdet + s
         return h, logdet

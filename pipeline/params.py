@@ -224,6 +224,9 @@ class ToyParams:
     batch_size: PositiveInt = param("samples per step")
     lr: PositiveReal = param("Adam learning rate of the i-ResNet flow")
     glow_lr: PositiveReal = param("Adam learning rate of the Glow-style flow")
+    warmup_steps: NonNegativeInt = param("linear learning-rate warm-up steps (both flows)")
+    lr_schedule: choice("constant", "cosine") = param("learning rate after the warm-up: constant or cosine decay to 0")
+    glow_scale_cap: Bool = param("Glow couplings' log-scale through tanh (|s| < 1 per layer)")
     n_test: PositiveInt = param("test samples for the NLL")
     grid_size: integer(lo=2) = param("heatmap resolution per axis")
 

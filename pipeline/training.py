@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import random
 import typing
@@ -35,6 +36,39 @@ if TYPE_CHECKING:
     from pipeline.tracking import Tracker
 
 C = TypeVar("C")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): ``base_lr · (step + 1) / warmup_steps`` during the warm-up,
+    then ``base_lr``.
+
+    The first step uses ``base_lr / warmup_steps`` and step ``warmup_steps - 1`` (the last of the warm-up)
+    exactly ``base_lr``. (The authors' schedule was off by one and ended at twice the intended rate.)
+    """
+    if step < 0 or warmup_steps < 0:
+        raise ValueError(f"step and warmup_steps must be >= 0, got step={step}, warmup_steps={warmup_steps}")
+    if step >= warmup_steps:
+        return base_lr
+    return base_lr * (step + 1) / warmup_steps
+
+
+def scheduled_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of ``total_steps``: :func:`warmup_lr` during the warm-up;
+    after it ``base_lr`` (``constant``) or ``base_lr · (1 + cos(π (step - W) / (T - W))) / 2`` (``cosine``, with
+    ``W = warmup_steps``, ``T = total_steps``): ``base_lr`` at the first step after the warm-up, decaying to 0 at
+    ``T`` (the end of training, one step after the last).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    lr = warmup_lr(step, base_lr, warmup_steps)
+    if schedule == "constant" or step < warmup_steps:
+        return lr
+    if step >= total_steps:
+        return 0.0
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -28,6 +29,8 @@ from iresnet.toy import (
     StackedToyIResNet,
     ToyResidualBlock,
     mlp_logdet,
+    normalised_weight,
+    power_iterate,
     toy_glow,
     toy_iresnet,
 )
@@ -174,6 +177,7 @@ def _perturb(flows: list[Flow2d]) -> None:
     [
         (lambda: toy_iresnet(n_blocks=3, hidden=8), StackedToyIResNet),
         (lambda: toy_glow(n_layers=3, hidden=8), StackedToyGlow),
+        (lambda: toy_glow(n_layers=3, hidden=8, scale_cap=False), StackedToyGlow),
     ],
 )
 def test_stacked_training_equals_separate_training(make: Callable[[], Flow2d], stack_type: type) -> None:
@@ -213,6 +217,28 @@ def test_stacked_training_equals_separate_training(make: Callable[[], Flow2d], s
             torch.testing.assert_close(state[key], state_ref[key], rtol=0, atol=1e-12, msg=key)
 
 
+def test_glow_scale_cap_bounds_each_coupling_logdet() -> None:
+    """With the cap every coupling's log-scale is ``tanh(s)`` (``|s| < 1``); without it the network's raw ``s``."""
+    flows = _flows(lambda: toy_glow(n_layers=1, hidden=8), 1) + _flows(lambda: toy_glow(1, 8, scale_cap=False), 1)
+    flows[1].load_state_dict(flows[0].state_dict())
+    with torch.no_grad():
+        for flow in flows:
+            flow.transform.layers[2].net[-1].bias.copy_(torch.tensor([3.0, 0.0]))  # s = 3 for every input
+    x = torch.randn(8, 2, dtype=torch.float64)
+    (_, capped), (_, raw) = (flow.transform.layers[2](x) for flow in flows)
+    torch.testing.assert_close(capped, torch.full_like(capped, math.tanh(3.0)))
+    torch.testing.assert_close(raw, torch.full_like(raw, 3.0))
+    for flow in flows:
+        torch.testing.assert_close(flow.transform.inverse(flow.transform(x)[0]), x)
+    stacks = [StackedToyGlow([flow]) for flow in flows]
+    for stack, flow in zip(stacks, flows):
+        stack.actnorms.initialized.fill_(True)
+        flow.transform.layers[0].initialized.fill_(True)
+        torch.testing.assert_close(stack.log_prob(x.unsqueeze(0))[0], flow.log_prob(x))
+    with pytest.raises(ValueError, match="same architecture"):
+        StackedToyGlow(flows)
+
+
 def test_stacked_iresnet_needs_an_elementwise_nonlinearity() -> None:
     with pytest.raises(ValueError, match="elementwise nonlinearity"):
         StackedToyIResNet([toy_iresnet(n_blocks=1, hidden=8, nonlin="sorting")])
@@ -235,3 +261,25 @@ def test_spectral_normalisation_of_the_stack_is_per_model() -> None:
         for i, layer in enumerate(layers):
             expected = layer.train()._forward_weight()
             torch.testing.assert_close(weights[i % per_block][m, i // per_block], expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("coeff", [0.9, 50.0])  # σ > c (scaled down, gradient through σ) and σ < c (unchanged)
+def test_normalised_weight_and_its_gradient_equal_autograd_of_eq_2(coeff: float) -> None:
+    """The hand-written backward of Eq. 2 for stacked weights equals autograd of ``W / max(1, uᵀ W v / c)`` (its
+    matrix-vector form); the power iteration's σ is ``uᵀ W v``."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 2, 5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    u, v = torch.randn(3, 2, 5, generator=generator, dtype=torch.float64), torch.randn(3, 2, 4, dtype=torch.float64)
+    u, v, sigma = power_iterate(weight, u, v, 3)
+    grad = torch.randn(3, 2, 5, 4, generator=generator, dtype=torch.float64)
+    ours = normalised_weight(weight, u, v, coeff)
+    (ours * grad).sum().backward()
+    ours_grad, weight.grad = weight.grad, None
+    reference = (
+        weight / torch.clamp((u * (weight @ v.unsqueeze(-1)).squeeze(-1)).sum(-1) / coeff, min=1.0)[..., None, None]
+    )
+    (reference * grad).sum().backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-14, atol=0)
+    torch.testing.assert_close(ours_grad, weight.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sigma, (u * (weight.detach() @ v.unsqueeze(-1)).squeeze(-1)).sum(-1), rtol=1e-14, atol=0)
+    assert (sigma > 0.9).all() and bool((sigma > coeff).all()) == (coeff < 1)

@@ -23,11 +23,13 @@ def data_histogram(name: str, seed: int, size: int) -> Tensor:
     return counts / (FIGURE_POINTS * h * h)
 
 
-def plot_toy_densities(path: Path, panels: list[Panel], columns: list[str]) -> None:
+def plot_toy_densities(path: Path, panels: list[Panel], columns: list[str], note: str = "") -> None:
     """Rows = datasets; ``columns`` = keys of each panel's images (``data`` first, then the models), heatmaps on
-    ``[-WINDOW, WINDOW]²`` with row = y."""
+    ``[-WINDOW, WINDOW]²`` with row = y; ``note``: a second title line (the setup)."""
     plt = pyplot()
-    fig, axes = plt.subplots(len(panels), len(columns), figsize=(7.5, 2.5 * len(panels) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), len(columns), figsize=(7.5, 2.5 * len(panels) + (0.6 if note else 0.4)), squeeze=False
+    )
     for row, (name, titles, images) in enumerate(panels):
         for col, key in enumerate(columns):
             ax = axes[row, col]
@@ -43,6 +45,7 @@ def plot_toy_densities(path: Path, panels: list[Panel], columns: list[str]) -> N
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(name, fontsize=10)
-    fig.suptitle("Fig. 2: 2-D densities (test NLL in nats, lower is better)", fontsize=10)
+    title = "Fig. 2: 2-D densities (test NLL in nats, lower is better)"
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)

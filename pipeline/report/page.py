@@ -321,7 +321,23 @@ def fig5_finding(inputs: ReportInputs) -> str:
 def fig2_finding(inputs: ReportInputs) -> str:
     sets = inputs.toy["datasets"]
     wins = [name for name, e in sets.items() if iresnet_lower(e)]
-    return f"the i-ResNet has the lower test NLL on {len(wins)} of {len(sets)} datasets ({_join(wins)})."
+    n_wins = f"{len(wins)} of {len(sets)} datasets ({_join(wins)})"
+    return f"the i-ResNet has the lower test NLL on {n_wins}{_toy_setup(inputs)}."
+
+
+def _toy_setup(inputs: ReportInputs) -> str:
+    """How the toy flows were trained, from the stage's metrics (absent in files older than the ``setup`` entry)."""
+    setup, n_params = inputs.toy.get("setup"), inputs.toy.get("n_params", {})
+    if not setup:
+        return ""
+    text = (
+        f"; {setup['n_blocks']} blocks / coupling layers, {setup['steps']:,} steps of batch {setup['batch_size']}, "
+        f"{setup['lr_schedule']} learning rate after {setup['warmup_steps']} warm-up steps"
+    )
+    if n_params:
+        text += f"; parameters: i-ResNet {n_params['iresnet']:,}, Glow {n_params['glow']:,}"
+    cap = "capped by tanh (|s| < 1 per layer)" if setup["glow_scale_cap"] else "not capped"
+    return text + f"; Glow's coupling log-scales {cap}"
 
 
 def preview_finding(inputs: ReportInputs) -> str:

@@ -2,7 +2,7 @@
 
 Each step draws fresh dequantisation noise from a seeded generator of its own (optionally ZCA-whitens) and minimises
 the bits/dim of Eq. 3 with the configured log-det estimator (``flow.estimator``, ``flow.memory_efficient``), with
-Adamax and a linear warm-up (:func:`warmup_lr`), then a constant or cosine-decaying rate (:func:`scheduled_lr`).
+Adamax and a linear warm-up, then a constant or cosine-decaying rate (:func:`pipeline.training.scheduled_lr`).
 ActNorm initialises on the first training batch, or with ``flow.actnorm_init_images`` on that many evenly spaced train
 images before training (:func:`initialise_actnorm`). After each epoch: test bits/dim (same estimator, fixed noise and
 probes), mean ``ln p(z)`` and log-det, and the fixed-point reconstruction error of a test batch go to MLflow and
@@ -15,7 +15,6 @@ through the inverse, with its convergence report in the metrics).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +53,7 @@ from pipeline.training import (
     config_to_dict,
     gradient_norm,
     save_model,
+    scheduled_lr,
     seed_everything,
 )
 
@@ -64,37 +64,6 @@ RECON_BATCH = 64  # test images reconstructed after every epoch
 _INIT_POWER_ITERS = 100
 _EVAL_SEED_OFFSET = 1  # the per-epoch test evaluation's noise and probes: fixed, and apart from the training streams
 _ACTNORM_SEED_OFFSET = 2  # the dequantisation noise of the ActNorm initialisation images (flow.actnorm_init_images)
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): ``base_lr · (step + 1) / warmup_steps`` during the warm-up,
-    then ``base_lr``.
-
-    The first step uses ``base_lr / warmup_steps`` and step ``warmup_steps - 1`` (the last of the warm-up epochs)
-    exactly ``base_lr``. (The authors' schedule was off by one and ended at twice the intended rate.)
-    """
-    if step < 0 or warmup_steps < 0:
-        raise ValueError(f"step and warmup_steps must be >= 0, got step={step}, warmup_steps={warmup_steps}")
-    if step >= warmup_steps:
-        return base_lr
-    return base_lr * (step + 1) / warmup_steps
-
-
-def scheduled_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
-    """Learning rate of optimiser step ``step`` (0-based) of ``total_steps``: :func:`warmup_lr` during the warm-up;
-    after it ``base_lr`` (``constant``) or ``base_lr · (1 + cos(π (step - W) / (T - W))) / 2`` (``cosine``, with
-    ``W = warmup_steps``, ``T = total_steps``): ``base_lr`` at the first step after the warm-up, decaying to 0 at
-    ``T`` (the end of training, one step after the last).
-    """
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
-    lr = warmup_lr(step, base_lr, warmup_steps)
-    if schedule == "constant" or step < warmup_steps:
-        return lr
-    if step >= total_steps:
-        return 0.0
-    return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
 
 
 @torch.no_grad()

@@ -29,6 +29,9 @@ TINY_TOY = {
     "batch_size": 16,
     "lr": 1.0e-3,
     "glow_lr": 1.0e-3,
+    "warmup_steps": 0,
+    "lr_schedule": "constant",
+    "glow_scale_cap": True,
     "n_test": 16,
     "grid_size": 4,
 }

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
 
 from iresnet.blocks import InvertibleResidualBlock, lipschitz_bounds, residual_blocks
@@ -24,7 +25,7 @@ from pipeline.files import read_json
 from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
 from pipeline.stages import toy_density
-from pipeline.training import TrainingDiverged, load_model_file, load_state_checked
+from pipeline.training import TrainingDiverged, load_model_file, load_state_checked, scheduled_lr
 
 TINY_TOY = {
     "datasets": ["moons", "checkerboard"],
@@ -37,6 +38,9 @@ TINY_TOY = {
     "batch_size": 32,
     "lr": 1.0e-3,
     "glow_lr": 1.0e-3,
+    "warmup_steps": 0,
+    "lr_schedule": "constant",
+    "glow_scale_cap": True,
     "n_test": 64,
     "grid_size": 12,
 }
@@ -70,6 +74,10 @@ def test_stage_writes_metrics_curves_figure_and_models(tmp_path: Path, toy_param
     mlp = 2 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2
     glow_mlp = 1 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2
     assert summary["n_params"] == {"iresnet": mlp + 4, "glow": glow_mlp + 8}
+    assert summary["setup"] == {
+        key: TINY_TOY[key]
+        for key in ("n_blocks", "steps", "batch_size", "warmup_steps", "lr_schedule", "glow_scale_cap")
+    }
     assert summary["datasets"]["checkerboard"]["reference_nll"] == pytest.approx(math.log(8), abs=1e-12)
     assert summary["datasets"]["moons"]["reference_nll"] is None
 
@@ -250,6 +258,23 @@ def test_nan_in_one_dataset_names_that_dataset(
         toy_density.run(toy_params, Paths.at(tmp_path))
 
 
+@pytest.mark.parametrize("nonlin", ["elu", "sorting"])  # stacked training, and each model alone
+def test_both_flows_follow_the_learning_rate_schedule(tmp_path: Path, toy_raw: dict[str, Any], nonlin: str) -> None:
+    """Every optimiser step uses :func:`pipeline.training.scheduled_lr` of its flow's rate: warm-up, then cosine."""
+    toy_raw["toy"].update(
+        {"datasets": ["moons"], "steps": 6, "warmup_steps": 2, "lr_schedule": "cosine", "lr": 4e-3, "nonlin": nonlin}
+    )
+    applied: list[float] = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"]))
+    try:
+        toy_density.run(parse_params(toy_raw), Paths.at(tmp_path))
+    finally:
+        hook.remove()
+    expected = [[scheduled_lr(step, lr, 2, 6, "cosine") for step in range(6)] for lr in (4e-3, 1e-3)]  # i-ResNet, Glow
+    assert applied == pytest.approx(expected[0] + expected[1], rel=1e-15)
+    assert applied[:4] == pytest.approx([2e-3, 4e-3, 4e-3, 4e-3 * (1 + math.cos(math.pi / 4)) / 2], rel=1e-15)
+
+
 def test_a_nonlinearity_without_closed_form_trains_each_model_alone(tmp_path: Path, toy_raw: dict[str, Any]) -> None:
     """ "sorting" has no elementwise slope: the i-ResNets fall back to per-model training with the autograd log-det."""
     toy_raw["toy"].update({"datasets": ["moons"], "steps": 2, "nonlin": "sorting"})
@@ -265,6 +290,8 @@ def test_a_nonlinearity_without_closed_form_trains_each_model_alone(tmp_path: Pa
         ("datasets", ["moons", "spiral"], r"toy.datasets\[1\]"),
         ("datasets", ["moons", "moons"], "without repeated"),
         ("grid_size", 1, "toy.grid_size"),
+        ("warmup_steps", -1, "toy.warmup_steps"),
+        ("lr_schedule", "step", "toy.lr_schedule"),
     ],
 )
 def test_bad_params(toy_raw: dict[str, Any], key: str, value: Any, message: str) -> None:

@@ -1,13 +1,17 @@
-"""The resumable epoch loop's catch-up after a restore (:meth:`pipeline.training.EpochLoop.replay`)."""
+"""Shared training helpers: the resumable epoch loop's catch-up after a restore
+(:meth:`pipeline.training.EpochLoop.replay`) and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
+from pipeline import training
 from pipeline.tracking import NullTracker
 from pipeline.training import EpochLoop, ResumeFile
 
@@ -117,3 +121,26 @@ def test_resume_keys_follow_the_stage_code_and_the_dvc_experiment(tmp_path: Path
     monkeypatch.setenv("DVC_EXP_NAME", "exp-b")
     names.add(ResumeFile.for_run(paths, "flow", "abc", "train_flow").path.name)
     assert len(names) == 3 and all(n.startswith("flow-") for n in names)
+
+
+def test_warmup_lr_values() -> None:
+    lr = 0.003
+    assert [training.warmup_lr(s, lr, 4) for s in range(6)] == [lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr]
+    assert training.warmup_lr(0, lr, 0) == lr  # no warm-up
+    with pytest.raises(ValueError, match="step and warmup_steps"):
+        training.warmup_lr(-1, lr, 4)
+
+
+def test_scheduled_lr_closed_form() -> None:
+    lr, warmup, total = 0.01, 4, 12
+    constant = [training.scheduled_lr(s, lr, warmup, total, "constant") for s in range(total)]
+    assert constant == [training.warmup_lr(s, lr, warmup) for s in range(total)]  # today's schedule
+    cosine = [training.scheduled_lr(s, lr, warmup, total, "cosine") for s in range(total)]
+    assert cosine[:warmup] == constant[:warmup]
+    expected = [lr * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) / 2 for s in range(warmup, total)]
+    assert cosine[warmup:] == pytest.approx(expected, rel=1e-15, abs=0)
+    assert cosine[warmup] == lr and cosine[warmup + 4] == pytest.approx(lr / 2) and 0 < cosine[-1] < lr / 20
+    assert training.scheduled_lr(total, lr, warmup, total, "cosine") == 0.0
+    assert training.scheduled_lr(0, lr, 0, 5, "cosine") == lr  # no warm-up: decays from the first step
+    with pytest.raises(ValueError, match="schedule"):
+        training.scheduled_lr(0, lr, warmup, total, "step")
