@@ -280,3 +280,46 @@ def test_single_scale_flow_has_one_prior_over_everything() -> None:
 def test_flow_options_are_checked(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FlowConfig(in_shape=(1, 4, 4), **options)
+
+
+def test_three_scale_flow_with_logit_and_conditional_priors_equals_brute_force() -> None:
+    """The default profile's layout on a small input: logit first, then 1x8x8 -> 4x4x4 -> (factor out 2) squeeze
+    8x2x2 -> (factor out 4) a third scale of 4x2x2 without a squeeze; two conditional priors. ``ln p(x)`` equals the
+    prior terms plus the autograd Jacobian's log-determinant of ``x -> cat(zs)`` (64 x 64), in float64."""
+    torch.manual_seed(4)
+    config = FlowConfig(
+        in_shape=(1, 8, 8),
+        n_blocks=(1, 1, 1),
+        strides=(1, 2, 1),
+        channels=(4, 4, 4),
+        logdet=LogDetSettings(estimator="exact"),
+        logit_alpha=0.05,
+        prior="conditional",
+    )
+    flow = MultiscaleFlow(config).double()
+    with torch.no_grad():
+        for prior in flow.priors:
+            for param in prior.parameters():
+                param.normal_(0, 0.3)
+    assert [tuple(p.shape) for p in flow.priors] == [(2, 4, 4), (4, 2, 2), (4, 2, 2)]
+    assert [type(p) for p in flow.priors] == [ConditionalGaussian, ConditionalGaussian, DiagonalGaussian]
+    assert flow.block_dims == [64, 32, 16]
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64) - 0.5
+    converge_power_iterations(flow, x)
+
+    def priors(zs: list[Tensor]) -> Tensor:
+        # the kept halves given the latents: scale 1's is scale 2's inverse; scale 0's is scale 1's inverse of both
+        kept1 = flow.stages[2].inverse(zs[2])
+        kept0 = flow.stages[1].inverse(torch.cat([zs[1], kept1], dim=1))
+        return (
+            flow.priors[0].log_prob(zs[0], kept0)
+            + flow.priors[1].log_prob(zs[1], kept1)
+            + flow.priors[2].log_prob(zs[2])
+        )
+
+    set_inverse_settings(flow, InverseSettings(max_iter=300, atol=1e-13))
+    expected = brute_force_log_prob(flow, x, priors)
+    torch.testing.assert_close(flow.log_prob(x).detach(), expected, atol=1e-7, rtol=0)
+    inverts(flow, x)
+    samples = flow.sample(3, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 1, 8, 8) and samples.abs().max() <= 0.5 + 0.05 / 0.9  # sigmoid may round to 0 or 1

@@ -30,6 +30,12 @@ TINY_FLOW = {
     "n_generated": 4,
     "n_terms": 3,
     "warmup_epochs": 1,
+    # the flow options off, whatever params.yaml's profile uses: tests that need one set it
+    "prior": "learned",
+    "factor_out": True,
+    "logit_alpha": None,
+    "actnorm_init_images": None,
+    "lr_schedule": "constant",
 }
 
 
