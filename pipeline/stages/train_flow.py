@@ -269,7 +269,8 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     zca_note = f", ZCA-whitened {ZCA_MARK}" if p.use_zca else ""
     title = (
         f"i-ResNet flow on {summary['dataset']}{zca_note}: {last['test_bpd']:.3f} test bits/dim "
-        f"({dims_text(shape)} dims, {len(history)} epochs)\nsamples: fixed-point inverse converged in "
+        f"({p.n_terms}-term training estimate; {dims_text(shape)} dims, {len(history)} epochs)\n"
+        "samples: fixed-point inverse converged in "
         f"{inverse['converged_fraction']:.0%} of the blocks (max residual {inverse['max_residual']:.1e})"
     )
     shown = test_images[evenly_spaced(len(test_images), p.n_generated)]
