@@ -33,6 +33,7 @@ DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
 IDX_PREFIX = "idx:"
 BASELINES = ("vanilla", "batchnorm")  # unconstrained classifiers of Table 2 / Fig. 6
 TOY_DATASETS = ("moons", "8gaussians", "checkerboard", "2spirals", "rings", "circles", "pinwheel", "swissroll")
+LR_SCHEDULES = ("constant", "cosine")  # after the warm-up (pipeline.training.scheduled_lr)
 # Native spatial size (height = width) of each named dataset; an ``idx:`` folder is only known once loaded.
 NATIVE_SIZE = {"mnist-5k": 28, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
 
@@ -45,6 +46,7 @@ OpenUnit = real(0.0, 1.0, lo_open=True, hi_open=True)
 PerStage = list_of(PositiveInt)
 Strides = list_of(choice(1, 2))
 InitDs = choice(1, 2)
+LrSchedule = choice(*LR_SCHEDULES)
 _DATASET_TEXT = "one of " + ", ".join(repr(d) for d in DATASETS) + f", or '{IDX_PREFIX}<folder of IDX files>'"
 
 
@@ -175,7 +177,7 @@ class FlowParams:
     optimizer: choice("adamax", "adam") = param("optimiser")
     lr: PositiveReal = param("learning rate")
     warmup_epochs: NonNegativeInt = param("linear learning-rate warm-up epochs")
-    lr_schedule: choice("constant", "cosine") = param("learning rate after the warm-up: constant or cosine decay to 0")
+    lr_schedule: LrSchedule = param("learning rate after the warm-up: constant or cosine decay to 0")
     weight_decay: real(0.0) = param("weight decay")
     use_zca: Bool = param("train on ZCA-whitened data (needs data.zca.enabled)")
     n_generated: PositiveInt = param("samples drawn for the samples grid")
@@ -225,7 +227,7 @@ class ToyParams:
     lr: PositiveReal = param("Adam learning rate of the i-ResNet flow")
     glow_lr: PositiveReal = param("Adam learning rate of the Glow-style flow")
     warmup_steps: NonNegativeInt = param("linear learning-rate warm-up steps (both flows)")
-    lr_schedule: choice("constant", "cosine") = param("learning rate after the warm-up: constant or cosine decay to 0")
+    lr_schedule: LrSchedule = param("learning rate after the warm-up: constant or cosine decay to 0")
     glow_scale_cap: Bool = param("Glow couplings' log-scale through tanh (|s| < 1 per layer)")
     n_test: PositiveInt = param("test samples for the NLL")
     grid_size: integer(lo=2) = param("heatmap resolution per axis")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from pipeline.env import world
 from pipeline.errors import DataError, UserError, brief
 from pipeline.files import save_torch
-from pipeline.params import params_hash
+from pipeline.params import LR_SCHEDULES, params_hash
 from pipeline.paths import Paths
 
 if TYPE_CHECKING:
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
     from pipeline.tracking import Tracker
 
 C = TypeVar("C")
-
-
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
