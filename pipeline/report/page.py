@@ -29,9 +29,10 @@ from pipeline.report.tables import (
     PUBLISHED_MNIST_DIMS,
     ReportTable,
     column_name,
-    iresnet_lower,
+    lower_nll,
     mnist_pixels_bound,
     num,
+    signed,
 )
 
 
@@ -90,12 +91,6 @@ def difference_interval(a: float, se_a: float, b: float, se_b: float) -> tuple[f
     return diff, diff - Z95 * se, diff + Z95 * se
 
 
-def _signed(x: float, spec: str = ".2f") -> str:
-    """``x`` with its sign, a minus sign (−) for negatives: ``+0.40``, ``−2.20``, ``−3.1e-06``."""
-    text = format(x, "+" + spec)
-    return "−" + text[1:] if text.startswith("-") else text
-
-
 def table2_finding(inputs: ReportInputs) -> str:
     """Each error with its binomial standard error; whether each i-ResNet with c ≥ 0.7 differs from vanilla is
     decided by the ~95% interval of the difference, not by the point difference."""
@@ -115,7 +110,7 @@ def table2_finding(inputs: ReportInputs) -> str:
             diff, low, high = difference_interval(
                 100 * m["test_error"], 100 * m["test_error_stderr"], 100 * v["test_error"], 100 * v["test_error_stderr"]
             )
-            clauses.append(f"c = {label} {_signed(diff)} points (95% interval {_signed(low)} to {_signed(high)})")
+            clauses.append(f"c = {label} {signed(diff)} points (95% interval {signed(low)} to {signed(high)})")
             verdicts.append("worse" if low > 0 else "better" if high < 0 else "same")
         if all(v == "same" for v in verdicts):
             verdict = (
@@ -263,8 +258,8 @@ def baselines_finding(ev: dict[str, Any]) -> str:
         low, high = d["mean"] - Z95 * d["stderr"], d["mean"] + Z95 * d["stderr"]
         word = "worse than" if low > 0 else "better than" if high < 0 else "indistinguishable from"
         comparisons.append(
-            f"{word} the {name} (flow − baseline {_signed(d['mean'])} bits/dim, paired 95% interval "
-            f"{_signed(low)} to {_signed(high)})"
+            f"{word} the {name} (flow − baseline {signed(d['mean'])} bits/dim, paired 95% interval "
+            f"{signed(low)} to {signed(high)})"
         )
     if not parts:
         return ""
@@ -291,7 +286,7 @@ def fig4_finding(inputs: ReportInputs) -> str:
     lb = inputs.logdet_bias
     rows = sorted(inputs.logdet_curve, key=lambda r: r["n_terms"])
     exact = {int(n): float(v) for n, v in lb["exact_bias_bpd"].items()}
-    parts = [f"{plural(n, 'term')} {_signed(exact[n], '.1e')}" for n in sorted(exact)]
+    parts = [f"{plural(n, 'term')} {signed(exact[n], '.1e')}" for n in sorted(exact)]
     target, n_target = float(lb["exact_bias_target_bpd"]), lb["exact_bias_terms_to_target"]
     reached = (
         f"every example's |bias| is below {target:g} bits/dim from n = {n_target} terms on"
@@ -319,10 +314,27 @@ def fig5_finding(inputs: ReportInputs) -> str:
 
 
 def fig2_finding(inputs: ReportInputs) -> str:
+    """Wins decided on the paired 95% intervals of the NLL difference (point values where a file has none), and the
+    i-ResNet's distance from the true density where that is closed-form."""
     sets = inputs.toy["datasets"]
-    wins = [name for name, e in sets.items() if iresnet_lower(e)]
-    n_wins = f"{len(wins)} of {len(sets)} datasets ({_join(wins)})"
-    return f"the i-ResNet has the lower test NLL on {n_wins}{_toy_setup(inputs)}."
+    verdicts = {name: lower_nll(e) for name, e in sets.items()}
+    wins = [name for name, v in verdicts.items() if v == "i-ResNet"]
+    text = f"the i-ResNet has the lower test NLL on {len(wins)} of {len(sets)} datasets ({_join(wins)})"
+    if any(e.get("iresnet_minus_glow") for e in sets.values()):
+        glow = [name for name, v in verdicts.items() if v == "Glow"]
+        ties = [name for name, v in verdicts.items() if v == "neither"]
+        text += (
+            f", Glow on {len(glow)} ({_join(glow)}), and {len(ties)} ({_join(ties)}) are indistinguishable, each "
+            "decided on the paired 95% interval of the difference in test NLL"
+        )
+    distances = [
+        f"{name} {signed(d['mean'], '.3f')} nats (95% interval {signed(d['low'], '.3f')} to {signed(d['high'], '.3f')})"
+        for name, e in sets.items()
+        if (d := e.get("iresnet_minus_reference"))
+    ]
+    if distances:
+        text += f"; the i-ResNet's test NLL above the true density's: {_join(distances)}"
+    return text + f"{_toy_setup(inputs)}."
 
 
 def _toy_setup(inputs: ReportInputs) -> str:

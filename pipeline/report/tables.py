@@ -213,20 +213,53 @@ def table4(inputs: ReportInputs) -> ReportTable:
     return ReportTable("table4", data, pd.DataFrame([shown(r) for r in records]), index=False)
 
 
-def iresnet_lower(entry: dict[str, Any]) -> bool:
-    """Whether the i-ResNet's test NLL is below Glow's; a missing or non-finite NLL loses."""
+def signed(x: float, spec: str = ".2f") -> str:
+    """``x`` with its sign, a minus sign (−) for negatives: ``+0.40``, ``−2.20``, ``−3.1e-06``."""
+    text = format(x, "+" + spec)
+    return "−" + text[1:] if text.startswith("-") else text
+
+
+def lower_nll(entry: dict[str, Any]) -> str:
+    """Which flow has the lower test NLL on one toy dataset: "i-ResNet", "Glow", or "neither" when the paired 95%
+    interval of the difference (``iresnet_minus_glow``) includes 0. Without a paired difference (a missing NLL, or
+    a metrics file from before the stage wrote one) the point values decide, and a missing NLL loses."""
+    d = entry.get("iresnet_minus_glow")
+    if d is not None and finite_or_none(d.get("high")) is not None and finite_or_none(d.get("low")) is not None:
+        return "i-ResNet" if d["high"] < 0 else "Glow" if d["low"] > 0 else "neither"
     a, b = finite_or_none(entry["iresnet_nll"]), finite_or_none(entry["glow_nll"])
-    return a is not None and (b is None or a < b)
+    return "i-ResNet" if a is not None and (b is None or a < b) else "Glow"
+
+
+def with_stderr(value: Any, stderr: Any, spec: str = ".3f") -> str:
+    """``value ± stderr`` (the ± left out where the standard error is unknown); n/a for a missing value."""
+    if finite_or_none(value) is None:
+        return num(value, spec)
+    return num(value, spec) + (f" ± {stderr:{spec}}" if finite_or_none(stderr) is not None else "")
+
+
+def difference_cell(d: dict[str, float] | None) -> str:
+    """A paired difference ``{"mean", "low", "high"}`` as ``+0.012 (−0.004, +0.028)``; n/a when absent."""
+    if d is None or finite_or_none(d.get("mean")) is None:
+        return "n/a"
+    mean, low, high = (signed(d[k], ".3f") for k in ("mean", "low", "high"))
+    return f"{mean} ({low}, {high})"
 
 
 def toy_table(inputs: ReportInputs) -> ReportTable:
-    """Fig. 2's numbers: test NLL (nats) of the i-ResNet flow and the Glow-style flow per 2-D dataset."""
+    """Fig. 2's numbers: test NLL (nats per point, ± its standard error over the test points) of the i-ResNet flow
+    and the Glow-style flow per 2-D dataset, the paired difference with its 95% interval, and the distance of the
+    i-ResNet from the true density where that is closed-form; "lower NLL" is decided on the interval."""
     sets = inputs.toy["datasets"]
     data = pd.DataFrame.from_dict(
         {
             name: {
                 "iresnet_nll": e["iresnet_nll"],
+                "iresnet_nll_stderr": e.get("iresnet_nll_stderr"),
                 "glow_nll": e["glow_nll"],
+                "glow_nll_stderr": e.get("glow_nll_stderr"),
+                "iresnet_minus_glow": (e.get("iresnet_minus_glow") or {}).get("mean"),
+                "iresnet_minus_glow_low": (e.get("iresnet_minus_glow") or {}).get("low"),
+                "iresnet_minus_glow_high": (e.get("iresnet_minus_glow") or {}).get("high"),
                 "iresnet_params": e["iresnet_params"],
                 "glow_params": e["glow_params"],
             }
@@ -235,15 +268,19 @@ def toy_table(inputs: ReportInputs) -> ReportTable:
         orient="index",
     )
     data.index.name = "dataset"
-    data["lower_nll"] = ["i-ResNet" if iresnet_lower(e) else "Glow" for e in sets.values()]
+    data["lower_nll"] = [lower_nll(e) for e in sets.values()]
     references = [finite_or_none(e.get("reference_nll")) for e in sets.values()]
     columns = {
-        "i-ResNet NLL": [num(v, ".3f") for v in data["iresnet_nll"]],
-        "Glow NLL": [num(v, ".3f") for v in data["glow_nll"]],
+        "i-ResNet NLL": [with_stderr(e["iresnet_nll"], e.get("iresnet_nll_stderr")) for e in sets.values()],
+        "Glow NLL": [with_stderr(e["glow_nll"], e.get("glow_nll_stderr")) for e in sets.values()],
+        "i-ResNet − Glow (95% interval)": [difference_cell(e.get("iresnet_minus_glow")) for e in sets.values()],
     }
     if any(r is not None for r in references):  # the true density's NLL, where it is closed-form
         data["reference_nll"] = references
         columns["true density NLL"] = [num(r, ".3f") for r in references]
+        columns["i-ResNet − true (95% interval)"] = [
+            difference_cell(e.get("iresnet_minus_reference")) for e in sets.values()
+        ]
     columns.update(
         {
             "i-ResNet params": [fmt(int(v)) for v in data["iresnet_params"]],

@@ -41,6 +41,7 @@ from pipeline.models.flows import FlowSpace, dims_text, load_flow_with_test_inpu
 from pipeline.outputs import EVALUATE_FLOW, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
+from pipeline.stats import mean_and_stderr
 from pipeline.tracking import Tracker
 from pipeline.training import seed_everything
 
@@ -145,12 +146,6 @@ BASELINES = {
     "with the logit's Jacobian (a density on the pixel space); maximum likelihood on the train split",
     "histogram": "independent 256-bin histogram per pixel (add-one smoothing), fitted on the train split",
 }
-
-
-def mean_and_stderr(values: Tensor) -> dict[str, float]:
-    """``{"mean", "stderr"}`` of per-example ``values`` ``(N,)``: the mean and its standard error over examples."""
-    v = values.double()
-    return {"mean": float(v.mean()), "stderr": float(v.std(correction=1) / math.sqrt(len(v)))}
 
 
 def baseline_bits(paths: Paths, n_examples: int | None, seed: int, flow_bpd: Tensor) -> dict[str, Any]:

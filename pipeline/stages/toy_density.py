@@ -8,7 +8,10 @@ layers and MLP widths (so a similar parameter count). Writes
 * ``reports/metrics/toy.json``: per dataset the test NLL (nats per 2-D point) of both flows, their parameter counts and
   training throughput, the probability mass of each density inside the heatmap window (a normalisation check), the
   i-ResNet's certified ``max_t Lip(g_t)`` (exact spectral norms of the trained weights; below 1, every block is
-  invertible and the density normalised), and the true density's NLL where it has a closed form;
+  invertible and the density normalised), and the true density's NLL where it has a closed form. Every NLL comes with
+  its standard error over the test points, and the comparisons are paired (the same test points): ``iresnet_minus_glow``
+  and ``<model>_minus_reference`` hold the mean difference of the per-point NLLs, its standard error and its ~95%
+  interval, so a "lower NLL" is decided on an interval rather than on two point values;
 * ``reports/curves/toy.csv``: the training loss of every step (dataset, model, step, loss);
 * ``reports/figures/fig2_toy_densities.png``: rows = datasets; columns = data, i-ResNet density, Glow density;
 * ``models/toy/<dataset>-<model>.pt``: the trained flows (rebuilt from their stored config).
@@ -32,6 +35,7 @@ from pipeline.outputs import TOY_DENSITY, StageRun
 from pipeline.params import Params, ToyParams
 from pipeline.paths import Paths
 from pipeline.plots.toy import Panel, data_histogram, plot_toy_densities
+from pipeline.stats import mean_and_stderr, paired_difference
 from pipeline.tracking import Tracker
 from pipeline.training import check_finite, gradient_norm, n_params, save_model, scheduled_lr, seed_everything
 
@@ -237,6 +241,7 @@ def fit_dataset(
     result: dict[str, Any] = {"n_test": toy.n_test}
     reference = reference_log_prob(name, test)
     result["reference_nll"] = None if reference is None else float(-reference.mean())
+    test_nll: dict[str, Tensor] = {}  # per test point, per model: the paired comparisons need them point by point
     titles = {"data": f"{name}: data"}
     images = {"data": data_histogram(name, params.seed, toy.grid_size)}
     for kind in MODELS:
@@ -253,12 +258,15 @@ def fit_dataset(
             # lags the weights), but below 1 every block is invertible (Theorem 1) and ln p a normalised density.
             result["iresnet_lipschitz_max"] = max(lipschitz_bounds(model))
             result["iresnet_certified_invertible"] = result["iresnet_lipschitz_max"] < 1.0
-        nll = float(-log_density(model, test).mean())
+        test_nll[kind] = -log_density(model, test)
+        nll = float(test_nll[kind].mean())
         check_finite(torch.tensor(nll), "test NLL", f"{name} / {LABELS[kind]}", "Train longer or lower toy.lr.")
         density = log_density(model, points).exp()
         result.update(
             {
                 f"{kind}_nll": nll,
+                f"{kind}_nll_stderr": mean_and_stderr(test_nll[kind])["stderr"],
+                f"{kind}_minus_reference": None if reference is None else paired_difference(test_nll[kind], -reference),
                 f"{kind}_params": n_params(model),
                 f"{kind}_steps_per_s": steps_per_s,
                 f"{kind}_final_train_loss": losses[-1],
@@ -268,6 +276,7 @@ def fit_dataset(
         titles[kind] = f"{LABELS[kind]}: NLL {nll:.3f}"
         images[kind] = density.reshape(toy.grid_size, toy.grid_size)
         save_model(paths.models / "toy" / f"{name}-{kind}.pt", MODEL_KIND, config, model, dataset=name)
+    result["iresnet_minus_glow"] = paired_difference(test_nll["iresnet"], test_nll["glow"])
     return result, (name, titles, images)
 
 
@@ -289,10 +298,13 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
             name, params, paths, tracker, curve_rows, {kind: trained[kind][name] for kind in MODELS}
         )
         panels.append(panel)
-    wins = sum(m["iresnet_nll"] <= m["glow_nll"] for m in per_dataset.values())
+    # Decided on the paired 95% intervals of the NLL difference: a win only where the interval excludes 0.
+    wins = sum(m["iresnet_minus_glow"]["high"] < 0 for m in per_dataset.values())
+    losses = sum(m["iresnet_minus_glow"]["low"] > 0 for m in per_dataset.values())
     summary = {
         "datasets": per_dataset,
         "iresnet_wins": wins,
+        "glow_wins": losses,
         "n_params": {kind: per_dataset[toy.datasets[0]][f"{kind}_params"] for kind in MODELS},
         "steps_per_s": {
             kind: sum(m[f"{kind}_steps_per_s"] for m in per_dataset.values()) / len(per_dataset) for kind in MODELS
@@ -325,11 +337,14 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         ):
             if metrics[key] is not None:
                 flat[f"{name}.{key}"] = metrics[key]
+        flat[f"{name}.iresnet_minus_glow"] = metrics["iresnet_minus_glow"]["mean"]
+        flat[f"{name}.iresnet_minus_glow_stderr"] = metrics["iresnet_minus_glow"]["stderr"]
     flat.update(
         {
             "iresnet_params": summary["n_params"]["iresnet"],
             "glow_params": summary["n_params"]["glow"],
             "iresnet_wins": wins,
+            "glow_wins": losses,
             "wall_time_s": summary["wall_time_s"],
         }
     )

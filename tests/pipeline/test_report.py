@@ -462,3 +462,45 @@ def test_toy_finding_states_the_setup_and_the_glow_cap(tmp_path: Path, params: P
         "learning rate after 100 warm-up steps; parameters: i-ResNet 9,000, Glow 9,100; Glow's coupling log-scales "
         f"{text}." in page
     )
+
+
+def _paired(mean: float, stderr: float) -> dict[str, float]:
+    return {"mean": mean, "stderr": stderr, "low": mean - 1.96 * stderr, "high": mean + 1.96 * stderr}
+
+
+def test_toy_wins_are_decided_on_paired_intervals(tmp_path: Path, params: Params) -> None:
+    """A lower point NLL whose paired interval includes 0 is no win; the table shows each NLL ± its standard error,
+    the interval, and the distance from the true density; the finding counts wins, losses and ties."""
+    files = _metrics(LABELS)
+    sets = files["toy.json"]["datasets"]
+    sets["moons"].update(  # lower by 0.15 with a tight interval: a win
+        iresnet_nll_stderr=0.01, glow_nll_stderr=0.012, iresnet_minus_glow=_paired(-0.15, 0.005)
+    )
+    sets["checkerboard"].update(  # higher by 0.05 but the interval includes 0: neither
+        iresnet_nll_stderr=0.02,
+        glow_nll_stderr=0.02,
+        iresnet_minus_glow=_paired(0.05, 0.03),
+        reference_nll=3.5,
+        iresnet_minus_reference=_paired(0.10, 0.004),
+    )
+    sets["2spirals"] = {  # higher with an interval above 0: Glow
+        "iresnet_nll": 3.0,
+        "glow_nll": 2.9,
+        "iresnet_params": 9000,
+        "glow_params": 9100,
+        "iresnet_minus_glow": _paired(0.1, 0.01),
+    }
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    toy = pd.read_csv(paths.tables / "toy.csv", index_col=0)
+    assert dict(toy["lower_nll"]) == {"moons": "i-ResNet", "checkerboard": "neither", "2spirals": "Glow"}
+    assert toy.loc["checkerboard", "iresnet_minus_glow_low"] == pytest.approx(0.05 - 1.96 * 0.03)
+    md = (paths.tables / "toy.md").read_text()
+    assert "1.200 ± 0.010" in md and "1.350 ± 0.012" in md and "−0.150 (−0.160, −0.140)" in md
+    assert "+0.100 (+0.092, +0.108)" in md  # i-ResNet − true density on checkerboard
+    page = (paths.reports / "README.md").read_text()
+    assert (
+        "the i-ResNet has the lower test NLL on 1 of 3 datasets (moons), Glow on 1 (2spirals), and 1 (checkerboard) "
+        "are indistinguishable, each decided on the paired 95% interval of the difference in test NLL; the "
+        "i-ResNet's test NLL above the true density's: checkerboard +0.100 nats (95% interval +0.092 to +0.108)"
+    ) in page

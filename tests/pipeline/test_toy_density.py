@@ -70,6 +70,19 @@ def test_stage_writes_metrics_curves_figure_and_models(tmp_path: Path, toy_param
             assert 0 < m[f"{kind}_grid_mass"] <= 1.1  # a density: its mass in the window is at most ~1
             assert flat[f"{name}.{kind}_nll"] == m[f"{kind}_nll"]
         assert m["iresnet_certified_invertible"] == (m["iresnet_lipschitz_max"] < 1)
+        # The paired comparison on the same test points: its mean is the difference of the two mean NLLs.
+        d = m["iresnet_minus_glow"]
+        assert d["mean"] == pytest.approx(m["iresnet_nll"] - m["glow_nll"], rel=1e-9, abs=1e-12)
+        assert d["stderr"] > 0 and d["low"] < d["mean"] < d["high"]
+        assert m["iresnet_nll_stderr"] > 0 and m["glow_nll_stderr"] > 0
+        for kind in ("iresnet", "glow"):  # the true density is closed-form on checkerboard, not on moons
+            to_reference = m[f"{kind}_minus_reference"]
+            if name == "moons":
+                assert to_reference is None
+            else:
+                assert to_reference["mean"] == pytest.approx(m[f"{kind}_nll"] - m["reference_nll"], rel=1e-9)
+    wins = sum(m["iresnet_minus_glow"]["high"] < 0 for m in summary["datasets"].values())
+    assert summary["iresnet_wins"] == wins and flat["iresnet_wins"] == wins
     # 2-8-8-2 MLP per block; i-ResNet: + ActNorm (4); Glow: 1-8-8-2 coupling MLP + ActNorm (4) + 2x2 linear map (4).
     mlp = 2 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2
     glow_mlp = 1 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2
