@@ -323,9 +323,10 @@ def fig2_finding(inputs: ReportInputs) -> str:
     if any(e.get("iresnet_minus_glow") for e in sets.values()):
         glow = [name for name, v in verdicts.items() if v == "Glow"]
         ties = [name for name, v in verdicts.items() if v == "neither"]
+        tied = f"it includes 0 on {len(ties)}: {_join(ties)}" if ties else "no interval includes 0"
         text += (
-            f", Glow on {len(glow)} ({_join(glow)}), and {len(ties)} ({_join(ties)}) are indistinguishable, each "
-            "decided on the paired 95% interval of the difference in test NLL"
+            f" and Glow on {len(glow)} ({_join(glow)}), decided on the paired 95% interval of the difference in test "
+            f"NLL ({tied})"
         )
     distances = [
         f"{name} {signed(d['mean'], '.3f')} nats (95% interval {signed(d['low'], '.3f')} to {signed(d['high'], '.3f')})"

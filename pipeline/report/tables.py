@@ -54,7 +54,8 @@ class ReportTable:
             styler = styler.format_index(escape="latex", axis=0)
         else:
             styler = styler.hide(axis="index")
-        return styler.to_latex(hrules=True).replace("±", r"$\pm$").replace(ZCA_MARK, r"$^\dagger$")
+        latex = styler.to_latex(hrules=True).replace("±", r"$\pm$").replace(ZCA_MARK, r"$^\dagger$")
+        return latex.replace("−", "$-$")  # the minus sign (U+2212) of the cells: pdflatex has no glyph for it
 
     def write(self, paths: Paths) -> list[str]:
         """``reports/tables/<name>.{md,tex,csv}``; returns the file paths written."""

@@ -498,9 +498,11 @@ def test_toy_wins_are_decided_on_paired_intervals(tmp_path: Path, params: Params
     md = (paths.tables / "toy.md").read_text()
     assert "1.200 ± 0.010" in md and "1.350 ± 0.012" in md and "−0.150 (−0.160, −0.140)" in md
     assert "+0.100 (+0.092, +0.108)" in md  # i-ResNet − true density on checkerboard
+    tex = (paths.tables / "toy.tex").read_text()
+    assert "$-$0.150 ($-$0.160, $-$0.140)" in tex and "−" not in tex
     page = (paths.reports / "README.md").read_text()
     assert (
-        "the i-ResNet has the lower test NLL on 1 of 3 datasets (moons), Glow on 1 (2spirals), and 1 (checkerboard) "
-        "are indistinguishable, each decided on the paired 95% interval of the difference in test NLL; the "
-        "i-ResNet's test NLL above the true density's: checkerboard +0.100 nats (95% interval +0.092 to +0.108)"
+        "the i-ResNet has the lower test NLL on 1 of 3 datasets (moons) and Glow on 1 (2spirals), decided on the "
+        "paired 95% interval of the difference in test NLL (it includes 0 on 1: checkerboard); the i-ResNet's test "
+        "NLL above the true density's: checkerboard +0.100 nats (95% interval +0.092 to +0.108)"
     ) in page
