@@ -205,6 +205,8 @@ class EvaluateFlowParams:
     max_samples: integer(lo=2) = param("most Hutchinson probes per example (>= 2 for a standard error)")
     n_examples: optional(PositiveInt) = param("test examples evaluated (null = all)")
     batch_size: PositiveInt = param("evaluation batch size")
+    sample_classifier: optional(Coeff) = param("entry of classifier.coeffs that scores the samples (null = none)")
+    n_scored_samples: PositiveInt = param("flow samples scored by that classifier, beside as many test images")
 
 
 @section
@@ -262,6 +264,13 @@ class Params:
     tracking: TrackingParams = param()
 
     def check(self) -> None:
+        scorer = self.evaluate_flow.sample_classifier
+        if scorer is not None and scorer not in self.classifier.coeffs:
+            raise ParamsError(
+                "evaluate_flow.sample_classifier",
+                scorer,
+                f"an entry of classifier.coeffs ({', '.join(map(str, self.classifier.coeffs))}), or null",
+            )
         if self.flow.use_zca and not self.data.zca.enabled:
             raise ParamsError("flow.use_zca", True, "false unless data.zca.enabled is true (no ZCA is prepared)")
         size = self.data.input_size()

@@ -310,7 +310,30 @@ def fig5_finding(inputs: ReportInputs) -> str:
     tail = (
         "" if converged is None else f"; the fixed-point inverse converged for every sample: {yes_no(bool(converged))}"
     )
-    return f"samples of the flow trained on `{fl['dataset']}` (train {float(fl['train_bpd']):.3f} bits/dim){tail}."
+    return (
+        f"samples of the flow trained on `{fl['dataset']}` (train {float(fl['train_bpd']):.3f} bits/dim){tail}"
+        f"{sample_quality_finding(inputs.evaluate_flow.get('sample_quality'))}."
+    )
+
+
+def sample_quality_finding(quality: dict[str, Any] | None) -> str:
+    """How a classifier trained on the same data reads the samples beside the test images (absent: nothing)."""
+    if not quality:
+        return ""
+    s, t = quality["samples"], quality["test_images"]
+
+    def share(view: dict[str, Any]) -> str:
+        f = view["confident_fraction"]
+        return f"{100 * f['mean']:.1f} ± {100 * f['stderr']:.1f}% of {view['n_images']:,}"
+
+    return (
+        f"; the {column_name(quality['classifier'])} classifier reads a sample as one clear digit (max p(y | x) > "
+        f"{quality['confident_above']:g}) for {share(s)} samples against {share(t)} test images (mean max p(y | x) "
+        f"{s['mean_confidence']['mean']:.3f} vs {t['mean_confidence']['mean']:.3f}); classifier score "
+        f"exp E KL(p(y | x) ‖ p(y)) {s['classifier_score']:.2f} vs {t['classifier_score']:.2f} (1: no class told "
+        f"apart, {len(t['class_mix'])}: every class, confidently); entropy of the predicted classes "
+        f"{s['class_entropy_bits']:.2f} vs {t['class_entropy_bits']:.2f} bits"
+    )
 
 
 def fig2_finding(inputs: ReportInputs) -> str:

@@ -16,6 +16,9 @@
    minus baseline, example by example), whose standard error is smaller than either because the examples are shared.
 4. Context: Lemma 7 bounds the residual blocks' log-det by ``Σ_b d_b ln(1 ± L_b)`` for every input; with the exact
    remainder of Eq. 3 (prior and ActNorm terms) they bound the bits/dim from both sides.
+5. Samples (Fig. 5 in numbers, :mod:`pipeline.models.sample_quality`): the classifier ``sample_classifier`` (trained
+   on the same data) scores ``n_scored_samples`` flow samples and as many test images: how confidently it reads each
+   as one digit, and how the predicted classes spread. Samples that look like the data score as the test images do.
 
 Writes ``reports/metrics/evaluate_flow.json``.
 """
@@ -36,9 +39,14 @@ from pipeline.console import progress
 from pipeline.data.batches import batch_indices, evenly_spaced
 from pipeline.data.preprocess import dequantize
 from pipeline.data.store import load_prepared
+from pipeline.env import device
+from pipeline.errors import DataError
 from pipeline.models.baselines import LOGIT_ALPHA, LogitGaussian, PixelHistogram
-from pipeline.models.flows import FlowSpace, dims_text, load_flow_with_test_inputs
-from pipeline.outputs import EVALUATE_FLOW, StageRun
+from pipeline.models.classifiers import LoadedClassifier, load_classifier
+from pipeline.models.flows import FlowSpace, TrainedFlow, dims_text, load_flow_with_test_inputs
+from pipeline.models.sample_quality import CONFIDENT, class_probabilities, classifier_view
+from pipeline.models.specs import ClassifierSpec
+from pipeline.outputs import EVALUATE_FLOW, TRAIN_CLASSIFIER, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.stats import mean_and_stderr
@@ -180,6 +188,41 @@ def baseline_bits(paths: Paths, n_examples: int | None, seed: int, flow_bpd: Ten
     return out
 
 
+def load_scorer(paths: Paths, spec: ClassifierSpec) -> LoadedClassifier:
+    """The classifier that scores the samples, loaded before any compute: a missing one stops the stage at once.
+
+    Building the network draws its initial weights from the global RNG, which the Hutchinson probes use next: the
+    build runs on a forked RNG, so the bits/dim do not depend on whether samples are scored."""
+    path = TRAIN_CLASSIFIER.model_path(paths, spec.label)
+    if not path.exists():
+        raise DataError(
+            f"evaluate_flow.sample_classifier is {spec.label}, but {path} does not exist: run "
+            f"`dvc repro train_classifier@{spec.label}` first, or set evaluate_flow.sample_classifier: null."
+        )
+    with torch.random.fork_rng(devices=[]):
+        return load_classifier(paths, spec)
+
+
+def sample_quality(
+    flow: TrainedFlow, scorer: LoadedClassifier, paths: Paths, n: int, batch_size: int, seed: int
+) -> dict[str, Any]:
+    """The classifier's view (:mod:`pipeline.models.sample_quality`) of ``n`` flow samples and of ``n`` evenly spaced
+    test images (all when fewer). Samples are drawn at temperature 1 with a generator seeded by ``seed`` on the
+    stage's device (as Fig. 5's, which uses ``flow.n_generated`` of them) and rounded to 8-bit pixels like the data."""
+    generator = torch.Generator(device=device()).manual_seed(seed)
+    with torch.no_grad():
+        samples = flow.space.to_images(flow.model.sample(n, generator=generator))
+    samples = (samples * 255).round() / 255
+    test, _ = load_prepared(paths, "test")
+    test = test[evenly_spaced(len(test), min(n, len(test)))]
+    return {
+        "classifier": scorer.spec.label,
+        "confident_above": CONFIDENT,
+        "samples": classifier_view(class_probabilities(scorer, samples, batch_size)),
+        "test_images": classifier_view(class_probabilities(scorer, test, batch_size)),
+    }
+
+
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Evaluate ``models/flow/model.pt`` on the test split; returns the metrics (the content of the JSON)."""
     out = StageRun(EVALUATE_FLOW, paths, tracker)
@@ -187,6 +230,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     seed_everything(params.seed)
     flow, x = load_flow_with_test_inputs(paths, p.n_examples, params.seed)
     model, space = flow.model, flow.space
+    scorer = None if p.sample_classifier is None else load_scorer(paths, ClassifierSpec.of(p.sample_classifier))
 
     lipschitz = lipschitz_bounds(model)
     dims = model.block_dims
@@ -222,6 +266,8 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "flow_epochs": int(flow.meta["epochs"]),
         "baselines": baselines,
     }
+    if scorer is not None:
+        metrics["sample_quality"] = sample_quality(flow, scorer, paths, p.n_scored_samples, p.batch_size, params.seed)
     if bound is None:
         metrics["bias_note"] = "a block's certified Lip(g) is >= 1: Theorem 3 gives no bound (bias_bound_bits null)"
     elif not metrics["bias_target_met"]:

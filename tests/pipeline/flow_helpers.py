@@ -43,7 +43,9 @@ def tiny_flow_params(raw: dict[str, Any], **flow: Any) -> dict[str, Any]:
     """``raw`` (the tiny project's params) with the tiny flow, ``flow`` overrides and small evaluation settings."""
     out = copy.deepcopy(raw)
     out["flow"].update({**TINY_FLOW, **flow})
-    out["evaluate_flow"].update({"n_examples": None, "batch_size": 12, "max_terms": 40, "max_samples": 8})
+    out["evaluate_flow"].update(  # no classifier is trained in a flow project: the sample scoring has its own test
+        {"n_examples": None, "batch_size": 12, "max_terms": 40, "max_samples": 8, "sample_classifier": None}
+    )
     out["logdet_bias"].update({"n_examples": 6, "max_terms": 12, "n_samples": 4})
     out["tracking"]["enabled"] = False
     return out

@@ -14,8 +14,10 @@ from iresnet.layers import ActNorm
 from iresnet.logdet import LogDetSettings
 from iresnet.models import FlowConfig, MultiscaleFlow
 from iresnet.spectral_norm import LipschitzConv2d
+from pipeline.errors import DataError, ParamsError
 from pipeline.files import read_json
 from pipeline.models.flows import FlowSpace
+from pipeline.models.sample_quality import CONFIDENT, classifier_view
 from pipeline.outputs import EVALUATE_FLOW
 from pipeline.params import parse_params
 from pipeline.stages import evaluate_flow
@@ -164,6 +166,61 @@ def test_stage_metrics_and_chosen_terms(tiny_project: Path, tiny_params: dict) -
     short = evaluate_flow.run(with_section(params, "evaluate_flow", max_terms=n - 1), paths)
     assert short["n_terms"] == n - 1 and short["bias_target_met"] is False and "raise max_terms" in short["bias_note"]
     assert short["bias_bound_bits"] == pytest.approx(bound(n - 1), rel=1e-9)
+
+
+def test_samples_are_scored_by_a_trained_classifier(tiny_project: Path, tiny_params: dict) -> None:
+    """The classifier's view of the flow's samples and of test images: probabilities that sum to 1, statistics in
+    their ranges and equal to their definitions; a missing classifier stops the stage before any compute."""
+    from pipeline.stages import train_classifier
+    from tests.pipeline.classifier_helpers import TINY_CLASSIFIER
+
+    raw = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9]}}
+    params, paths, _ = trained_project(tiny_project, raw, epochs=1, coeff=0.5)
+    params = with_section(params, "evaluate_flow", max_samples=2, sample_classifier=0.9, n_scored_samples=7)
+    with pytest.raises(DataError, match=r"sample_classifier is 0.9, .* run `dvc repro train_classifier@0.9` first"):
+        evaluate_flow.run(params, paths)
+    assert not EVALUATE_FLOW.metrics_path(paths).exists()
+    train_classifier.run(params, paths, coeff=0.9)
+    metrics = evaluate_flow.run(params, paths)
+    unscored = evaluate_flow.run(with_section(params, "evaluate_flow", sample_classifier=None), paths)
+    assert metrics["bpd"] == unscored["bpd"] and "sample_quality" not in unscored  # scoring leaves the probes alone
+    quality = metrics["sample_quality"]
+    assert quality["classifier"] == "0.9" and quality["confident_above"] == CONFIDENT
+    assert quality["samples"]["n_images"] == 7 and quality["test_images"]["n_images"] == 7  # 12 test images
+    n_classes = read_json(paths.prepared / "stats.json")["n_classes"]
+    for view in (quality["samples"], quality["test_images"]):
+        mix = torch.tensor(view["class_mix"], dtype=torch.float64)
+        assert len(mix) == n_classes and float(mix.sum()) == pytest.approx(1.0, abs=1e-12)
+        entropy = -sum(p * math.log2(p) for p in view["class_mix"] if p > 0)
+        assert view["class_entropy_bits"] == pytest.approx(entropy, rel=1e-12)
+        assert 1.0 - 1e-12 <= view["classifier_score"] <= n_classes
+        assert 1 / n_classes <= view["mean_confidence"]["mean"] <= 1.0
+        assert 0.0 <= view["confident_fraction"]["mean"] <= 1.0
+
+
+def test_classifier_view_closed_forms() -> None:
+    """Uniform predictions: score 1, confidence 1/K, entropy log2 K; confident predictions spread evenly over K
+    classes: score K (the Inception score's maximum), entropy log2 K; all one class: score 1, entropy 0."""
+    k = 4
+    uniform = classifier_view(torch.full((8, k), 1 / k, dtype=torch.float64))
+    assert uniform["classifier_score"] == pytest.approx(1.0, rel=1e-12)
+    assert uniform["mean_confidence"]["mean"] == pytest.approx(1 / k) and uniform["confident_fraction"]["mean"] == 0
+    assert uniform["class_entropy_bits"] == pytest.approx(math.log2(k), rel=1e-12)
+    spread = classifier_view(torch.eye(k, dtype=torch.float64).repeat(2, 1))
+    assert spread["classifier_score"] == pytest.approx(k, rel=1e-12)
+    assert spread["class_entropy_bits"] == pytest.approx(math.log2(k), rel=1e-12)
+    assert spread["confident_fraction"] == {"mean": 1.0, "stderr": 0.0}
+    one_class = classifier_view(torch.eye(k, dtype=torch.float64)[[0, 0, 0]])
+    assert one_class["classifier_score"] == pytest.approx(1.0, rel=1e-12) and one_class["class_entropy_bits"] == 0
+    # a 3:1 mix of two confident classes: KL = ln(1/p(y)) per image, score = exp(0.75 ln(4/3) + 0.25 ln 4)
+    mixed = classifier_view(torch.eye(k, dtype=torch.float64)[[0, 0, 0, 1]])
+    assert mixed["classifier_score"] == pytest.approx(math.exp(0.75 * math.log(4 / 3) + 0.25 * math.log(4)))
+
+
+def test_sample_classifier_must_be_one_of_the_trained_classifiers(repo_params: dict) -> None:
+    raw = {**repo_params, "evaluate_flow": {**repo_params["evaluate_flow"], "sample_classifier": 0.3}}
+    with pytest.raises(ParamsError, match=r"evaluate_flow.sample_classifier.*an entry of classifier.coeffs"):
+        parse_params(raw)
 
 
 def test_max_samples_below_two_is_rejected(repo_params: dict) -> None:

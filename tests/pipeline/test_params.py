@@ -145,8 +145,10 @@ def test_valid_alternatives_are_accepted(repo_params: dict) -> None:
     raw = _set(repo_params, "classifier.coeffs", ["vanilla", "batchnorm", 0.5, 1e-3])
     raw = _set(raw, "data.max_train", 100)
     raw = _set(raw, "classifier.milestones", [])
+    raw = _set(raw, "evaluate_flow.sample_classifier", "vanilla")  # any entry of classifier.coeffs
     params = parse_params(raw)
     assert params.classifier.coeffs == ("vanilla", "batchnorm", 0.5, 1e-3)
+    assert params.evaluate_flow.sample_classifier == "vanilla"
     assert params.data.max_train == 100 and params.classifier.milestones == ()
 
 

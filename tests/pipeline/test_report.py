@@ -506,3 +506,33 @@ def test_toy_wins_are_decided_on_paired_intervals(tmp_path: Path, params: Params
         "paired 95% interval of the difference in test NLL (it includes 0 on 1: checkerboard); the i-ResNet's test "
         "NLL above the true density's: checkerboard +0.100 nats (95% interval +0.092 to +0.108)"
     ) in page
+
+
+def _view(n: int, confident: float, stderr: float, confidence: float, score: float, entropy: float) -> dict:
+    return {
+        "n_images": n,
+        "mean_confidence": {"mean": confidence, "stderr": 0.01},
+        "confident_fraction": {"mean": confident, "stderr": stderr},
+        "class_entropy_bits": entropy,
+        "classifier_score": score,
+        "class_mix": [0.1] * 10,
+    }
+
+
+def test_fig5_finding_puts_the_classifier_view_of_samples_beside_test_images(tmp_path: Path, params: Params) -> None:
+    files = _metrics(LABELS)
+    files["evaluate_flow.json"]["sample_quality"] = {
+        "classifier": "0.9",
+        "confident_above": 0.9,
+        "samples": _view(500, 0.134, 0.0152, 0.642, 2.93, 2.94),
+        "test_images": _view(500, 0.874, 0.0148, 0.954, 8.61, 3.31),
+    }
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    page = (paths.reports / "README.md").read_text()
+    assert (
+        "; the c = 0.9 classifier reads a sample as one clear digit (max p(y | x) > 0.9) for 13.4 ± 1.5% of 500 "
+        "samples against 87.4 ± 1.5% of 500 test images (mean max p(y | x) 0.642 vs 0.954); classifier score "
+        "exp E KL(p(y | x) ‖ p(y)) 2.93 vs 8.61 (1: no class told apart, 10: every class, confidently); entropy of "
+        "the predicted classes 2.94 vs 3.31 bits."
+    ) in page
