@@ -87,6 +87,7 @@ def tiny_raw(**classifier: Any) -> dict[str, Any]:
     raw["classifier"].update({**TINY_CLASSIFIER, **classifier})
     raw["reconstruction"].update(TINY_RECONSTRUCTION)
     raw["singular_values"].update({"project": False, "lower_iters": 200})
+    raw["evaluate_flow"]["sample_classifier"] = None  # no flow here; and c = 0.9 need not be among the coeffs
     raw["tracking"]["enabled"] = False
     return raw
 
