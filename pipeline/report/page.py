@@ -34,6 +34,7 @@ from pipeline.report.tables import (
     num,
     signed,
 )
+from pipeline.stats import Z95
 
 
 def yes_no(flag: bool) -> str:
@@ -76,9 +77,6 @@ def profile(inputs: ReportInputs) -> str:
         f"{plural(int(fl['epochs']), 'epoch')} on `{fl['dataset']}`"
         f"{' (ZCA-whitened)' if fl['zca'] else ''}; toy densities: {', '.join(inputs.toy['datasets'])}."
     )
-
-
-Z95 = 1.96  # a normal ~95% interval is the estimate ± 1.96 standard errors
 
 
 def difference_interval(a: float, se_a: float, b: float, se_b: float) -> tuple[float, float, float]:
