@@ -253,7 +253,7 @@ def baselines_finding(ev: dict[str, Any]) -> str:
             continue
         parts.append(f"{name} {b['bpd']:.4f} ± {b['stderr_examples']:.4f}")
         d = b["flow_minus"]
-        low, high = d["mean"] - Z95 * d["stderr"], d["mean"] + Z95 * d["stderr"]
+        low, high = d["low"], d["high"]
         word = "worse than" if low > 0 else "better than" if high < 0 else "indistinguishable from"
         comparisons.append(
             f"{word} the {name} (flow − baseline {signed(d['mean'])} bits/dim, paired 95% interval "

@@ -251,23 +251,22 @@ def toy_table(inputs: ReportInputs) -> ReportTable:
     and the Glow-style flow per 2-D dataset, the paired difference with its 95% interval, and the distance of the
     i-ResNet from the true density where that is closed-form; "lower NLL" is decided on the interval."""
     sets = inputs.toy["datasets"]
-    data = pd.DataFrame.from_dict(
-        {
-            name: {
-                "iresnet_nll": e["iresnet_nll"],
-                "iresnet_nll_stderr": e.get("iresnet_nll_stderr"),
-                "glow_nll": e["glow_nll"],
-                "glow_nll_stderr": e.get("glow_nll_stderr"),
-                "iresnet_minus_glow": (e.get("iresnet_minus_glow") or {}).get("mean"),
-                "iresnet_minus_glow_low": (e.get("iresnet_minus_glow") or {}).get("low"),
-                "iresnet_minus_glow_high": (e.get("iresnet_minus_glow") or {}).get("high"),
-                "iresnet_params": e["iresnet_params"],
-                "glow_params": e["glow_params"],
-            }
-            for name, e in sets.items()
-        },
-        orient="index",
-    )
+
+    def row(e: dict[str, Any]) -> dict[str, Any]:
+        difference = e.get("iresnet_minus_glow") or {}
+        return {
+            "iresnet_nll": e["iresnet_nll"],
+            "iresnet_nll_stderr": e.get("iresnet_nll_stderr"),
+            "glow_nll": e["glow_nll"],
+            "glow_nll_stderr": e.get("glow_nll_stderr"),
+            "iresnet_minus_glow": difference.get("mean"),
+            "iresnet_minus_glow_low": difference.get("low"),
+            "iresnet_minus_glow_high": difference.get("high"),
+            "iresnet_params": e["iresnet_params"],
+            "glow_params": e["glow_params"],
+        }
+
+    data = pd.DataFrame.from_dict({name: row(e) for name, e in sets.items()}, orient="index")
     data.index.name = "dataset"
     data["lower_nll"] = [lower_nll(e) for e in sets.values()]
     references = [finite_or_none(e.get("reference_nll")) for e in sets.values()]

@@ -49,7 +49,7 @@ from pipeline.models.specs import ClassifierSpec
 from pipeline.outputs import EVALUATE_FLOW, TRAIN_CLASSIFIER, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
-from pipeline.stats import mean_and_stderr
+from pipeline.stats import mean_and_stderr, paired_difference
 from pipeline.tracking import Tracker
 from pipeline.training import seed_everything
 
@@ -181,7 +181,7 @@ def baseline_bits(paths: Paths, n_examples: int | None, seed: int, flow_bpd: Ten
         out[name] = {
             "bpd": stats["mean"],
             "stderr_examples": stats["stderr"],
-            "flow_minus": mean_and_stderr(flow_bpd.double() - bpd),
+            "flow_minus": paired_difference(flow_bpd.double(), bpd),
             "method": BASELINES[name],
             "n_train": len(x_train),
         }

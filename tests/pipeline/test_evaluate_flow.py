@@ -162,6 +162,7 @@ def test_stage_metrics_and_chosen_terms(tiny_project: Path, tiny_params: dict) -
     # the paired difference's mean is the difference of the means (the same examples on both sides)
     assert histogram["flow_minus"]["mean"] == pytest.approx(metrics["bpd"] - histogram["bpd"], rel=1e-9)
     assert histogram["stderr_examples"] > 0 and histogram["flow_minus"]["stderr"] > 0
+    assert histogram["flow_minus"]["low"] < histogram["flow_minus"]["mean"] < histogram["flow_minus"]["high"]
 
     short = evaluate_flow.run(with_section(params, "evaluate_flow", max_terms=n - 1), paths)
     assert short["n_terms"] == n - 1 and short["bias_target_met"] is False and "raise max_terms" in short["bias_note"]

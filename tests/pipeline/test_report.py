@@ -30,6 +30,11 @@ N_TEST = 1000
 ITER_TO = {"vanilla": None, "0.9": 14, "0.7": 8, "0.5": 5}
 
 
+def _paired(mean: float, stderr: float) -> dict[str, float]:
+    """A paired difference as the stages write it (pipeline.stats.paired_difference)."""
+    return {"mean": mean, "stderr": stderr, "low": mean - 1.96 * stderr, "high": mean + 1.96 * stderr}
+
+
 def _metrics(labels: list[str]) -> dict[str, Any]:
     """Every metrics file the report reads, in the stages' formats (relative path -> contents)."""
     files: dict[str, Any] = {"prepare.json": {"dataset": "mnist-5k", "n_train": 4000, "wall_time_s": 3.5}}
@@ -122,9 +127,9 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
             "gaussian_logit": {
                 "bpd": 2.1,
                 "stderr_examples": 0.009,
-                "flow_minus": {"mean": 1.6523 - 2.1, "stderr": 0.02},
+                "flow_minus": _paired(1.6523 - 2.1, 0.02),
             },
-            "histogram": {"bpd": 1.7, "stderr_examples": 0.011, "flow_minus": {"mean": 1.6523 - 1.7, "stderr": 0.03}},
+            "histogram": {"bpd": 1.7, "stderr_examples": 0.011, "flow_minus": _paired(1.6523 - 1.7, 0.03)},
         },
         "bias_bound_bits": 8.5e-5,
         "n_terms": 14,
@@ -462,10 +467,6 @@ def test_toy_finding_states_the_setup_and_the_glow_cap(tmp_path: Path, params: P
         "learning rate after 100 warm-up steps; parameters: i-ResNet 9,000, Glow 9,100; Glow's coupling log-scales "
         f"{text}." in page
     )
-
-
-def _paired(mean: float, stderr: float) -> dict[str, float]:
-    return {"mean": mean, "stderr": stderr, "low": mean - 1.96 * stderr, "high": mean + 1.96 * stderr}
 
 
 def test_toy_wins_are_decided_on_paired_intervals(tmp_path: Path, params: Params) -> None:
