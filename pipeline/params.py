@@ -219,6 +219,7 @@ class LogdetBiasParams:
 @section
 class ToyParams:
     datasets: list_of(choice(*TOY_DATASETS), unique=True) = param("2-D densities")
+    seeds: list_of(NonNegativeInt, unique=True) = param("training seeds (model init and batch stream), one flow each")
     n_blocks: PositiveInt = param("residual blocks (coupling layers for the Glow-style flow)")
     hidden: PerStage = param("hidden widths of each block's MLP (all equal)")
     coeff: OpenUnit = param("Lipschitz coefficient c")
@@ -231,7 +232,7 @@ class ToyParams:
     warmup_steps: NonNegativeInt = param("linear learning-rate warm-up steps (both flows)")
     lr_schedule: LrSchedule = param("learning rate after the warm-up: constant or cosine decay to 0")
     glow_scale_cap: Bool = param("Glow couplings' log-scale through tanh (|s| < 1 per layer)")
-    n_test: PositiveInt = param("test samples for the NLL")
+    n_test: PositiveInt = param("test samples for the NLL, and as many validation samples (for tuning)")
     grid_size: integer(lo=2) = param("heatmap resolution per axis")
 
     def check(self) -> None:

@@ -345,10 +345,18 @@ def fig2_finding(inputs: ReportInputs) -> str:
         glow = [name for name, v in verdicts.items() if v == "Glow"]
         ties = [name for name, v in verdicts.items() if v == "neither"]
         tied = f"it includes 0 on {len(ties)}: {_join(ties)}" if ties else "no interval includes 0"
-        text += (
-            f" and Glow on {len(glow)} ({_join(glow)}), decided on the paired 95% interval of the difference in test "
-            f"NLL ({tied})"
+        seeds = inputs.toy.get("seeds", [])
+        rule = (
+            f"on each of {len(seeds)} training seeds' paired 95% intervals of the difference in test NLL"
+            if len(seeds) > 1
+            else "on the paired 95% interval of the difference in test NLL"
         )
+        tied = (
+            tied.replace("it includes 0", "a seed's interval includes 0 or the seeds disagree")
+            if len(seeds) > 1
+            else tied
+        )
+        text += f" and Glow on {len(glow)} ({_join(glow)}), decided {rule} ({tied})"
     distances = [
         f"{name} {signed(d['mean'], '.3f')} nats (95% interval {signed(d['low'], '.3f')} to {signed(d['high'], '.3f')})"
         for name, e in sets.items()

@@ -29,6 +29,7 @@ from pipeline.training import TrainingDiverged, load_model_file, load_state_chec
 
 TINY_TOY = {
     "datasets": ["moons", "checkerboard"],
+    "seeds": [0, 1],
     "n_blocks": 1,
     "hidden": [8, 8],
     "coeff": 0.9,
@@ -71,8 +72,17 @@ def test_stage_writes_metrics_curves_figure_and_models(tmp_path: Path, toy_param
             assert flat[f"{name}.{kind}_nll"] == m[f"{kind}_nll"]
         assert m["iresnet_certified_invertible"] == (m["iresnet_lipschitz_max"] < 1)
         # The paired comparison on the same test points: its mean is the difference of the two mean NLLs.
+        # Across seeds: the NLL is the mean of the seeds' NLLs, the spread their standard deviation.
+        for kind in ("iresnet", "glow"):
+            per_seed = [m["per_seed"][str(seed)][f"{kind}_nll"] for seed in TINY_TOY["seeds"]]
+            assert m[f"{kind}_nll"] == pytest.approx(sum(per_seed) / len(per_seed), rel=1e-9)
+            assert m[f"{kind}_nll_seed_std"] == pytest.approx(
+                float(torch.tensor(per_seed, dtype=torch.float64).std()), rel=1e-6
+            )
         d = m["iresnet_minus_glow"]
         assert d["mean"] == pytest.approx(m["iresnet_nll"] - m["glow_nll"], rel=1e-9, abs=1e-12)
+        per_seed_differences = [m["per_seed"][str(seed)]["iresnet_minus_glow"] for seed in TINY_TOY["seeds"]]
+        assert m["lower_nll"] == toy_density.lower_nll(per_seed_differences)
         assert d["stderr"] > 0 and d["low"] < d["mean"] < d["high"]
         assert m["iresnet_nll_stderr"] > 0 and m["glow_nll_stderr"] > 0
         for kind in ("iresnet", "glow"):  # the true density is closed-form on checkerboard, not on moons
@@ -81,7 +91,7 @@ def test_stage_writes_metrics_curves_figure_and_models(tmp_path: Path, toy_param
                 assert to_reference is None
             else:
                 assert to_reference["mean"] == pytest.approx(m[f"{kind}_nll"] - m["reference_nll"], rel=1e-9)
-    wins = sum(m["iresnet_minus_glow"]["high"] < 0 for m in summary["datasets"].values())
+    wins = sum(m["lower_nll"] == "iresnet" for m in summary["datasets"].values())
     assert summary["iresnet_wins"] == wins and flat["iresnet_wins"] == wins
     # 2-8-8-2 MLP per block; i-ResNet: + ActNorm (4); Glow: 1-8-8-2 coupling MLP + ActNorm (4) + 2x2 linear map (4).
     mlp = 2 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2
@@ -89,34 +99,37 @@ def test_stage_writes_metrics_curves_figure_and_models(tmp_path: Path, toy_param
     assert summary["n_params"] == {"iresnet": mlp + 4, "glow": glow_mlp + 8}
     assert summary["setup"] == {
         key: TINY_TOY[key]
-        for key in ("n_blocks", "steps", "batch_size", "warmup_steps", "lr_schedule", "glow_scale_cap")
+        for key in ("n_blocks", "steps", "batch_size", "lr", "glow_lr", "warmup_steps", "lr_schedule", "glow_scale_cap")
     }
+    assert summary["seeds"] == TINY_TOY["seeds"]
     assert summary["datasets"]["checkerboard"]["reference_nll"] == pytest.approx(math.log(8), abs=1e-12)
     assert summary["datasets"]["moons"]["reference_nll"] is None
 
     with open(paths.curves / "toy.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 2 * TINY_TOY["steps"]
-    pairs = {(d, k) for d in TINY_TOY["datasets"] for k in toy_density.MODELS}
-    assert {(r["dataset"], r["model"]) for r in rows} == pairs
+    assert len(rows) == 2 * 2 * len(TINY_TOY["seeds"]) * TINY_TOY["steps"]
+    fits = {(d, str(s), k) for d in TINY_TOY["datasets"] for s in TINY_TOY["seeds"] for k in toy_density.MODELS}
+    assert {(r["dataset"], r["seed"], r["model"]) for r in rows} == fits
     assert all(math.isfinite(float(r["loss"])) for r in rows)
-    last = [r for r in rows if r["dataset"] == "moons" and r["model"] == "glow"][-1]
+    last = [r for r in rows if r["dataset"] == "moons" and r["seed"] == "1" and r["model"] == "glow"][-1]
     assert int(last["step"]) == TINY_TOY["steps"] - 1
-    assert float(last["loss"]) == pytest.approx(summary["datasets"]["moons"]["glow_final_train_loss"], rel=1e-5)
+    seed1 = summary["datasets"]["moons"]["per_seed"]["1"]
+    assert float(last["loss"]) == pytest.approx(seed1["glow_final_train_loss"], rel=1e-5)
 
     png = paths.figures / "fig2_toy_densities.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # A saved model rebuilt from its stored config reproduces the reported test NLL.
+    # A saved model rebuilt from its stored config reproduces the reported test NLL of its seed.
     test = sample("moons", TINY_TOY["n_test"], toy_params.seed, "test")
     for kind in toy_density.MODELS:
-        state = load_model_file(paths.models / "toy" / f"moons-{kind}.pt", toy_density.MODEL_KIND)
+        state = load_model_file(paths.models / "toy" / f"moons-{kind}-seed1.pt", toy_density.MODEL_KIND)
+        assert state["seed"] == 1
         model = toy_density.build_flow(state["config"])
         load_state_checked(model, state["state_dict"], paths.models / "toy")
         nll = -toy_density.log_density(model, test).mean().item()
-        assert nll == pytest.approx(summary["datasets"]["moons"][f"{kind}_nll"], rel=1e-6)
+        assert nll == pytest.approx(seed1[f"{kind}_nll"], rel=1e-6)
         if kind == "iresnet":
-            _check_certificate(model, summary["datasets"]["moons"]["iresnet_lipschitz_max"], test.float())
+            _check_certificate(model, seed1["iresnet_lipschitz_max"], test.float())
 
 
 def _check_certificate(model: Flow2d, reported: float, x: torch.Tensor) -> None:
@@ -153,9 +166,40 @@ def test_stage_is_deterministic(tmp_path: Path, toy_raw: dict[str, Any]) -> None
         assert a["datasets"]["8gaussians"][key] == b["datasets"]["8gaussians"][key]
 
 
+def test_a_seed_trains_the_same_bytes_whatever_shares_its_stack(tmp_path: Path, toy_raw: dict[str, Any]) -> None:
+    # Seed 1 of moons trained in a stack of 2 datasets x 2 seeds and alone: the same model, to the last bit.
+    params = parse_params(toy_raw)
+    toy_raw["toy"].update({"datasets": ["moons"], "seeds": [1]})
+    alone = parse_params(toy_raw)
+    together, single = Paths.at(tmp_path / "a"), Paths.at(tmp_path / "b")
+    toy_density.run(params, together)
+    toy_density.run(alone, single)
+    for kind in toy_density.MODELS:
+        name = f"moons-{kind}-seed1.pt"
+        a = load_model_file(together.models / "toy" / name, toy_density.MODEL_KIND)["state_dict"]
+        b = load_model_file(single.models / "toy" / name, toy_density.MODEL_KIND)["state_dict"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("intervals", "verdict"),
+    [
+        ([(-0.3, -0.01), (-0.2, -0.001)], "iresnet"),  # every seed's interval below 0
+        ([(-0.3, -0.01), (-0.2, 0.001)], "neither"),  # one seed's interval reaches 0
+        ([(0.01, 0.3), (0.001, 0.2)], "glow"),
+        ([(0.01, 0.3), (-0.001, 0.2)], "neither"),
+        ([(-0.3, -0.01), (0.01, 0.3)], "neither"),  # the seeds disagree
+    ],
+)
+def test_a_toy_win_must_hold_for_every_seed(intervals: list[tuple[float, float]], verdict: str) -> None:
+    assert toy_density.lower_nll([{"low": lo, "high": hi} for lo, hi in intervals]) == verdict
+
+
 def test_training_lowers_the_loss(tmp_path: Path, toy_raw: dict[str, Any]) -> None:
     # 60 Adam steps at lr 1e-2 on 8 Gaussians: the mean loss of the last 10 steps is well below the first 10.
-    toy_raw["toy"].update({"datasets": ["8gaussians"], "steps": 60, "lr": 1.0e-2, "glow_lr": 1.0e-2, "grid_size": 4})
+    toy_raw["toy"].update(
+        {"datasets": ["8gaussians"], "seeds": [0], "steps": 60, "lr": 1.0e-2, "glow_lr": 1.0e-2, "grid_size": 4}
+    )
     paths = Paths.at(tmp_path)
     toy_density.run(parse_params(toy_raw), paths)
     with open(paths.curves / "toy.csv") as f:
@@ -251,7 +295,7 @@ def test_nan_stops_with_a_diagnosis(tmp_path: Path, toy_params: Params, monkeypa
         return x * math.nan if purpose == "train" and step == 2 else x
 
     monkeypatch.setattr(toy_density, "sample", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at moons / i-ResNet, step 2.*toy\.lr"):
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at moons, seed 0 / i-ResNet, step 2.*toy\.lr"):
         toy_density.run(toy_params, Paths.at(tmp_path))
     assert not (tmp_path / "reports" / "metrics" / "toy.json").exists()
 
@@ -259,15 +303,15 @@ def test_nan_stops_with_a_diagnosis(tmp_path: Path, toy_params: Params, monkeypa
 def test_nan_in_one_dataset_names_that_dataset(
     tmp_path: Path, toy_params: Params, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The datasets train together (one stacked model per flow kind); a diverging one is still named."""
+    """The datasets and seeds train together (one stacked model per flow kind); a diverging one is still named."""
     real = toy_density.sample
 
     def poisoned(name: str, n: int, seed: int, purpose: str = "train", step: int = 0) -> torch.Tensor:
         x = real(name, n, seed, purpose, step)
-        return x * math.nan if name == "checkerboard" and purpose == "train" and step == 1 else x
+        return x * math.nan if (name, seed, purpose, step) == ("checkerboard", 1, "train", 1) else x
 
     monkeypatch.setattr(toy_density, "sample", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at checkerboard / i-ResNet, step 1.*toy\.lr"):
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at checkerboard, seed 1 / i-ResNet, step 1.*toy\.lr"):
         toy_density.run(toy_params, Paths.at(tmp_path))
 
 
@@ -275,7 +319,15 @@ def test_nan_in_one_dataset_names_that_dataset(
 def test_both_flows_follow_the_learning_rate_schedule(tmp_path: Path, toy_raw: dict[str, Any], nonlin: str) -> None:
     """Every optimiser step uses :func:`pipeline.training.scheduled_lr` of its flow's rate: warm-up, then cosine."""
     toy_raw["toy"].update(
-        {"datasets": ["moons"], "steps": 6, "warmup_steps": 2, "lr_schedule": "cosine", "lr": 4e-3, "nonlin": nonlin}
+        {
+            "datasets": ["moons"],
+            "seeds": [0],
+            "steps": 6,
+            "warmup_steps": 2,
+            "lr_schedule": "cosine",
+            "lr": 4e-3,
+            "nonlin": nonlin,
+        }
     )
     applied: list[float] = []
     hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"]))
@@ -302,6 +354,9 @@ def test_a_nonlinearity_without_closed_form_trains_each_model_alone(tmp_path: Pa
         ("n_power_iter", 0, "toy.n_power_iter"),
         ("datasets", ["moons", "spiral"], r"toy.datasets\[1\]"),
         ("datasets", ["moons", "moons"], "without repeated"),
+        ("seeds", [0, 0], "without repeated"),
+        ("seeds", [], "toy.seeds"),
+        ("seeds", [-1], r"toy.seeds\[0\]"),
         ("grid_size", 1, "toy.grid_size"),
         ("warmup_steps", -1, "toy.warmup_steps"),
         ("lr_schedule", "step", "toy.lr_schedule"),
@@ -331,7 +386,7 @@ def test_cli_runs_the_stage(tmp_path: Path, toy_raw: dict[str, Any]) -> None:
     assert result.exit_code == 0, result.output
     assert "toy_density: results" in result.output and "moons.iresnet_nll" in result.output
     with open(tmp_path / "reports" / "curves" / "toy.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2 * 3  # --steps overrides toy.steps
+        assert len(list(csv.DictReader(f))) == 2 * len(TINY_TOY["seeds"]) * 3  # --steps overrides toy.steps
 
 
 def test_dvc_stage_tracks_exactly_the_params_it_reads() -> None:
