@@ -132,8 +132,8 @@ def main(
         "--threads",
         envvar="IRESNET_THREADS",
         min=1,
-        help="torch CPU threads (env IRESNET_THREADS; default: torch's, one per core). 1 reproduces the committed "
-        "outputs byte for byte.",
+        help="torch CPU threads (env IRESNET_THREADS; default: torch's, one per core). 2, the exact mode, reproduces "
+        "the committed outputs byte for byte on the CPU model and torch build that made them (reports/README.md).",
     ),
     device: Optional[str] = typer.Option(
         None,
@@ -257,8 +257,10 @@ def run_stage(
     from pipeline.tracking import stage_run
 
     # torch's default uses every core. Results can differ in the last bits between thread counts (reductions split
-    # differently), so the committed outputs are made with one thread: `IRESNET_THREADS=1 dvc repro --force`
-    # regenerates them byte for byte. Set here, not at start-up, so `--help` and `iresnet ui` do not import torch.
+    # differently), so the committed outputs are made with a fixed count, pipeline.env.EXACT_THREADS (2: measured
+    # bit-identical run to run, and 1.3-1.4x faster than 1 thread on 2 cores): `IRESNET_THREADS=2 dvc repro --force`
+    # regenerates them byte for byte on the same CPU model and torch build. Set here, not at start-up, so `--help`
+    # and `iresnet ui` do not import torch.
     if ctx.obj.threads is not None:
         torch.set_num_threads(ctx.obj.threads)
     device = select_device(ctx.obj)

@@ -100,6 +100,48 @@ def device_info(value: Any = None) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# What made a result. Byte-identity of results holds only on the same CPU model, torch build and thread count (a
+# reduction splits differently across threads, and kernels differ between instruction sets), so every metrics file
+# records them: a user who regenerates the outputs can tell whether identical bytes are to be expected.
+
+
+EXACT_THREADS = 2  # the exact mode (`IRESNET_THREADS=2`): the committed outputs are made with this many threads
+
+
+def cpu_model() -> str:
+    """The CPU's model name with its family / model / stepping numbers (a VM may show only a generic name), from
+    ``/proc/cpuinfo``; ``platform.processor()`` where that file does not exist."""
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's entry is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = fields.get("model name", platform.processor() or platform.machine())
+    numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
+
+
+def made_with() -> dict[str, Any]:
+    """``{"cpu", "cpu_capability", "torch", "threads", "device"}``: what byte-identical reproduction depends on."""
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch dispatches to: AVX512, AVX2
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # This process's place in a data-parallel run: torchrun (``iresnet --nproc N`` launches through it) sets RANK,
 # WORLD_SIZE and LOCAL_RANK; without them a stage is the one and only process and runs exactly today's code.
 

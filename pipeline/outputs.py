@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.env import device, device_info, world
+from pipeline.env import device, device_info, made_with, world
 from pipeline.files import write_csv, write_json
 from pipeline.paths import Paths
 from pipeline.tracking import NullTracker, Tracker
@@ -191,9 +191,10 @@ class StageRun:
         return earlier_s + time.perf_counter() - self.start
 
     def finish(self, metrics: dict[str, Any], earlier_s: float = 0.0) -> dict[str, Any]:
-        """End the stage: add ``wall_time_s``, write ``metrics`` to the stage's JSON (when it has one), log every
-        output as an MLflow artifact. Returns ``metrics``."""
+        """End the stage: add ``wall_time_s`` and ``made_with`` (:func:`pipeline.env.made_with`), write ``metrics``
+        to the stage's JSON (when it has one), log every output as an MLflow artifact. Returns ``metrics``."""
         metrics["wall_time_s"] = self.elapsed(earlier_s)
+        metrics["made_with"] = made_with()  # byte-identity holds only on the same CPU, torch build and thread count
         # Where it ran, except in the default single CPU process (whose metrics files stay exactly as they were).
         if device().type != "cpu":
             metrics.update(device_info())

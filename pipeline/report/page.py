@@ -30,6 +30,7 @@ from pipeline.report.tables import (
     ReportTable,
     column_name,
     lower_nll,
+    made_with_all,
     mnist_pixels_bound,
     num,
     signed,
@@ -76,6 +77,23 @@ def profile(inputs: ReportInputs) -> str:
         f"trained {'/'.join(map(str, epochs))} epoch{'' if epochs == [1] else 's'}; flow trained "
         f"{plural(int(fl['epochs']), 'epoch')} on `{fl['dataset']}`"
         f"{' (ZCA-whitened)' if fl['zca'] else ''}; toy densities: {', '.join(inputs.toy['datasets'])}."
+        + made_with_sentence(inputs)
+    )
+
+
+def made_with_sentence(inputs: ReportInputs) -> str:
+    """Where the results were computed; the same bytes are expected only on the same CPU model, torch build and
+    thread count (elsewhere, results agree within the spread that seeds give: ``iresnet check-repro``)."""
+    envs = made_with_all(inputs)
+    if not envs:
+        return ""
+    made = "; ".join(
+        f"{e['cpu']} ({e['cpu_capability']}), torch {e['torch']}, {plural(e['threads'], 'thread')} on {e['device']}"
+        for e in envs
+    )
+    return (
+        f" Computed on {made}: the same bytes are expected only on the same CPU model, torch build and thread count; "
+        "elsewhere, within the spread that seeds give (`iresnet check-repro` decides which)."
     )
 
 

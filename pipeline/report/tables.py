@@ -319,6 +319,17 @@ def stage_costs(inputs: ReportInputs) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def made_with_all(inputs: ReportInputs) -> list[dict[str, Any]]:
+    """The distinct environments (CPU, torch build, threads, device) that made the stages' metrics files, in
+    pipeline order; files older than the ``made_with`` record are left out."""
+    found: list[dict[str, Any]] = []
+    for _, metrics in stage_costs(inputs):
+        env = metrics.get("made_with")
+        if env is not None and env not in found:
+            found.append(env)
+    return found
+
+
 def _params_text(n_params: Any) -> str:
     """A parameter count; a stage with several kinds of model (toy: ``{"iresnet": n, "glow": m}``) lists each."""
     if isinstance(n_params, dict):

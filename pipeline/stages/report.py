@@ -18,7 +18,7 @@ from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.report.inputs import ReportInputs, load_inputs
 from pipeline.report.page import all_certified, render_page
-from pipeline.report.tables import build_tables, percent
+from pipeline.report.tables import build_tables, made_with_all, percent
 from pipeline.tracking import Tracker
 
 
@@ -48,6 +48,7 @@ def summary(inputs: ReportInputs, total_wall_time_s: float) -> dict[str, Any]:
         },
         "total_wall_time_s": total_wall_time_s,
     }
+    out["made_with"] = made_with_all(inputs)
     certified = all_certified(inputs)
     if certified is not None:
         out["all_iresnets_certified"] = certified

@@ -298,11 +298,27 @@ def test_guaranteed_row_follows_the_certificate(tmp_path: Path, params: Params) 
     assert "all i-ResNets certified: no" in page and "vanilla certified: yes" in page
 
 
+def test_summary_and_page_name_what_made_the_results(tmp_path: Path, params: Params) -> None:
+    files = _metrics(LABELS)
+    here = {"cpu": "CPU A", "cpu_capability": "AVX512", "torch": "2.14.1", "threads": 2, "device": "cpu"}
+    for name in ("classifier/0.9.json", "toy.json"):
+        files[name]["made_with"] = here
+    files["flow.json"]["made_with"] = {**here, "threads": 1}
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    summary = json.loads((paths.metrics / "summary.json").read_text())
+    assert summary["made_with"] == [here, {**here, "threads": 1}]  # distinct, in pipeline order
+    page = (paths.reports / "README.md").read_text()
+    assert "Computed on CPU A (AVX512), torch 2.14.1, 2 threads on cpu; CPU A (AVX512), torch 2.14.1, 1 thread" in page
+    assert "the same bytes are expected only on the same CPU model, torch build and thread count" in page
+
+
 def test_summary_and_page(tmp_path: Path, params: Params) -> None:
     paths = write_fixture(tmp_path)
     metrics = report.run(params, paths)
     summary = json.loads((paths.metrics / "summary.json").read_text())
-    assert set(summary) == {"classifier", "flow", "toy", "total_wall_time_s", "all_iresnets_certified"}
+    assert set(summary) == {"classifier", "flow", "toy", "total_wall_time_s", "all_iresnets_certified", "made_with"}
+    assert summary["made_with"] == []  # the fixture's files predate the record
     assert summary["classifier"]["0.5"] == {
         "test_error_pct": pytest.approx(3.42, rel=1e-12),
         "guaranteed_inverse": True,
