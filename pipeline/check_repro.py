@@ -236,7 +236,8 @@ def claim_rows(claim: Claim, file: str, docs: tuple[Any, Any], same_bytes: bool)
         note = ""
         if result.verdict == INCONSISTENT and result.scale is None and result.basis == STDERR:
             result = Judgement(result.difference, None, "", MISSING)
-            note = f"no standard error (`{claim.stderr}`) on both sides and no seed spread to judge by"
+            stderr_key = "/".join(bind(claim.stderr, parts, claim.value) or ["(none declared)"])
+            note = f"no standard error `{stderr_key}` on both sides and no seed spread to judge by"
         yield Row(file, name, regenerated, committed, result, note)
 
 
