@@ -501,6 +501,25 @@ def bench(
         console.print(f"wrote {json_path}")
 
 
+@app.command("check-repro")
+def check_repro(
+    ctx: typer.Context,
+    against: str = typer.Option("HEAD", "--against", help="The git revision holding the results to compare with."),
+) -> None:
+    """Compare the workspace's headline metrics with those committed at REV: same bytes, consistent within the seed
+    spread or standard errors, or inconsistent (exit 1)."""
+    from pipeline import check_repro as check
+
+    try:
+        rows = check.compare(Paths.at(ctx.obj.root).root, against)
+    except UserError as err:
+        fail(err)
+    console.print(check.render(rows, against))
+    for line in check.verdict_lines(rows):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(0 if rows and all(row.agrees for row in rows) else 1)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
