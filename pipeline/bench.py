@@ -116,6 +116,10 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "PAPER": tuple(PAPER_CASES),
 }
 DEFAULT_FAMILIES = ("CLF", "DENS", "TOY")
+#: One case per family whose training step is also timed on one thread, in the same run, for the speed-up of the
+#: run's thread count over one thread (``<case>_step_speedup_over_1_thread``): what the exact mode's fixed thread
+#: count (``IRESNET_THREADS=2``) gains over the single-threaded mode it replaced.
+THREAD_SPEEDUP_CASES = ("clf_elu", "dens_series", "toy_100")
 _device = torch.device("cpu")  # where measure_case runs (set by it): _timed waits for CUDA before reading clocks
 
 # Quick mode (a smoke test of a few seconds): tiny shapes, 1 block per stage, few repeats.
@@ -354,6 +358,20 @@ def measure_case(name: str, quick: bool = False, device: str = "cpu") -> dict[st
     return result
 
 
+def measure_step(name: str, quick: bool = False, device: str = "cpu") -> dict[str, float]:
+    """Only the training step of case ``name`` (warm-up, then the median and quartiles of the repeats): the part of
+    :func:`measure_case` that the thread speed-up compares."""
+    global _device
+    _device = torch.device(device)
+    warmup, repeats = (_QUICK_COUNTS["warmup"], _QUICK_COUNTS["repeats"]) if quick else (WARMUP, REPEATS)
+    case = _Case(name, quick)
+    case.to(_device)
+    case.model.train()
+    for _ in range(1 + warmup):  # the first step initialises ActNorm, as in measure_case
+        case.step()
+    return _timed(case.step, repeats)[0]
+
+
 # --- all cases --------------------------------------------------------------------------------------------------
 
 
@@ -367,13 +385,16 @@ def _selected(only: Sequence[str] | None) -> list[str]:
     return [name for family, names in FAMILIES.items() if family in wanted for name in names]
 
 
-def _in_subprocess(name: str, quick: bool, threads: int, device: str = "cpu") -> dict[str, Any]:
-    """``measure_case`` in a fresh interpreter (fresh allocator, honest peak memory)."""
+def _in_subprocess(
+    name: str, quick: bool, threads: int, device: str = "cpu", measure: str = "measure_case"
+) -> dict[str, Any]:
+    """``measure`` (:func:`measure_case` or :func:`measure_step`) in a fresh interpreter (fresh allocator, honest
+    peak memory)."""
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     code = (
-        "import json, sys, torch; from pipeline.bench import measure_case; "
-        f"torch.set_num_threads({threads}); print(json.dumps(measure_case({name!r}, {quick!r}, {device!r})))"
+        f"import json, sys, torch; from pipeline.bench import {measure}; "
+        f"torch.set_num_threads({threads}); print(json.dumps({measure}({name!r}, {quick!r}, {device!r})))"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)
     if proc.returncode != 0:
@@ -385,7 +406,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _ratios(cases: dict[str, dict[str, Any]]) -> dict[str, float]:
+def _ratios(cases: dict[str, dict[str, Any]], one_thread: dict[str, dict[str, float]]) -> dict[str, float]:
     def step(name: str) -> float | None:
         return cases[name]["step_s"]["median"] if name in cases else None
 
@@ -401,6 +422,8 @@ def _ratios(cases: dict[str, dict[str, Any]]) -> dict[str, float]:
             ratios[f"{name}_step_over_none_step"] = _ratio(step(name), step("dens_none"))
     for name, case in cases.items():
         ratios[f"{name}_inverse_step_over_forward"] = case["inverse_step_over_forward"]
+    for name, step_1 in one_thread.items():  # > 1: the run's thread count is faster than one thread
+        ratios[f"{name}_step_speedup_over_1_thread"] = _ratio(step_1["median"], step(name))
     return {k: v for k, v in ratios.items() if v is not None}
 
 
@@ -416,7 +439,8 @@ def run_benchmarks(
     ``quick``: tiny shapes and repeats (a smoke test; numbers mean nothing). ``isolate``: each case in a fresh
     process (default: unless ``quick``). ``device``: where the cases run (``cuda:0``: peak memory is then the GPU's
     allocated memory). Uses torch's current thread count. Returns a JSON-serialisable dict
-    ``{"meta": ..., "cases": {name: ...}, "ratios": {...}}``.
+    ``{"meta": ..., "cases": {name: ...}, "one_thread_step_s": {name: ...}, "ratios": {...}}``; on the CPU with
+    more than one thread, the training steps of :data:`THREAD_SPEEDUP_CASES` are also timed on one thread.
     """
     isolate = not quick if isolate is None else isolate
     threads = torch.get_num_threads()
@@ -425,6 +449,15 @@ def run_benchmarks(
         if progress:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
         cases[name] = _in_subprocess(name, quick, threads, device) if isolate else measure_case(name, quick, device)
+    # The speed-up over one thread, on the CPU only (a GPU step does not run on the CPU's threads).
+    one_thread: dict[str, dict[str, float]] = {}
+    if threads > 1 and device == "cpu":
+        for name in (n for n in THREAD_SPEEDUP_CASES if n in cases):
+            if progress:
+                print(f"bench: {name} on 1 thread ...", file=sys.stderr, flush=True)
+            one_thread[name] = (
+                _in_subprocess(name, quick, 1, device, "measure_step") if isolate else _one_thread(name, quick)
+            )
     meta = {
         "torch": torch.__version__,
         "threads": threads,
@@ -439,7 +472,17 @@ def run_benchmarks(
         + ("; each case in a fresh process" if isolate else "; all cases in one process (allocator reuse)"),
         "step": "forward + loss + backward, no optimiser",
     }
-    return {"meta": meta, "cases": cases, "ratios": _ratios(cases)}
+    return {"meta": meta, "cases": cases, "one_thread_step_s": one_thread, "ratios": _ratios(cases, one_thread)}
+
+
+def _one_thread(name: str, quick: bool) -> dict[str, float]:
+    """:func:`measure_step` of ``name`` on one thread in this process, restoring the thread count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure_step(name, quick)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _ms(stats: dict[str, float]) -> str:

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -24,7 +25,7 @@ def _numbers(tree: object) -> list[float]:
 def test_quick_benchmark_structure_and_finite_numbers() -> None:
     results = run_benchmarks(quick=True)
     assert json.loads(json.dumps(results)) == results  # JSON-serialisable as is
-    assert set(results) == {"meta", "cases", "ratios"}
+    assert set(results) == {"meta", "cases", "one_thread_step_s", "ratios"}
     assert list(results["cases"]) == [name for family in DEFAULT_FAMILIES for name in FAMILIES[family]]
     for name, case in results["cases"].items():
         for key in ("step_s", "forward_s", "inverse_fixed_s"):
@@ -47,6 +48,20 @@ def test_quick_benchmark_structure_and_finite_numbers() -> None:
     tables = render(results)
     assert all(isinstance(t, Table) for t in tables)
     Console(file=io.StringIO(), width=200).print(*tables)
+
+
+def test_the_speedup_over_one_thread_is_measured_in_the_same_run() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the exact mode's count (the suite runs on one thread: conftest.py)
+    try:
+        results = run_benchmarks(quick=True, only=["TOY"])
+    finally:
+        torch.set_num_threads(threads)
+    assert results["meta"]["threads"] == 2 and list(results["one_thread_step_s"]) == ["toy_100"]
+    step_1, step_2 = results["one_thread_step_s"]["toy_100"]["median"], results["cases"]["toy_100"]["step_s"]["median"]
+    assert results["ratios"]["toy_100_step_speedup_over_1_thread"] == step_1 / step_2
+    single = run_benchmarks(quick=True, only=["TOY"])  # on one thread there is nothing to compare
+    assert single["one_thread_step_s"] == {} and not any("speedup" in key for key in single["ratios"])
 
 
 def test_paper_family_measures_the_spectral_norm_overhead_at_batch_128() -> None:
