@@ -394,6 +394,11 @@ def _toy_setup(inputs: ReportInputs) -> str:
         f"; {setup['n_blocks']} blocks / coupling layers, {setup['steps']:,} steps of batch {setup['batch_size']}, "
         f"{setup['lr_schedule']} learning rate after {setup['warmup_steps']} warm-up steps"
     )
+    if "lr" in setup:
+        text += f"; Adam at {setup['lr']:g} (i-ResNet) and {setup['glow_lr']:g} (Glow)"
+    seeds = inputs.toy.get("seeds", [])
+    if len(seeds) > 1:
+        text += f"; {len(seeds)} training seeds per flow (the figure shows seed {seeds[0]})"
     if n_params:
         text += f"; parameters: i-ResNet {n_params['iresnet']:,}, Glow {n_params['glow']:,}"
     cap = "capped by tanh (|s| < 1 per layer)" if setup["glow_scale_cap"] else "not capped"
