@@ -75,6 +75,7 @@ EVALUATE_KEYS = (
     "bias_target_met",
     "stderr_target_met",
     "wall_time_s",
+    "block_lipschitz",  # one entry per residual block: the flow's block count
 )
 TOY_KEYS = ("iresnet_nll", "glow_nll", "iresnet_params", "glow_params")
 LOGDET_KEYS = (

