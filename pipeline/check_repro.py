@@ -85,7 +85,8 @@ def judge(
     - numbers: ``consistent`` when ``|regenerated - committed| <= Z95 * scale`` (exactly equal numbers always are),
       else ``inconsistent``. With a seed spread (the std over training seeds) on either side,
       ``scale = sqrt(seed_std_c^2 + seed_std_r^2)``, i.e. ``sqrt(2) * seed_std``: two independent runs differ by
-      sqrt(2) sigma (a side without one borrows the other's). Otherwise ``scale = sqrt(se_c^2 + se_r^2)`` from the
+      sqrt(2) sigma (a side without one borrows the other's; for a mean over n seeds, as the toy's NLLs, the spread
+      of one seed is used, so the rule is conservative by sqrt(n)). Otherwise ``scale = sqrt(se_c^2 + se_r^2)`` from the
       metric's own standard errors. A missing or NaN scale judges any nonzero difference inconsistent.
     """
     if exact or isinstance(regenerated, bool) or isinstance(committed, bool):
