@@ -107,7 +107,7 @@ def _bf16_certificates(root: Path) -> tuple[dict, dict]:
     _, plain = trained_project(root / "fp32", coeffs=[0.9], bf16=False)
     result = singular_values.run(params, paths)
     states = [
-        torch.load(TRAIN_CLASSIFIER.model_path(p, "0.9"), weights_only=True)["state_dict"] for p in (paths, plain)
+        torch.load(TRAIN_CLASSIFIER.model_path(p, "0.9", 0), weights_only=True)["state_dict"] for p in (paths, plain)
     ]
     return result, states  # type: ignore[return-value]
 

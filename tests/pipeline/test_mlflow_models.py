@@ -51,7 +51,7 @@ def test_a_trained_classifier_is_an_mlflow_model_with_its_inputs(
     assert logged.artifact_location.startswith((tmp_path.resolve() / "mlartifacts" / "classifier").as_uri())
     assert not (Path.cwd() / "mlruns").exists()
     model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
-    original = load_classifier(paths, resolve_spec(params.classifier, 0.9)).model
+    original = load_classifier(paths, resolve_spec(params.classifier, 0.9), 0).model
     x = load_channel_stats(paths).normalize(load_prepared(paths, "test")[0][:5])  # not the example's batch size
     with torch.no_grad():
         assert torch.equal(model(x), original(x))

@@ -84,17 +84,17 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, label: str, kind: 
     assert set(metrics) == METRIC_KEYS
     assert metrics["model"] == label and metrics["kind"] == kind and metrics["epochs"] == 2
     assert metrics["coeff"] == (0.9 if label == "0.9" else None)
-    assert json.loads(TRAIN_CLASSIFIER.metrics_path(paths, label).read_text()) == metrics
+    assert json.loads(TRAIN_CLASSIFIER.metrics_path(paths, label, 0).read_text()) == metrics
 
     # The model file rebuilds the trained network: its test error is the reported one.
-    loaded = load_classifier(paths, ClassifierSpec.of(label))
+    loaded = load_classifier(paths, ClassifierSpec.of(label), 0)
     assert loaded.model.config.coeff == metrics["coeff"] and loaded.model.config.batchnorm == (kind == "batchnorm")
     loss, error = train_classifier.evaluate(loaded.model, load_prepared(paths, "test"), loaded.stats, 4)
     assert error == metrics["test_error"] and loss == pytest.approx(metrics["test_loss"], rel=1e-6)
     assert metrics["test_error_stderr"] == train_classifier.binomial_stderr(error, metrics["n_test"])
     assert metrics["n_params"] == sum(p.numel() for p in loaded.model.parameters())
 
-    curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(paths, "epochs", label))
+    curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(paths, "epochs", label, 0))
     assert list(curve.columns) == list(train_classifier.CURVE_COLUMNS) and curve["epoch"].tolist() == [1, 2]
     assert curve["lr"].tolist() == pytest.approx([0.05, 0.05 * 0.2], rel=1e-12)  # milestone after epoch 1
     assert curve["test_error"].iloc[-1] == metrics["test_error"]
@@ -140,7 +140,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pyte
         train_classifier.run(params_b, paths_b, coeff=0.9)
     (checkpoint,) = (paths_b.workspace / ".resume").glob("classifier-0.9-*.pt")
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
-    assert not TRAIN_CLASSIFIER.model_path(paths_b, "0.9").exists()
+    assert not TRAIN_CLASSIFIER.model_path(paths_b, "0.9", 0).exists()
 
     monkeypatch.setattr(train_classifier, "check_finite", real_check)
     tracker = RecordingTracker()
@@ -150,11 +150,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pyte
     for key in DETERMINISTIC:
         assert resumed[key] == straight[key], key
     assert (
-        TRAIN_CLASSIFIER.curve_path(paths_b, "epochs", "0.9").read_bytes()
-        == TRAIN_CLASSIFIER.curve_path(paths_a, "epochs", "0.9").read_bytes()
+        TRAIN_CLASSIFIER.curve_path(paths_b, "epochs", "0.9", 0).read_bytes()
+        == TRAIN_CLASSIFIER.curve_path(paths_a, "epochs", "0.9", 0).read_bytes()
     )
-    state_a = torch.load(TRAIN_CLASSIFIER.model_path(paths_a, "0.9"), weights_only=True)["state_dict"]
-    state_b = torch.load(TRAIN_CLASSIFIER.model_path(paths_b, "0.9"), weights_only=True)["state_dict"]
+    state_a = torch.load(TRAIN_CLASSIFIER.model_path(paths_a, "0.9", 0), weights_only=True)["state_dict"]
+    state_b = torch.load(TRAIN_CLASSIFIER.model_path(paths_b, "0.9", 0), weights_only=True)["state_dict"]
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert not checkpoint.exists()
@@ -167,7 +167,7 @@ def test_nan_loss_stops_and_says_where(tmp_path: Path) -> None:
     write_json(paths.prepared / "stats.json", stats)
     with pytest.raises(TrainingDiverged, match=r"training loss became nan at model vanilla, epoch 1, batch 1\. Lower"):
         train_classifier.run(params, paths, coeff="vanilla")
-    assert not TRAIN_CLASSIFIER.metrics_path(paths, "vanilla").exists()
+    assert not TRAIN_CLASSIFIER.metrics_path(paths, "vanilla", 0).exists()
 
 
 def test_bad_input_is_explained(tmp_path: Path) -> None:
@@ -274,7 +274,7 @@ def test_cli_trains_tracks_and_reports_errors(
     ok = runner.invoke(app, ["--root", str(tmp_path), "train-classifier", "--coeff", "0.5"])
     assert ok.exit_code == 0, ok.output
     assert "train_classifier@0.5: results" in ok.output and "test_error" in ok.output
-    assert TRAIN_CLASSIFIER.model_path(Paths.at(tmp_path), "0.5").is_file()
+    assert TRAIN_CLASSIFIER.model_path(Paths.at(tmp_path), "0.5", 0).is_file()
     bad = runner.invoke(app, ["--root", str(tmp_path), "train-classifier", "--coeff", "0.6"])
     assert bad.exit_code == 1 and "classifier.coeffs" in bad.output and "Traceback" not in bad.output
 
@@ -284,7 +284,7 @@ def test_cli_trains_tracks_and_reports_errors(
     assert run.info.status == "FINISHED" and run.info.run_name == "train_classifier@0.5"
     assert failed.info.status == "FAILED" and "classifier.coeffs" in failed.data.tags["error"]
     history = client.get_metric_history(run.info.run_id, "test_error")
-    curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(Paths.at(tmp_path), "epochs", "0.5"))
+    curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(Paths.at(tmp_path), "epochs", "0.5", 0))
     per_epoch = sorted((m.step, m.value) for m in history if m.step >= 1)  # step 0: the final result, logged by the CLI
     assert per_epoch == list(zip(curve["epoch"], curve["test_error"]))
     assert {f"sigma.0{b}.{i}" for b in range(2) for i in range(3)} <= set(run.data.metrics)
