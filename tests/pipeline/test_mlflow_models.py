@@ -29,7 +29,8 @@ def test_a_trained_classifier_is_an_mlflow_model_with_its_inputs(
     fresh_store(tmp_path)
     monkeypatch.setenv("IRESNET_TRACKING", "1")
     result = CliRunner().invoke(
-        app, ["--root", str(tmp_path), "-S", "tracking.enabled=true", "train-classifier", "--coeff", "0.9"]
+        app,
+        ["--root", str(tmp_path), "-S", "tracking.enabled=true", "train-classifier", "--coeff", "0.9", "--seed", "0"],
     )
     assert result.exit_code == 0, result.output
 
@@ -38,7 +39,7 @@ def test_a_trained_classifier_is_an_mlflow_model_with_its_inputs(
     assert run.data.params["coeff"] == "0.9"
     tags = run.data.tags
     assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
-    assert tags["mlflow.source.name"] == "iresnet train_classifier@0.9"
+    assert tags["mlflow.source.name"] == "iresnet train_classifier@0.9-0"
 
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "test"}

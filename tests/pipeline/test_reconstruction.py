@@ -155,7 +155,9 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     from tests.pipeline.classifier_helpers import REPO
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["reconstruction"]
-    read = {"seed", "classifier.coeffs"} | {f"reconstruction.{f.name}" for f in fields(ReconstructionParams)}
+    read = {"seed", "classifier.coeffs", "classifier.seeds"} | {
+        f"reconstruction.{f.name}" for f in fields(ReconstructionParams)
+    }
     assert set(stage["params"]) == read
     assert {"pipeline/stages/reconstruction.py", "iresnet", "models/classifier", "data/prepared/test.pt"} <= set(
         stage["deps"]

@@ -141,7 +141,9 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     from tests.pipeline.classifier_helpers import REPO
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["singular_values"]
-    read = {"seed", "classifier.coeffs"} | {f"singular_values.{f.name}" for f in fields(SingularValuesParams)}
+    read = {"seed", "classifier.coeffs", "classifier.seeds"} | {
+        f"singular_values.{f.name}" for f in fields(SingularValuesParams)
+    }
     assert set(stage["params"]) == read
     deps = {"pipeline/stages/singular_values.py", "pipeline/models/classifiers.py", "iresnet", "models/classifier"}
     assert deps <= set(stage["deps"])
