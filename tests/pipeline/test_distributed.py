@@ -138,7 +138,7 @@ def test_two_ranks_train_as_one_process_resume_after_a_kill_and_only_rank_0_writ
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     written = {p.relative_to(roots[1]).as_posix() for p in roots[1].rglob("*") if p.is_file()}
     assert all(name.startswith(("data/prepared/", ".resume/")) for name in written), written
-    assert (roots[0] / "reports/metrics/classifier/0.9.json").is_file()
+    assert (roots[0] / "reports/metrics/classifier/0.9/seed0.json").is_file()
     assert not list((roots[0] / ".resume").glob("*"))  # removed once the outputs were written
 
     train_classifier.run(parse_params(raw), one, coeff=0.9)  # the same checkpoint resumed on 1 process

@@ -10,6 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.outputs import TRAIN_CLASSIFIER
+from pipeline.paths import Paths
 from pipeline.stages import train_classifier
 from tests.pipeline.classifier_helpers import classifier_project
 
@@ -38,7 +40,7 @@ def trained(tmp_path: Path) -> Path:
 
 
 def _model(root: Path) -> Path:
-    return root / "models" / "classifier" / "0.9" / "model.pt"
+    return TRAIN_CLASSIFIER.model_path(Paths.at(root), "0.9", 0)
 
 
 def _checkpoint_after_epoch_1(root: Path) -> Path:
