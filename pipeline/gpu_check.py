@@ -76,7 +76,8 @@ def run_pipeline(root: Path, params: Any) -> float:
     start = time.perf_counter()
     prepare.run(params, paths)
     for coeff in params.classifier.coeffs:
-        train_classifier.run(params, paths, coeff=coeff)
+        for seed in params.classifier.seeds:
+            train_classifier.run(params, paths, coeff=coeff, seed=seed)
     for stage in (singular_values, reconstruction, train_flow, evaluate_flow, logdet_bias, toy_density, report):
         stage.run(params, paths)
     return time.perf_counter() - start

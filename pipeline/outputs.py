@@ -3,7 +3,8 @@
 :data:`STAGES` is the registry: for each DVC stage its metrics JSON (under ``reports/metrics/``), CSV curves
 (``reports/curves/``), PNG figures (``reports/figures/``) and other outputs (models, prepared data, tables). The
 stages write these files, the report reads them, and a test checks that ``dvc.yaml`` declares exactly them.
-``{label}`` stands for a classifier's label (the matrix item of ``train_classifier``).
+``{label}`` and ``{seed}`` stand for a classifier's label and training seed (the two matrix axes of
+``train_classifier``): each (label, seed) run writes its own files, ``.../<label>/seed<k>...``.
 
 :class:`StageRun` is the frame of a stage's ``run()``: it starts the clock, hands out the output paths, writes curves,
 and :meth:`StageRun.finish` ends the stage the same way everywhere (wall time, metrics JSON, MLflow artifacts).
@@ -22,7 +23,7 @@ from pipeline.files import write_csv, write_json
 from pipeline.paths import Paths
 from pipeline.tracking import NullTracker, Tracker
 
-LABEL = "{label}"
+LABEL, SEED = "{label}", "{seed}"
 ZCA_MARK = "†"  # marks a result on ZCA-whitened data, in figure titles and tables (as the paper's Table 4 does)
 
 
@@ -37,27 +38,27 @@ class StageOutputs:
     model: str | None = None  # the trained model's file under models/
     other: tuple[str, ...] = ()  # prepared data, folders of models, tables: paths from the project root
 
-    def metrics_path(self, paths: Paths, label: str | None = None) -> Path:
+    def metrics_path(self, paths: Paths, label: str | None = None, seed: int | None = None) -> Path:
         if self.metrics is None:
             raise ValueError(f"stage {self.stage!r} writes no metrics file of its own")
-        return paths.metrics / _fill(self.metrics, label)
+        return paths.metrics / _fill(self.metrics, label, seed)
 
-    def curve_path(self, paths: Paths, key: str, label: str | None = None) -> Path:
-        return paths.curves / _fill(self.curves[key], label)
+    def curve_path(self, paths: Paths, key: str, label: str | None = None, seed: int | None = None) -> Path:
+        return paths.curves / _fill(self.curves[key], label, seed)
 
     def figure_path(self, paths: Paths, key: str) -> Path:
         return paths.figures / self.figures[key]
 
-    def model_path(self, paths: Paths, label: str | None = None) -> Path:
+    def model_path(self, paths: Paths, label: str | None = None, seed: int | None = None) -> Path:
         if self.model is None:
             raise ValueError(f"stage {self.stage!r} writes no single model file")
-        return paths.models / _fill(self.model, label)
+        return paths.models / _fill(self.model, label, seed)
 
     def other_path(self, paths: Paths, index: int) -> Path:
         return paths.root / self.other[index]
 
     def files(self) -> list[str]:
-        """Every output path from the project root, with ``{label}`` unfilled (what ``dvc.yaml`` declares)."""
+        """Every output path from the project root, ``{label}`` and ``{seed}`` unfilled (what ``dvc.yaml`` declares)."""
         out = list(self.other) + ([f"models/{self.model}"] if self.model is not None else [])
         out += [f"reports/curves/{name}" for name in self.curves.values()]
         out += [f"reports/figures/{name}" for name in self.figures.values()]
@@ -66,19 +67,23 @@ class StageOutputs:
         return out
 
 
-def _fill(name: str, label: str | None) -> str:
-    if (LABEL in name) != (label is not None):
-        raise ValueError(f"{name!r} needs a classifier label exactly when it holds {LABEL}; got label={label!r}")
-    return name.replace(LABEL, label) if label is not None else name
+def _fill(name: str, label: str | None, seed: int | None) -> str:
+    """``name`` with its placeholders filled; each value must be given exactly when ``name`` holds its mark."""
+    for mark, value in ((LABEL, label), (SEED, seed)):
+        if (mark in name) != (value is not None):
+            raise ValueError(f"{name!r} needs a value for {mark} exactly when it holds it; got {value!r}")
+        if value is not None:
+            name = name.replace(mark, str(value))
+    return name
 
 
 RAW_DATA = StageOutputs("raw_data", other=("data/raw.json",))
 PREPARE = StageOutputs("prepare", "prepare.json", figures={"preview": "data_preview.png"}, other=("data/prepared",))
 TRAIN_CLASSIFIER = StageOutputs(
     "train_classifier",
-    f"classifier/{LABEL}.json",
-    curves={"epochs": f"classifier/{LABEL}.csv"},
-    model=f"classifier/{LABEL}/model.pt",
+    f"classifier/{LABEL}/seed{SEED}.json",
+    curves={"epochs": f"classifier/{LABEL}/seed{SEED}.csv"},
+    model=f"classifier/{LABEL}/seed{SEED}/model.pt",
 )
 SINGULAR_VALUES = StageOutputs(
     "singular_values",
@@ -152,19 +157,24 @@ class StageRun:
     """
 
     def __init__(
-        self, outputs: StageOutputs, paths: Paths, tracker: Tracker | None = None, label: str | None = None
+        self,
+        outputs: StageOutputs,
+        paths: Paths,
+        tracker: Tracker | None = None,
+        label: str | None = None,
+        seed: int | None = None,
     ) -> None:
-        self.outputs, self.paths, self.label = outputs, paths, label
+        self.outputs, self.paths, self.label, self.seed = outputs, paths, label, seed
         self.tracker = tracker or NullTracker()
         self.start = time.perf_counter()
         self._artifacts: dict[Path, str] = {}
 
     @property
     def metrics_path(self) -> Path:
-        return self.outputs.metrics_path(self.paths, self.label)
+        return self.outputs.metrics_path(self.paths, self.label, self.seed)
 
     def curve_path(self, key: str) -> Path:
-        return self.outputs.curve_path(self.paths, key, self.label)
+        return self.outputs.curve_path(self.paths, key, self.label, self.seed)
 
     def figure(self, key: str) -> Path:
         """The path of figure ``key``; it is logged as an artifact at :meth:`finish`."""

@@ -107,6 +107,9 @@ class DataParams:
 @section
 class ClassifierParams:
     coeffs: list_of(Coeff, unique=True) = param("Lipschitz coefficients c and baselines")
+    seeds: list_of(NonNegativeInt, unique=True) = param(
+        "training seeds (init and data order), one model per coefficient and seed; the first feeds the figures"
+    )
     n_blocks: PerStage = param("residual blocks per stage")
     strides: Strides = param("stride per stage (2 = invertible squeeze)")
     channels: PerStage = param("hidden channels of g per stage")

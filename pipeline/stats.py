@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 Z95 = 1.96  # a normal ~95% interval is the estimate ± 1.96 standard errors
@@ -29,3 +30,17 @@ def paired_difference(a: Tensor, b: Tensor) -> dict[str, float]:
         raise ValueError(f"a paired difference needs two (N,) tensors of the same examples, got {a.shape}, {b.shape}")
     d = mean_and_stderr(a.double() - b.double())
     return {**d, "low": d["mean"] - Z95 * d["stderr"], "high": d["mean"] + Z95 * d["stderr"]}
+
+
+def outcomes_text(correct: Tensor) -> str:
+    """Per-example 0/1 outcomes ``(N,)`` (e.g. "classified correctly") as a string of ``0`` and ``1``, one character
+    per example in order: 1,000 test images take 1,000 bytes of JSON, and models scored on the same examples can
+    later be compared pairwise (:func:`paired_difference`) without loading them."""
+    return "".join("1" if flag else "0" for flag in correct.bool().tolist())
+
+
+def outcomes(text: str) -> Tensor:
+    """The ``(N,)`` float64 0/1 tensor that :func:`outcomes_text` wrote."""
+    if not set(text) <= {"0", "1"}:
+        raise ValueError(f"per-example outcomes are a string of 0 and 1, got {text[:20]!r}...")
+    return torch.tensor([c == "1" for c in text], dtype=torch.float64)

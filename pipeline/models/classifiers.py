@@ -62,10 +62,11 @@ class LoadedClassifier:
     path: Path
 
 
-def load_classifier(paths: Paths, spec: ClassifierSpec) -> LoadedClassifier:
-    """Rebuild the model of ``spec`` from ``models/classifier/<label>/model.pt``; eval mode, float32, on the stages'
-    device (:func:`pipeline.env.device`)."""
-    path = TRAIN_CLASSIFIER.model_path(paths, spec.label)
+def load_classifier(paths: Paths, spec: ClassifierSpec, seed: int) -> LoadedClassifier:
+    """Rebuild the model of ``spec`` trained from ``seed`` from ``models/classifier/<label>/seed<seed>/model.pt``;
+    eval mode, float32, on the stages' device (:func:`pipeline.env.device`). The stages that need one model per
+    coefficient pass :func:`pipeline.models.specs.reference_seed` (the first entry of ``classifier.seeds``)."""
+    path = TRAIN_CLASSIFIER.model_path(paths, spec.label, seed)
     state = load_model_file(path, MODEL_KIND)
     if state.get("label") != spec.label:
         raise DataError(f"{path} holds model {state.get('label')!r}, not {spec.label!r}; re-run train_classifier.")

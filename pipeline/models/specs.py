@@ -3,7 +3,9 @@
 A model is named by its *label*: ``"vanilla"`` (the i-ResNet with the spectral normalisation removed, Table 2),
 ``"batchnorm"`` (the same network with BatchNorm before each nonlinearity, Fig. 6) or the Lipschitz coefficient
 ``c`` written as Python writes the float (``"0.9"``), which is also how DVC writes ``${item.coeff}`` in the
-``train_classifier@<label>`` stage names and paths.
+``train_classifier@<label>-<seed>`` stage names and paths. Each model is trained once per entry of
+``classifier.seeds``; the stages that need one model (singular values, reconstruction, the sample classifier) use
+the first entry, :func:`reference_seed`.
 """
 
 from __future__ import annotations
@@ -55,3 +57,22 @@ def resolve_spec(params: ClassifierParams, text: str | float | None) -> Classifi
         if spec.label == label:
             return spec
     raise ParamsError("--coeff", text, f"one of the entries of classifier.coeffs ({', '.join(labels)}); add it there")
+
+
+def stage_name(label: str, seed: int) -> str:
+    """The DVC stage of one run, as DVC names a two-axis matrix item: ``train_classifier@0.9-1``."""
+    return f"train_classifier@{label}-{seed}"
+
+
+def reference_seed(params: ClassifierParams) -> int:
+    """The seed of the model that the single-model stages (``singular_values``, ``reconstruction``, ``evaluate_flow``'s
+    sample classifier) read: the first entry of ``classifier.seeds``."""
+    return params.seeds[0]
+
+
+def resolve_seed(params: ClassifierParams, seed: int) -> int:
+    """``seed`` when it is an entry of ``classifier.seeds`` (its outputs are where the report looks), else an error."""
+    if seed not in params.seeds:
+        seeds = ", ".join(map(str, params.seeds))
+        raise ParamsError("--seed", seed, f"one of the entries of classifier.seeds ({seeds}); add it there")
+    return seed

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError, brief
-from pipeline.models.specs import ClassifierSpec
+from pipeline.models.specs import ClassifierSpec, stage_name
 from pipeline.outputs import (
     EVALUATE_FLOW,
     LOGDET_BIAS,
@@ -37,8 +37,10 @@ STATS = "stats.json"  # the prepared data's summary (pipeline.data.store), read 
 CLASSIFIER_KEYS = (
     "coeff",
     "kind",
+    "seed",
     "dataset",
     "test_error",
+    "test_correct",
     "test_error_stderr",
     "n_test",
     "epochs",
@@ -99,11 +101,14 @@ LOGDET_CURVE_COLUMNS = (
 
 @dataclass(frozen=True)
 class ReportInputs:
-    """Every file's contents; ``classifiers`` keeps the order of ``classifier.coeffs``."""
+    """Every file's contents; ``classifiers`` keeps the order of ``classifier.coeffs`` and holds each model's run at
+    the first entry of ``classifier.seeds`` (the model the other stages read); ``classifier_runs`` every run, label ->
+    seed -> metrics, in the order of ``classifier.seeds``."""
 
     stats: dict[str, Any]
     prepare: dict[str, Any]
     classifiers: dict[str, dict[str, Any]]
+    classifier_runs: dict[str, dict[int, dict[str, Any]]]
     singular_values: dict[str, Any]
     reconstruction: dict[str, Any]
     flow: dict[str, Any]
@@ -113,10 +118,11 @@ class ReportInputs:
     toy: dict[str, Any]
 
 
-def required_files(paths: Paths, labels: list[str]) -> dict[Path, str]:
+def required_files(paths: Paths, labels: list[str], seeds: tuple[int, ...]) -> dict[Path, str]:
     """Every input of the report -> the DVC stage that writes it."""
     files = {paths.prepared / STATS: "prepare", PREPARE.metrics_path(paths): "prepare"}
-    files.update({TRAIN_CLASSIFIER.metrics_path(paths, label): f"train_classifier@{label}" for label in labels})
+    for label in labels:
+        files.update({TRAIN_CLASSIFIER.metrics_path(paths, label, seed): stage_name(label, seed) for seed in seeds})
     for outputs in (SINGULAR_VALUES, RECONSTRUCTION, TRAIN_FLOW, EVALUATE_FLOW, LOGDET_BIAS, TOY_DENSITY):
         files[outputs.metrics_path(paths)] = outputs.stage
     files[LOGDET_BIAS.curve_path(paths, "terms")] = LOGDET_BIAS.stage
@@ -124,10 +130,10 @@ def required_files(paths: Paths, labels: list[str]) -> dict[Path, str]:
     return files
 
 
-def check_present(paths: Paths, labels: list[str]) -> None:
+def check_present(paths: Paths, labels: list[str], seeds: tuple[int, ...]) -> None:
     """Raise one :class:`DataError` listing every missing input with the stage that writes it."""
     by_stage: dict[str, list[str]] = {}
-    for path, stage in required_files(paths, labels).items():
+    for path, stage in required_files(paths, labels, seeds).items():
         if not path.is_file():
             by_stage.setdefault(stage, []).append(str(path.relative_to(paths.root)))
     if by_stage:
@@ -185,12 +191,16 @@ def read_curve(path: Path, stage: str, columns: tuple[str, ...]) -> list[dict[st
         raise DataError(f"{path} holds a non-number ({brief(err)}); re-run stage `{stage}`.") from None
 
 
-def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:
-    """Read and check every input (``coeffs``: ``classifier.coeffs``, naming the classifier files)."""
+def load_inputs(paths: Paths, coeffs: tuple[float | str, ...], seeds: tuple[int, ...]) -> ReportInputs:
+    """Read and check every input (``coeffs``, ``seeds``: ``classifier.coeffs`` and ``classifier.seeds``, naming the
+    classifier files)."""
     labels = [ClassifierSpec.of(c).label for c in coeffs]
-    check_present(paths, labels)
-    classifiers = {
-        label: _read(TRAIN_CLASSIFIER.metrics_path(paths, label), f"train_classifier@{label}", CLASSIFIER_KEYS)
+    check_present(paths, labels, seeds)
+    runs = {
+        label: {
+            seed: _read(TRAIN_CLASSIFIER.metrics_path(paths, label, seed), stage_name(label, seed), CLASSIFIER_KEYS)
+            for seed in seeds
+        }
         for label in labels
     }
     toy_path = TOY_DENSITY.metrics_path(paths)
@@ -220,7 +230,8 @@ def load_inputs(paths: Paths, coeffs: tuple[float | str, ...]) -> ReportInputs:
     return ReportInputs(
         stats=_read(paths.prepared / STATS, PREPARE.stage, ("dataset", "n_train", "n_test", "shape")),
         prepare=metrics(PREPARE, ("wall_time_s",)),
-        classifiers=classifiers,
+        classifiers={label: by_seed[seeds[0]] for label, by_seed in runs.items()},
+        classifier_runs=runs,
         singular_values=singular_values,
         reconstruction=per_model(RECONSTRUCTION, RECONSTRUCTION_KEYS, ("iteration_ratios",)),
         flow=metrics(TRAIN_FLOW, FLOW_KEYS),

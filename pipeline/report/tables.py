@@ -13,8 +13,10 @@ from typing import Any
 import pandas as pd
 
 from pipeline.files import finite_or_none, write_bytes_atomic
+from pipeline.models.specs import stage_name
 from pipeline.outputs import ZCA_MARK
 from pipeline.paths import Paths
+from pipeline.report.classifiers import compare_with_vanilla, seed_summaries
 from pipeline.report.inputs import ReportInputs
 
 # Table 4's published bits/dim on the test sets (Behrmann et al. 2019, Table 4): (method, source, MNIST, CIFAR10).
@@ -110,27 +112,49 @@ def column_name(label: str) -> str:
 
 
 def table2(inputs: ReportInputs) -> ReportTable:
-    """Table 2: test error (%) per classifier with its binomial standard error (``sqrt(p (1 - p) / n)`` over the
-    ``n`` test images, written by ``train_classifier``), and whether its inverse is guaranteed by the certificate.
+    """Table 2: test error (%) per classifier over its training seeds, its paired difference to vanilla seed by seed,
+    the verdict against vanilla, and whether its inverse is guaranteed by the certificate.
 
-    Rows: the error and its standard error per dataset (the run's), ``guaranteed inverse`` (``singular_values.json``,
-    never assumed from the model kind), and the largest certified block Lipschitz bound behind it.
+    Rows: the mean test error over seeds, its standard deviation over seeds (n − 1) and the number of seeds; per seed
+    the paired difference to vanilla of the same seed on the same test images (points, with its 95% interval) and the
+    mean of those differences; the verdict of :func:`pipeline.report.classifiers.compare_with_vanilla`;
+    ``guaranteed inverse`` (``singular_values.json``, of the first seed's model, never assumed from the model kind) and
+    the largest certified block Lipschitz bound behind it.
     """
     labels = list(inputs.classifiers)
     certs = inputs.singular_values["models"]
-    datasets = list(dict.fromkeys(m["dataset"] for m in inputs.classifiers.values()))
-    rows: dict[str, list[Any]] = {}
-    shown_rows: dict[str, list[str]] = {}
-    for ds in datasets:
-        errors = [percent(m["test_error"]) if m["dataset"] == ds else None for m in inputs.classifiers.values()]
-        stderrs = [
-            100.0 * float(m["test_error_stderr"]) if m["dataset"] == ds else None for m in inputs.classifiers.values()
+    summaries = seed_summaries(inputs.classifier_runs)
+    seeds = list(next(iter(inputs.classifier_runs.values())))
+    datasets = "/".join(dict.fromkeys(m["dataset"] for m in inputs.classifiers.values()))
+    s = [summaries[label] for label in labels]
+
+    def points(d: dict[str, float] | None, key: str) -> float | None:
+        return None if d is None else 100.0 * d[key]
+
+    rows: dict[str, list[Any]] = {
+        f"test error (%), mean over seeds, {datasets}": [percent(x.mean) for x in s],
+        "test error seed std (points)": [None if x.std is None else 100.0 * x.std for x in s],
+        "seeds": [len(x.errors) for x in s],
+    }
+    shown_rows: dict[str, list[str]] = {
+        f"test error (%) mean ± seed std (seeds), {datasets}": [
+            f"{100 * x.mean:.2f} ± {num(None if x.std is None else 100 * x.std, '.2f')} ({len(x.errors)})" for x in s
         ]
-        rows[f"test error (%), {ds}"] = errors
-        rows[f"test error std. error (points), {ds}"] = stderrs
-        shown_rows[f"test error (%) ± std. error, {ds}"] = [
-            MISSING if e is None else f"{e:.2f} ± {s:.2f}" for e, s in zip(errors, stderrs)
+    }
+    for seed in seeds:
+        diffs = [x.differences.get(seed) for x in s]
+        for key in ("mean", "low", "high"):
+            rows[f"seed {seed}: − vanilla, {key} (points)"] = [points(d, key) for d in diffs]
+        shown_rows[f"seed {seed}: − vanilla, points (95% interval)"] = [
+            difference_cell(None if d is None else {k: 100 * d[k] for k in ("mean", "low", "high")}, ".2f")
+            for d in diffs
         ]
+    rows["mean − vanilla (points)"] = [None if x.mean_difference is None else 100 * x.mean_difference for x in s]
+    shown_rows["mean − vanilla (points)"] = [num(v, "+.2f", MISSING) for v in rows["mean − vanilla (points)"]]
+    vanilla = summaries.get("vanilla")
+    verdicts = [compare_with_vanilla(x, vanilla) if vanilla and x.differences else None for x in s]
+    rows["vs vanilla"] = verdicts
+    shown_rows["vs vanilla"] = [v or MISSING for v in verdicts]
     rows["guaranteed inverse"] = [bool(certs[label]["guaranteed_inverse"]) for label in labels]
     rows["max block Lipschitz bound"] = [float(certs[label]["max_block_bound"]) for label in labels]
     data = pd.DataFrame.from_dict(rows, orient="index", columns=labels)
@@ -285,11 +309,11 @@ def with_stderr(value: Any, stderr: Any, spec: str = ".3f") -> str:
     return num(value, spec) + (f" ± {stderr:{spec}}" if finite_or_none(stderr) is not None else "")
 
 
-def difference_cell(d: dict[str, float] | None) -> str:
+def difference_cell(d: dict[str, float] | None, spec: str = ".3f") -> str:
     """A paired difference ``{"mean", "low", "high"}`` as ``+0.012 (−0.004, +0.028)``; n/a when absent."""
     if d is None or finite_or_none(d.get("mean")) is None:
         return "n/a"
-    mean, low, high = (signed(d[k], ".3f") for k in ("mean", "low", "high"))
+    mean, low, high = (signed(d[k], spec) for k in ("mean", "low", "high"))
     return f"{mean} ({low}, {high})"
 
 
@@ -348,7 +372,9 @@ def toy_table(inputs: ReportInputs) -> ReportTable:
 def stage_costs(inputs: ReportInputs) -> list[tuple[str, dict[str, Any]]]:
     """(stage, metrics) for every stage whose metrics file the report read, in pipeline order."""
     out = [("prepare", inputs.prepare)]
-    out += [(f"train_classifier@{label}", m) for label, m in inputs.classifiers.items()]
+    out += [
+        (stage_name(label, seed), m) for label, by_seed in inputs.classifier_runs.items() for seed, m in by_seed.items()
+    ]
     out += [
         ("singular_values", inputs.singular_values),
         ("reconstruction", inputs.reconstruction),

@@ -17,8 +17,9 @@
 4. Context: Lemma 7 bounds the residual blocks' log-det by ``Σ_b d_b ln(1 ± L_b)`` for every input; with the exact
    remainder of Eq. 3 (prior and ActNorm terms) they bound the bits/dim from both sides.
 5. Samples (Fig. 5 in numbers, :mod:`pipeline.models.sample_quality`): the classifier ``sample_classifier`` (trained
-   on the same data) scores ``n_scored_samples`` flow samples and as many test images: how confidently it reads each
-   as one digit, and how the predicted classes spread. Samples that look like the data score as the test images do.
+   on the same data; its model from the first entry of ``classifier.seeds``) scores ``n_scored_samples`` flow
+   samples and as many test images: how confidently it reads each as one digit, and how the predicted classes spread.
+   Samples that look like the data score as the test images do.
 
 Writes ``reports/metrics/evaluate_flow.json``.
 """
@@ -45,7 +46,7 @@ from pipeline.models.baselines import LOGIT_ALPHA, LogitGaussian, PixelHistogram
 from pipeline.models.classifiers import LoadedClassifier, load_classifier
 from pipeline.models.flows import FlowSpace, TrainedFlow, dims_text, load_flow_with_test_inputs
 from pipeline.models.sample_quality import CONFIDENT, class_probabilities, classifier_view
-from pipeline.models.specs import ClassifierSpec
+from pipeline.models.specs import ClassifierSpec, reference_seed, stage_name
 from pipeline.outputs import EVALUATE_FLOW, TRAIN_CLASSIFIER, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
@@ -188,19 +189,20 @@ def baseline_bits(paths: Paths, n_examples: int | None, seed: int, flow_bpd: Ten
     return out
 
 
-def load_scorer(paths: Paths, spec: ClassifierSpec) -> LoadedClassifier:
-    """The classifier that scores the samples, loaded before any compute: a missing one stops the stage at once.
+def load_scorer(paths: Paths, spec: ClassifierSpec, seed: int) -> LoadedClassifier:
+    """The classifier that scores the samples (trained from ``seed``: the stage passes the first entry of
+    ``classifier.seeds``), loaded before any compute: a missing one stops the stage at once.
 
     Building the network draws its initial weights from the global RNG, which the Hutchinson probes use next: the
     build runs on a forked RNG, so the bits/dim do not depend on whether samples are scored."""
-    path = TRAIN_CLASSIFIER.model_path(paths, spec.label)
+    path = TRAIN_CLASSIFIER.model_path(paths, spec.label, seed)
     if not path.exists():
         raise DataError(
             f"evaluate_flow.sample_classifier is {spec.label}, but {path} does not exist: run "
-            f"`dvc repro train_classifier@{spec.label}` first, or set evaluate_flow.sample_classifier: null."
+            f"`dvc repro {stage_name(spec.label, seed)}` first, or set evaluate_flow.sample_classifier: null."
         )
     with torch.random.fork_rng(devices=[]):
-        return load_classifier(paths, spec)
+        return load_classifier(paths, spec, seed)
 
 
 def sample_quality(
@@ -230,7 +232,9 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     seed_everything(params.seed)
     flow, x = load_flow_with_test_inputs(paths, p.n_examples, params.seed)
     model, space = flow.model, flow.space
-    scorer = None if p.sample_classifier is None else load_scorer(paths, ClassifierSpec.of(p.sample_classifier))
+    scorer = None
+    if p.sample_classifier is not None:
+        scorer = load_scorer(paths, ClassifierSpec.of(p.sample_classifier), reference_seed(params.classifier))
 
     lipschitz = lipschitz_bounds(model)
     dims = model.block_dims

@@ -10,7 +10,8 @@ with finite values; a model that does not (e.g. an unconstrained baseline whose 
 reported as measured. ``seconds_per_100`` times one float32 reconstruction of the first 100 test images (repeated
 when the test split is smaller) for each of ``reconstruction.timing_iterations``. ``iteration_ratios`` sets the
 iterations of ``c - 0.2`` against those of ``c`` at every tolerance (the paper: about half); they are exact when
-``reconstruction.iterations`` holds every count up to the largest one needed.
+``reconstruction.iterations`` holds every count up to the largest one needed. One model per coefficient: the one
+trained from the first entry of ``classifier.seeds`` (:func:`pipeline.models.specs.reference_seed`).
 
 Writes ``reports/curves/reconstruction.csv``, ``reports/metrics/reconstruction.json`` and the figures
 ``fig8_reconstruction_error.png`` and ``fig3_reconstructions.png``.
@@ -36,7 +37,7 @@ from pipeline.env import device, synchronize
 from pipeline.errors import DataError
 from pipeline.files import finite_or_none
 from pipeline.models.classifiers import LoadedClassifier, load_classifier
-from pipeline.models.specs import classifier_specs
+from pipeline.models.specs import classifier_specs, reference_seed
 from pipeline.outputs import RECONSTRUCTION, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
@@ -161,7 +162,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     show = evenly_spaced(p.n_images, min(N_SHOWN, p.n_images))
     shown: dict[str, Tensor] = {"original": images[show].cpu()}
     for spec in track(classifier_specs(params.classifier), "reconstruction"):
-        loaded = load_classifier(paths, spec)
+        loaded = load_classifier(paths, spec, reference_seed(params.classifier))
         model_rows, pixels = error_curve(loaded, images, p.iterations)
         rows += model_rows
         shown[spec.label] = pixels[show].cpu()

@@ -1,5 +1,6 @@
 """Stage ``singular_values``: the largest singular value of every convolution of every trained classifier (Fig. 6),
-each block's certified Lipschitz bound, and a per-model invertibility certificate.
+each block's certified Lipschitz bound, and a per-model invertibility certificate. One model per coefficient: the
+one trained from the first entry of ``classifier.seeds`` (:func:`pipeline.models.specs.reference_seed`).
 
 Per convolution (its weight as used in eval mode, i.e. after Eq. 2), float64:
 
@@ -34,7 +35,7 @@ from iresnet.spectral_norm import LipschitzConv2d, conv_norm_lower_bound, conv_n
 from pipeline.console import track
 from pipeline.files import finite_or_none
 from pipeline.models.classifiers import conv_layers, load_classifier
-from pipeline.models.specs import ClassifierSpec, classifier_specs
+from pipeline.models.specs import ClassifierSpec, classifier_specs, reference_seed
 from pipeline.outputs import SINGULAR_VALUES, StageRun
 from pipeline.params import Params, SingularValuesParams
 from pipeline.paths import Paths
@@ -135,9 +136,12 @@ def project_model(model: IResNetClassifier, coeff: float) -> int:
     return sum(project_to_bound(layer, coeff) != 1.0 for _, _, layer in conv_layers(model))
 
 
-def analyse(paths: Paths, spec: ClassifierSpec, params: SingularValuesParams) -> tuple[list[dict], dict[str, Any]]:
-    """Rows and summary of one trained model (and of its projection, when asked and applicable)."""
-    model = load_classifier(paths, spec).model
+def analyse(
+    paths: Paths, spec: ClassifierSpec, seed: int, params: SingularValuesParams
+) -> tuple[list[dict], dict[str, Any]]:
+    """Rows and summary of the model of ``spec`` trained from ``seed`` (and of its projection, when asked and
+    applicable)."""
+    model = load_classifier(paths, spec, seed).model
     rows = measure_layers(model, spec.label, "trained", params.lower_iters)
     summary = {"kind": spec.kind, "coeff": spec.coeff, **certificate(model, rows, spec.coeff)}
     if params.project and spec.coeff is not None:
@@ -149,13 +153,14 @@ def analyse(paths: Paths, spec: ClassifierSpec, params: SingularValuesParams) ->
 
 
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
-    """Measure every model of ``classifier.coeffs``; write the CSV, the JSON and Fig. 6; return flat metrics."""
+    """Measure every model of ``classifier.coeffs`` (its first seed's); write the CSV, the JSON and Fig. 6; return flat
+    metrics."""
     out = StageRun(SINGULAR_VALUES, paths, tracker)
     seed_everything(params.seed)  # convention; the measurements themselves draw no random numbers
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     for spec in track(classifier_specs(params.classifier), "singular values"):
-        model_rows, models[spec.label] = analyse(paths, spec, params.singular_values)
+        model_rows, models[spec.label] = analyse(paths, spec, reference_seed(params.classifier), params.singular_values)
         rows += model_rows
     out.write_curve("layers", rows, CSV_COLUMNS)
     frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))

@@ -1,4 +1,7 @@
-"""Stage ``train_classifier@<label>``: one classifier of Table 2 / Fig. 6 (App. C.2).
+"""Stage ``train_classifier@<label>-<seed>``: one classifier of Table 2 / Fig. 6 (App. C.2), trained from one seed.
+
+The seed is the matrix item's entry of ``classifier.seeds`` (not the global ``seed``): it sets the initial weights,
+the data order and the augmentation, so each (label, seed) is one independent training run.
 
 Momentum SGD with weight decay and a step schedule (``classifier.milestones``, ``gamma``), random shifts (and flips)
 on the ``[0, 1]`` images, then normalisation by the train split's per-channel mean and std. Each epoch logs train
@@ -7,8 +10,9 @@ convolution to MLflow, and saves a resume checkpoint (model, optimiser, schedule
 killed run continues where it stopped and ends with the same numbers. A NaN/inf loss stops with
 :class:`TrainingDiverged` naming the model, epoch and batch.
 
-Writes ``models/classifier/<label>/model.pt``, ``reports/metrics/classifier/<label>.json`` and
-``reports/curves/classifier/<label>.csv``.
+Writes ``models/classifier/<label>/seed<k>/model.pt``, ``reports/metrics/classifier/<label>/seed<k>.json`` (with the
+per-image correctness on the test split, ``test_correct``, for paired comparisons) and
+``reports/curves/classifier/<label>/seed<k>.csv``.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from pipeline.data.store import load_channel_stats, load_prepared, load_stats, s
 from pipeline.distributed import check_divides, global_mean, shard, sync_rng, wrap
 from pipeline.env import device, world
 from pipeline.models.classifiers import MODEL_KIND, conv_layers, resnet_config
-from pipeline.models.specs import ClassifierSpec, resolve_spec
+from pipeline.models.specs import ClassifierSpec, reference_seed, resolve_seed, resolve_spec
 from pipeline.outputs import TRAIN_CLASSIFIER, StageRun
 from pipeline.params import Params, check_spatial, params_hash
 from pipeline.paths import Paths
+from pipeline.stats import outcomes_text
 from pipeline.tracking import Tracker
 from pipeline.training import (
     EpochLoop,
@@ -148,33 +153,42 @@ def train_epoch(
 @torch.no_grad()
 def evaluate(
     model: IResNetClassifier, data: tuple[Tensor, Tensor], stats: ChannelStats, batch_size: int
-) -> tuple[float, float]:
-    """(mean cross-entropy, error fraction) on ``data`` in eval mode."""
+) -> tuple[float, float, Tensor]:
+    """(mean cross-entropy, error fraction, per-image correctness ``(N,)`` bool in the order of ``data``) in eval
+    mode."""
     images, labels = data
     model.eval()
-    loss_sum, wrong = 0.0, 0
+    loss_sum, correct = 0.0, []
     for idx in batch_indices(len(images), batch_size, shuffle=False):
         logits = model(stats.normalize(images[idx]))
         loss_sum += float(F.cross_entropy(logits, labels[idx], reduction="sum"))
-        wrong += int((logits.argmax(1) != labels[idx]).sum())
-    return loss_sum / len(images), wrong / len(images)
+        correct.append((logits.argmax(1) == labels[idx]).cpu())
+    hits = torch.cat(correct)
+    return loss_sum / len(images), (len(images) - int(hits.sum())) / len(images), hits
 
 
-def run_fingerprint(params: Params, spec: ClassifierSpec, data_summary: dict[str, Any]) -> str:
-    """Hash of everything that defines this run (not the list of other coefficients), keying its resume file."""
-    section = {k: v for k, v in params.section_dict("classifier")["classifier"].items() if k != "coeffs"}
-    return params_hash({"seed": params.seed, "label": spec.label, "classifier": section, "data": data_summary})
+def run_fingerprint(params: Params, spec: ClassifierSpec, seed: int, data_summary: dict[str, Any]) -> str:
+    """Hash of everything that defines this run (not the lists of other coefficients and seeds), keying its resume
+    file."""
+    section = {k: v for k, v in params.section_dict("classifier")["classifier"].items() if k not in ("coeffs", "seeds")}
+    return params_hash({"seed": seed, "label": spec.label, "classifier": section, "data": data_summary})
 
 
 def run(
-    params: Params, paths: Paths, tracker: Tracker | None = None, coeff: str | float | None = None
+    params: Params,
+    paths: Paths,
+    tracker: Tracker | None = None,
+    coeff: str | float | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """Train the model ``coeff`` names (an entry of ``classifier.coeffs``); returns its metrics (the JSON's content)."""
-    spec = resolve_spec(params.classifier, coeff)
-    out = StageRun(TRAIN_CLASSIFIER, paths, tracker, label=spec.label)
-    tracker = out.tracker
+    """Train the model ``coeff`` names (an entry of ``classifier.coeffs``) from ``seed`` (an entry of
+    ``classifier.seeds``; None: the first); returns its metrics (the JSON's content)."""
     p = params.classifier
-    seed_everything(params.seed)
+    spec = resolve_spec(p, coeff)
+    seed = reference_seed(p) if seed is None else resolve_seed(p, seed)
+    out = StageRun(TRAIN_CLASSIFIER, paths, tracker, label=spec.label, seed=seed)
+    tracker = out.tracker
+    seed_everything(seed)  # the run's own seed: initial weights, data order and augmentation
     dev, here = device(), world()
     # Moved to the device once (on the CPU, .to() returns the very tensors: today's code path).
     train, test = (tuple(t.to(dev) for t in load_prepared(paths, split)) for split in ("train", "test"))
@@ -190,8 +204,8 @@ def run(
     optimizer = build_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(p.milestones), p.gamma)
     data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "mean", "std")}
-    fingerprint = run_fingerprint(params, spec, data_summary)
-    resume = ResumeFile.for_run(paths, f"classifier-{spec.label}", fingerprint, "train_classifier")
+    fingerprint = run_fingerprint(params, spec, seed, data_summary)
+    resume = ResumeFile.for_run(paths, f"classifier-{spec.label}-seed{seed}", fingerprint, "train_classifier")
     if p.actnorm:
         init_actnorm(model, stats.normalize(train[0][: p.batch_size]))
     loop = EpochLoop(resume, p.epochs, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, tracker)
@@ -209,7 +223,7 @@ def run(
             train_seconds = time.perf_counter() - t0
             scheduler.step()
             refresh_unconstrained(model)
-            test_loss, test_error = evaluate(model, test, stats, p.eval_batch_size)
+            test_loss, test_error, _ = evaluate(model, test, stats, p.eval_batch_size)
             sigmas = running_sigmas(model)
             record = {
                 "epoch": epoch,
@@ -232,7 +246,7 @@ def run(
     history = loop.history
     last = history[-1]
     save_model(
-        TRAIN_CLASSIFIER.model_path(paths, spec.label),
+        TRAIN_CLASSIFIER.model_path(paths, spec.label, seed),
         MODEL_KIND,
         config_to_dict(config),
         model,
@@ -245,10 +259,13 @@ def run(
         std=stats.std.tolist(),
     )
     out.write_curve("epochs", history, CURVE_COLUMNS)
+    # The final model's outcome on each test image (the last epoch's error is the same model's, see the test).
+    _, _, correct = evaluate(model, test, stats, p.eval_batch_size)
     metrics = {
         "model": spec.label,
         "coeff": spec.coeff,
         "kind": spec.kind,
+        "seed": seed,
         "dataset": summary["dataset"],
         "n_train": len(train[0]),
         "n_test": len(test[0]),
@@ -258,6 +275,7 @@ def run(
         "test_loss": last["test_loss"],
         "train_loss": last["train_loss"],
         "train_accuracy": last["train_accuracy"],
+        "test_correct": outcomes_text(correct),  # "1": classified correctly; in test-split order
     }
     inputs = {split: split_file(paths, split) for split in ("train", "test")}
     return loop.close(out, model, metrics, example=stats.normalize(test[0][:2]), inputs=inputs)

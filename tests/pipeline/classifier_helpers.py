@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 # 8x8 inputs: 2 channels (1 + inj_pad 1) at 8x8 in stage 0, 8 channels at 4x4 after the squeeze of stage 1.
 TINY_CLASSIFIER = {
     "coeffs": ["vanilla", 0.9, 0.5],
+    "seeds": [0],  # one run per model keeps the tests fast; tests of the seed axis set more
     "n_blocks": [1, 1],
     "strides": [1, 2],
     "channels": [4, 4],
@@ -102,8 +103,9 @@ def classifier_project(root: Path, **classifier: Any) -> tuple[Params, Paths]:
 
 
 def trained_project(root: Path, **classifier: Any) -> tuple[Params, Paths]:
-    """:func:`classifier_project` with every model of ``classifier.coeffs`` trained."""
+    """:func:`classifier_project` with every model of ``classifier.coeffs`` trained from every seed."""
     params, paths = classifier_project(root, **classifier)
     for value in params.classifier.coeffs:
-        train_classifier.run(params, paths, coeff=value)
+        for seed in params.classifier.seeds:
+            train_classifier.run(params, paths, coeff=value, seed=seed)
     return params, paths

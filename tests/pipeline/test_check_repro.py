@@ -21,8 +21,12 @@ runner = CliRunner()
 BELOW, ABOVE = 1 - 1e-9, 1 + 1e-9  # just inside and just outside the threshold, far above rounding error
 
 METRICS: dict[str, Any] = {  # the committed files' structure, cut to the keys check-repro reads
-    "classifier/0.9.json": {"test_error": 0.044, "test_error_stderr": 0.0065},
-    "classifier/vanilla.json": {"test_error": 0.052, "test_error_stderr": 0.007, "test_error_seed_std": 0.004},
+    "summary.json": {  # Table 2: each classifier's mean test error over seeds, its spread (null for one seed)
+        "classifier": {
+            "0.9": {"test_error_pct": 4.4, "test_error_stderr_pct": 0.65, "test_error_seed_std_pct": None},
+            "vanilla": {"test_error_pct": 5.2, "test_error_stderr_pct": 0.7, "test_error_seed_std_pct": 0.4},
+        },
+    },
     "evaluate_flow.json": {"bpd": 1.452, "stderr": 0.00095, "stderr_examples": 0.0095},
     "toy.json": {
         "datasets": {
@@ -119,22 +123,22 @@ def test_unchanged_workspace_is_same_bytes_and_exits_0(repo: Path) -> None:
 
 def test_changes_within_and_beyond_the_scale(repo: Path) -> None:
     metrics = copy.deepcopy(METRICS)
-    se = METRICS["classifier/0.9.json"]["test_error_stderr"]
-    metrics["classifier/0.9.json"]["test_error"] += Z95 * math.sqrt(2) * se * BELOW  # same stderr on both sides
-    seed_std = METRICS["classifier/vanilla.json"]["test_error_seed_std"]
-    metrics["classifier/vanilla.json"]["test_error"] += Z95 * math.sqrt(2) * seed_std * ABOVE
+    clf = metrics["summary.json"]["classifier"]
+    clf["0.9"]["test_error_pct"] += Z95 * math.sqrt(2) * clf["0.9"]["test_error_stderr_pct"] * BELOW  # one seed
+    clf["vanilla"]["test_error_pct"] += Z95 * math.sqrt(2) * clf["vanilla"]["test_error_seed_std_pct"] * ABOVE
     metrics["toy.json"]["glow_wins"] = 0  # a key no claim reads: the file changed, its claims did not
     write(repo, metrics)
     rows = by_name(compare(repo))
-    assert rows["classifier/0.9.json test_error"].judgement.verdict == CONSISTENT
-    assert rows["classifier/vanilla.json test_error"].judgement.verdict == INCONSISTENT
-    assert rows["classifier/vanilla.json test_error"].judgement.basis == "seeds"
+    assert rows["summary.json 0.9/test_error_pct"].judgement.verdict == CONSISTENT
+    assert rows["summary.json 0.9/test_error_pct"].judgement.basis == "stderr"
+    assert rows["summary.json vanilla/test_error_pct"].judgement.verdict == INCONSISTENT
+    assert rows["summary.json vanilla/test_error_pct"].judgement.basis == "seeds"
     toy = rows["toy.json moons/iresnet_nll"].judgement
     assert (toy.verdict, toy.difference) == (CONSISTENT, 0.0)
     assert rows["evaluate_flow.json bpd"].judgement.verdict == SAME
     result = runner.invoke(app, ["--root", str(repo), "check-repro"])
     assert result.exit_code == 1
-    assert "inconsistent: classifier/vanilla test_error" in result.output
+    assert "inconsistent: summary vanilla/test_error_pct" in result.output
 
 
 def test_missing_file_and_key_are_rows_not_tracebacks(repo: Path) -> None:
@@ -142,20 +146,20 @@ def test_missing_file_and_key_are_rows_not_tracebacks(repo: Path) -> None:
     del metrics["toy.json"]["datasets"]["moons"]["glow_nll"]
     del metrics["toy.json"]["datasets"]["8gaussians"]["iresnet_nll_stderr"]
     metrics["toy.json"]["datasets"]["8gaussians"]["iresnet_nll"] += 0.001
-    metrics["classifier/0.5.json"] = {"test_error": 0.04, "test_error_stderr": 0.006}  # not in the commit
+    metrics["summary.json"]["classifier"]["0.5"] = {"test_error_pct": 4.0}  # not in the commit
     write(repo, metrics)
     (repo / "reports/metrics/evaluate_flow.json").unlink()
     rows = by_name(compare(repo))
     for name in (
         "toy.json moons/glow_nll",
         "toy.json 8gaussians/iresnet_nll",
-        "classifier/0.5.json",
+        "summary.json 0.5/test_error_pct",
         "evaluate_flow.json",
     ):
         assert rows[name].judgement.verdict == MISSING, name
     assert "workspace" in rows["toy.json moons/glow_nll"].note
     assert "standard error" in rows["toy.json 8gaussians/iresnet_nll"].note
-    assert "missing in HEAD" in rows["classifier/0.5.json"].note
+    assert "missing in the committed file" in rows["summary.json 0.5/test_error_pct"].note
     assert "missing in the workspace" in rows["evaluate_flow.json"].note
     result = runner.invoke(app, ["--root", str(repo), "check-repro"])
     assert result.exit_code == 1 and "Traceback" not in result.output

@@ -124,7 +124,9 @@ def test_global_options_after_the_command(tiny_project: Path, tiny_params: dict)
     tests, _ = load_prepared(Paths.at(tiny_project), "test")
     assert len(images) == 12 and len(tests) == 6  # from other.yaml and from -S
 
-    bad = runner.invoke(app, ["train-classifier", "--coeff", "0.9", "--root", str(tiny_project), "-S", "flow.coeff=0"])
+    bad = runner.invoke(
+        app, ["train-classifier", "--coeff", "0.9", "--seed", "0", "--root", str(tiny_project), "-S", "flow.coeff=0"]
+    )
     assert bad.exit_code == 1 and "flow.coeff" in bad.output and "No such option" not in bad.output
 
 

@@ -26,7 +26,7 @@ def _invoke(root: Path, *args: str) -> tuple[int, str]:
 @pytest.mark.parametrize("spec", ["cuda", "cuda:1"])
 def test_cuda_without_cuda_is_one_line_before_compute(tmp_path: Path, spec: str) -> None:
     _, paths = classifier_project(tmp_path)
-    code, output = _invoke(tmp_path, "--device", spec, "train-classifier", "--coeff", "0.9")
+    code, output = _invoke(tmp_path, "--device", spec, "train-classifier", "--coeff", "0.9", "--seed", "0")
     assert code == 1 and "no CUDA GPU" in output and "--device cpu" in output
     assert len(output.strip().splitlines()) <= 3 and "Traceback" not in output  # one line, wrapped by the console
     assert not (tmp_path / "models").exists()
@@ -54,14 +54,16 @@ def test_more_processes_than_gpus_is_an_error_before_compute(tmp_path: Path, mon
     classifier_project(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    code, output = _invoke(tmp_path, "--device", "cuda", "--nproc", "2", "train-classifier", "--coeff", "0.9")
+    code, output = _invoke(
+        tmp_path, "--device", "cuda", "--nproc", "2", "train-classifier", "--coeff", "0.9", "--seed", "0"
+    )
     assert code == 1 and "--nproc 2" in output and "1 GPU" in output
     assert not (tmp_path / "models").exists()
 
 
 def test_a_world_size_that_does_not_divide_the_batch_is_an_error_before_launching(tmp_path: Path) -> None:
     classifier_project(tmp_path)  # classifier.batch_size 8
-    code, output = _invoke(tmp_path, "--nproc", "3", "train-classifier", "--coeff", "0.9")
+    code, output = _invoke(tmp_path, "--nproc", "3", "train-classifier", "--coeff", "0.9", "--seed", "0")
     assert code == 1 and "classifier.batch_size" in output and "multiple of the 3 processes" in output
     code, output = _invoke(tmp_path, "train-flow", "--nproc=3")  # global options may follow the command
     assert code == 1 and "flow.batch_size" in output
@@ -88,7 +90,7 @@ def test_every_stage_on_cuda_agrees_with_the_cpu(tmp_path: Path) -> None:
     assert main(["--keep", str(tmp_path)]) == 0
 
 
-@pytest.mark.parametrize("command", [["train-classifier", "--coeff", "0.9"], ["train-flow"]])
+@pytest.mark.parametrize("command", [["train-classifier", "--coeff", "0.9", "--seed", "0"], ["train-flow"]])
 def test_dry_run_measures_and_writes_nothing(tmp_path: Path, command: list[str]) -> None:
     classifier_project(tmp_path)
     code, output = _invoke(tmp_path, *command, "--dry-run", "--nproc", "2")
@@ -107,7 +109,7 @@ def _bf16_certificates(root: Path) -> tuple[dict, dict]:
     _, plain = trained_project(root / "fp32", coeffs=[0.9], bf16=False)
     result = singular_values.run(params, paths)
     states = [
-        torch.load(TRAIN_CLASSIFIER.model_path(p, "0.9"), weights_only=True)["state_dict"] for p in (paths, plain)
+        torch.load(TRAIN_CLASSIFIER.model_path(p, "0.9", 0), weights_only=True)["state_dict"] for p in (paths, plain)
     ]
     return result, states  # type: ignore[return-value]
 

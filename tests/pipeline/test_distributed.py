@@ -119,30 +119,30 @@ def test_two_ranks_train_as_one_process_resume_after_a_kill_and_only_rank_0_writ
 
     single = _project(tmp_path / "single")
     train_classifier.run(parse_params(raw), single, coeff=0.9)
-    reference = _state(TRAIN_CLASSIFIER.model_path(single, "0.9"))
+    reference = _state(TRAIN_CLASSIFIER.model_path(single, "0.9", 0))
 
     roots = [_project(tmp_path / "rank0").root, _project(tmp_path / "rank1").root]  # who writes what, told apart
     job = {"stage": "classifier", "raw": raw, "coeff": "0.9", "roots": [str(r) for r in roots], "out": str(tmp_path)}
     _spawn({**job, "kill_at_step": 6})
     (checkpoint,) = (roots[0] / ".resume").glob("classifier-0.9-*.pt")
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
-    assert not TRAIN_CLASSIFIER.model_path(Paths(roots[0]), "0.9").exists()
+    assert not TRAIN_CLASSIFIER.model_path(Paths(roots[0]), "0.9", 0).exists()
     assert not (roots[1] / ".resume").exists()
     one = _project(tmp_path / "one")
     for root in (roots[1], one.root):  # on one node the ranks share a root (here: each gets the file)
         shutil.copytree(roots[0] / ".resume", root / ".resume")
 
     _spawn(job)  # resumed on 2 processes
-    _close(_state(TRAIN_CLASSIFIER.model_path(Paths(roots[0]), "0.9")), reference)
+    _close(_state(TRAIN_CLASSIFIER.model_path(Paths(roots[0]), "0.9", 0)), reference)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     written = {p.relative_to(roots[1]).as_posix() for p in roots[1].rglob("*") if p.is_file()}
     assert all(name.startswith(("data/prepared/", ".resume/")) for name in written), written
-    assert (roots[0] / "reports/metrics/classifier/0.9.json").is_file()
+    assert (roots[0] / "reports/metrics/classifier/0.9/seed0.json").is_file()
     assert not list((roots[0] / ".resume").glob("*"))  # removed once the outputs were written
 
     train_classifier.run(parse_params(raw), one, coeff=0.9)  # the same checkpoint resumed on 1 process
-    _close(_state(TRAIN_CLASSIFIER.model_path(one, "0.9")), reference)
+    _close(_state(TRAIN_CLASSIFIER.model_path(one, "0.9", 0)), reference)
 
 
 def test_flow_trains_on_two_ranks_with_identical_weights_on_each(tmp_path: Path) -> None:

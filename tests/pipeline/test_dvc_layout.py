@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.outputs import LABEL, STAGES
+from pipeline.outputs import LABEL, SEED, STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -67,7 +67,7 @@ def test_code_deps_are_exactly_the_imported_modules(stage: str) -> None:
 def test_outputs_are_exactly_the_registry(stage: str) -> None:
     spec = DVC["stages"][stage]
     declared = _paths(spec.get("outs", [])) | _paths(spec.get("metrics", [])) | _paths(spec.get("plots", []))
-    expected = {p.replace(LABEL, "${item.coeff}") for p in STAGES[stage].files()}
+    expected = {p.replace(LABEL, "${item.coeff}").replace(SEED, "${item.seed}") for p in STAGES[stage].files()}
     assert declared == expected
 
 
@@ -77,7 +77,7 @@ def test_every_dvc_stage_is_registered() -> None:
 
 def test_top_level_plots_and_metrics_name_registered_files() -> None:
     files = {f for outputs in STAGES.values() for f in outputs.files()}
-    folders = {f.rsplit("/", 1)[0] for f in files}
+    folders = {str(parent) for f in files for parent in Path(f).parents}  # e.g. reports/curves/classifier
     for entry in DVC["plots"]:
         name = next(iter(entry)) if isinstance(entry, dict) else entry
         targets = entry[name].get("y", {}) if isinstance(entry, dict) and isinstance(entry[name].get("y"), dict) else {}

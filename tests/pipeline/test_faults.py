@@ -10,6 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.outputs import TRAIN_CLASSIFIER
+from pipeline.paths import Paths
 from pipeline.stages import train_classifier
 from tests.pipeline.classifier_helpers import classifier_project
 
@@ -38,7 +40,7 @@ def trained(tmp_path: Path) -> Path:
 
 
 def _model(root: Path) -> Path:
-    return root / "models" / "classifier" / "0.9" / "model.pt"
+    return TRAIN_CLASSIFIER.model_path(Paths.at(root), "0.9", 0)
 
 
 def _checkpoint_after_epoch_1(root: Path) -> Path:
@@ -49,7 +51,7 @@ def _checkpoint_after_epoch_1(root: Path) -> Path:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_classifier, "save_model", killed)
-        assert _cli(root, "train-classifier", "--coeff", "0.9", "--epochs", "2")[0] == 130
+        assert _cli(root, "train-classifier", "--coeff", "0.9", "--seed", "0", "--epochs", "2")[0] == 130
     (checkpoint,) = (root / ".resume").glob("classifier-0.9-*.pt")
     return checkpoint
 
@@ -60,7 +62,7 @@ def test_a_corrupt_resume_checkpoint(trained: Path, damage: str) -> None:
     data = checkpoint.read_bytes()
     checkpoint.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint" * 20)
     before = _model(trained).read_bytes()
-    code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--epochs", "2")
+    code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--seed", "0", "--epochs", "2")
     assert code == 1
     _one_error_line(output, str(checkpoint), "Delete it")
     assert _model(trained).read_bytes() == before
@@ -74,7 +76,7 @@ def test_a_resume_checkpoint_of_another_shape(trained: Path) -> None:
     state = torch.load(checkpoint, weights_only=True)
     state["states"]["model"] = torch.nn.Linear(2, 2).state_dict()
     torch.save(state, checkpoint)
-    code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--epochs", "2")
+    code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--seed", "0", "--epochs", "2")
     assert code == 1
     _one_error_line(output, str(checkpoint), "does not fit this run", "delete it")
 
@@ -84,7 +86,7 @@ def test_corrupt_prepared_data(trained: Path, name: str) -> None:
     path = trained / "data" / "prepared" / name
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     before = _model(trained).read_bytes()
-    code, output = _cli(trained, "train-classifier", "--coeff", "0.9")
+    code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--seed", "0")
     assert code == 1
     _one_error_line(output, str(path), "dvc repro prepare")
     assert _model(trained).read_bytes() == before
@@ -115,7 +117,7 @@ def test_an_unwritable_output_folder_keeps_the_earlier_outputs(trained: Path, mo
     else:
         folder.chmod(0o555)
     try:
-        code, output = _cli(trained, "train-classifier", "--coeff", "0.9")
+        code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--seed", "0")
     finally:
         folder.chmod(0o755)
     assert code == 1
@@ -133,7 +135,7 @@ def test_nan_mid_training_keeps_the_earlier_model(trained: Path) -> None:
     stats["mean"] = [float("nan")]
     write_json(stats_path, stats)
     before = _model(trained).read_bytes()
-    code, output = _cli(trained, "train-classifier", "--coeff", "0.9")
+    code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--seed", "0")
     assert code == 1
     _one_error_line(output, "became nan", "epoch 1", "Lower")
     assert _model(trained).read_bytes() == before

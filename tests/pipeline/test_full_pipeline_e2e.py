@@ -89,7 +89,7 @@ def test_dvc_repro_whole_graph(
 
     repo.dvc("repro", timeout=600)
     stages = set(yaml.safe_load((repo.root / "dvc.lock").read_text())["stages"])
-    assert {"prepare", "train_classifier@vanilla", "train_classifier@0.9", "report"} <= stages
+    assert {"prepare", "train_classifier@vanilla-0", "train_classifier@0.9-1", "report"} <= stages
 
     reports = repo.root / "reports"
     for name in TABLES:

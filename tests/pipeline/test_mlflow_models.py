@@ -29,7 +29,8 @@ def test_a_trained_classifier_is_an_mlflow_model_with_its_inputs(
     fresh_store(tmp_path)
     monkeypatch.setenv("IRESNET_TRACKING", "1")
     result = CliRunner().invoke(
-        app, ["--root", str(tmp_path), "-S", "tracking.enabled=true", "train-classifier", "--coeff", "0.9"]
+        app,
+        ["--root", str(tmp_path), "-S", "tracking.enabled=true", "train-classifier", "--coeff", "0.9", "--seed", "0"],
     )
     assert result.exit_code == 0, result.output
 
@@ -38,7 +39,7 @@ def test_a_trained_classifier_is_an_mlflow_model_with_its_inputs(
     assert run.data.params["coeff"] == "0.9"
     tags = run.data.tags
     assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
-    assert tags["mlflow.source.name"] == "iresnet train_classifier@0.9"
+    assert tags["mlflow.source.name"] == "iresnet train_classifier@0.9-0"
 
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "test"}
@@ -51,7 +52,7 @@ def test_a_trained_classifier_is_an_mlflow_model_with_its_inputs(
     assert logged.artifact_location.startswith((tmp_path.resolve() / "mlartifacts" / "classifier").as_uri())
     assert not (Path.cwd() / "mlruns").exists()
     model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
-    original = load_classifier(paths, resolve_spec(params.classifier, 0.9)).model
+    original = load_classifier(paths, resolve_spec(params.classifier, 0.9), 0).model
     x = load_channel_stats(paths).normalize(load_prepared(paths, "test")[0][:5])  # not the example's batch size
     with torch.no_grad():
         assert torch.equal(model(x), original(x))

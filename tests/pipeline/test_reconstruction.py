@@ -42,7 +42,7 @@ def reconstructed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Pat
 
 def _by_hand(label: str, paths: Paths, n: int) -> tuple[float, float]:
     """Mean and max pixel error of an inversion written out here: every layer's inverse, blocks by x <- y - g(x)."""
-    loaded = load_classifier(paths, ClassifierSpec.of(label))
+    loaded = load_classifier(paths, ClassifierSpec.of(label), 0)
     model = copy.deepcopy(loaded.model).double()
     images = load_prepared(paths, "test")[0][[0, 2, 4, 7, 9, 11]].double()  # 6 of 12, evenly spaced
     with torch.no_grad():
@@ -120,9 +120,9 @@ def test_iteration_ratios_pair_c_with_c_minus_0_2() -> None:
 
 def test_a_diverging_model_is_flagged_not_hidden(tmp_path: Path) -> None:
     params, paths = trained_project(tmp_path, coeffs=["vanilla"], epochs=1)
-    path = TRAIN_CLASSIFIER.model_path(paths, "vanilla")
+    path = TRAIN_CLASSIFIER.model_path(paths, "vanilla", 0)
     state = torch.load(path, weights_only=True)
-    model = load_classifier(paths, ClassifierSpec.of("vanilla")).model
+    model = load_classifier(paths, ClassifierSpec.of("vanilla"), 0).model
     for _, _, layer in conv_layers(model):  # every g becomes strongly expansive
         name = next(n for n, m in model.named_modules() if m is layer)
         state["state_dict"][f"{name}.weight"] = state["state_dict"][f"{name}.weight"] * 30.0
@@ -155,7 +155,9 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     from tests.pipeline.classifier_helpers import REPO
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["reconstruction"]
-    read = {"seed", "classifier.coeffs"} | {f"reconstruction.{f.name}" for f in fields(ReconstructionParams)}
+    read = {"seed", "classifier.coeffs", "classifier.seeds"} | {
+        f"reconstruction.{f.name}" for f in fields(ReconstructionParams)
+    }
     assert set(stage["params"]) == read
     assert {"pipeline/stages/reconstruction.py", "iresnet", "models/classifier", "data/prepared/test.pt"} <= set(
         stage["deps"]

@@ -22,7 +22,9 @@ from pipeline.paths import Paths
 from pipeline.stages import report
 
 LABELS = ["vanilla", "0.9", "0.7", "0.5"]
-ERRORS = {"vanilla": 0.0123, "0.9": 0.0151, "0.7": 0.0189, "0.5": 0.0342}
+ERRORS = {"vanilla": 0.012, "0.9": 0.014, "0.7": 0.015, "0.5": 0.034}  # test error, mean over the seeds
+SEEDS = (0, 1, 2)
+SHIFT = {0: 0, 1: 2, 2: -2}  # wrong images per 1,000 away from the mean, the same for every model: seed std 0.2 points
 CERTIFIED = {"vanilla": False, "0.9": True, "0.7": True, "0.5": True}
 BOUNDS = {"vanilla": 3.71, "0.9": 0.97, "0.7": 0.68, "0.5": 0.49}
 WALL = {"vanilla": 40.0, "0.9": 61.5, "0.7": 60.25, "0.5": 59.0}
@@ -35,27 +37,38 @@ def _paired(mean: float, stderr: float) -> dict[str, float]:
     return {"mean": mean, "stderr": stderr, "low": mean - 1.96 * stderr, "high": mean + 1.96 * stderr}
 
 
-def _metrics(labels: list[str]) -> dict[str, Any]:
+def _classifier_run(label: str, seed: int, n_test: int = N_TEST) -> dict[str, Any]:
+    """One train_classifier run's metrics: its wrong images are the first ones of the test split, so a model with
+    more errors than vanilla gets them wrong too (the paired differences are all ``0`` or ``+1``)."""
+    coeff = None if label in ("vanilla", "batchnorm") else float(label)
+    wrong = round((ERRORS[label] + SHIFT[seed] / 1000) * n_test)
+    error = wrong / n_test
+    return {
+        "model": label,
+        "coeff": coeff,
+        "kind": "iresnet" if coeff else label,
+        "seed": seed,
+        "dataset": "mnist-5k",
+        "test_error": error,
+        "test_error_stderr": math.sqrt(error * (1 - error) / n_test),
+        "test_correct": "0" * wrong + "1" * (n_test - wrong),
+        "n_test": n_test,
+        "test_loss": 0.05,
+        "train_loss": 0.04,
+        "train_accuracy": 0.99,
+        "epochs": 3,
+        "wall_time_s": WALL[label],
+        "n_params": 12345,
+        "throughput_img_s": 200.0 + len(label),
+    }
+
+
+def _metrics(labels: list[str], n_test: int = N_TEST) -> dict[str, Any]:
     """Every metrics file the report reads, in the stages' formats (relative path -> contents)."""
     files: dict[str, Any] = {"prepare.json": {"dataset": "mnist-5k", "n_train": 4000, "wall_time_s": 3.5}}
     for label in labels:
-        coeff = None if label in ("vanilla", "batchnorm") else float(label)
-        files[f"classifier/{label}.json"] = {
-            "model": "classifier",
-            "coeff": coeff,
-            "kind": "iresnet" if coeff else label,
-            "dataset": "mnist-5k",
-            "test_error": ERRORS[label],
-            "test_error_stderr": math.sqrt(ERRORS[label] * (1 - ERRORS[label]) / N_TEST),
-            "n_test": N_TEST,
-            "test_loss": 0.05,
-            "train_loss": 0.04,
-            "train_accuracy": 0.99,
-            "epochs": 3,
-            "wall_time_s": WALL[label],
-            "n_params": 12345,
-            "throughput_img_s": 200.0 + len(label),
-        }
+        for seed in SEEDS:
+            files[f"classifier/{label}/seed{seed}.json"] = _classifier_run(label, seed, n_test)
     files["singular_values.json"] = {
         "models": {
             label: {
@@ -212,26 +225,31 @@ def test_tables_hold_the_metrics_numbers(tmp_path: Path, params: Params) -> None
     t2 = pd.read_csv(paths.tables / "table2.csv", index_col=0)
     assert list(t2.columns) == LABELS
     for label in LABELS:
-        assert float(t2.loc["test error (%), mnist-5k", label]) == pytest.approx(100 * ERRORS[label], rel=1e-12)
+        assert float(t2.loc["test error (%), mean over seeds, mnist-5k", label]) == pytest.approx(100 * ERRORS[label])
+        assert float(t2.loc["test error seed std (points)", label]) == pytest.approx(0.2)  # SHIFT: -0.2, 0, +0.2
+        assert int(t2.loc["seeds", label]) == 3
         assert float(t2.loc["max block Lipschitz bound", label]) == BOUNDS[label]
+        for seed in SEEDS:  # every seed has the same paired difference: the first images, as many more wrong
+            d = t2.loc[f"seed {seed}: − vanilla, mean (points)", label]
+            assert pd.isna(d) if label == "vanilla" else float(d) == pytest.approx(100 * (ERRORS[label] - 0.012))
     assert list(t2.loc["guaranteed inverse"]) == ["False", "True", "True", "True"]
+    assert list(t2.loc["vs vanilla"].fillna("")) == ["", "same", "same", "worse"]
     md = (paths.tables / "table2.md").read_text()
-    assert "| c = 0.9" in md and "1.51 ± 0.39" in md and "3.42 ± 0.57" in md and "No" in md and "Yes" in md
-    for label in LABELS:
-        stderr = float(t2.loc["test error std. error (points), mnist-5k", label])
-        assert stderr == pytest.approx(100 * math.sqrt(ERRORS[label] * (1 - ERRORS[label]) / N_TEST), rel=1e-12)
+    assert "| c = 0.9" in md and "1.40 ± 0.20 (3)" in md and "3.40 ± 0.20 (3)" in md and "No" in md and "Yes" in md
+    assert "+0.30 (−0.04, +0.64)" in md  # c = 0.7: 3 of 1,000 images, sqrt(0.003 x 0.997 / 999) = 0.17 points
     tex = (paths.tables / "table2.tex").read_text()
-    assert "\\begin{tabular}" in tex and "test error (\\%) $\\pm$ std. error, mnist-5k" in tex
+    assert "\\begin{tabular}" in tex and "test error (\\%) mean $\\pm$ seed std (seeds), mnist-5k" in tex
 
     cost = pd.read_csv(paths.tables / "runcost.csv", index_col=0)
-    expected_total = 3.5 + sum(WALL.values()) + 5.0 + 7.0 + 120.0 + 30.0 + 20.0 + 90.0
+    expected_total = 3.5 + len(SEEDS) * sum(WALL.values()) + 5.0 + 7.0 + 120.0 + 30.0 + 20.0 + 90.0
     assert cost.loc["total", "wall_time_s"] == pytest.approx(expected_total, rel=1e-12)
-    assert cost.loc["train_classifier@0.7", "wall_time_s"] == 60.25 and cost.loc["prepare", "wall_time_s"] == 3.5
+    assert cost.loc["train_classifier@0.7-1", "wall_time_s"] == 60.25 and cost.loc["prepare", "wall_time_s"] == 3.5
     assert cost.loc["train_flow", "n_params"] == 54321 and pd.isna(cost.loc["logdet_bias", "n_params"])
-    assert (
-        "| toy_density              | 90.0            | –                    | iresnet 9,000 / glow 9,100"
-        in (paths.tables / "runcost.md").read_text()
-    )
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in (paths.tables / "runcost.md").read_text().splitlines()
+    ]
+    assert ["toy_density", "90.0", "–", "iresnet 9,000 / glow 9,100"] in rows
 
     toy = pd.read_csv(paths.tables / "toy.csv", index_col=0)
     assert toy.loc["moons", "lower_nll"] == "i-ResNet" and toy.loc["checkerboard", "lower_nll"] == "Glow"
@@ -440,7 +458,7 @@ def test_guaranteed_row_follows_the_certificate(tmp_path: Path, params: Params) 
 def test_summary_and_page_name_what_made_the_results(tmp_path: Path, params: Params) -> None:
     files = _metrics(LABELS)
     here = {"cpu": "CPU A", "cpu_capability": "AVX512", "torch": "2.14.1", "threads": 2, "device": "cpu"}
-    for name in ("classifier/0.9.json", "toy.json"):
+    for name in ("classifier/0.9/seed0.json", "toy.json"):
         files[name]["made_with"] = here
     files["flow.json"]["made_with"] = {**here, "threads": 1}
     paths = write_fixture(tmp_path, files=files)
@@ -459,22 +477,30 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
     assert set(summary) == {"classifier", "flow", "toy", "total_wall_time_s", "all_iresnets_certified", "made_with"}
     assert summary["made_with"] == []  # the fixture's files predate the record
     assert summary["classifier"]["0.5"] == {
-        "test_error_pct": pytest.approx(3.42, rel=1e-12),
+        "test_error_pct": pytest.approx(3.4, rel=1e-12),
+        "test_error_seed_std_pct": pytest.approx(0.2, rel=1e-9),
+        "test_error_stderr_pct": pytest.approx(
+            100 * sum(_classifier_run("0.5", seed)["test_error_stderr"] for seed in SEEDS) / 3, abs=1e-6
+        ),  # percentages are rounded to 1e-6 points
+        "n_seeds": 3,
         "guaranteed_inverse": True,
     }
     assert summary["flow"] == {"bpd": 1.6523, "stderr": 0.0008, "bias_bound_bits": 8.5e-5}
     assert summary["toy"]["moons"] == {"iresnet_nll": 1.2, "glow_nll": 1.35} and summary["all_iresnets_certified"]
-    assert metrics["test_error_pct.vanilla"] == pytest.approx(1.23, rel=1e-12) and metrics["bpd"] == 1.6523
+    assert metrics["test_error_pct.vanilla"] == pytest.approx(1.2, rel=1e-12) and metrics["bpd"] == 1.6523
 
     page = (paths.reports / "README.md").read_text()
     for name in figures():
         assert f"(figures/{name})" in page
     assert page.count("**Paper:**") == page.count("**This run:**") == 10
     assert "dataset `mnist-5k` (4,000 train / 1,000 test images, 1x28x28)" in page and "trained 3 epochs" in page
-    assert "vanilla 1.23 ± 0.35%" in page and "c = 0.7 1.89 ± 0.43%" in page  # sqrt(p (1 - p) / 1000)
-    # 1.89 - 1.23 = 0.66 ± 1.96 sqrt(0.35² + 0.43²) points: the interval contains 0
-    assert "c = 0.7 +0.66 points (95% interval −0.43 to +1.75)" in page
-    assert "every interval contains 0, so the i-ResNets with c ≥ 0.7 classify as well as vanilla" in page
+    assert "test error over 3 training seeds (mean ± std over seeds; 1,000 test images)" in page
+    assert "vanilla 1.20 ± 0.20%" in page and "c = 0.7 1.50 ± 0.20%" in page
+    # 3 more of the same 1,000 images wrong on every seed: the paired interval contains 0, the mean is 1.5 seed stds
+    assert "c = 0.7: seed 0 +0.30 (−0.04, +0.64), seed 1 +0.30 (−0.04, +0.64)" in page
+    assert "or its mean difference exceeds 2 pooled seed standard deviations" in page
+    assert "c ≥ 0.7 classifies as well as vanilla: reproduced" in page
+    assert "The certificates and the other figures use seed 0's models." in page
     assert "until the max error is ≤ 0.001: c = 0.9: 14, c = 0.7: 8, c = 0.5: 5; ≤ 1e-05: c = 0.9: not reached" in page
     assert "smaller c never needs more: yes" in page
     assert "c = 0.9: exact ≤ c(1 + 0.0001) for 18 of 18 layers (largest exact 0.48259 = c(1 + 3.0e-05)), " in page
@@ -499,18 +525,13 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
 
 
 def test_a_difference_is_decided_on_its_interval(tmp_path: Path, params: Params) -> None:
-    """The same error rates on 100x more test images: both intervals exclude 0 and the page says worse."""
-    files = _metrics(LABELS)
-    for label in LABELS:
-        entry = files[f"classifier/{label}.json"]
-        entry["test_error_stderr"] = math.sqrt(ERRORS[label] * (1 - ERRORS[label]) / (100 * N_TEST))
-        entry["n_test"] = 100 * N_TEST
-    paths = write_fixture(tmp_path, files=files)
+    """The same error rates on 100x more test images: every seed's paired interval excludes 0 and the page says
+    worse (the seed clause alone would pass: 0.2 and 0.3 points are within 2 x 0.2)."""
+    paths = write_fixture(tmp_path, files=_metrics(LABELS, n_test=100 * N_TEST))
     report.run(params, paths)
     page = (paths.reports / "README.md").read_text()
-    assert "(binomial, 100,000 test images)" in page
-    assert "an interval excludes 0: c = 0.9 worse, c = 0.7 worse than vanilla" in page
-    assert "classify as well as vanilla" not in page
+    assert "100,000 test images" in page
+    assert "c ≥ 0.7 classifies as well as vanilla: not reproduced (worse: c = 0.9, c = 0.7)" in page
 
 
 def test_findings_report_what_did_not_reproduce(tmp_path: Path, params: Params) -> None:
@@ -537,13 +558,13 @@ def test_outputs_are_deterministic(tmp_path: Path, params: Params) -> None:
 def test_missing_inputs_name_their_stages(tmp_path: Path, params: Params) -> None:
     paths = write_fixture(tmp_path)
     (paths.metrics / "flow.json").unlink()
-    (paths.metrics / "classifier" / "0.7.json").unlink()
+    (paths.metrics / "classifier" / "0.7" / "seed1.json").unlink()
     with pytest.raises(DataError) as err:
         report.run(params, paths)
     text = str(err.value)
     assert "`train_flow` writes reports/metrics/flow.json" in text
-    assert "`train_classifier@0.7` writes reports/metrics/classifier/0.7.json" in text
-    assert "dvc repro train_classifier@0.7 train_flow" in text
+    assert "`train_classifier@0.7-1` writes reports/metrics/classifier/0.7/seed1.json" in text
+    assert "dvc repro train_classifier@0.7-1 train_flow" in text
 
 
 def test_missing_key_names_file_and_stage(tmp_path: Path, params: Params) -> None:

@@ -22,7 +22,18 @@ EPOCHS = 8  # one batch of 8x8 images per epoch: a fraction of a second each
 
 def _start(root: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "IRESNET_TRACKING": "1", "IRESNET_PROGRESS": "0", "IRESNET_THREADS": "1"}
-    args = ["--root", str(root), "-S", "tracking.enabled=true", "train-classifier", "--coeff", "0.9", *extra]
+    args = [
+        "--root",
+        str(root),
+        "-S",
+        "tracking.enabled=true",
+        "train-classifier",
+        "--coeff",
+        "0.9",
+        "--seed",
+        "0",
+        *extra,
+    ]
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=REPO,
@@ -76,7 +87,9 @@ def test_a_signal_ends_the_stage_cleanly_and_the_resumed_stage_continues_its_run
     assert returncode == code, err
     assert "Traceback" not in err
     (line,) = [text for text in err.splitlines() if text.strip()]
-    assert line.startswith("error: interrupted: run `dvc repro train_classifier@0.9` again to resume from epoch "), line
+    assert line.startswith("error: interrupted: run `dvc repro train_classifier@0.9-0` again to resume from epoch "), (
+        line
+    )
     assert len(list((project / ".resume").glob("*.pt"))) == 1  # the checkpoint is kept
     (killed,) = _runs(project)
     assert killed.info.status == "KILLED"

@@ -45,7 +45,7 @@ def test_bounds_bracket_the_exact_norm_of_every_convolution(measured: tuple) -> 
     assert frame["model"].tolist() == [label for label in LABELS for _ in range(6)]  # 2 blocks x 3 convs
     assert set(frame["weights"]) == {"trained"}
     for label in LABELS:
-        model = load_classifier(paths, ClassifierSpec.of(label)).model
+        model = load_classifier(paths, ClassifierSpec.of(label), 0).model
         rows = frame[frame["model"] == label].to_dict("records")
         for row, (block, index, layer) in zip(rows, conv_layers(model)):
             assert (row["block"], row["layer"], row["kernel_size"]) == (block, index, layer.kernel_size)
@@ -67,7 +67,7 @@ def test_block_bounds_and_certificates_follow_from_the_layers(measured: tuple) -
     assert set(result["models"]) == set(LABELS) and result["wall_time_s"] > 0
     for label in LABELS:
         summary, rows = result["models"][label], frame[frame["model"] == label]
-        model = load_classifier(paths, ClassifierSpec.of(label)).model
+        model = load_classifier(paths, ClassifierSpec.of(label), 0).model
         for b, block in enumerate(residual_blocks(model)):
             product = math.prod(rows[rows["block"] == b]["sigma_upper"])
             for m in block.g.modules():
@@ -93,9 +93,9 @@ def test_block_bounds_and_certificates_follow_from_the_layers(measured: tuple) -
 
 def test_inflated_layer_breaks_the_certificate_and_projection_repairs_it(tmp_path: Path) -> None:
     params, paths = trained_project(tmp_path, coeffs=[0.9], epochs=1)
-    path = TRAIN_CLASSIFIER.model_path(paths, "0.9")
+    path = TRAIN_CLASSIFIER.model_path(paths, "0.9", 0)
     state = torch.load(path, weights_only=True)
-    model = load_classifier(paths, ClassifierSpec.of(0.9)).model
+    model = load_classifier(paths, ClassifierSpec.of(0.9), 0).model
     _, _, layer = conv_layers(model)[0]
     name = next(n for n, m in model.named_modules() if m is layer)
     # A stale u orthogonal to W v makes the estimate 0, so Eq. 2 leaves the raw weight, scaled here to norm 3.
@@ -141,7 +141,9 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     from tests.pipeline.classifier_helpers import REPO
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["singular_values"]
-    read = {"seed", "classifier.coeffs"} | {f"singular_values.{f.name}" for f in fields(SingularValuesParams)}
+    read = {"seed", "classifier.coeffs", "classifier.seeds"} | {
+        f"singular_values.{f.name}" for f in fields(SingularValuesParams)
+    }
     assert set(stage["params"]) == read
     deps = {"pipeline/stages/singular_values.py", "pipeline/models/classifiers.py", "iresnet", "models/classifier"}
     assert deps <= set(stage["deps"])

@@ -24,9 +24,10 @@ from pipeline.files import read_json, write_json
 from pipeline.models.classifiers import load_classifier
 from pipeline.models.specs import ClassifierSpec, resolve_spec
 from pipeline.outputs import TRAIN_CLASSIFIER
-from pipeline.params import ClassifierParams, load_params
+from pipeline.params import ClassifierParams, load_params, parse_params
 from pipeline.paths import Paths
 from pipeline.stages import train_classifier
+from pipeline.stats import outcomes
 from pipeline.tracking import NullTracker
 from pipeline.training import EpochLoop, ResumeFile, TrainingDiverged
 from tests.pipeline.classifier_helpers import REPO, classifier_project
@@ -47,6 +48,9 @@ METRIC_KEYS = {
     "n_params",
     "throughput_img_s",
     "wall_time_s",
+    "made_with",
+    "seed",
+    "test_correct",
 }
 DETERMINISTIC = ("test_error", "test_loss", "train_loss", "train_accuracy", "epochs", "n_params")
 
@@ -84,17 +88,21 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, label: str, kind: 
     assert set(metrics) == METRIC_KEYS
     assert metrics["model"] == label and metrics["kind"] == kind and metrics["epochs"] == 2
     assert metrics["coeff"] == (0.9 if label == "0.9" else None)
-    assert json.loads(TRAIN_CLASSIFIER.metrics_path(paths, label).read_text()) == metrics
+    assert json.loads(TRAIN_CLASSIFIER.metrics_path(paths, label, 0).read_text()) == metrics
 
     # The model file rebuilds the trained network: its test error is the reported one.
-    loaded = load_classifier(paths, ClassifierSpec.of(label))
+    loaded = load_classifier(paths, ClassifierSpec.of(label), 0)
     assert loaded.model.config.coeff == metrics["coeff"] and loaded.model.config.batchnorm == (kind == "batchnorm")
-    loss, error = train_classifier.evaluate(loaded.model, load_prepared(paths, "test"), loaded.stats, 4)
+    loss, error, correct = train_classifier.evaluate(loaded.model, load_prepared(paths, "test"), loaded.stats, 4)
     assert error == metrics["test_error"] and loss == pytest.approx(metrics["test_loss"], rel=1e-6)
+    # The per-image outcomes, in test-split order, are the reported error's: image by image, and counted.
+    assert metrics["seed"] == 0 and outcomes(metrics["test_correct"]).tolist() == correct.double().tolist()
+    wrong = metrics["test_correct"].count("0")
+    assert len(metrics["test_correct"]) == metrics["n_test"] and wrong / metrics["n_test"] == metrics["test_error"]
     assert metrics["test_error_stderr"] == train_classifier.binomial_stderr(error, metrics["n_test"])
     assert metrics["n_params"] == sum(p.numel() for p in loaded.model.parameters())
 
-    curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(paths, "epochs", label))
+    curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(paths, "epochs", label, 0))
     assert list(curve.columns) == list(train_classifier.CURVE_COLUMNS) and curve["epoch"].tolist() == [1, 2]
     assert curve["lr"].tolist() == pytest.approx([0.05, 0.05 * 0.2], rel=1e-12)  # milestone after epoch 1
     assert curve["test_error"].iloc[-1] == metrics["test_error"]
@@ -105,7 +113,7 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, label: str, kind: 
     logged = tracker.metrics[-1][1]
     sigmas = {k: v for k, v in logged.items() if k.startswith("sigma.")}
     assert len(sigmas) == 6 and logged["sigma_max"] == max(sigmas.values())  # 2 blocks x 3 convs
-    assert {f"{label}.json", f"{label}.csv"} <= set(tracker.artifacts)
+    assert {"seed0.json", "seed0.csv"} <= set(tracker.artifacts)
     assert not list((paths.workspace / ".resume").glob("*.pt"))  # removed once the outputs exist
 
 
@@ -140,7 +148,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pyte
         train_classifier.run(params_b, paths_b, coeff=0.9)
     (checkpoint,) = (paths_b.workspace / ".resume").glob("classifier-0.9-*.pt")
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
-    assert not TRAIN_CLASSIFIER.model_path(paths_b, "0.9").exists()
+    assert not TRAIN_CLASSIFIER.model_path(paths_b, "0.9", 0).exists()
 
     monkeypatch.setattr(train_classifier, "check_finite", real_check)
     tracker = RecordingTracker()
@@ -150,11 +158,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pyte
     for key in DETERMINISTIC:
         assert resumed[key] == straight[key], key
     assert (
-        TRAIN_CLASSIFIER.curve_path(paths_b, "epochs", "0.9").read_bytes()
-        == TRAIN_CLASSIFIER.curve_path(paths_a, "epochs", "0.9").read_bytes()
+        TRAIN_CLASSIFIER.curve_path(paths_b, "epochs", "0.9", 0).read_bytes()
+        == TRAIN_CLASSIFIER.curve_path(paths_a, "epochs", "0.9", 0).read_bytes()
     )
-    state_a = torch.load(TRAIN_CLASSIFIER.model_path(paths_a, "0.9"), weights_only=True)["state_dict"]
-    state_b = torch.load(TRAIN_CLASSIFIER.model_path(paths_b, "0.9"), weights_only=True)["state_dict"]
+    state_a = torch.load(TRAIN_CLASSIFIER.model_path(paths_a, "0.9", 0), weights_only=True)["state_dict"]
+    state_b = torch.load(TRAIN_CLASSIFIER.model_path(paths_b, "0.9", 0), weights_only=True)["state_dict"]
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert not checkpoint.exists()
@@ -167,7 +175,7 @@ def test_nan_loss_stops_and_says_where(tmp_path: Path) -> None:
     write_json(paths.prepared / "stats.json", stats)
     with pytest.raises(TrainingDiverged, match=r"training loss became nan at model vanilla, epoch 1, batch 1\. Lower"):
         train_classifier.run(params, paths, coeff="vanilla")
-    assert not TRAIN_CLASSIFIER.metrics_path(paths, "vanilla").exists()
+    assert not TRAIN_CLASSIFIER.metrics_path(paths, "vanilla", 0).exists()
 
 
 def test_bad_input_is_explained(tmp_path: Path) -> None:
@@ -271,36 +279,41 @@ def test_cli_trains_tracks_and_reports_errors(
     monkeypatch.setenv("IRESNET_TRACKING", "1")
     fresh_store(tmp_path)
     runner = CliRunner()
-    ok = runner.invoke(app, ["--root", str(tmp_path), "train-classifier", "--coeff", "0.5"])
+    ok = runner.invoke(app, ["--root", str(tmp_path), "train-classifier", "--coeff", "0.5", "--seed", "0"])
     assert ok.exit_code == 0, ok.output
-    assert "train_classifier@0.5: results" in ok.output and "test_error" in ok.output
-    assert TRAIN_CLASSIFIER.model_path(Paths.at(tmp_path), "0.5").is_file()
-    bad = runner.invoke(app, ["--root", str(tmp_path), "train-classifier", "--coeff", "0.6"])
+    assert "train_classifier@0.5-0: results" in ok.output and "test_error" in ok.output
+    assert "test_correct" not in ok.output  # the per-image outcomes stay in the metrics file
+    assert TRAIN_CLASSIFIER.model_path(Paths.at(tmp_path), "0.5", 0).is_file()
+    bad = runner.invoke(app, ["--root", str(tmp_path), "train-classifier", "--coeff", "0.6", "--seed", "0"])
     assert bad.exit_code == 1 and "classifier.coeffs" in bad.output and "Traceback" not in bad.output
+    unknown = runner.invoke(app, ["--root", str(tmp_path), "train-classifier", "--coeff", "0.5", "--seed", "7"])
+    assert unknown.exit_code == 1 and "classifier.seeds" in unknown.output and "Traceback" not in unknown.output
 
     client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     experiment = client.get_experiment_by_name("iresnet-classifier").experiment_id
-    run, failed = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
-    assert run.info.status == "FINISHED" and run.info.run_name == "train_classifier@0.5"
+    run, failed, _ = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "train_classifier@0.5-0"
     assert failed.info.status == "FAILED" and "classifier.coeffs" in failed.data.tags["error"]
     history = client.get_metric_history(run.info.run_id, "test_error")
-    curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(Paths.at(tmp_path), "epochs", "0.5"))
+    curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(Paths.at(tmp_path), "epochs", "0.5", 0))
     per_epoch = sorted((m.step, m.value) for m in history if m.step >= 1)  # step 0: the final result, logged by the CLI
     assert per_epoch == list(zip(curve["epoch"], curve["test_error"]))
     assert {f"sigma.0{b}.{i}" for b in range(2) for i in range(3)} <= set(run.data.metrics)
     assert run.data.params["classifier.lr"] == "0.05" and run.data.metrics["coeff"] == 0.5
+    assert run.data.params["seed"] == "0" and "result.test_correct" not in run.data.tags
     assert run.data.tags["result.kind"] == "iresnet" and run.data.tags["result.model"] == "0.5"
 
 
-def test_dvc_yaml_runs_one_stage_per_coefficient_and_tracks_what_it_reads() -> None:
+def test_dvc_yaml_runs_one_stage_per_coefficient_and_seed_and_tracks_what_it_reads() -> None:
     from dataclasses import fields
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_classifier"]
-    assert stage["matrix"] == {"coeff": "${classifier.coeffs}"}
-    assert "--coeff ${item.coeff}" in stage["cmd"]
-    read = {f"classifier.{f.name}" for f in fields(ClassifierParams) if f.name != "coeffs"} | {"seed"}
+    assert stage["matrix"] == {"coeff": "${classifier.coeffs}", "seed": "${classifier.seeds}"}
+    assert "--coeff ${item.coeff} --seed ${item.seed}" in stage["cmd"]
+    # Neither list (a new entry trains only the new runs), nor the global seed (the run's seed is its matrix item).
+    read = {f"classifier.{f.name}" for f in fields(ClassifierParams) if f.name not in ("coeffs", "seeds")}
     assert set(stage["params"]) == read
-    assert {"models/classifier/${item.coeff}/model.pt": {"cache": False}} in stage["outs"]
+    assert {"models/classifier/${item.coeff}/seed${item.seed}/model.pt": {"cache": False}} in stage["outs"]
     assert {
         "pipeline/stages/train_classifier.py",
         "pipeline/models/classifiers.py",
@@ -332,3 +345,30 @@ def test_paper_configs_hold_the_paper_settings(name: str) -> None:
     assert (c.milestones, c.gamma, c.max_train_batches) == ((60, 120, 160), 0.2, None)
     assert c.hflip == (name != "mnist") and c.shift_px >= 2
     assert params.reconstruction.iterations[-1] == 100 and params.reconstruction.timing_iterations == (5, 20, 100)
+
+
+def _weights(paths: Paths, label: str, seed: int) -> dict[str, torch.Tensor]:
+    return torch.load(TRAIN_CLASSIFIER.model_path(paths, label, seed), weights_only=True)["state_dict"]
+
+
+def test_the_seed_axis_trains_independent_runs_and_the_first_seed_is_the_default(tmp_path: Path) -> None:
+    """Each seed is its own run (its own weights and files); the run's seed is its matrix item, not the global
+    ``seed``; ``seed=None`` trains the first entry of ``classifier.seeds``, the model the other stages read."""
+    params, paths = classifier_project(tmp_path / "a", coeffs=[0.9], seeds=[0, 1])
+    first = train_classifier.run(params, paths, coeff=0.9, seed=0)
+    second = train_classifier.run(params, paths, coeff=0.9, seed=1)
+    a, b = _weights(paths, "0.9", 0), _weights(paths, "0.9", 1)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # another initialisation and data order
+    assert (first["seed"], second["seed"]) == (0, 1)
+    assert TRAIN_CLASSIFIER.metrics_path(paths, "0.9", 1).is_file()
+
+    # The global seed plays no part; the default is the first seed; both give seed 0's bytes.
+    _, other_paths = classifier_project(tmp_path / "b", coeffs=[0.9], seeds=[0, 1])
+    raw = yaml.safe_load((tmp_path / "b" / "params.yaml").read_text())
+    train_classifier.run(parse_params({**raw, "seed": 5}), other_paths, coeff=0.9)
+    assert (
+        TRAIN_CLASSIFIER.model_path(other_paths, "0.9", 0).read_bytes()
+        == TRAIN_CLASSIFIER.model_path(paths, "0.9", 0).read_bytes()
+    )
+    with pytest.raises(ParamsError, match="classifier.seeds"):
+        train_classifier.run(params, paths, coeff=0.9, seed=3)

@@ -105,7 +105,7 @@ def test_resume_keys_follow_the_stage_code_and_the_dvc_experiment(tmp_path: Path
         shutil.copytree(CODE_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(CODE_ROOT / "dvc.yaml", root / "dvc.yaml")
     assert "pipeline/training.py" in code_deps("train_flow", root) and "iresnet" in code_deps("train_flow", root)
-    assert code_deps("train_classifier@0.9", root) == code_deps("train_classifier", root)
+    assert code_deps("train_classifier@0.9-1", root) == code_deps("train_classifier", root)
     before = code_digest("train_flow", root)
     (root / "iresnet" / "__pycache__").mkdir()
     (root / "iresnet" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"bytecode")
