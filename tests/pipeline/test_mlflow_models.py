@@ -88,7 +88,7 @@ def test_the_trained_flow_is_an_mlflow_model(
 
 
 def test_toy_fits_are_nested_runs(tmp_path: Path, tiny_params: dict, fresh_store: Callable, monkeypatch) -> None:
-    """One child run per dataset and model under the stage's run, each with its training-loss curve."""
+    """One child run per dataset, seed and model under the stage's run, each with its training-loss curve."""
     import copy
 
     import yaml
@@ -108,9 +108,9 @@ def test_toy_fits_are_nested_runs(tmp_path: Path, tiny_params: dict, fresh_store
     runs = client.search_runs([client.get_experiment_by_name("iresnet-toy").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == len(runs) - 1 == 2 * len(TINY_TOY["datasets"])
-    assert {(r.data.params["dataset"], r.data.params["kind"]) for r in children} == {
-        (d, k) for d in TINY_TOY["datasets"] for k in ("iresnet", "glow")
+    assert len(children) == len(runs) - 1 == 2 * len(TINY_TOY["datasets"]) * len(TINY_TOY["seeds"])
+    assert {(r.data.params["dataset"], r.data.params["seed"], r.data.params["kind"]) for r in children} == {
+        (d, str(s), k) for d in TINY_TOY["datasets"] for s in TINY_TOY["seeds"] for k in ("iresnet", "glow")
     }
     for child in children:
         assert child.info.status == "FINISHED"
