@@ -16,6 +16,8 @@ Power iteration only ever under-estimates ``||W||_2``, so after training the nor
 * ``conv_norm_upper_bound``: a certified upper bound for the zero-padded convolution (the smallest circular norm
   over the grids that contain it);
 * ``conv_norm_lower_bound``: power iteration on the exact zero-padded operator, run to convergence;
+* ``conv_norm_exact``: the true norm of the zero-padded operator (dense when small, else Lanczos to a tolerance),
+  with how it was obtained;
 * ``dense_operator`` / ``operator_norm``: the dense matrix of any small linear map and its exact norm (tests).
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -420,6 +423,103 @@ def conv_norm_lower_bound(
         back = F.conv_transpose2d(out, kernel, padding=padding).reshape(block, n).t()
         basis = torch.linalg.qr(back).Q
     return estimate
+
+
+EXACT_DENSE_LIMIT = 256  # dense only below this (smaller side, entries): above it Lanczos is faster (see below)
+EXACT_RTOL = 1e-10  # Lanczos stops when sigma is within this relative distance of a singular value
+
+
+@dataclass(frozen=True)
+class ExactNorm:
+    """The true norm of a convolution operator and how it was obtained (:func:`conv_norm_exact`).
+
+    ``method``: ``"dense"`` (eigvalsh of the dense operator's smaller Gram matrix, float64) or ``"lanczos"``.
+    ``residual``: ``||AᵀA y − value² y|| / value²`` for the returned unit vector ``y`` (Lanczos; 0.0 for dense).
+    ``steps``: Lanczos steps, i.e. applications of ``AᵀA`` in the Krylov basis (0 for dense).
+    """
+
+    value: float
+    method: str
+    residual: float
+    steps: int
+
+
+def _lanczos_top(matvec: Callable[[Tensor], Tensor], start: Tensor, rtol: float, max_steps: int) -> tuple[Tensor, int]:
+    """Unit Ritz vector of the largest eigenvalue of the symmetric PSD map ``matvec`` (vectors ``(n,)``).
+
+    Lanczos with full re-orthogonalisation (twice per step: the basis stays orthonormal in floating point, so no
+    spurious copies of a converged eigenvalue appear; Parlett 1998, ch. 13). Every 10 steps the top Ritz pair
+    ``(theta, y)`` of the tridiagonal matrix is checked by its explicit residual: stop when
+    ``||M y − theta y|| <= rtol theta``. Returns ``(y, steps)``; raises if ``max_steps`` is reached unconverged.
+    """
+    n = start.numel()
+    max_steps = min(max_steps, n)  # n steps span the whole space: the Ritz values are then the eigenvalues
+    basis = start.new_empty(max_steps + 1, n)
+    basis[0] = _unit(start)
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(max_steps):
+        w = matvec(basis[j])
+        alphas.append(float(w @ basis[j]))
+        for _ in range(2):  # projecting out every basis vector also does the three-term recurrence
+            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        betas.append(float(w.norm()))
+        breakdown = betas[-1] <= 1e-14 * max(abs(a) for a in alphas)  # an invariant subspace: the Ritz values are exact
+        if (j + 1) % 10 == 0 or breakdown or j + 1 == max_steps:
+            tri = torch.diag(torch.tensor(alphas, dtype=w.dtype, device=w.device))
+            off = torch.tensor(betas[:-1], dtype=w.dtype, device=w.device)
+            tri += torch.diag(off, 1) + torch.diag(off, -1)
+            s = torch.linalg.eigh(tri).eigenvectors[:, -1]
+            y = _unit(basis[: j + 1].T @ s)
+            my = matvec(y)
+            theta = float(y @ my)
+            if float((my - theta * y).norm()) <= rtol * theta or theta == 0.0:
+                return y, j + 1
+        if j + 1 < max_steps:
+            basis[j + 1] = w / betas[-1]
+    raise RuntimeError(f"Lanczos did not reach a relative residual of {rtol:g} in {max_steps} steps")
+
+
+def conv_norm_exact(
+    weight: Tensor,
+    input_hw: tuple[int, int],
+    padding: int,
+    dense_limit: int = EXACT_DENSE_LIMIT,
+    rtol: float = EXACT_RTOL,
+    max_steps: int = 2000,
+) -> ExactNorm:
+    """The true ``||conv2d(., weight, padding=padding)||_2`` on ``H x W`` inputs (stride 1, zero padding), float64.
+
+    Small operators (input or output with at most ``dense_limit`` entries): :func:`dense_conv_norm`, exact up to
+    rounding. Larger ones: Lanczos (:func:`_lanczos_top`) on ``M = AᵀA`` (``A`` applied as conv2d, ``Aᵀ`` as
+    conv_transpose2d, so nothing of size ``n²`` is formed) from a fixed-seed start, stopped at the stated tolerance
+    ``rtol``: the returned unit vector ``y`` has ``||M y − σ² y|| <= rtol σ²`` with ``σ = ||A y||``, so ``σ²`` lies
+    within ``rtol σ²`` of an eigenvalue of ``M`` and ``σ`` within about ``rtol / 2`` of a singular value of ``A``
+    (for a symmetric matrix a residual bounds the distance to the spectrum). ``σ = ||A y||`` is also a lower bound
+    on the norm; that the singular value it meets is the largest is what Lanczos from a random start delivers (its
+    Krylov space finds the extreme eigenvalues first) and what the tests check against dense SVDs. The certified
+    bound stays :func:`conv_norm_upper_bound`. Why not dense throughout (measured on 2 shared threads): at the default
+    classifiers' 3136-entry inputs the dense path takes 2-9 s per layer, 475 s for all 72 layers of the four default
+    models, Lanczos 3.3 s for all 72 (10-150 steps each), agreeing with dense to 1e-13; at 1024 entries dense takes
+    0.46 s and Lanczos 0.03 s, hence the low limit.
+    """
+    h, w = _check_conv_geometry(weight, input_hw, padding)
+    kernel = weight.detach().to(torch.float64)
+    c_out, c_in, kh, kw = kernel.shape
+    n = c_in * h * w
+    if min(n, c_out * (h + 2 * padding - kh + 1) * (w + 2 * padding - kw + 1)) <= dense_limit:
+        return ExactNorm(dense_conv_norm(kernel, input_hw, padding), "dense", 0.0, 0)
+
+    def gram(v: Tensor) -> Tensor:  # AᵀA v for a flat (n,) vector
+        out = F.conv2d(v.view(1, c_in, h, w), kernel, padding=padding)
+        return F.conv_transpose2d(out, kernel, padding=padding).flatten()
+
+    generator = torch.Generator(device=kernel.device).manual_seed(0)
+    start = torch.randn(n, generator=generator, dtype=torch.float64, device=kernel.device)
+    y, steps = _lanczos_top(gram, start, rtol, max_steps)
+    value = float(F.conv2d(y.view(1, c_in, h, w), kernel, padding=padding).norm())
+    residual = float((gram(y) - value**2 * y).norm()) / value**2 if value > 0 else 0.0
+    return ExactNorm(value, "lanczos", residual, steps)
 
 
 def _weight_bound(layer: LipschitzConv2d | LipschitzLinear, weight: Tensor) -> float:

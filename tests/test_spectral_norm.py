@@ -10,8 +10,10 @@ from torch import Tensor
 from iresnet.layers import Squeeze
 from iresnet.spectral_norm import (
     DENSE_MARGIN,
+    EXACT_RTOL,
     LipschitzConv2d,
     LipschitzLinear,
+    conv_norm_exact,
     conv_norm_lower_bound,
     conv_norm_upper_bound,
     conv_singular_values,
@@ -346,3 +348,72 @@ def test_project_to_bound_linear() -> None:
     assert float(torch.linalg.matrix_norm(layer.effective_weight().detach(), ord=2)) <= 0.8
     with pytest.raises(ValueError, match="coeff"):
         project_to_bound(layer, 0.0)
+
+
+# ------------------------------------------------------------------ the exact norm of the zero-padded operator
+
+# (c_out, c_in, kernel, input_hw, padding): kernel sizes 1, 3, 5, other paddings, more and fewer outputs than inputs.
+EXACT_CASES = [
+    (3, 2, 3, (5, 4), 1),
+    (4, 4, 1, (6, 6), 0),
+    (2, 3, 5, (7, 6), 2),
+    (5, 3, 3, (6, 6), 0),
+    (2, 2, 3, (9, 9), 2),
+]
+
+
+@pytest.mark.parametrize("dense_limit", [10**6, 0], ids=["dense", "lanczos"])
+@pytest.mark.parametrize("case", EXACT_CASES, ids=lambda c: f"{c[0]}to{c[1]}_k{c[2]}_{c[3][0]}x{c[3][1]}_p{c[4]}")
+def test_exact_norm_matches_a_dense_svd(case: tuple, dense_limit: int) -> None:
+    """Both paths give the largest singular value of the dense float64 operator to 1e-10, and say which they took."""
+    c_out, c_in, k, hw, padding = case
+    weight = torch.randn(c_out, c_in, k, k, generator=torch.Generator().manual_seed(c_out + k), dtype=F64)
+    dense = dense_operator(lambda z: F.conv2d(z, weight, padding=padding), (1, c_in, *hw))
+    expected = float(torch.linalg.svdvals(dense)[0])
+    got = conv_norm_exact(weight, hw, padding, dense_limit=dense_limit)
+    assert got.value == pytest.approx(expected, rel=1e-10)
+    assert got.method == ("dense" if dense_limit else "lanczos")
+    if got.method == "lanczos":
+        assert 0 < got.steps <= c_in * hw[0] * hw[1] and got.residual <= EXACT_RTOL
+
+
+def test_exact_norm_default_limit_picks_the_path_by_size() -> None:
+    small = torch.randn(2, 2, 3, 3, dtype=F64)  # 2 x 8 x 8 = 128 entries per side
+    assert conv_norm_exact(small, (8, 8), 1).method == "dense"
+    assert conv_norm_exact(small, (16, 16), 1).method == "lanczos"  # 512 entries > EXACT_DENSE_LIMIT
+
+
+def test_exact_norm_converges_where_power_iteration_falls_short() -> None:
+    """A random 4-channel conv on 16x16: 50 block power iterations stop 8e-5 below the norm (its top singular values
+    crowd around the peak of the frequency response); Lanczos meets the dense value."""
+    weight = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    expected = zero_padded_norm(weight, (16, 16), 1)
+    lower = conv_norm_lower_bound(weight, (16, 16), 1, n_iter=50)
+    assert lower < expected * (1 - 1e-5)  # the case is hard for the power iteration
+    got = conv_norm_exact(weight, (16, 16), 1, dense_limit=0)
+    assert got.value == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lower_exact_upper_are_ordered_for_random_weights(seed: int) -> None:
+    """lower <= exact <= upper (up to rounding), the lower bound cut short so that it is a strict bound."""
+    generator = torch.Generator().manual_seed(seed)
+    k = (1, 3, 5)[seed % 3]
+    c_out, c_in = (int(c) for c in torch.randint(1, 6, (2,), generator=generator))
+    weight = torch.randn(c_out, c_in, k, k, generator=generator, dtype=F64)
+    hw, padding = (7, 6), k // 2
+    exact = conv_norm_exact(weight, hw, padding, dense_limit=0).value
+    lower = conv_norm_lower_bound(weight, hw, padding, n_iter=3)
+    upper = conv_norm_upper_bound(weight, hw, padding, dense_limit=0)  # the circular grids, not the dense norm
+    assert lower <= exact * (1 + 1e-12) and exact <= upper * (1 + 1e-12)
+    assert exact == pytest.approx(zero_padded_norm(weight, hw, padding), rel=1e-10)
+
+
+def test_exact_norm_of_a_zero_weight_and_an_unconverged_run() -> None:
+    zero = conv_norm_exact(torch.zeros(2, 3, 3, 3, dtype=F64), (6, 6), 1, dense_limit=0)
+    assert zero.value == 0.0 and zero.method == "lanczos"
+    weight = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    with pytest.raises(RuntimeError, match="Lanczos did not reach"):  # 5 steps cannot meet 1e-10 here
+        conv_norm_exact(weight, (16, 16), 1, dense_limit=0, max_steps=5)
+    with pytest.raises(ValueError, match="does not fit"):
+        conv_norm_exact(weight, (1, 1), 0)

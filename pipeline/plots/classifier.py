@@ -26,9 +26,9 @@ def plot_singular_values(path: Path, rows: pd.DataFrame, models: dict[str, dict[
     """Fig. 6: per convolution (in network order) its largest singular value, one line per model, log y.
 
     ``rows``: the CSV rows of the trained weights; ``models``: the JSON summaries (for ``coeff`` and the
-    certificate). The line is ``sigma_lower`` (power iteration on the exact zero-padded operator, which converges
-    to the true norm); the band reaches up to the certified ``sigma_upper``. A solid black line marks 1, a dashed
-    line in each i-ResNet's colour its ``c``.
+    certificate). The line is ``sigma_exact`` (the true norm of the zero-padded operator); the band spans the
+    bounds, from the power-iteration ``sigma_lower`` up to the certified ``sigma_upper``. A solid black line marks 1,
+    a dashed line in each i-ResNet's colour its ``c``.
     """
     plt = pyplot()
     from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
@@ -41,7 +41,7 @@ def plot_singular_values(path: Path, rows: pd.DataFrame, models: dict[str, dict[
         x = np.arange(len(part))
         summary = models[label]
         mark = "certified" if summary["guaranteed_inverse"] else "not certified"
-        ax.plot(x, part["sigma_lower"], marker="o", ms=3, lw=1.2, color=colour[label], label=f"{label} ({mark})")
+        ax.plot(x, part["sigma_exact"], marker="o", ms=3, lw=1.2, color=colour[label], label=f"{label} ({mark})")
         ax.fill_between(x, part["sigma_lower"], part["sigma_upper"], color=colour[label], alpha=0.25, lw=0)
         if summary["coeff"] is not None:
             ax.axhline(summary["coeff"], color=colour[label], ls="--", lw=0.8)
@@ -55,7 +55,7 @@ def plot_singular_values(path: Path, rows: pd.DataFrame, models: dict[str, dict[
     ax.yaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("convolution (network order: 3x3, 1x1, 3x3 per block)")
-    ax.set_ylabel("largest singular value (band: up to the certified bound)")
+    ax.set_ylabel("largest singular value: exact (band: lower to certified bound)")
     ax.set_title("Fig. 6: largest singular value of each convolution after training")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)

@@ -55,7 +55,7 @@ CERTIFICATE_KEYS = (
     "max_layer_upper",
     "frac_layers_above_1",
     "n_layers",
-    "max_layer_lower",
+    "max_layer_exact",
 )
 # i-ResNets only (a vanilla model has no c): how close the exact norms sit to c
 COEFF_KEYS = ("max_excess_over_coeff", "layers_above_coeff_tol", "coeff_rtol")

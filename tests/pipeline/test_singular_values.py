@@ -1,5 +1,6 @@
-"""Stage ``singular_values``: bounds bracket the exact operator norms (dense matrices), block bounds and certificates
-follow from them, an inflated layer breaks the certificate and projection repairs it, bad input is explained."""
+"""Stage ``singular_values``: ``sigma_exact`` is the dense operator's norm and the bounds bracket it, block bounds and
+certificates follow from the bounds and the counts from the exact norms, an inflated layer breaks the certificate and
+projection repairs it, bad input is explained."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from iresnet.blocks import residual_blocks
-from iresnet.spectral_norm import conv_norm_upper_bound, operator_norm
+from iresnet.spectral_norm import EXACT_DENSE_LIMIT, conv_norm_upper_bound, operator_norm
 from pipeline.errors import DataError, ParamsError
 from pipeline.files import save_torch
 from pipeline.models.classifiers import conv_layers, load_classifier
@@ -38,7 +39,7 @@ def _exact_norm(weight: torch.Tensor, shape: tuple[int, int, int], padding: int)
     return operator_norm(lambda z: F.conv2d(z, w, padding=padding), (1, *shape))
 
 
-def test_bounds_bracket_the_exact_norm_of_every_convolution(measured: tuple) -> None:
+def test_exact_norm_of_every_convolution_and_bounds_around_it(measured: tuple) -> None:
     params, paths, _ = measured
     frame = pd.read_csv(SINGULAR_VALUES.curve_path(paths, "layers"))
     assert list(frame.columns) == list(singular_values.CSV_COLUMNS)
@@ -51,6 +52,10 @@ def test_bounds_bracket_the_exact_norm_of_every_convolution(measured: tuple) -> 
             assert (row["block"], row["layer"], row["kernel_size"]) == (block, index, layer.kernel_size)
             assert row["input_hw"] == f"{layer.input_hw[0]}x{layer.input_hw[1]}"
             exact = _exact_norm(layer.effective_weight(), (layer.in_channels, *layer.input_hw), layer.padding)
+            assert row["sigma_exact"] == pytest.approx(exact, rel=1e-10)
+            assert row["exact_method"] == (
+                "dense" if layer.in_channels * math.prod(layer.input_hw) <= EXACT_DENSE_LIMIT else "lanczos"
+            )
             assert row["sigma_lower"] <= exact * (1 + 1e-12) and exact <= row["sigma_upper"] * (1 + 1e-12)
             assert row["sigma_lower"] >= exact * (1 - 1e-12)  # 200 iterations: converged (measured gap <= 3e-14)
             if layer.kernel_size == 1:  # no padding: the circular operator is the operator
@@ -77,18 +82,43 @@ def test_block_bounds_and_certificates_follow_from_the_layers(measured: tuple) -
         assert summary["guaranteed_inverse"] == all(b < 1 for b in summary["block_bounds"])
         assert summary["max_block_bound"] == max(summary["block_bounds"])
         assert summary["max_layer_upper"] == pytest.approx(rows["sigma_upper"].max(), rel=1e-15)
-        assert summary["frac_layers_above_1"] == pytest.approx((rows["sigma_lower"] > 1).mean(), rel=1e-15)
+        assert summary["max_layer_exact"] == rows["sigma_exact"].max()
+        assert summary["max_layer_lower"] == rows["sigma_lower"].max()
+        assert summary["frac_layers_above_1"] == pytest.approx((rows["sigma_exact"] > 1).mean(), rel=1e-15)
+        assert summary["exact_methods"] == rows["exact_method"].value_counts().to_dict()
         coeff = None if label in ("vanilla", "batchnorm") else float(label)
-        above = None if coeff is None else int((rows["sigma_lower"] > coeff).sum())
+        above = None if coeff is None else int((rows["sigma_exact"] > coeff).sum())
         uncertified = None if coeff is None else int((rows["sigma_upper"] > coeff).sum())
         assert summary["layers_above_coeff"] == above and summary["layers_uncertified_at_coeff"] == uncertified
         assert summary["coeff"] == coeff
         assert (summary["n_layers"], summary["n_blocks"]) == (6, 2)
         assert flat[f"{label}/guaranteed_inverse"] == summary["guaranteed_inverse"]
+        assert flat[f"{label}/max_layer_exact"] == summary["max_layer_exact"]
+        if coeff is not None:
+            tol = summary["coeff_rtol"]
+            assert summary["layers_above_coeff_tol"] == int((rows["sigma_exact"] > coeff * (1 + tol)).sum())
+            assert summary["max_excess_over_coeff"] == pytest.approx(rows["sigma_exact"].max() / coeff - 1, abs=1e-15)
     # Every i-ResNet is certified; the estimate that training used never exceeds c.
     assert result["models"]["0.9"]["guaranteed_inverse"] and result["models"]["0.5"]["guaranteed_inverse"]
     assert (frame[frame["model"] == "0.5"]["sigma_running"] <= 0.5).all()
     assert (SINGULAR_VALUES.figure_path(paths, "fig6")).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_counts_and_largest_norm_use_the_exact_norm_not_a_bound(measured: tuple) -> None:
+    """A layer whose lower bound stays at c but whose exact norm is above c(1 + 1e-4) is counted above c, and one
+    whose lower bound is below 1 but exact norm above it is counted above 1: the counts follow the exact norms."""
+    params, paths, _ = measured
+    model = load_classifier(paths, ClassifierSpec.of(0.9)).model
+    row = {"sigma_lower": 0.9, "sigma_exact": 0.9 * (1 + 2e-4), "sigma_upper": 0.95, "sigma_running": 0.9}
+    rows = [{**row, "exact_method": "lanczos"}, {**row, "sigma_exact": 0.8, "exact_method": "dense"}]
+    summary = singular_values.certificate(model, rows, 0.9)
+    assert summary["layers_above_coeff_tol"] == 1 and summary["layers_above_coeff"] == 1
+    assert summary["max_layer_exact"] == 0.9 * (1 + 2e-4) and summary["max_layer_lower"] == 0.9
+    assert summary["max_excess_over_coeff"] == pytest.approx(2e-4, rel=1e-9)
+    assert summary["max_lag"] == pytest.approx(1 + 2e-4, rel=1e-12)  # exact over running, not lower over running
+    assert summary["exact_methods"] == {"dense": 1, "lanczos": 1}
+    above_1 = [{**row, "sigma_lower": 0.99, "sigma_exact": 1.01, "sigma_upper": 1.02, "exact_method": "dense"}]
+    assert singular_values.certificate(model, above_1, None)["frac_layers_above_1"] == 1.0
 
 
 def test_inflated_layer_breaks_the_certificate_and_projection_repairs_it(tmp_path: Path) -> None:
@@ -148,3 +178,15 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     deps = {"pipeline/stages/singular_values.py", "pipeline/models/classifiers.py", "iresnet", "models/classifier"}
     assert deps <= set(stage["deps"])
     assert {"reports/metrics/singular_values.json": {"cache": False}} in stage["outs"]
+
+
+def test_dvc_fig6_plot_draws_the_exact_norm() -> None:
+    """`dvc plots` Fig. 6 draws a column the stage writes, the exact norm, and its label says so."""
+    import yaml
+
+    from tests.pipeline.classifier_helpers import REPO
+
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    (fig6,) = [entry[name] for entry in plots if isinstance(entry, dict) for name in entry if "Fig. 6" in name]
+    assert fig6["y"] == {"reports/curves/singular_values.csv": "sigma_exact"}
+    assert "sigma_exact" in singular_values.CSV_COLUMNS and "exact" in fig6["y_label"]
