@@ -337,7 +337,10 @@ def _check_conv_geometry(weight: Tensor, input_hw: tuple[int, int], padding: int
 
 
 DENSE_LIMIT = 2048  # the exact norm from the dense operator when its smaller side has at most this many entries
-DENSE_MARGIN = 1e-10  # relative; far above the float64 rounding of a Gram eigenvalue (~ n eps = 5e-13 at n = 2048)
+# Relative margin on every certified norm (circular FFT bound, dense operator, linear layer): a float64 SVD or
+# eigensolve rounds either way, by ~ n eps = 5e-13 at n = 2048 (measured: a 1x1 kernel's circular norm came out 2-9e-16
+# below the true norm), so an unraised value is not strictly an upper bound.
+DENSE_MARGIN = 1e-10
 
 
 def dense_conv_norm(weight: Tensor, input_hw: tuple[int, int], padding: int) -> float:
@@ -365,17 +368,18 @@ def conv_norm_upper_bound(
     above, and so does the smallest of them. It is taken over ``N_h`` from the least valid size to ``H + 2p`` (the
     plain padded embedding, the only grid used before), and likewise ``N_w``: grids sample different frequencies,
     and a small grid, sampling few, can miss the peak of the frequency response that a larger one catches. Power
-    iteration, by contrast, only ever under-estimates a norm. For a 1x1 kernel (``p = 0``) the bound is exact.
+    iteration, by contrast, only ever under-estimates a norm. For a 1x1 kernel (``p = 0``) the circular norm is
+    exact. Every value is raised by :data:`DENSE_MARGIN` to cover the rounding of its float64 SVD.
 
     When the operator is small (its input or its output has at most ``dense_limit`` entries) the exact norm of the
-    dense matrix (:func:`dense_conv_norm`), raised by :data:`DENSE_MARGIN` to cover its rounding, replaces the
+    dense matrix (:func:`dense_conv_norm`), raised by the same margin, replaces the
     circular bound where lower: on small inputs the zero padding is a large share of the grid and the circular
     bound is loose (e.g. 10% on 7x7 inputs).
     """
     h, w = _check_conv_geometry(weight, input_hw, padding)
     c_out, c_in, kh, kw = weight.shape
     p = padding
-    bound = min(
+    bound = (1.0 + DENSE_MARGIN) * min(
         float(conv_singular_values(weight, (n_h, n_w))[0])
         for n_h in range(max(h + p, h + 2 * p - kh + 1), h + 2 * p + 1)
         for n_w in range(max(w + p, w + 2 * p - kw + 1), w + 2 * p + 1)
@@ -525,7 +529,7 @@ def conv_norm_exact(
 def _weight_bound(layer: LipschitzConv2d | LipschitzLinear, weight: Tensor) -> float:
     weight = weight.detach()
     if isinstance(layer, LipschitzLinear):
-        return float(torch.linalg.matrix_norm(weight.to(torch.float64), ord=2))
+        return float(torch.linalg.matrix_norm(weight.to(torch.float64), ord=2)) * (1.0 + DENSE_MARGIN)
     return conv_norm_upper_bound(weight, layer.input_hw, layer.padding)
 
 

@@ -108,7 +108,7 @@ def test_counts_and_largest_norm_use_the_exact_norm_not_a_bound(measured: tuple)
     """A layer whose lower bound stays at c but whose exact norm is above c(1 + 1e-4) is counted above c, and one
     whose lower bound is below 1 but exact norm above it is counted above 1: the counts follow the exact norms."""
     params, paths, _ = measured
-    model = load_classifier(paths, ClassifierSpec.of(0.9)).model
+    model = load_classifier(paths, ClassifierSpec.of(0.9), 0).model
     row = {"sigma_lower": 0.9, "sigma_exact": 0.9 * (1 + 2e-4), "sigma_upper": 0.95, "sigma_running": 0.9}
     rows = [{**row, "exact_method": "lanczos"}, {**row, "sigma_exact": 0.8, "exact_method": "dense"}]
     summary = singular_values.certificate(model, rows, 0.9)
