@@ -20,6 +20,7 @@ for package in ("pipeline", "iresnet"):
 """
 TINY_TOY = {
     "datasets": ["moons"],
+    "seeds": [0],
     "n_blocks": 1,
     "hidden": [4, 4],
     "coeff": 0.9,

@@ -58,6 +58,7 @@ TINY = {
     "logdet_bias": {"n_examples": 2, "max_terms": 3, "n_samples": 2},
     "toy": {
         "datasets": ["moons"],
+        "seeds": [0],
         "n_blocks": 2,
         "hidden": [8],
         "steps": 3,
