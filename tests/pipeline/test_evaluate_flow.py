@@ -13,7 +13,7 @@ from iresnet.blocks import logdet_settings_as, residual_blocks
 from iresnet.layers import ActNorm
 from iresnet.logdet import LogDetSettings
 from iresnet.models import FlowConfig, MultiscaleFlow
-from iresnet.spectral_norm import LipschitzConv2d
+from iresnet.spectral_norm import DENSE_MARGIN, LipschitzConv2d
 from pipeline.errors import DataError, ParamsError
 from pipeline.files import read_json
 from pipeline.models.flows import FlowSpace
@@ -115,7 +115,7 @@ def test_linear_residual_flow_matches_its_exact_log_density() -> None:
     expected = float(space.bpd(logpz + exact_logdet).mean())
 
     lips = [block.lipschitz_bound() for block in residual_blocks(model)]
-    assert lips == pytest.approx([0.5, 0.6], rel=1e-12)
+    assert lips == pytest.approx([0.5 * (1 + DENSE_MARGIN), 0.6 * (1 + DENSE_MARGIN)], rel=1e-12)  # + rounding margin
     n_terms, bound = evaluate_flow.choose_terms(lips, model.block_dims, 64, 1e-4, 60)
     torch.manual_seed(0)
     samples = evaluate_flow.hutchinson_rounds(model, x, space, n_terms, 8, max_samples=400, max_stderr_bits=3e-3)
@@ -132,7 +132,8 @@ def test_lemma7_without_a_certificate_keeps_only_the_lower_bound() -> None:
     space = FlowSpace((1, 8, 8))
     lips = [block.lipschitz_bound() for block in residual_blocks(model)]
     lower, upper = evaluate_flow.lemma7_bpd(model, x, space, lips, model.block_dims, 4)
-    expected_lower = float(space.bpd(logpz).mean()) - (64 * math.log1p(0.5) + 32 * math.log1p(1.2)) / (64 * LN2)
+    assert lips == pytest.approx([0.5 * (1 + DENSE_MARGIN), 1.2 * (1 + DENSE_MARGIN)], rel=1e-12)
+    expected_lower = float(space.bpd(logpz).mean()) - (64 * math.log1p(lips[0]) + 32 * math.log1p(lips[1])) / (64 * LN2)
     assert upper is None and lower == pytest.approx(expected_lower, abs=1e-12)
     assert lower <= float(space.bpd(logpz + exact_logdet).mean())
     assert evaluate_flow.choose_terms(lips, model.block_dims, 64, 1e-4, 30) == (30, None)

@@ -42,6 +42,7 @@ from tests.pipeline.flow_helpers import prepared_project, tiny_flow_params, trai
 REPO = Path(__file__).resolve().parents[2]
 
 FLOW_KEYS = {
+    "made_with",
     "dataset",
     "zca",
     "n_dims",
@@ -280,15 +281,17 @@ def test_config_round_trip(repo_params: dict) -> None:
     ],
 )
 def test_dvc_yaml_tracks_exactly_the_params_each_flow_stage_reads(stage: str, section: str, cls: type) -> None:
-    """Each flow stage reads ``seed`` and every leaf of its own section, and nothing else."""
+    """Each flow stage reads ``seed`` and every leaf of its own section, and nothing else (evaluate_flow also the
+    classifier seeds: it scores samples with the first seed's classifier)."""
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
-    assert set(spec["params"]) == {"seed"} | {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
+    extra = {"classifier.seeds"} if stage == "evaluate_flow" else set()
+    assert set(spec["params"]) == {"seed"} | extra | {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
     assert f"pipeline/stages/{stage}.py" in spec["deps"] and "iresnet" in spec["deps"]
 
 
 BEFORE_FLOW_OPTIONS = "d98fe65"  # the last commit before flow.{prior: conditional, factor_out, logit_alpha, ...}
 NEW_FLOW_KEYS = ("factor_out", "logit_alpha", "actnorm_init_images", "lr_schedule")
-NEW_TOY_KEYS = ("warmup_steps", "lr_schedule", "glow_scale_cap")
+NEW_TOY_KEYS = ("warmup_steps", "lr_schedule", "glow_scale_cap", "seeds")
 
 
 def test_flow_options_off_train_bit_identically_to_the_code_before_them(
@@ -311,8 +314,9 @@ def test_flow_options_off_train_bit_identically_to_the_code_before_them(
     raw = params.to_dict()
     for key in NEW_FLOW_KEYS:
         del raw["flow"][key]
-    del raw["classifier"]["bf16"]  # added later still, and unknown to that code's strict params
-    for key in NEW_TOY_KEYS:  # added after that commit (the toy stage's schedule and Glow cap)
+    for key in ("bf16", "seeds"):  # added later still, and unknown to that code's strict params
+        del raw["classifier"][key]
+    for key in NEW_TOY_KEYS:  # added after that commit (the toy stage's schedule, Glow cap and seeds)
         del raw["toy"][key]
     for key in ("sample_classifier", "n_scored_samples"):  # added later still (evaluate_flow's sample scoring)
         del raw["evaluate_flow"][key]
