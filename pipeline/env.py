@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +141,21 @@ def made_with() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": str(device()),
     }
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch on one thread inside the block, its thread count restored after. For dense float64 LAPACK calls (LU,
+    eigenvalues) on batches of Jacobians: on 2 threads this torch build's MKL reported "Parameter 6 was incorrect on
+    entry to DLASWP" and the logdet_bias stage ran for over 13 minutes instead of under 2."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

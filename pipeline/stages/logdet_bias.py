@@ -45,6 +45,7 @@ from iresnet.logdet import (
 )
 from iresnet.models import MultiscaleFlow
 from pipeline.console import progress
+from pipeline.env import single_threaded
 from pipeline.models.flows import load_flow_with_test_inputs
 from pipeline.outputs import LOGDET_BIAS, StageRun
 from pipeline.params import Params
@@ -98,7 +99,8 @@ def eigenvalue_series_bias(jac: Tensor, max_terms: int) -> Tensor:
     so the sum over ``i`` is real; its real part drops the rounding's imaginary residue. Needs every ``|λ_i| < 1``
     for the series to converge (Lip(g) < 1 ensures it), but any n is exact as written.
     """
-    eigenvalues = torch.linalg.eigvals(jac.to(torch.float64))  # (B, d) complex128
+    with single_threaded():  # dense LAPACK: see pipeline.env.single_threaded
+        eigenvalues = torch.linalg.eigvals(jac.to(torch.float64))  # (B, d) complex128
     k = torch.arange(1, max_terms + 1, dtype=torch.float64, device=jac.device)
     coefficients = ((-1.0) ** (k + 1) / k).to(eigenvalues.dtype)
     powers = eigenvalues[..., None] ** k.to(eigenvalues.dtype)  # (B, d, K)
@@ -142,7 +144,8 @@ def block_estimates(block: InvertibleResidualBlock, x: Tensor, n_probes: int, ma
     exact_traces = torch.stack([jac.diagonal(dim1=-2, dim2=-1).sum(-1), torch.einsum("bij,bji->b", jac, jac)], -1)
     exact_bias = eigenvalue_series_bias(jac, EXACT_TERMS)
     jac.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + J_g, in place: the Jacobians are the largest tensors here
-    sign, exact = torch.linalg.slogdet(jac)
+    with single_threaded():
+        sign, exact = torch.linalg.slogdet(jac)
     if bool((sign <= 0).any()):
         raise RuntimeError("det(I + J_g) <= 0 for some input: the block is not invertible there (Lemma 6 violated)")
     probes = torch.stack([draw_probe(x) for _ in range(n_probes)])
