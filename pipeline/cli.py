@@ -30,7 +30,7 @@ try:
     import typer.core
 
     from pipeline.console import console, metrics_table, print_error
-    from pipeline.errors import Interrupted, TrackingError, UserError
+    from pipeline.errors import Interrupted, TrackingError, UserError, interrupt
     from pipeline.params import Params, load_params, parse_override
     from pipeline.paths import Paths
 except ImportError as _missing:  # a Python without the project installed, e.g. `dvc repro` outside `.venv`
@@ -525,15 +525,12 @@ def check_repro(
     raise typer.Exit(0 if rows and all(row.agrees for row in rows) else 1)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
-
-
 @contextmanager
 def on_signals(*signums: signal.Signals) -> Iterator[None]:
     """Turn ``signums`` into :class:`Interrupted` inside the block (SIGTERM's default would end the process without
-    any cleanup: no checkpoint note, the MLflow run left RUNNING); the previous handlers come back afterwards."""
-    previous = {signum: signal.signal(signum, _interrupt) for signum in signums}
+    any cleanup: no checkpoint note, the MLflow run left RUNNING), held while an MLflow write runs
+    (:func:`pipeline.errors.signals_held`); the previous handlers come back afterwards."""
+    previous = {signum: signal.signal(signum, interrupt) for signum in signums}
     try:
         yield
     finally:

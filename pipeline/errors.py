@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 def brief(err: BaseException, limit: int = 240) -> str:
     """The first line of ``err`` (torch's unpickling errors run to a dozen lines), cut at ``limit`` characters: the
@@ -40,3 +43,33 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(f"signal {signum}")
         self.signum = signum
+
+
+_held: list[int] | None = None  # signals that arrived inside signals_held(), in order; None outside it
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """The handler the CLI installs for SIGINT and SIGTERM: raise :class:`Interrupted`, or, inside
+    :func:`signals_held`, keep the signal for the end of that block."""
+    if _held is not None:
+        _held.append(signum)
+        return
+    raise Interrupted(signum)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (as :func:`interrupt` handles them) until the block ends, then raise the first as
+    :class:`Interrupted`. For MLflow store writes: a write cut in the middle by the KeyboardInterrupt leaves its SQLite
+    transaction open, and the cleanup's own writes (the run marked KILLED) then fail with "database is locked"."""
+    global _held
+    if _held is not None:  # nested: the outermost block raises
+        yield
+        return
+    _held = []
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+    if held:
+        raise Interrupted(held[0])

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.env import env_flag
-from pipeline.errors import TrackingError
+from pipeline.errors import TrackingError, signals_held
 from pipeline.params import params_hash
 from pipeline.paths import Paths
 
@@ -222,6 +223,26 @@ def owner_alive(tags: Mapping[str, str]) -> bool:
         return False
 
 
+class SignalSafeClient:
+    """An ``MlflowClient`` whose every call runs with SIGINT and SIGTERM held (:func:`pipeline.errors.signals_held`):
+    a signal that arrives during a store write stops the stage right after it, never inside its transaction."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def held(*args: Any, **kwargs: Any) -> Any:
+            with signals_held():
+                return value(*args, **kwargs)
+
+        return held
+
+
 class MlflowTracker:
     """Logs to one MLflow run of ``stage``; every call is one request (``log_batch`` splits large ones itself).
 
@@ -384,16 +405,17 @@ class MlflowTracker:
             # the Default one, with its artifacts in ./mlruns of the working directory)
             mlflow.set_tracking_uri(self.uri)
             mlflow.set_experiment(experiment_id=self.experiment_id)
-            info = mlflow.pytorch.log_model(
-                model,
-                name=name,
-                run_id=self.run_id,
-                signature=infer_signature(example.numpy(), output.numpy()),
-                input_example=example.numpy(),
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                code_paths=[str(Path(iresnet.__file__).parent)],  # the model's classes travel with it
-                serialization_format="pickle",  # torch.export cannot trace the flow's log-det estimators
-            )
+            with signals_held():  # its store writes, like the client's (SignalSafeClient)
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    run_id=self.run_id,
+                    signature=infer_signature(example.numpy(), output.numpy()),
+                    input_example=example.numpy(),
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                    code_paths=[str(Path(iresnet.__file__).parent)],  # the model's classes travel with it
+                    serialization_format="pickle",  # torch.export cannot trace the flow's log-det estimators
+                )
         finally:
             model.train(was_training)
         return info.model_uri
@@ -443,7 +465,7 @@ def stage_run(
     uri = tracking_uri(paths)
     try:
         experiment_id = init_store(paths, uri)[family]
-        client = MlflowClient(uri)
+        client = SignalSafeClient(MlflowClient(uri))
         tracker = MlflowTracker(
             client,
             experiment_id,

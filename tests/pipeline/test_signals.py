@@ -121,3 +121,37 @@ def test_a_run_left_running_by_kill_9_is_continued_or_closed(project: Path) -> N
     assert statuses == ["FINISHED", "FINISHED", "KILLED"], statuses
     (closed,) = [r for r in runs.values() if r.info.status == "KILLED"]
     assert "kill -9" in closed.data.tags["error"]
+
+
+def test_a_signal_during_a_store_write_waits_for_the_write_to_end() -> None:
+    """A signal inside an MLflow call (here a fake client's) is held until the call returns, then raised: the store's
+    transaction is never cut in the middle (that left SQLite locked for the cleanup's writes)."""
+    from pipeline.cli import on_signals
+    from pipeline.errors import Interrupted, signals_held
+    from pipeline.tracking import SignalSafeClient
+
+    done: list[str] = []
+
+    class FakeClient:
+        tracking_uri = "sqlite:///fake"
+
+        def log_batch(self, run_id: str) -> str:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-write
+            done.append(run_id)  # the rest of the write still runs
+            return "ok"
+
+    client = SignalSafeClient(FakeClient())
+    assert client.tracking_uri == "sqlite:///fake"  # attributes pass through
+    with on_signals(signal.SIGINT, signal.SIGTERM):
+        with pytest.raises(Interrupted) as caught:
+            client.log_batch("run")
+        assert done == ["run"] and caught.value.signum == signal.SIGTERM
+        with pytest.raises(Interrupted):  # outside a held block, a signal interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        with pytest.raises(Interrupted) as caught:
+            with signals_held():
+                with signals_held():  # nested: the outer block raises, once
+                    os.kill(os.getpid(), signal.SIGINT)
+                done.append("inner ended")
+        assert done[-1] == "inner ended" and caught.value.signum == signal.SIGINT
