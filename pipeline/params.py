@@ -235,7 +235,8 @@ class ToyParams:
     warmup_steps: NonNegativeInt = param("linear learning-rate warm-up steps (both flows)")
     lr_schedule: LrSchedule = param("learning rate after the warm-up: constant or cosine decay to 0")
     glow_scale_cap: Bool = param("Glow couplings' log-scale through tanh (|s| < 1 per layer)")
-    n_test: PositiveInt = param("test samples for the NLL, and as many validation samples (for tuning)")
+    n_test: PositiveInt = param("test samples per dataset for the NLL")
+    n_val: PositiveInt = param("validation samples per dataset (the NLL that tuning reads)")
     grid_size: integer(lo=2) = param("heatmap resolution per axis")
 
     def check(self) -> None:

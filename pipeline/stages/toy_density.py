@@ -6,7 +6,7 @@ Glow-style flow with ActNorm, an invertible linear map and an affine coupling pe
 layers and MLP widths (so a similar parameter count). Writes
 
 * ``reports/metrics/toy.json``: per dataset the test NLL (nats per 2-D point) of both flows, their parameter counts and
-  training throughput, the probability mass of each density inside the heatmap window (a normalisation check), the
+  training throughput, the probability mass inside the heatmap window of the densities Fig. 2 shows (a normalisation check), the
   i-ResNet's certified ``max_t Lip(g_t)`` (exact spectral norms of the trained weights; below 1, every block is
   invertible and the density normalised), and the true density's NLL where it has a closed form. Every NLL comes with
   its standard error over the test points, and the comparisons are paired (the same test points): ``iresnet_minus_glow``
@@ -241,28 +241,37 @@ Trained = dict[str, dict[int, tuple[Flow2d, list[float], float]]]  # kind -> see
 
 
 def evaluate_seed(
-    name: str, seed: int, kind: str, trained: tuple[Flow2d, list[float], float], params: Params, paths: Paths
-) -> tuple[dict[str, Any], Tensor, Tensor]:
-    """Score one trained flow: ``(metrics, per-point test NLL (N,), grid density (size, size))``; saves the model."""
+    kind: str,
+    fit: Fit,
+    trained: tuple[Flow2d, list[float], float],
+    points: dict[str, Tensor],
+    cells: tuple[Tensor, float] | None,
+    params: Params,
+    paths: Paths,
+) -> tuple[dict[str, Any], Tensor, Tensor | None]:
+    """Score one trained flow on the dataset's ``points`` (``"test"``, ``"val"``: drawn once per dataset) and, for
+    the seed whose densities Fig. 2 shows, on the heatmap ``cells`` (:func:`grid`): ``(metrics, per-point test NLL
+    (N,), density on the grid (size, size) or None)``; saves the model."""
     toy = params.toy
+    seed, name = fit
     model, losses, steps_per_s = trained
     config = model_config(kind, toy)
-    test_nll = -log_density(model, sample(name, toy.n_test, params.seed, "test"))
-    val_nll = float(-log_density(model, sample(name, toy.n_test, params.seed, "val")).mean())
+    test_nll = -log_density(model, points["test"])
     nll = float(test_nll.mean())
-    check_finite(
-        torch.tensor(nll), "test NLL", f"{name}, seed {seed} / {LABELS[kind]}", "Train longer or lower toy.lr."
-    )
-    points, area = grid(toy.grid_size)
-    density = log_density(model, points).exp()
+    check_finite(torch.tensor(nll), "test NLL", f"{fit_name(fit)} / {LABELS[kind]}", "Train longer or lower toy.lr.")
     result = {
         "nll": nll,
-        "val_nll": val_nll,
+        "val_nll": float(-log_density(model, points["val"]).mean()),
         "final_train_loss": losses[-1],
-        "grid_mass": float(density.sum() * area),
         "steps_per_s": steps_per_s,
         "params": n_params(model),
     }
+    density = None
+    if cells is not None:
+        centres, area = cells
+        density = log_density(model, centres).exp()
+        result["grid_mass"] = float(density.sum() * area)
+        density = density.reshape(toy.grid_size, toy.grid_size)
     if kind == "iresnet":
         # Certified max_t Lip(g_t) of the trained weights: it can exceed coeff (one power iteration per step
         # lags the weights), but below 1 every block is invertible (Theorem 1) and ln p a normalised density.
@@ -270,7 +279,7 @@ def evaluate_seed(
     save_model(
         paths.models / "toy" / f"{name}-{kind}-seed{seed}.pt", MODEL_KIND, config, model, dataset=name, seed=seed
     )
-    return result, test_nll, density.reshape(toy.grid_size, toy.grid_size)
+    return result, test_nll, density
 
 
 def lower_nll(differences: list[dict[str, float]]) -> str:
@@ -300,6 +309,8 @@ def fit_dataset(
     toy = params.toy
     test = sample(name, toy.n_test, params.seed, "test")
     reference = reference_log_prob(name, test)
+    points = {"test": test, "val": sample(name, toy.n_val, params.seed, "val")}
+    cells = grid(toy.grid_size)
     titles = {"data": f"{name}: data"}
     images = {"data": data_histogram(name, params.seed, toy.grid_size)}
     per_seed: dict[str, dict[str, Any]] = {}
@@ -316,10 +327,11 @@ def fit_dataset(
             with tracker.child_run(f"{name} {LABELS[kind]} seed {seed}", run_params) as fit:  # nested MLflow run
                 for step in range(0, toy.steps, max(1, toy.steps // MLFLOW_POINTS)):
                     fit.log_metrics({"train_loss": losses[step]}, step=step)
-            result, nll, density = evaluate_seed(name, seed, kind, trained[kind][seed], params, paths)
+            shown = cells if seed == toy.seeds[0] else None  # Fig. 2 shows the first seed: only it needs the grid
+            result, nll, density = evaluate_seed(kind, (seed, name), trained[kind][seed], points, shown, params, paths)
             entry.update({f"{kind}_{key}": value for key, value in result.items()})
             test_nll[kind].append(nll)
-            if seed == toy.seeds[0]:
+            if density is not None:
                 titles[kind] = f"{LABELS[kind]}: NLL {result['nll']:.3f}"
                 images[kind] = density
         entry["iresnet_minus_glow"] = paired_difference(test_nll["iresnet"][-1], test_nll["glow"][-1])
@@ -339,7 +351,7 @@ def fit_dataset(
                 f"{kind}_params": seeds[0][f"{kind}_params"],
                 f"{kind}_steps_per_s": seeds[0][f"{kind}_steps_per_s"],
                 f"{kind}_final_train_loss": sum(e[f"{kind}_final_train_loss"] for e in seeds) / len(seeds),
-                f"{kind}_grid_mass": min(e[f"{kind}_grid_mass"] for e in seeds),
+                f"{kind}_grid_mass": seeds[0][f"{kind}_grid_mass"],  # the figure's seed
             }
         )
     result["iresnet_lipschitz_max"] = max(e["iresnet_lipschitz_max"] for e in seeds)

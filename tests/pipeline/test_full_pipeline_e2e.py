@@ -64,6 +64,7 @@ TINY = {
         "steps": 3,
         "batch_size": 32,
         "n_test": 64,
+        "n_val": 32,
         "grid_size": 8,
     },
 }

@@ -43,6 +43,7 @@ TINY_TOY = {
     "lr_schedule": "constant",
     "glow_scale_cap": True,
     "n_test": 64,
+    "n_val": 32,
     "grid_size": 12,
 }
 
