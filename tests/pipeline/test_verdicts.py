@@ -1,5 +1,5 @@
 """The verdict rules (:mod:`pipeline.report.verdicts`) on small synthetic metrics dicts, each on both sides of its
-threshold and without the metrics it needs."""
+threshold and without the metrics it needs; the verdict table's files; the page opening with it."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+from test_report import _metrics, write_fixture
 
+from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
 from pipeline.report import verdicts as v
 from pipeline.report.inputs import read_glow_classifiers
+from pipeline.stages import report
 from pipeline.stats import mean_interval, t95
 
 R, P, N, T = v.REPRODUCED, v.PARTLY, v.NOT_REPRODUCED, v.NOT_TESTABLE
@@ -418,3 +422,29 @@ def test_runtime_logdet(classifier: list[float], n_terms: int, verdict: str) -> 
     runs = _timed_runs([1.0] * 3, classifier, "cpu")
     flow = {"n_terms": n_terms, "throughput_img_s": 100.0, "made_with": {"device": "cpu"}}
     assert v.runtime_logdet(runs, flow).verdict == verdict
+
+
+@pytest.fixture
+def params(repo_params: dict) -> Params:
+    raw = copy.deepcopy(repo_params)
+    raw["classifier"]["coeffs"] = ["vanilla", 0.9, 0.7, 0.5]
+    return parse_params(raw)
+
+
+def test_page_opens_with_the_verdict_table(tmp_path: Path, params: Params) -> None:
+    """The report writes verdicts.{md,tex,csv} with one row per claim, the page's first table is that one, and each
+    section repeats its claims' verdicts from the table (a "not reproduced" reads so)."""
+    files = _metrics(["vanilla", "0.9", "0.7", "0.5"])
+    files["reconstruction.json"]["models"]["0.9"]["final_max_error"] = 0.01  # c = 0.9's inverse is off by 2.5 levels
+    paths = write_fixture(tmp_path, files=files)
+    report.run(params, paths)
+    data = pd.read_csv(paths.tables / "verdicts.csv")
+    assert list(data["id"]) == [c.id for c in v.CLAIMS] and set(data["verdict"]) <= set(v.VERDICTS)
+    assert (paths.tables / "verdicts.tex").read_text().startswith("\\begin{tabular}")
+    page = (paths.reports / "README.md").read_text()
+    first_table = page.index("\n|")
+    assert page.startswith("# Results\n\n## Verdicts\n") and first_table < page.index("**Profile:**")
+    assert page[first_table + 1 :].startswith((paths.tables / "verdicts.md").read_text())
+    by_id = dict(zip(data["id"], data["verdict"]))
+    assert by_id["fig3-iresnet"] == N and by_id["table3-accuracy"] == T
+    assert "the i-ResNet inverse reconstructs exactly — not reproduced" in page
