@@ -13,6 +13,13 @@ import torch
 from torch import Tensor
 
 Z95 = 1.96  # a normal ~95% interval is the estimate ± 1.96 standard errors
+# Student's t 97.5% quantiles for 1..30 degrees of freedom: a 95% interval of a mean over a few seeds or models
+# (df = n - 1). Beyond 30 the value at 30 is kept (slightly wide, never narrow).
+_T95 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
 
 
 def mean_and_stderr(values: Tensor) -> dict[str, float]:
@@ -21,6 +28,25 @@ def mean_and_stderr(values: Tensor) -> dict[str, float]:
     v = values.double()
     stderr = float(v.std(correction=1) / math.sqrt(len(v))) if len(v) >= 2 else math.nan
     return {"mean": float(v.mean()), "stderr": stderr}
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df >= 1`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 1 degree of freedom, got {df}")
+    return _T95[min(df, len(_T95)) - 1]
+
+
+def mean_interval(values: list[float]) -> dict[str, float] | None:
+    """``{"mean", "stderr", "low", "high", "n"}``: the mean of a few replicates (seeds, models) with its 95% t
+    interval ``mean ± t95(n - 1) · s / sqrt(n)``; None for fewer than two values (no spread to judge by)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = math.fsum(values) / n
+    s = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t95(n - 1) * s / math.sqrt(n)
+    return {"mean": mean, "stderr": s / math.sqrt(n), "low": mean - half, "high": mean + half, "n": n}
 
 
 def paired_difference(a: Tensor, b: Tensor) -> dict[str, float]:

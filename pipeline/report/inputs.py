@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,7 @@ class ReportInputs:
     logdet_bias: dict[str, Any]
     logdet_curve: list[dict[str, float]]
     toy: dict[str, Any]
+    glow_classifiers: list[dict[str, Any]] = field(default_factory=list)  # Table 3's runs; empty when not run
 
 
 def required_files(paths: Paths, labels: list[str], seeds: tuple[int, ...]) -> dict[Path, str]:
@@ -191,6 +192,25 @@ def read_curve(path: Path, stage: str, columns: tuple[str, ...]) -> list[dict[st
         raise DataError(f"{path} holds a non-number ({brief(err)}); re-run stage `{stage}`.") from None
 
 
+GLOW_CLASSIFIER = "glow_classifier"  # Table 3's runs, one JSON per run somewhere under reports/metrics/glow_classifier/
+GLOW_CLASSIFIER_KEYS = ("variant", "seed", "test_error")
+
+
+def read_glow_classifiers(paths: Paths) -> list[dict[str, Any]]:
+    """Table 3's per-run metrics (i-ResNet vs Glow classifiers), or ``[]`` when that stage has not run: every JSON
+    under ``reports/metrics/glow_classifier/`` with ``variant`` (``glow-affine``, ``glow-additive``,
+    ``iresnet-glow``), ``seed``, ``test_error``, and where present ``optimizer``, ``diverged`` and ``test_correct``
+    (0/1 per test image, as a string or a list; returned as the string the paired comparison reads)."""
+    folder = paths.metrics / GLOW_CLASSIFIER
+    runs = []
+    for path in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
+        run = _read(path, GLOW_CLASSIFIER, GLOW_CLASSIFIER_KEYS)
+        if isinstance(run.get("test_correct"), list):
+            run["test_correct"] = "".join("1" if flag else "0" for flag in run["test_correct"])
+        runs.append(run)
+    return runs
+
+
 def load_inputs(paths: Paths, coeffs: tuple[float | str, ...], seeds: tuple[int, ...]) -> ReportInputs:
     """Read and check every input (``coeffs``, ``seeds``: ``classifier.coeffs`` and ``classifier.seeds``, naming the
     classifier files)."""
@@ -239,4 +259,5 @@ def load_inputs(paths: Paths, coeffs: tuple[float | str, ...], seeds: tuple[int,
         logdet_bias=metrics(LOGDET_BIAS, LOGDET_KEYS),
         logdet_curve=read_curve(LOGDET_BIAS.curve_path(paths, "terms"), LOGDET_BIAS.stage, LOGDET_CURVE_COLUMNS),
         toy=toy,
+        glow_classifiers=read_glow_classifiers(paths),
     )

@@ -1,8 +1,10 @@
 """``reports/README.md``: the page a researcher opens first.
 
-Every table (embedded Markdown) and figure, each with one sentence on what the paper found and one on what this run
-found. The second sentence is computed from the metrics files (a finding that did not reproduce reads as such), and
-the page states the profile the numbers come from. No timestamps: the same inputs give the same bytes.
+It opens with the verdict table (:mod:`pipeline.report.verdicts`): one row per claim of the paper with the verdict
+its stated rule gives. Then every table (embedded Markdown) and figure, each with one sentence on what the paper found,
+one on what this run found, computed from the metrics files, and the verdicts of its claims read from the verdict
+table (a finding that did not reproduce says "not reproduced"); the page states the profile the numbers come from.
+No timestamps: the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -36,13 +38,8 @@ from pipeline.report.tables import (
     num,
     signed,
 )
+from pipeline.report.verdicts import NOT_REPRODUCED, VERDICTS, flow_scale_gaps, verdict_line
 from pipeline.stats import Z95
-
-# The paper's density setup (App. C.3), what this run's flow is set against: the official training splits, 3 scales
-# of 32 i-ResNet blocks, 200 epochs.
-PAPER_TRAIN_IMAGES = {"MNIST": 60_000, "CIFAR10": 50_000}
-PAPER_FLOW_BLOCKS = (3, 32)
-PAPER_FLOW_EPOCHS = 200
 
 
 def yes_no(flag: bool) -> str:
@@ -165,15 +162,10 @@ def table2_finding(inputs: ReportInputs) -> str:
             f" or its mean difference exceeds {SEED_STDS:g} pooled seed standard deviations" if len(seeds) > 1 else ""
         )
         worse = [label for label, v in verdicts.items() if v == "worse"]
-        verdict = (
-            f"c ≥ {CLOSE_COEFF:g} classifies as well as vanilla: reproduced"
-            if not worse
-            else f"c ≥ {CLOSE_COEFF:g} classifies as well as vanilla: not reproduced (worse: "
-            f"{_join(f'c = {label}' for label in worse)})"
-        )
         text += (
             f"; paired difference from vanilla of the same seed on the same test images (points, 95% interval): "
-            f"{'; '.join(clauses)}. Rule: {rule}; {verdict}"
+            f"{'; '.join(clauses)}. Rule: {rule}; worse than vanilla among c ≥ {CLOSE_COEFF:g}: "
+            f"{_join(f'c = {label}' for label in worse)}"
         )
     certified = all_certified(inputs)
     if certified is not None:
@@ -324,11 +316,6 @@ def baselines_finding(ev: dict[str, Any]) -> str:
     )
 
 
-def flow_blocks(inputs: ReportInputs) -> int:
-    """The evaluated flow's residual blocks: ``evaluate_flow`` certifies each one's Lipschitz bound."""
-    return len(inputs.evaluate_flow["block_lipschitz"])
-
-
 def published_distance(inputs: ReportInputs, table: ReportTable) -> str:
     """One sentence: this run's bits/dim minus the best published value over the same data and dimension count (for
     MNIST digits the ``COMPARABLE_784`` column), read from Table 4's data, with a 95% interval from the standard error
@@ -353,17 +340,7 @@ def published_distance(inputs: ReportInputs, table: ReportTable) -> str:
         f"{paper}), this run{test_images} is {signed(diff, '.3f')} ± {se:.3f} bits/dim, {word} it (95% interval "
         f"{signed(low, '.3f')} to {signed(high, '.3f')})"
     )
-    n_train, blocks, epochs = int(inputs.stats["n_train"]), flow_blocks(inputs), int(inputs.flow["epochs"])
-    scales, per_scale = PAPER_FLOW_BLOCKS
-    factors = [  # (smaller than the paper's, text)
-        (n_train < PAPER_TRAIN_IMAGES[paper], f"{n_train:,} train images (the paper: {PAPER_TRAIN_IMAGES[paper]:,})"),
-        (
-            blocks < scales * per_scale,
-            f"{blocks} residual blocks with {int(inputs.flow['n_params']):,} parameters (the paper's flow: "
-            f"{scales * per_scale} = {scales} x {per_scale} blocks)",
-        ),
-        (epochs < PAPER_FLOW_EPOCHS, f"{plural(epochs, 'epoch')} (the paper: {PAPER_FLOW_EPOCHS})"),
-    ]
+    factors = flow_scale_gaps(inputs.stats, inputs.flow, ev)  # (smaller than the paper's, text)
     if word != "behind":
         return text + f", with {_join(t for _, t in factors)}."
     causes = [t for smaller, t in factors if smaller]
@@ -541,8 +518,27 @@ PAPER = {
 }
 
 
-def _section(title: str, paper: str, ours: str, body: str) -> str:
-    return f"## {title}\n\n**Paper:** {paper}  \n**This run:** {ours}\n\n{body}\n"
+def _section(title: str, paper: str, ours: str, body: str, verdict: str = "") -> str:
+    """One section: the paper's finding, this run's, the verdicts of its claims (from the verdict table), then the
+    table or figure."""
+    verdict = f"\n\n{verdict}" if verdict else ""
+    return f"## {title}\n\n**Paper:** {paper}  \n**This run:** {ours}{verdict}\n\n{body}\n"
+
+
+def verdicts_head(table: ReportTable) -> str:
+    """The page's opening: the verdict table, what its verdicts mean, and how many claims did not reproduce."""
+    counts = table.data["verdict"].value_counts()
+    tally = ", ".join(f"{counts[verdict]} {verdict}" for verdict in VERDICTS if verdict in counts)
+    missed = list(table.data.loc[table.data["verdict"] == NOT_REPRODUCED, "claim"])
+    return (
+        "## Verdicts\n\n"
+        f"One row per claim of the paper ({tally}). Each verdict is decided in code "
+        "(`pipeline/report/verdicts.py`) by the rule in its row, on 95% intervals (paired on the same test examples, "
+        "on every seed where there are several) or on values computed exactly: **reproduced** when the rule holds, "
+        "**partly** when it holds for some parts or settings only or an interval straddles the rule's threshold, "
+        "**not reproduced** when it fails, **not testable at this scale** when this run cannot test it (the row says "
+        f"why). Not reproduced: {_join(missed)}.\n\n" + table.markdown()
+    )
 
 
 def _figure(outputs: StageOutputs, key: str, alt: str) -> str:
@@ -550,56 +546,59 @@ def _figure(outputs: StageOutputs, key: str, alt: str) -> str:
 
 
 def render_page(inputs: ReportInputs, tables: dict[str, ReportTable]) -> str:
-    """The whole ``reports/README.md``."""
+    """The whole ``reports/README.md``: the verdict table first, then a section per table or figure."""
+    verdicts = tables["verdicts"]
+
+    def section(key: str, title: str, ours: str, body: str) -> str:
+        return _section(title, PAPER[key], ours, body, verdict_line(verdicts, key))
+
     sections = [
-        _section(
+        section(
+            "table2",
             "Table 2: classification error and guaranteed inverse",
-            PAPER["table2"],
             table2_finding(inputs),
             tables["table2"].markdown()
             + "\nThe paper's own Table 2 numbers are not carried here; see Behrmann et al. 2019, "
             "Table 2.",
         ),
-        _section(
+        section(
+            "fig6",
             "Fig. 6: largest singular value of every layer",
-            PAPER["fig6"],
             fig6_finding(inputs),
             _figure(SINGULAR_VALUES, "fig6", "Fig. 6"),
         ),
-        _section(
+        section(
+            "fig3",
             "Fig. 3/7: reconstructions from the final features",
-            PAPER["fig3"],
             fig3_finding(inputs),
             _figure(RECONSTRUCTION, "fig3", "Fig. 3"),
         ),
-        _section(
+        section(
+            "fig8",
             "Fig. 8: reconstruction error vs fixed-point iterations",
-            PAPER["fig8"],
             fig8_finding(inputs),
             _figure(RECONSTRUCTION, "fig8", "Fig. 8"),
         ),
-        _section(
+        section(
+            "table4",
             "Table 4: bits/dim",
-            PAPER["table4"],
             table4_finding(inputs, tables["table4"]),
             tables["table4"].markdown() + table4_note(),
         ),
-        _section(
+        section(
+            "fig4",
             "Fig. 4/9: bias of the log-det estimator",
-            PAPER["fig4"],
             fig4_finding(inputs),
             _figure(LOGDET_BIAS, "fig4", "Fig. 4"),
         ),
-        _section("Fig. 5: samples", PAPER["fig5"], fig5_finding(inputs), _figure(TRAIN_FLOW, "fig5", "Fig. 5")),
-        _section(
+        section("fig5", "Fig. 5: samples", fig5_finding(inputs), _figure(TRAIN_FLOW, "fig5", "Fig. 5")),
+        section(
+            "fig2",
             "Fig. 2: 2-D toy densities",
-            PAPER["fig2"],
             fig2_finding(inputs),
             _figure(TOY_DENSITY, "fig2", "Fig. 2") + "\n" + tables["toy"].markdown(),
         ),
-        _section(
-            "Run cost", PAPER["runcost"], runcost_finding(inputs, tables["runcost"]), tables["runcost"].markdown()
-        ),
+        section("runcost", "Run cost", runcost_finding(inputs, tables["runcost"]), tables["runcost"].markdown()),
         _section(
             "Data",
             "MNIST, CIFAR10 and CIFAR100 at full size.",
@@ -609,7 +608,8 @@ def render_page(inputs: ReportInputs, tables: dict[str, ReportTable]) -> str:
     ]
     head = (
         "# Results\n\n"
-        "Written by the `report` stage from the metrics files under `reports/metrics/` and `reports/curves/` "
+        + verdicts_head(verdicts)
+        + "\nWritten by the `report` stage from the metrics files under `reports/metrics/` and `reports/curves/` "
         "(never from MLflow); tables also as LaTeX and CSV in `reports/tables/`. Regenerate with `dvc repro`.\n\n"
         f"**Profile:** {profile(inputs)}\n"
     )

@@ -3,9 +3,12 @@
 Reads (never MLflow) the metrics files, curves and figures of every other stage (:mod:`pipeline.report.inputs`).
 Writes:
 
-- ``reports/tables/{table2,table4,toy,runcost}.{md,tex,csv}`` (:mod:`pipeline.report.tables`);
+- ``reports/tables/{table2,table4,toy,runcost}.{md,tex,csv}`` (:mod:`pipeline.report.tables`) and
+  ``reports/tables/verdicts.{md,tex,csv}``: one row per claim of the paper with its verdict
+  (:mod:`pipeline.report.verdicts`);
 - ``reports/metrics/summary.json``: the few headline numbers ``dvc exp show`` / ``dvc metrics diff`` compare;
-- ``reports/README.md``: every table and figure with what the paper and this run found (:mod:`pipeline.report.page`).
+- ``reports/README.md``: the verdict table, then every table and figure with what the paper and this run found
+  (:mod:`pipeline.report.page`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pipeline.report.classifiers import seed_summaries
 from pipeline.report.inputs import ReportInputs, load_inputs
 from pipeline.report.page import all_certified, render_page
 from pipeline.report.tables import build_tables, made_with_all, percent
+from pipeline.report.verdicts import verdict_table
 from pipeline.tracking import Tracker
 
 
@@ -70,7 +74,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     """Build every table, the summary and the page; returns headline metrics (flat) for the CLI and MLflow."""
     out = StageRun(REPORT, paths, tracker)
     inputs = load_inputs(paths, params.classifier.coeffs, params.classifier.seeds)
-    tables = {t.name: t for t in build_tables(inputs)}
+    tables = {t.name: t for t in [*build_tables(inputs), verdict_table(inputs)]}
     for table in tables.values():
         table.write(paths)
     total = float(tables["runcost"].data.loc["total", "wall_time_s"])

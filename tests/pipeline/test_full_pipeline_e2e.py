@@ -15,7 +15,7 @@ from repo_copy import ALWAYS_CHANGED, RepoCopy, commit_all, make_repo_copy, ran_
 
 from pipeline.outputs import figures
 
-TABLES = ("table2", "table4", "toy", "runcost")
+TABLES = ("table2", "table4", "toy", "runcost", "verdicts")
 
 # Only the keys that make each stage tiny; every other key keeps its committed default, so a key added later to a
 # section still gets a valid value. 8x8 images (``idx:tiny``: 30 train / 12 test, 3 classes).

@@ -501,7 +501,8 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
     # 3 more of the same 1,000 images wrong on every seed: the paired interval contains 0, the mean is 1.5 seed stds
     assert "c = 0.7: seed 0 +0.30 (−0.04, +0.64), seed 1 +0.30 (−0.04, +0.64)" in page
     assert "or its mean difference exceeds 2 pooled seed standard deviations" in page
-    assert "c ≥ 0.7 classifies as well as vanilla: reproduced" in page
+    assert "worse than vanilla among c ≥ 0.7: none" in page
+    assert "**Verdict:** c ≥ 0.7 classifies about as well as vanilla — reproduced;" in page  # from the verdict table
     assert "The certificates and the other figures use seed 0's models." in page
     assert "until the max error is ≤ 0.001: c = 0.9: 14, c = 0.7: 8, c = 0.5: 5; ≤ 1e-05: c = 0.9: not reached" in page
     assert "smaller c never needs more: yes" in page
@@ -534,7 +535,8 @@ def test_a_difference_is_decided_on_its_interval(tmp_path: Path, params: Params)
     report.run(params, paths)
     page = (paths.reports / "README.md").read_text()
     assert "100,000 test images" in page
-    assert "c ≥ 0.7 classifies as well as vanilla: not reproduced (worse: c = 0.9, c = 0.7)" in page
+    assert "worse than vanilla among c ≥ 0.7: c = 0.9, c = 0.7" in page
+    assert "**Verdict:** c ≥ 0.7 classifies about as well as vanilla — not reproduced;" in page
 
 
 def test_findings_report_what_did_not_reproduce(tmp_path: Path, params: Params) -> None:
@@ -555,7 +557,7 @@ def test_outputs_are_deterministic(tmp_path: Path, params: Params) -> None:
     outputs = sorted(paths.tables.iterdir()) + [paths.metrics / "summary.json", paths.reports / "README.md"]
     first = {p: p.read_bytes() for p in outputs}
     report.run(params, paths)
-    assert {p: p.read_bytes() for p in outputs} == first and len(first) == 14
+    assert {p: p.read_bytes() for p in outputs} == first and len(first) == 17  # 5 tables x 3 formats, summary, page
 
 
 def test_missing_inputs_name_their_stages(tmp_path: Path, params: Params) -> None:
