@@ -154,6 +154,20 @@ def test_branch_jacobian_equals_autograd() -> None:
         torch.testing.assert_close(jac[b], expected, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("chunk", [1 << 21, 3 * 18 * 5])  # every row in one pass; 5 rows a pass (the last has 3)
+def test_branch_jacobian_batched_passes_equal_one_pass_per_row(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """Without gradients the rows come from batched backward passes; with them, one VJP per row: the same bytes."""
+    monkeypatch.setattr("iresnet.logdet._JACOBIAN_CHUNK", chunk)
+    torch.manual_seed(0)
+    g = conv_branch(2, 4, (3, 3), coeff=0.8).double().eval()
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        _, batched = branch_jacobian(g, x)
+    _, per_row = branch_jacobian(g, x)
+    assert per_row.requires_grad and not batched.requires_grad
+    assert torch.equal(batched, per_row.detach())
+
+
 def test_series_coefficients_are_those_of_eq4() -> None:
     like = torch.zeros(1, dtype=torch.float64)
     assert series_coefficients(4, like).tolist() == [1.0, -1 / 2, 1 / 3, -1 / 4]

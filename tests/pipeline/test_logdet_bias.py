@@ -160,3 +160,16 @@ def test_one_probe_is_rejected(repo_params: dict) -> None:
     raw = {**repo_params, "logdet_bias": {**repo_params["logdet_bias"], "n_samples": 1}}
     with pytest.raises(Exception, match="logdet_bias.n_samples"):
         parse_params(raw)
+
+
+def test_eigenvalues_split_over_threads_are_the_same_bytes() -> None:
+    """The batch split over Python threads (one LAPACK thread each) gives exactly torch.linalg.eigvals."""
+    torch.manual_seed(0)
+    jac = torch.randn(5, 30, 30, dtype=torch.float64) * 0.1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = logdet_bias._eigenvalues(jac)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, torch.linalg.eigvals(jac))
