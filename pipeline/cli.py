@@ -348,7 +348,8 @@ def prepare(
     dataset: Optional[str] = typer.Option(None, help="Override data.dataset (mnist-5k, mnist, ..., idx:<folder>)."),
     download: Optional[bool] = typer.Option(None, "--download/--no-download", help="Override data.download."),
 ) -> None:
-    """Load and split the dataset, fit normalisation and ZCA on train, write data/prepared/ and a preview grid."""
+    """Split the dataset into train / validation / test, fit normalisation and ZCA on train only, write
+    data/prepared/ and a preview grid."""
     from pipeline.stages import prepare as stage
 
     run_stage(ctx, "data", "prepare", stage.run, ("data",), {"data.dataset": dataset, "data.download": download})
