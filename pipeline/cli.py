@@ -363,8 +363,8 @@ def train_classifier(
     epochs: Optional[int] = typer.Option(None, help="Override classifier.epochs."),
     dry: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
-    """Train one classifier of Table 2 from one seed (resumes from its last epoch checkpoint if an earlier run was
-    killed)."""
+    """Train one classifier of Table 2 from one seed: validation error per epoch, the test error once at the end
+    (resumes from its last epoch checkpoint if an earlier run was killed)."""
     from pipeline.models.specs import stage_name
     from pipeline.stages import train_classifier as stage
 

@@ -73,7 +73,7 @@ def test_two_queued_experiments_train_in_parallel_without_sharing_a_checkpoint(
     for run in runs:
         assert run.info.status == "FINISHED" and "resumed_from_epoch" not in run.data.tags
         assert run.data.tags["dvc_root"] == str(repo.root.resolve())  # DVC points it at the user's repository
-        history = client.get_metric_history(run.info.run_id, "test_error")
+        history = client.get_metric_history(run.info.run_id, "val_error")
         assert sorted(m.step for m in history) == [1, 2]
     assert len({r.data.tags["resume_checkpoint"] for r in runs}) == 2  # no checkpoint shared
     assert not list((repo.root / ".resume").glob("*.pt"))  # in the workspace, and removed once each finished

@@ -42,7 +42,7 @@ def test_a_trained_classifier_is_an_mlflow_model_with_its_inputs(
     assert tags["mlflow.source.name"] == "iresnet train_classifier@0.9-0"
 
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
-    assert set(inputs) == {"train", "test"}
+    assert set(inputs) == {"train", "val", "test"}  # the test split: read by the final evaluation
     for split, dataset in inputs.items():
         assert dataset.digest == hashlib.md5(split_file(paths, split).read_bytes()).hexdigest()
 
