@@ -418,7 +418,8 @@ def train_flow(
     epochs: Optional[int] = typer.Option(None, help="Override flow.epochs."),
     dry: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
-    """Train the multiscale flow (Table 4), samples grid (Fig. 5); resumes from its last epoch checkpoint."""
+    """Train the multiscale flow (Table 4) with validation bits/dim per epoch (test: evaluate-flow), samples grid
+    (Fig. 5); resumes from its last epoch checkpoint."""
     from pipeline.stages import train_flow as stage
 
     def batch_key(params: Params) -> tuple[str, int]:
