@@ -110,7 +110,8 @@ def data_sentence(stats: dict[str, Any]) -> str:
             "and test images above"
         )
     elif name.startswith(IDX_PREFIX):
-        source = f"the IDX files in `{name[len(IDX_PREFIX) :]}`, their train and test files as the train part and the test split"
+        folder = name[len(IDX_PREFIX) :]
+        source = f"the IDX files in `{folder}`, their train and test files as the train part and the test split"
     else:
         source = f"`{name}` as torchvision reads it, with the official train / test splits"
     val = split.get("val_fraction")
