@@ -348,7 +348,8 @@ def prepare(
     dataset: Optional[str] = typer.Option(None, help="Override data.dataset (mnist-5k, mnist, ..., idx:<folder>)."),
     download: Optional[bool] = typer.Option(None, "--download/--no-download", help="Override data.download."),
 ) -> None:
-    """Load and split the dataset, fit normalisation and ZCA on train, write data/prepared/ and a preview grid."""
+    """Split the dataset into train / validation / test, fit normalisation and ZCA on train only, write
+    data/prepared/ and a preview grid."""
     from pipeline.stages import prepare as stage
 
     run_stage(ctx, "data", "prepare", stage.run, ("data",), {"data.dataset": dataset, "data.download": download})
@@ -362,8 +363,8 @@ def train_classifier(
     epochs: Optional[int] = typer.Option(None, help="Override classifier.epochs."),
     dry: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
-    """Train one classifier of Table 2 from one seed (resumes from its last epoch checkpoint if an earlier run was
-    killed)."""
+    """Train one classifier of Table 2 from one seed: validation error per epoch, the test error once at the end
+    (resumes from its last epoch checkpoint if an earlier run was killed)."""
     from pipeline.models.specs import stage_name
     from pipeline.stages import train_classifier as stage
 
@@ -417,7 +418,8 @@ def train_flow(
     epochs: Optional[int] = typer.Option(None, help="Override flow.epochs."),
     dry: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
 ) -> None:
-    """Train the multiscale flow (Table 4), samples grid (Fig. 5); resumes from its last epoch checkpoint."""
+    """Train the multiscale flow (Table 4) with validation bits/dim per epoch (test: evaluate-flow), samples grid
+    (Fig. 5); resumes from its last epoch checkpoint."""
     from pipeline.stages import train_flow as stage
 
     def batch_key(params: Params) -> tuple[str, int]:

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.env import device, synchronize
-from pipeline.params import Params
+from pipeline.params import Params, held_out_count
 from pipeline.paths import Paths
 
 STEPS = 10
-# Training examples and channels of the named datasets (the dry run needs no data); idx: folders need `prepare`.
+# Train-part examples (train + validation) and channels of the named datasets (the dry run needs no data); idx:
+# folders need `prepare`.
 N_TRAIN = {"mnist-5k": 4000, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000}
 CHANNELS = {"mnist-5k": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "cifar100": 3}
 N_CLASSES = {"cifar100": 100}
@@ -42,7 +43,8 @@ def data_shape(params: Params, paths: Paths) -> tuple[tuple[int, int, int], int,
     if name not in N_TRAIN:
         raise DataError(f"--dry-run on {name} needs the prepared data: run `dvc repro prepare` first.")
     size = params.data.input_size() or 28
-    n_train = N_TRAIN[name] if params.data.max_train is None else min(N_TRAIN[name], params.data.max_train)
+    part = N_TRAIN[name] if params.data.max_train is None else min(N_TRAIN[name], params.data.max_train)
+    n_train = part - held_out_count(part, params.data.val_fraction)  # the validation split is not trained on
     return (CHANNELS[name], size, size), n_train, N_CLASSES.get(name, 10)
 
 

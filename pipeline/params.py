@@ -8,6 +8,7 @@ naming the key path, the value and what is allowed. Cross-field rules live in ea
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ PositiveInt = integer(lo=1)
 NonNegativeInt = integer(lo=0)
 PositiveReal = real(0.0, lo_open=True)
 OpenUnit = real(0.0, 1.0, lo_open=True, hi_open=True)
+HalfOrLess = real(0.0, 0.5, lo_open=True)  # a held-out part that leaves at least as many images for training
 PerStage = list_of(PositiveInt)
 Strides = list_of(choice(1, 2))
 InitDs = choice(1, 2)
@@ -65,6 +67,12 @@ def _nonlinearity_problem(value: str) -> str | None:
 Dataset = checked(Text, _dataset_problem, _DATASET_TEXT)
 Nonlinearity = checked(Text, _nonlinearity_problem, "a nonlinearity of iresnet.layers.NONLINEARITIES")
 Coeff = one_of(OpenUnit, choice(*BASELINES))
+
+
+def held_out_count(n: int, fraction: float) -> int:
+    """How many of ``n`` examples a split holds out: ``fraction * n`` rounded half up (the stratified splits give
+    each class its share of this total, :func:`pipeline.data.datasets.stratified_split`)."""
+    return math.floor(fraction * n + 0.5)
 
 
 def _check_stages(n_blocks: tuple, strides: tuple, channels: tuple) -> None:
@@ -90,12 +98,24 @@ class DataParams:
     dataset: Dataset = param("dataset name")
     root: Text = param("folder holding torchvision-layout datasets")
     download: Bool = param("allow torchvision to download a missing dataset")
-    split_seed: NonNegativeInt = param("seed of the mnist-5k stratified split and of subsampling")
+    split_seed: NonNegativeInt = param("seed of the stratified splits (test of mnist-5k, validation) and subsampling")
     test_fraction: OpenUnit = param("fraction of mnist-5k held out as the test split")
-    max_train: optional(PositiveInt) = param("keep at most this many training images")
+    val_fraction: HalfOrLess = param("fraction of the train part held out (stratified) as the validation split")
+    max_train: optional(PositiveInt) = param("keep at most this many images of the train part (train + validation)")
     max_test: optional(PositiveInt) = param("keep at most this many test images")
     pad_to_32: Bool = param("zero-pad images to 32x32")
     zca: ZCAParams = param("ZCA whitening")
+
+    def check(self) -> None:
+        if self.max_train is not None:
+            n_val = held_out_count(self.max_train, self.val_fraction)
+            if n_val < 1:
+                raise ParamsError(
+                    "val_fraction",
+                    self.val_fraction,
+                    f"a fraction that holds out at least one of the max_train {self.max_train} images "
+                    f"(>= {0.5 / self.max_train:g})",
+                )
 
     def input_size(self) -> int | None:
         """Height = width of the prepared images, or None for an ``idx:`` folder (known only once loaded)."""

@@ -10,6 +10,9 @@ Sources (``data.dataset``):
 - ``idx:<folder>``: any folder with the four MNIST-style IDX files (plain or ``.gz``), e.g. Debian's
   ``dataset-fashion-mnist`` package.
 
+Every source then gets a validation split, carved from its train part by the same stratified rule
+(``data.val_fraction``): hyperparameters are chosen on it, and only the final evaluations read the test split.
+
 Nothing is fetched silently: a missing dataset raises :class:`DataError` saying where it looked and the two ways to
 provide it, and a corrupt file raises one naming the file.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import DataError, ParamsError, brief
-from pipeline.params import IDX_PREFIX, DataParams
+from pipeline.params import IDX_PREFIX, DataParams, held_out_count
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -41,16 +45,21 @@ _TORCHVISION_CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 @dataclass(frozen=True)
 class RawData:
-    """Both splits of a dataset before preprocessing.
+    """The three splits of a dataset before preprocessing: train, validation (``val``, carved from the train part)
+    and test.
 
     ``*_images``: uint8 ``(N, C, H, W)``; ``*_labels``: int64 ``(N,)``; ``*_indices``: int64 ``(N,)`` positions of
-    each example in its source array (mnist-5k: in the 5,000 digits; otherwise in the source's own train/test set),
-    so the split is recorded exactly. ``split`` describes how train and test were formed (JSON-serialisable).
+    each example in its source array (mnist-5k: in the 5,000 digits; otherwise in the source's own train/test set:
+    ``train`` and ``val`` both index its train set), so the split is recorded exactly. ``split`` describes how the
+    splits were formed (JSON-serialisable).
     """
 
     train_images: Tensor
     train_labels: Tensor
     train_indices: Tensor
+    val_images: Tensor
+    val_labels: Tensor
+    val_indices: Tensor
     test_images: Tensor
     test_labels: Tensor
     test_indices: Tensor
@@ -211,19 +220,35 @@ def _load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 1, 28, 28).copy(), table[:, -1].astype(np.int64)
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted train and test indices: each class is shuffled by ``seed`` and ``round(test_fraction * n_c)`` of its
-    ``n_c`` examples go to test, so both splits keep the class proportions."""
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int | Sequence[int], key: str = "data.test_fraction"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted kept and held-out positions in ``labels`` ``(N,)``: ``held_out_count(N, fraction)`` examples are held
+    out, shared among the classes in proportion to their sizes (largest remainder: ``floor(fraction * n_c)`` each,
+    the rest one by one to the largest fractional parts, ties to the lower class), each class's chosen by a
+    permutation from ``seed``. Equal classes get equal shares (mnist-5k: 100 of each 500 for test, then 50 of each
+    remaining 400 for validation). :class:`ParamsError` naming ``key`` if nothing is held out or a class keeps none.
+    """
     rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = fraction * counts
+    shares = np.floor(quotas).astype(np.int64)
+    extra = held_out_count(len(labels), fraction) - int(shares.sum())
+    shares[np.argsort(-(quotas - shares), kind="stable")[:extra]] += 1
+    if shares.sum() == 0:
+        raise ParamsError(key, fraction, f"a fraction that holds out at least one of the {len(labels)} examples")
+    for c, n_c, k in zip(classes, counts, shares):
+        if k >= n_c:
+            raise ParamsError(key, fraction, f"a fraction that leaves some of the {n_c} examples of class {c}")
+    kept, held = [], []
+    for c, k in zip(classes, shares):
         members = rng.permutation(np.flatnonzero(labels == c))
-        n_test = int(round(test_fraction * len(members)))
-        if n_test == 0 or n_test == len(members):
-            raise ParamsError("data.test_fraction", test_fraction, f"a fraction leaving class {c} in both splits")
-        test.append(members[:n_test])
-        train.append(members[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+        held.append(members[:k])
+        kept.append(members[k:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+
+_VAL_STREAM = 3  # the validation split's random stream of data.split_seed (1, 2: subsampling train, test)
 
 
 def _subsample(n: int, limit: int | None, seed: int, stream: int) -> np.ndarray:
@@ -238,7 +263,12 @@ def _as_images(images: np.ndarray) -> np.ndarray:
 
 
 def load_dataset(data: DataParams, base: Path) -> RawData:
-    """Load ``data.dataset`` (``data.root`` and ``idx:`` folders are relative to ``base``), split and subsample it."""
+    """Load ``data.dataset`` (``data.root`` and ``idx:`` folders are relative to ``base``), split and subsample it.
+
+    Order: the test split (mnist-5k: stratified; otherwise the source's own), then ``data.max_train`` /
+    ``data.max_test`` subsample the train part and the test split, then the validation split is carved from the
+    train part (stratified, ``data.val_fraction`` of it, its own random stream of ``data.split_seed``).
+    """
     name = data.dataset
     root = base / data.root
     split: dict[str, Any]
@@ -265,13 +295,25 @@ def load_dataset(data: DataParams, base: Path) -> RawData:
         split = {"method": "official"}
         source_idx = {"train": np.arange(len(arrays["train_labels"])), "test": np.arange(len(arrays["test_labels"]))}
 
-    out: dict[str, Tensor] = {}
+    parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # split -> (images, labels, source indices)
     for stream, (split_name, limit) in enumerate((("train", data.max_train), ("test", data.max_test)), start=1):
         keep = _subsample(len(arrays[f"{split_name}_labels"]), limit, data.split_seed, stream)
-        images = _as_images(arrays[f"{split_name}_images"])[keep]
+        parts[split_name] = (
+            _as_images(arrays[f"{split_name}_images"])[keep],
+            arrays[f"{split_name}_labels"][keep].astype(np.int64),
+            source_idx[split_name][keep],
+        )
+    images, labels, indices = parts["train"]
+    val_seed = [data.split_seed, _VAL_STREAM]
+    train_pos, val_pos = stratified_split(labels, data.val_fraction, val_seed, "data.val_fraction")
+    parts["train"], parts["val"] = ((images[pos], labels[pos], indices[pos]) for pos in (train_pos, val_pos))
+
+    out: dict[str, Tensor] = {}
+    for split_name, (images, labels, indices) in parts.items():
         out[f"{split_name}_images"] = torch.from_numpy(np.ascontiguousarray(images))
-        out[f"{split_name}_labels"] = torch.from_numpy(arrays[f"{split_name}_labels"][keep].astype(np.int64))
-        out[f"{split_name}_indices"] = torch.from_numpy(source_idx[split_name][keep].astype(np.int64))
+        out[f"{split_name}_labels"] = torch.from_numpy(labels)
+        out[f"{split_name}_indices"] = torch.from_numpy(indices.astype(np.int64))
+    split["val_fraction"] = data.val_fraction
     if data.max_train is not None or data.max_test is not None:
         split["subsample"] = {"max_train": data.max_train, "max_test": data.max_test, "seed": data.split_seed}
     return RawData(**out, source=source, split=split)

@@ -2,11 +2,13 @@
 
 ``data/prepared/``:
 
-- ``train.pt``, ``test.pt``: ``{"pixels": uint8 (N, C, H, W), "labels": int64 (N,), "indices": int64 (N,)}``
-  (``indices``: position of each example in its source, which records the split). Raw pixels keep the files a
-  quarter of the size of float32 ones, small enough to commit with the default profile's results;
-  :func:`load_prepared` returns them as ``k / 255``;
-- ``stats.json``: dataset, source, split, counts, shape, per-channel mean/std of the train split, ZCA summary;
+- ``train.pt``, ``val.pt``, ``test.pt``: ``{"pixels": uint8 (N, C, H, W), "labels": int64 (N,), "indices": int64
+  (N,)}`` (``indices``: position of each example in its source, which records the split). ``val`` is the validation
+  split, carved from the train part: training curves and every choice read it; only final evaluations read
+  ``test``. Raw pixels keep the files a quarter of the size of float32 ones, small enough to commit with the default
+  profile's results; :func:`load_prepared` returns them as ``k / 255``;
+- ``stats.json``: dataset, source, split, counts, shape, per-channel mean/std of the train split (validation
+  excluded), ZCA summary;
 - ``zca.pt`` (when ``data.zca.enabled``): :meth:`pipeline.data.preprocess.ZCA.state_dict`.
 
 Images are stored unnormalised so that classification (normalise with ``stats.json``) and density estimation
@@ -26,7 +28,7 @@ from pipeline.errors import DataError, brief
 from pipeline.files import read_json
 from pipeline.paths import Paths
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 _HINT = "run `dvc repro prepare` (or `iresnet prepare`) first"
 
 

@@ -13,11 +13,12 @@ from pipeline.plots.figures import pyplot, save_figure, square_rows, tile
 DPI = 120
 
 
-def plot_samples(path: Path, samples: Tensor, data: Tensor, title: str) -> None:
-    """Fig. 5: test images beside samples of the flow, both ``(N, C, H, W)`` in ``[0, 1]``."""
+def plot_samples(path: Path, samples: Tensor, data: Tensor, title: str, data_name: str = "data images") -> None:
+    """Fig. 5: real images (``data``, titled ``data_name``) beside samples of the flow, both ``(N, C, H, W)`` in
+    ``[0, 1]``."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.8))
-    for ax, name, images in ((axes[0], "test images", data), (axes[1], "samples", samples)):
+    for ax, name, images in ((axes[0], data_name, data), (axes[1], "samples", samples)):
         grid = tile(square_rows(list(images.permute(0, 2, 3, 1).numpy())), fill=1.0)
         ax.imshow(grid.squeeze(-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(name, fontsize=10)

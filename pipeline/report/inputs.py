@@ -248,7 +248,7 @@ def load_inputs(paths: Paths, coeffs: tuple[float | str, ...], seeds: tuple[int,
                 where,
             )
     return ReportInputs(
-        stats=_read(paths.prepared / STATS, PREPARE.stage, ("dataset", "n_train", "n_test", "shape")),
+        stats=_read(paths.prepared / STATS, PREPARE.stage, ("dataset", "n_train", "n_val", "n_test", "shape")),
         prepare=metrics(PREPARE, ("wall_time_s",)),
         classifiers={label: by_seed[seeds[0]] for label, by_seed in runs.items()},
         classifier_runs=runs,

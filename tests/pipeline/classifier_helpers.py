@@ -58,12 +58,14 @@ def tiny_images(n: int, n_classes: int = 3, size: int = 8, seed: int = 0) -> tup
     return torch.round(images.clamp(0, 1) * 255) / 255, labels
 
 
-def write_prepared(root: Path, n_train: int = 32, n_test: int = 12, n_classes: int = 3) -> None:
-    """``data/prepared`` as the ``prepare`` stage writes it (train/test tensors and stats.json)."""
+def write_prepared(root: Path, n_train: int = 32, n_test: int = 12, n_classes: int = 3, n_val: int = 6) -> None:
+    """``data/prepared`` as the ``prepare`` stage writes it (train/validation/test tensors and stats.json)."""
     paths = Paths.at(root)
     train, train_labels = tiny_images(n_train, n_classes, seed=0)
     test, test_labels = tiny_images(n_test, n_classes, seed=1)
-    for split, images, labels in (("train", train, train_labels), ("test", test, test_labels)):
+    val, val_labels = tiny_images(n_val, n_classes, seed=2)
+    splits = (("train", train, train_labels), ("val", val, val_labels), ("test", test, test_labels))
+    for split, images, labels in splits:
         pixels = torch.round(images * 255).to(torch.uint8)
         save_torch(split_file(paths, split), {"pixels": pixels, "labels": labels, "indices": torch.arange(len(labels))})
     x = train.double()
@@ -72,6 +74,7 @@ def write_prepared(root: Path, n_train: int = 32, n_test: int = 12, n_classes: i
         {
             "dataset": "idx:tiny",
             "n_train": n_train,
+            "n_val": n_val,
             "n_test": n_test,
             "n_classes": n_classes,
             "shape": [1, 8, 8],

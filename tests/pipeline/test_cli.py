@@ -70,7 +70,7 @@ def test_prepare_runs_and_prints_a_table(tiny_project: Path) -> None:
     assert threads == 2  # --threads reaches torch when a stage runs
     assert "prepare: results" in result.output and "n_train" in result.output and "zca_logdet" in result.output
     images, _ = load_prepared(Paths.at(tiny_project), "train")
-    assert images.shape == (30, 1, 8, 8)
+    assert images.shape == (26, 1, 8, 8)  # 30 less 4 for validation
 
 
 def test_prepare_is_tracked(tiny_project: Path, fresh_store: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,7 +85,8 @@ def test_prepare_is_tracked(tiny_project: Path, fresh_store: Callable, monkeypat
     exp = client.get_experiment_by_name("iresnet-data")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
-    assert runs[0].data.params["data.max_train"] == "12" and runs[0].data.metrics["n_train"] == 12
+    assert runs[0].data.params["data.max_train"] == "12"
+    assert runs[0].data.metrics["n_train"] == 10 and runs[0].data.metrics["n_val"] == 2  # 12 = 10 + 0.125 x 12
     assert "not found" in runs[1].data.tags["error"]
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"figures", "metrics", "prepared"}
 
@@ -122,7 +123,7 @@ def test_global_options_after_the_command(tiny_project: Path, tiny_params: dict)
     assert result.exit_code == 0, result.output
     images, _ = load_prepared(Paths.at(tiny_project), "train")
     tests, _ = load_prepared(Paths.at(tiny_project), "test")
-    assert len(images) == 12 and len(tests) == 6  # from other.yaml and from -S
+    assert len(images) == 10 and len(tests) == 6  # from other.yaml (12, 2 of them validation) and from -S
 
     bad = runner.invoke(
         app, ["train-classifier", "--coeff", "0.9", "--seed", "0", "--root", str(tiny_project), "-S", "flow.coeff=0"]

@@ -34,7 +34,8 @@ def test_queued_experiment_logs_into_the_workspace_store(
     (run,) = client.search_runs([client.get_experiment_by_name("iresnet-data").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["dvc_exp_name"] == "tiny-exp" and run.data.tags["dvc_stage"] == "prepare"
-    assert run.data.params["data.max_train"] == "20" and run.data.metrics["n_train"] == 20
+    assert run.data.params["data.max_train"] == "20"
+    assert run.data.metrics["n_train"] == 17 and run.data.metrics["n_val"] == 3  # 0.125 x 20 = 2.5, rounded up
     artifact_root = client.get_experiment(run.info.experiment_id).artifact_location
     assert artifact_root == (repo.root.resolve() / "mlartifacts" / "data").as_uri()
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"figures", "metrics", "prepared"}
@@ -72,7 +73,7 @@ def test_two_queued_experiments_train_in_parallel_without_sharing_a_checkpoint(
     for run in runs:
         assert run.info.status == "FINISHED" and "resumed_from_epoch" not in run.data.tags
         assert run.data.tags["dvc_root"] == str(repo.root.resolve())  # DVC points it at the user's repository
-        history = client.get_metric_history(run.info.run_id, "test_error")
+        history = client.get_metric_history(run.info.run_id, "val_error")
         assert sorted(m.step for m in history) == [1, 2]
     assert len({r.data.tags["resume_checkpoint"] for r in runs}) == 2  # no checkpoint shared
     assert not list((repo.root / ".resume").glob("*.pt"))  # in the workspace, and removed once each finished

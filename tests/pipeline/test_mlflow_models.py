@@ -42,7 +42,7 @@ def test_a_trained_classifier_is_an_mlflow_model_with_its_inputs(
     assert tags["mlflow.source.name"] == "iresnet train_classifier@0.9-0"
 
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
-    assert set(inputs) == {"train", "test"}
+    assert set(inputs) == {"train", "val", "test"}  # the test split: read by the final evaluation
     for split, dataset in inputs.items():
         assert dataset.digest == hashlib.md5(split_file(paths, split).read_bytes()).hexdigest()
 
@@ -84,7 +84,7 @@ def test_the_trained_flow_is_an_mlflow_model(
     (run,) = client.search_runs([client.get_experiment_by_name("iresnet-flow").experiment_id])
     (logged,) = client.search_logged_models([run.info.experiment_id])
     assert logged.source_run_id == run.info.run_id and logged.status == "READY"
-    assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"train", "test"}
+    assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"train", "val"}  # evaluate_flow reads test
 
 
 def test_toy_fits_are_nested_runs(tmp_path: Path, tiny_params: dict, fresh_store: Callable, monkeypatch) -> None:

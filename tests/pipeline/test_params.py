@@ -64,6 +64,11 @@ BAD = [
     ("data.download", 1, "data.download", "true or false"),
     ("data.test_fraction", 1.0, "data.test_fraction", "< 1"),
     ("data.test_fraction", 0, "data.test_fraction", "> 0"),
+    ("data.val_fraction", 0, "data.val_fraction", "> 0"),
+    ("data.val_fraction", -0.1, "data.val_fraction", "> 0"),
+    ("data.val_fraction", 0.6, "data.val_fraction", "<= 0.5"),
+    ("data.val_fraction", "10%", "data.val_fraction", "a finite number"),
+    ("data.val_fraction", ..., "data.val_fraction", "validation split"),  # required: the doc names it
     ("data.max_train", 0, "data.max_train", "null or"),
     ("data.zca.epsilon", 0.0, "data.zca.epsilon", "> 0"),
     ("data.zca.epsilon", float("nan"), "data.zca.epsilon", "finite"),
@@ -123,6 +128,16 @@ def test_each_rule_rejects_a_bad_value(repo_params: dict, dotted: str, value: An
     assert info.value.key == key
     message = str(info.value)
     assert f"`{key}`" in message and allowed in message, message
+
+
+def test_a_validation_split_too_small_to_hold_an_image_is_rejected(repo_params: dict) -> None:
+    """0.125 of 4 images rounds to 1 (kept); 0.1 of 4 rounds to 0: an empty validation split, refused before any
+    compute, naming the key and the smallest fraction that works."""
+    raw = _set(_set(repo_params, "data.max_train", 4), "data.val_fraction", 0.125)
+    assert parse_params(raw).data.val_fraction == 0.125
+    with pytest.raises(ParamsError) as info:
+        parse_params(_set(raw, "data.val_fraction", 0.1))
+    assert info.value.key == "data.val_fraction" and "max_train 4" in str(info.value) and ">= 0.125" in str(info.value)
 
 
 def test_padding_to_32_makes_three_squeezes_valid(repo_params: dict) -> None:

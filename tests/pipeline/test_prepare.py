@@ -1,4 +1,5 @@
-"""The ``prepare`` stage on a tiny IDX dataset: outputs, their consistency, determinism, and the loaders."""
+"""The ``prepare`` stage on a tiny IDX dataset: outputs, their consistency, the validation split, statistics fitted
+on the train split only, determinism, and the loaders."""
 
 from __future__ import annotations
 
@@ -32,24 +33,37 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_prepare_writes_consistent_outputs(tiny_project: Path) -> None:
     paths = Paths.at(tiny_project)
     metrics = run(load_params(paths.params_file), paths)
-    assert metrics["n_train"] == 30 and metrics["n_test"] == 12 and metrics["shape"] == "1x8x8"
+    # 30 source train images: 4 (0.125, rounded) held out for validation
+    assert metrics["n_train"] == 26 and metrics["n_val"] == 4 and metrics["n_test"] == 12
+    assert metrics["shape"] == "1x8x8"
 
     train, labels = load_prepared(paths, "train")
-    assert train.dtype == torch.float32 and train.shape == (30, 1, 8, 8) and labels.dtype == torch.int64
+    assert train.dtype == torch.float32 and train.shape == (26, 1, 8, 8) and labels.dtype == torch.int64
     assert float(train.min()) >= 0 and float(train.max()) <= 1
+    val, val_labels = load_prepared(paths, "val")
+    assert val.shape == (4, 1, 8, 8) and torch.bincount(val_labels).tolist() == [2, 1, 1]
     raw = torch.load(split_file(paths, "train"), weights_only=True)
-    assert torch.equal(raw["indices"], torch.arange(30))
+    raw_val = torch.load(split_file(paths, "val"), weights_only=True)
+    assert sorted(raw["indices"].tolist() + raw_val["indices"].tolist()) == list(range(30))  # disjoint, complete
+    assert raw_val["indices"].tolist() == sorted(raw_val["indices"].tolist())  # in source order
     source = read_idx(tiny_project / "tiny" / "train-images-idx3-ubyte", 3)
-    assert raw["pixels"].dtype == torch.uint8 and np.array_equal(raw["pixels"][:, 0].numpy(), source)  # stored raw
+    for stored in (raw, raw_val):  # stored raw, at the source positions its indices name
+        assert stored["pixels"].dtype == torch.uint8
+        assert np.array_equal(stored["pixels"][:, 0].numpy(), source[stored["indices"].numpy()])
     assert torch.equal(train, raw["pixels"].float() / 255)  # loaded as k / 255, bit for bit
     assert read_json(paths.metrics / "prepare.json") == metrics and metrics["wall_time_s"] > 0
 
     stats = load_stats(paths)
     assert stats["shape"] == [1, 8, 8] and stats["n_classes"] == 3 and stats["dims"] == 64
-    assert stats["split"]["train_per_class"] == [10, 10, 10] and stats["split"]["test_per_class"] == [4, 4, 4]
+    assert stats["split"]["train_per_class"] == [8, 9, 9] and stats["split"]["val_per_class"] == [2, 1, 1]
+    assert stats["split"]["test_per_class"] == [4, 4, 4] and stats["split"]["val_fraction"] == 0.125
+    assert (stats["n_train"], stats["n_val"], stats["n_test"]) == (26, 4, 12)
+    # Normalisation and ZCA are fitted on the train split alone: not on train + validation.
     expected_mean = train.double().mean().item()
     expected_std = train.double().std(correction=0).item()
     assert stats["mean"] == [expected_mean] and stats["std"] == [expected_std]
+    with_val = torch.cat([train, val]).double()
+    assert with_val.mean().item() != expected_mean and with_val.std(correction=0).item() != expected_std
     assert metrics["mean_c0"] == expected_mean
     channel = load_channel_stats(paths)
     assert channel.mean.tolist() == [expected_mean]
@@ -57,7 +71,10 @@ def test_prepare_writes_consistent_outputs(tiny_project: Path) -> None:
     zca = load_zca(paths)
     assert stats["zca"] == {"enabled": True, "epsilon": 0.01, "logdet": zca.logdet, "dims": 64}
     assert metrics["zca_logdet"] == zca.logdet
-    torch.testing.assert_close(zca.mean, train.double().reshape(30, -1).mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(zca.mean, train.double().reshape(26, -1).mean(0), rtol=0, atol=1e-12)
+    cov = torch.cov(train.double().reshape(26, -1).T, correction=0)
+    refit = zca.eigenvectors @ torch.diag(zca.eigenvalues) @ zca.eigenvectors.T
+    torch.testing.assert_close(refit, cov, atol=1e-9, rtol=0)
 
     png = PREPARE.figure_path(paths, "preview")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -78,7 +95,7 @@ def test_prepare_is_byte_identical_on_rerun(tiny_project: Path) -> None:
         **_digest(paths.prepared),
         "preview": hashlib.sha256((PREPARE.figure_path(paths, "preview")).read_bytes()).hexdigest(),
     }
-    assert first == second and len(first) == 5
+    assert first == second and len(first) == 6  # train, val, test, stats, zca, preview
 
 
 def test_prepare_options_pad_subsample_no_zca(tiny_project: Path, tiny_params: dict) -> None:

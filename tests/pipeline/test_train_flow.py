@@ -49,9 +49,9 @@ FLOW_KEYS = {
     "dims",
     "epochs",
     "train_bpd",
-    "test_bpd_estimate",
-    "test_logpz",
-    "test_logdet",
+    "val_bpd",
+    "val_logpz",
+    "val_logdet",
     "recon_error",
     "estimator",
     "n_terms",
@@ -65,14 +65,20 @@ FLOW_KEYS = {
 }
 
 
-def test_stage_outputs_and_applied_learning_rates(tiny_project: Path, tiny_params: dict) -> None:
+def test_stage_outputs_and_applied_learning_rates(
+    tiny_project: Path, tiny_params: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     applied: list[float] = []
+    read: list[str] = []
+    real_load = train_flow.load_prepared
+    monkeypatch.setattr(train_flow, "load_prepared", lambda paths, split: read.append(split) or real_load(paths, split))
     hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"]))
     try:
         params, paths, metrics = trained_project(tiny_project, tiny_params)
     finally:
         hook.remove()
-    # 30 train images in batches of 8: 4 steps per epoch; the warm-up spans exactly the first epoch.
+    assert read == ["train", "val"]  # the test split is evaluate_flow's alone
+    # 26 train images (30 less 4 for validation) in batches of 8: 4 steps per epoch; the warm-up spans the first epoch.
     lr = params.flow.lr
     assert applied == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr, lr, lr], rel=1e-15)
 
@@ -83,20 +89,23 @@ def test_stage_outputs_and_applied_learning_rates(tiny_project: Path, tiny_param
     assert math.isfinite(metrics["train_bpd"]) and metrics["recon_error"] < 1e-3
     curve = pd.read_csv(TRAIN_FLOW.curve_path(paths, "epochs"))
     assert tuple(curve.columns) == train_flow.CURVE_COLUMNS and curve["epoch"].tolist() == [1, 2]
-    assert curve["lr"].tolist() == [lr, lr] and curve["test_bpd"].iloc[-1] == metrics["test_bpd_estimate"]
+    assert curve["lr"].tolist() == [lr, lr] and curve["val_bpd"].iloc[-1] == metrics["val_bpd"]
+    assert not [c for c in curve.columns if "test" in c]
     assert (TRAIN_FLOW.figure_path(paths, "fig5")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((paths.root / ".resume").glob("*.pt"))  # removed once the outputs are written
 
-    # The saved model is the trained one: re-evaluating it reproduces the last epoch's numbers exactly.
+    # The saved model is the trained one: re-evaluating it on the validation split reproduces the last epoch's
+    # numbers exactly.
     flow = load_trained_flow(paths)
     assert flow.meta["n_dims"] == 64 and flow.dataset == "idx:tiny"
     assert sum(t.numel() for t in flow.model.parameters()) == metrics["n_params"]
     from pipeline.data.store import load_prepared
 
-    test_images, _ = load_prepared(paths, "test")
-    x = fixed_noise_inputs(flow.space, test_images, params.seed + 1)
+    val_images, _ = load_prepared(paths, "val")
+    x = fixed_noise_inputs(flow.space, val_images, params.seed + 1)
     again = train_flow.evaluate_epoch(flow.model, flow.space, x, 12, params.seed + 1)
-    assert again["test_bpd"] == metrics["test_bpd_estimate"] and again["logdet"] == metrics["test_logdet"]
+    assert again["bpd"] == metrics["val_bpd"] and again["logdet"] == metrics["val_logdet"]
+    assert again["logpz"] == metrics["val_logpz"]
 
 
 def test_kill_and_resume_gives_identical_results(
@@ -156,14 +165,14 @@ def test_flow_options_train_and_reload(tiny_project: Path, tiny_params: dict) ->
         hook.remove()
     lr = params.flow.lr
     assert applied == pytest.approx([train_flow.scheduled_lr(s, lr, 4, 8, "cosine") for s in range(8)], rel=1e-15)
-    assert math.isfinite(metrics["test_bpd_estimate"]) and metrics["recon_error"] < 1e-3
+    assert math.isfinite(metrics["val_bpd"]) and metrics["recon_error"] < 1e-3
     flow = load_trained_flow(paths)
     assert flow.model.config.prior == "conditional" and flow.model.config.logit_alpha == 1e-6
     samples = flow.model.sample(2, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
 
     _, paths, metrics = trained_project(tiny_project, tiny_params, epochs=1, factor_out=False)
-    assert len(load_trained_flow(paths).model.priors) == 1 and math.isfinite(metrics["test_bpd_estimate"])
+    assert len(load_trained_flow(paths).model.priors) == 1 and math.isfinite(metrics["val_bpd"])
 
 
 def test_actnorm_initialises_on_the_given_images_only(tiny_project: Path, tiny_params: dict) -> None:
@@ -201,7 +210,7 @@ def test_config_files_before_the_flow_options_still_load(repo_params: dict) -> N
 @pytest.mark.parametrize(("estimator", "library"), [("truncated", "series"), ("unbiased", "unbiased")])
 def test_other_estimators_train(tiny_project: Path, tiny_params: dict, estimator: str, library: str) -> None:
     _, _, metrics = trained_project(tiny_project, tiny_params, epochs=1, estimator=estimator, memory_efficient=False)
-    assert metrics["estimator"] == library and math.isfinite(metrics["test_bpd_estimate"])
+    assert metrics["estimator"] == library and math.isfinite(metrics["val_bpd"])
 
 
 def test_nan_stops_with_a_diagnosis(tiny_project: Path, tiny_params: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -320,6 +329,7 @@ def test_flow_options_off_train_bit_identically_to_the_code_before_them(
         del raw["toy"][key]
     for key in ("sample_classifier", "n_scored_samples"):  # added later still (evaluate_flow's sample scoring)
         del raw["evaluate_flow"][key]
+    del raw["data"]["val_fraction"]  # added later still (the validation split; that code evaluates on test)
     (old_root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     script = (  # one thread, as the tests run (tests/conftest.py): reductions then add up in the same order
         "import torch; torch.set_num_threads(1); "
