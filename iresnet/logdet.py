@@ -171,7 +171,8 @@ def neumann_logdet(
     return gx, value.detach() + (surrogate - surrogate.detach())
 
 
-_JACOBIAN_CHUNK = 1 << 21  # elements of the basis vectors per batched backward pass of branch_jacobian (16 MiB in float64)
+# Elements of the basis vectors in one batched backward pass of branch_jacobian (16 MiB in float64).
+_JACOBIAN_CHUNK = 1 << 21
 
 
 def branch_jacobian(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ their per-example differences; its standard error is smaller than either model's
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -37,14 +38,24 @@ def t95(df: int) -> float:
     return _T95[min(df, len(_T95)) - 1]
 
 
-def mean_interval(values: list[float]) -> dict[str, float] | None:
-    """``{"mean", "stderr", "low", "high", "n"}``: the mean of a few replicates (seeds, models) with its 95% t
-    interval ``mean ± t95(n - 1) · s / sqrt(n)``; None for fewer than two values (no spread to judge by)."""
+def seed_std(values: Iterable[float]) -> float | None:
+    """The sample standard deviation ``s`` of a few replicates (seeds, models); None for fewer than two."""
+    values = list(values)
     n = len(values)
     if n < 2:
         return None
     mean = math.fsum(values) / n
-    s = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def mean_interval(values: list[float]) -> dict[str, float] | None:
+    """``{"mean", "stderr", "low", "high", "n"}``: the mean of a few replicates (seeds, models) with its 95% t
+    interval ``mean ± t95(n - 1) · s / sqrt(n)``; None for fewer than two values (no spread to judge by)."""
+    s = seed_std(values)
+    if s is None:
+        return None
+    n = len(values)
+    mean = math.fsum(values) / n
     half = t95(n - 1) * s / math.sqrt(n)
     return {"mean": mean, "stderr": s / math.sqrt(n), "low": mean - half, "high": mean + half, "n": n}
 

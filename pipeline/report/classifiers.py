@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import DataError
-from pipeline.stats import outcomes, paired_difference
+from pipeline.stats import outcomes, paired_difference, seed_std
 
 SEED_STDS = 2.0  # the seed clause: mean difference <= 2 pooled seed standard deviations
 CLOSE_COEFF = 0.7  # the paper's claim covers c >= 0.7
@@ -44,7 +44,7 @@ class SeedSummary:
     @property
     def std(self) -> float | None:
         """Sample standard deviation over seeds (n − 1); None for a single seed."""
-        return statistics.stdev(self.errors.values()) if len(self.errors) > 1 else None
+        return seed_std(self.errors.values())
 
     @property
     def mean_difference(self) -> float | None:

@@ -6,9 +6,9 @@ Glow-style flow with ActNorm, an invertible linear map and an affine coupling pe
 layers and MLP widths (so a similar parameter count). Writes
 
 * ``reports/metrics/toy.json``: per dataset the test NLL (nats per 2-D point) of both flows, their parameter counts and
-  training throughput, the probability mass inside the heatmap window of the densities Fig. 2 shows (a normalisation check), the
-  i-ResNet's certified ``max_t Lip(g_t)`` (exact spectral norms of the trained weights; below 1, every block is
-  invertible and the density normalised), and the true density's NLL where it has a closed form. Every NLL comes with
+  training throughput, the probability mass inside the heatmap window of the densities Fig. 2 shows (a normalisation
+  check), the i-ResNet's certified ``max_t Lip(g_t)`` (exact spectral norms of the trained weights; below 1, every
+  block is invertible and the density normalised), and the true density's NLL where it has a closed form. Every NLL comes with
   its standard error over the test points, and the comparisons are paired (the same test points): ``iresnet_minus_glow``
   and ``<model>_minus_reference`` hold the mean difference of the per-point NLLs, its standard error and its ~95%
   interval, so a "lower NLL" is decided on an interval rather than on two point values;
@@ -35,7 +35,7 @@ from pipeline.outputs import TOY_DENSITY, StageRun
 from pipeline.params import Params, ToyParams
 from pipeline.paths import Paths
 from pipeline.plots.toy import Panel, data_histogram, plot_toy_densities
-from pipeline.stats import mean_and_stderr, paired_difference
+from pipeline.stats import mean_and_stderr, paired_difference, seed_std
 from pipeline.tracking import Tracker
 from pipeline.training import check_finite, gradient_norm, n_params, save_model, scheduled_lr, seed_everything
 
@@ -293,11 +293,6 @@ def lower_nll(differences: list[dict[str, float]]) -> str:
     return "neither"
 
 
-def _seed_std(values: list[float]) -> float | None:
-    """The sample standard deviation over seeds (None with one seed)."""
-    return float(torch.tensor(values, dtype=torch.float64).std(correction=1)) if len(values) > 1 else None
-
-
 def fit_dataset(
     name: str, params: Params, paths: Paths, tracker: Tracker, curve_rows: list[dict[str, Any]], trained: Trained
 ) -> tuple[dict[str, Any], Panel]:
@@ -345,7 +340,7 @@ def fit_dataset(
             {
                 f"{kind}_nll": float(averaged[kind].mean()),
                 f"{kind}_nll_stderr": mean_and_stderr(averaged[kind])["stderr"],
-                f"{kind}_nll_seed_std": _seed_std([e[f"{kind}_nll"] for e in seeds]),
+                f"{kind}_nll_seed_std": seed_std([e[f"{kind}_nll"] for e in seeds]),
                 f"{kind}_val_nll": sum(e[f"{kind}_val_nll"] for e in seeds) / len(seeds),
                 f"{kind}_minus_reference": None if reference is None else paired_difference(averaged[kind], -reference),
                 f"{kind}_params": seeds[0][f"{kind}_params"],
@@ -357,7 +352,7 @@ def fit_dataset(
     result["iresnet_lipschitz_max"] = max(e["iresnet_lipschitz_max"] for e in seeds)
     result["iresnet_certified_invertible"] = result["iresnet_lipschitz_max"] < 1.0
     result["iresnet_minus_glow"] = paired_difference(averaged["iresnet"], averaged["glow"])
-    result["iresnet_minus_glow_seed_std"] = _seed_std([e["iresnet_minus_glow"]["mean"] for e in seeds])
+    result["iresnet_minus_glow_seed_std"] = seed_std([e["iresnet_minus_glow"]["mean"] for e in seeds])
     result["lower_nll"] = lower_nll([e["iresnet_minus_glow"] for e in seeds])
     result["per_seed"] = per_seed
     return result, (name, titles, images)
