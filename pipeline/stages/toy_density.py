@@ -8,8 +8,8 @@ layers and MLP widths (so a similar parameter count). Writes
 * ``reports/metrics/toy.json``: per dataset the test NLL (nats per 2-D point) of both flows, their parameter counts and
   training throughput, the probability mass inside the heatmap window of the densities Fig. 2 shows (a normalisation
   check), the i-ResNet's certified ``max_t Lip(g_t)`` (exact spectral norms of the trained weights; below 1, every
-  block is invertible and the density normalised), and the true density's NLL where it has a closed form. Every NLL comes with
-  its standard error over the test points, and the comparisons are paired (the same test points): ``iresnet_minus_glow``
+  block is invertible and the density normalised), and the true density's NLL where it has a closed form. Every NLL
+  comes with its standard error over the test points, and the comparisons are paired (the same test points): ``iresnet_minus_glow``
   and ``<model>_minus_reference`` hold the mean difference of the per-point NLLs, its standard error and its ~95%
   interval, so a "lower NLL" is decided on an interval rather than on two point values;
 * ``reports/curves/toy.csv``: the training loss of every step (dataset, model, step, loss);
