@@ -9,9 +9,9 @@ layers and MLP widths (so a similar parameter count). Writes
   training throughput, the probability mass inside the heatmap window of the densities Fig. 2 shows (a normalisation
   check), the i-ResNet's certified ``max_t Lip(g_t)`` (exact spectral norms of the trained weights; below 1, every
   block is invertible and the density normalised), and the true density's NLL where it has a closed form. Every NLL
-  comes with its standard error over the test points, and the comparisons are paired (the same test points): ``iresnet_minus_glow``
-  and ``<model>_minus_reference`` hold the mean difference of the per-point NLLs, its standard error and its ~95%
-  interval, so a "lower NLL" is decided on an interval rather than on two point values;
+  comes with its standard error over the test points, and the comparisons are paired (the same test points):
+  ``iresnet_minus_glow`` and ``<model>_minus_reference`` hold the mean difference of the per-point NLLs, its standard
+  error and its ~95% interval, so a "lower NLL" is decided on an interval rather than on two point values;
 * ``reports/curves/toy.csv``: the training loss of every step (dataset, model, step, loss);
 * ``reports/figures/fig2_toy_densities.png``: rows = datasets; columns = data, i-ResNet density, Glow density;
 * ``models/toy/<dataset>-<model>.pt``: the trained flows (rebuilt from their stored config).
