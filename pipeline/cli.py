@@ -495,7 +495,7 @@ def report(ctx: typer.Context) -> None:
     """Write reports/tables/*, reports/metrics/summary.json and reports/README.md from every stage's metrics files."""
     from pipeline.stages import report as stage
 
-    run_stage(ctx, "analysis", "report", stage.run, ("classifier",))
+    run_stage(ctx, "analysis", "report", stage.run, ("classifier", "glow_classifier"))
 
 
 @app.command()

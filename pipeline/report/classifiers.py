@@ -60,21 +60,21 @@ def per_image_errors(metrics: dict[str, Any], where: str) -> Any:
         raise DataError(f"{where}: `test_correct` is unreadable ({err}); re-run that stage.") from None
 
 
-def seed_summaries(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, SeedSummary]:
-    """Every model's :class:`SeedSummary`; ``runs``: label -> seed -> metrics. Differences to vanilla are paired per
-    seed, over the seeds both have; with no vanilla there are none."""
-    vanilla = runs.get("vanilla", {})
+def seed_summaries(runs: dict[str, dict[int, dict[str, Any]]], reference: str = "vanilla") -> dict[str, SeedSummary]:
+    """Every model's :class:`SeedSummary`; ``runs``: label -> seed -> metrics. Differences to the ``reference`` model
+    (Table 2: vanilla) are paired per seed, over the seeds both have; with no reference there are none."""
+    base = runs.get(reference, {})
     out = {}
     for label, by_seed in runs.items():
         differences = {}
-        if label != "vanilla":
-            for seed in (s for s in by_seed if s in vanilla):
+        if label != reference:
+            for seed in (s for s in by_seed if s in base):
                 a = per_image_errors(by_seed[seed], f"{label} seed {seed}")
-                b = per_image_errors(vanilla[seed], f"vanilla seed {seed}")
+                b = per_image_errors(base[seed], f"{reference} seed {seed}")
                 if a.shape != b.shape:
                     raise DataError(
-                        f"{label} and vanilla (seed {seed}) were scored on {len(a)} and {len(b)} test images: a paired "
-                        "comparison needs the same test split; re-run train_classifier for both."
+                        f"{label} and {reference} (seed {seed}) were scored on {len(a)} and {len(b)} test images: a "
+                        "paired comparison needs the same test split; re-run the stages that train both."
                     )
                 differences[seed] = paired_difference(a, b)
         errors = {seed: float(m["test_error"]) for seed, m in by_seed.items()}

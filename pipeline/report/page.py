@@ -23,6 +23,9 @@ from pipeline.outputs import (
 )
 from pipeline.params import IDX_PREFIX
 from pipeline.report.classifiers import CLOSE_COEFF, SEED_STDS, close_labels, compare_with_vanilla, seed_summaries
+from pipeline.report.glow import PAPER as TABLE3_PAPER
+from pipeline.report.glow import PAPER_NOTE as TABLE3_NOTE
+from pipeline.report.glow import table3_finding
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.tables import (
     BASELINE_NAMES,
@@ -559,6 +562,12 @@ def render_page(inputs: ReportInputs, tables: dict[str, ReportTable]) -> str:
             tables["table2"].markdown()
             + "\nThe paper's own Table 2 numbers are not carried here; see Behrmann et al. 2019, "
             "Table 2.",
+        ),
+        _section(
+            "Table 3: i-ResNets vs Glow as classifiers",
+            TABLE3_PAPER,
+            table3_finding(inputs),
+            tables["table3"].markdown() + TABLE3_NOTE,
         ),
         _section(
             "Fig. 6: largest singular value of every layer",
