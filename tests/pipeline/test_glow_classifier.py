@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,22 @@ def test_divergence_is_recorded_as_a_result_and_survives_a_resume(
         assert resumed[key] == straight[key], key
 
 
+def test_a_real_blow_up_is_recorded_with_strict_json(tmp_path: Path) -> None:
+    """SGD at lr 1e8 really blows Glow up (no simulated NaN): the run ends with the divergence recorded and a
+    metrics file without NaN tokens (non-finite losses are written as null)."""
+    _, paths = glow_project(tmp_path)
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    raw["classifier"]["lr"] = 1e8
+    metrics = train_glow_classifier.run(parse_params(raw), paths, run_label="affine-sgd", seed=0)
+    assert metrics["diverged"] is True and metrics["diverged_at"]["epoch"] == 1 and metrics["epochs"] == 1
+    text = TRAIN_GLOW_CLASSIFIER.metrics_path(paths, "affine-sgd", 0).read_text()
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} in the metrics JSON")
+
+    assert json.loads(text, parse_constant=refuse)["train_loss"] is None  # strict JSON: no NaN / Infinity
+
+
 def test_a_non_finite_loss_before_any_step_stays_an_error(tmp_path: Path) -> None:
     params, paths = glow_project(tmp_path)
     stats = read_json(paths.prepared / "stats.json")
@@ -233,14 +250,33 @@ def test_bad_run_or_seed_is_explained(tmp_path: Path) -> None:
         train_glow_classifier.run(params, paths, run_label="affine-adamax", seed=3)
 
 
-def test_cli_trains_one_run(tmp_path: Path) -> None:
+def test_cli_tracks_a_diverged_run_as_finished(
+    tmp_path: Path, fresh_store: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the CLI into a real MLflow store: a run that diverges exits 0, its MLflow run is FINISHED with the
+    diverged epoch's NaN train loss logged, and its result tags say where it stopped."""
+    from mlflow import MlflowClient
+
     glow_project(tmp_path)
-    result = CliRunner().invoke(
-        app, ["--root", str(tmp_path), "train-glow-classifier", "--run", "iresnet-sgd", "--seed", "0"]
-    )
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    raw["tracking"]["enabled"] = True
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("IRESNET_TRACKING", "1")
+    fresh_store(tmp_path)
+    monkeypatch.setattr(train_classifier, "check_finite", diverging_at(6, train_classifier.check_finite))
+    args = ["--root", str(tmp_path), "train-glow-classifier", "--run", "additive-sgd", "--seed", "0"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "train_glow_classifier@iresnet-sgd-0: results" in result.output
-    assert TRAIN_GLOW_CLASSIFIER.metrics_path(Paths.at(tmp_path), "iresnet-sgd", 0).is_file()
+    assert "train_glow_classifier@additive-sgd-0: results" in result.output and "test_correct" not in result.output
+
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("iresnet-classifier").experiment_id
+    (run,) = client.search_runs([experiment])
+    assert run.info.status == "FINISHED" and run.info.run_name == "train_glow_classifier@additive-sgd-0"
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert [step for step, _ in losses] == [1, 2] and math.isnan(losses[1][1])
+    assert run.data.params["glow_classifier.lr"] == "0.01" and run.data.params["run"] == "additive-sgd"
+    assert run.data.metrics["diverged"] == 1.0 and "epoch 2, batch 2" in run.data.tags["result.diverged_at"]
 
 
 def test_dvc_yaml_runs_one_stage_per_run_and_seed_and_tracks_what_it_reads() -> None:
