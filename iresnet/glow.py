@@ -41,10 +41,8 @@ def _pixels(x: Tensor) -> int:
 
 
 def _mix(x: Tensor, weight: Tensor) -> Tensor:
-    """``W x`` at every position of ``(B, C, H, W)`` (a 1x1 convolution) or ``(B, C)``.
-
-    As one batched matrix product ``W (B, C, H W)``: on the CPU, for the few channels of the CPU profile, it is
-    faster than ``conv2d``'s backward pass."""
+    """``W x`` at every position of ``(B, C, H, W)`` (a 1x1 convolution, as one batched matrix product
+    ``W (B, C, H W)``) or of ``(B, C)``."""
     if x.ndim == 2:
         return x @ weight.T
     return torch.matmul(weight, x.flatten(2)).view(x.shape[0], weight.shape[0], *x.shape[2:])
@@ -193,7 +191,7 @@ class AffineCoupling(_Coupling):
         x_a, x_b = self._halves(x)
         shift, scale, z = self._shift_scale(x_a)
         # ln σ(z) = min(z, 0) - ln(1 + e^{-|z|}): finite for any z (ln of σ would be -inf once σ underflows), and from
-        # exp/log, which the CPU build vectorises (F.logsigmoid it does not: 5% of a training step).
+        # exp/log, which the CPU build vectorises (F.logsigmoid it does not: 5% of a training step in a CPU profile).
         log_scale = z.clamp(max=0.0) - torch.log(1.0 + torch.exp(-z.abs()))
         return torch.cat([x_a, (x_b + shift) * scale], dim=1), log_scale.flatten(1).sum(1)
 
