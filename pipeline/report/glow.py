@@ -144,7 +144,7 @@ def table3(inputs: ReportInputs) -> ReportTable:
         if row.key == TABLE2:
             optimiser += ", Table 2's settings"
         differences = "; ".join(
-            (f"seed {seed}: " if len(x.differences) > 1 else "")
+            (f"seed {seed}: " if len(x.errors) > 1 else "")  # a row with more seeds than it is paired on says which
             + difference_cell({k: 100 * d[k] for k in ("mean", "low", "high")}, ".2f")
             for seed, d in x.differences.items()
         )
@@ -230,6 +230,7 @@ def table3_finding(inputs: ReportInputs) -> str:
     parts = [
         f"{row.model} + {OPTIMIZER_NAMES[row.optimizer]} {100 * s[row.key].mean:.2f}%"
         + ("" if s[row.key].std is None else f" ± {100 * s[row.key].std:.2f}")
+        + ("" if sorted(row.by_seed) == seeds else f" ({len(row.by_seed)} seed{'s' * (len(row.by_seed) != 1)})")
         for row in table
     ]
     spread = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}" if seeds else "no seed"
@@ -239,8 +240,8 @@ def table3_finding(inputs: ReportInputs) -> str:
         clauses = []
         for glow, iresnet, diffs, verdict in pairs:
             per_seed = ", ".join(
-                f"{signed(100 * d['mean'])} ({signed(100 * d['low'])}, {signed(100 * d['high'])})"
-                + (f" seed {seed}" if len(diffs) > 1 else "")
+                (f"seed {seed} " if len(seeds) > 1 or len(iresnet.by_seed) > 1 else "")
+                + f"{signed(100 * d['mean'])} ({signed(100 * d['low'])}, {signed(100 * d['high'])})"
                 for seed, d in diffs.items()
             )
             better = {"i-ResNet": "i-ResNet better", "Glow": "Glow better", "unresolved": "unresolved"}[verdict]

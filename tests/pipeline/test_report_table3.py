@@ -73,12 +73,15 @@ def test_one_seed_rows_intervals_and_differences() -> None:
     assert "| 3.00 ± 1.06 (95% binomial, 1 seed)" in md and "1.40 ± 0.20 (seed std, 3 seeds)" in md
     assert "SGD, lr 0.05 (not the paper's)" in md and "seed 0: diverged at epoch 2, batch 17 (step 142)" in md
     assert "+1.40 (+0.67, +2.13)" in md  # 14 more of 1,000 images wrong than the Glow-style i-ResNet
+    assert "| seed 0: −0.20 (−0.48, +0.08)" in md  # Table 2's row, 3 seeds, paired on the one both have
     assert "\\begin{tabular}" in t.latex() and t.data.to_csv(index=False).startswith("run,model,optimizer,lr")
 
     text = table3_finding(data)
     assert "test error (seed 0) Glow (1x1 conv, affine) + Adamax 3.00%" in text
     assert "Glow (1x1 conv, affine) − i-ResNet, Glow-style: +1.40 (+0.67, +2.13) (i-ResNet better)" in text
-    assert "Glow (reverse, additive) − i-ResNet (Table 2, c = 0.9): +1.40" in text  # Table 2's seed 0: 14 wrong
+    # Table 2's i-ResNet has 3 seeds, Glow one: the pair is on seed 0 (14 wrong there), and the text says so.
+    assert "Glow (reverse, additive) − i-ResNet (Table 2, c = 0.9): seed 0 +1.40" in text
+    assert "i-ResNet (Table 2, c = 0.9) + SGD 1.40% ± 0.20 (3 seeds)" in text
     assert "“every i-ResNet beats every Glow”: reproduced" in text
     assert "Glow (reverse, additive) + SGD: trained, test error 2.50%" in text
     assert "“Glow needs Adam/Adamax”: partly reproduced" in text
