@@ -91,6 +91,14 @@ def _stage_blocks(
     return layers
 
 
+def classifier_head(channels: int, n_classes: int) -> nn.Sequential:
+    """The classification head on an invertible body's final features (App. C.2): BatchNorm -> ReLU -> global average
+    pool -> linear. ``(B, channels, H, W) -> (B, n_classes)``; shared by the i-ResNet and the Glow classifier."""
+    return nn.Sequential(
+        nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, n_classes)
+    )
+
+
 class IResNetClassifier(nn.Module):
     """i-ResNet classifier: invertible body -> BN -> ReLU -> global average pool -> linear (App. C.2).
 
@@ -124,9 +132,7 @@ class IResNetClassifier(nn.Module):
             layers.extend(_stage_blocks(config, stage, shape, no_logdet))
         self.body = InvertibleSequential(layers)
         self.feature_shape = shape
-        self.head = nn.Sequential(
-            nn.BatchNorm2d(shape[0]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(shape[0], n_classes)
-        )
+        self.head = classifier_head(shape[0], n_classes)
 
     def features(self, x: Tensor) -> Tensor:
         """Final features ``(B, *feature_shape)`` of the invertible body."""

@@ -4,7 +4,8 @@
 (``reports/curves/``), PNG figures (``reports/figures/``) and other outputs (models, prepared data, tables). The
 stages write these files, the report reads them, and a test checks that ``dvc.yaml`` declares exactly them.
 ``{label}`` and ``{seed}`` stand for a classifier's label and training seed (the two matrix axes of
-``train_classifier``): each (label, seed) run writes its own files, ``.../<label>/seed<k>...``.
+``train_classifier``, and of ``train_glow_classifier`` with a run of ``glow_classifier.runs`` as the label): each
+(label, seed) run writes its own files, ``.../<label>/seed<k>...``.
 
 :class:`StageRun` is the frame of a stage's ``run()``: it starts the clock, hands out the output paths, writes curves,
 and :meth:`StageRun.finish` ends the stage the same way everywhere (wall time, metrics JSON, MLflow artifacts).
@@ -85,6 +86,12 @@ TRAIN_CLASSIFIER = StageOutputs(
     curves={"epochs": f"classifier/{LABEL}/seed{SEED}.csv"},
     model=f"classifier/{LABEL}/seed{SEED}/model.pt",
 )
+TRAIN_GLOW_CLASSIFIER = StageOutputs(  # {label}: an entry of glow_classifier.runs (Table 3)
+    "train_glow_classifier",
+    f"glow_classifier/{LABEL}/seed{SEED}.json",
+    curves={"epochs": f"glow_classifier/{LABEL}/seed{SEED}.csv"},
+    model=f"glow_classifier/{LABEL}/seed{SEED}/model.pt",
+)
 SINGULAR_VALUES = StageOutputs(
     "singular_values",
     "singular_values.json",
@@ -128,6 +135,7 @@ STAGES: dict[str, StageOutputs] = {
         RAW_DATA,
         PREPARE,
         TRAIN_CLASSIFIER,
+        TRAIN_GLOW_CLASSIFIER,
         SINGULAR_VALUES,
         RECONSTRUCTION,
         TRAIN_FLOW,

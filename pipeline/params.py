@@ -35,6 +35,10 @@ IDX_PREFIX = "idx:"
 BASELINES = ("vanilla", "batchnorm")  # unconstrained classifiers of Table 2 / Fig. 6
 TOY_DATASETS = ("moons", "8gaussians", "checkerboard", "2spirals", "rings", "circles", "pinwheel", "swissroll")
 LR_SCHEDULES = ("constant", "cosine")  # after the warm-up (pipeline.training.scheduled_lr)
+OPTIMIZER_NAMES = ("sgd", "adam", "adamax")  # pipeline.training.build_optimizer
+# Table 3's models: Glow with learned 1x1 convolutions and affine couplings, Glow with reverse permutations and
+# additive couplings, and the i-ResNet with Glow's layout (pipeline.models.glow_specs).
+GLOW_MODELS = ("affine", "additive", "iresnet")
 # Native spatial size (height = width) of each named dataset; an ``idx:`` folder is only known once loaded.
 NATIVE_SIZE = {"mnist-5k": 28, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
 
@@ -64,7 +68,33 @@ def _nonlinearity_problem(value: str) -> str | None:
     return None if value in NONLINEARITIES else "one of " + ", ".join(repr(n) for n in NONLINEARITIES)
 
 
+_GLOW_RUN_TEXT = (
+    "<model>-<optimizer> with model one of "
+    + ", ".join(repr(m) for m in GLOW_MODELS)
+    + " and optimizer one of "
+    + ", ".join(repr(o) for o in OPTIMIZER_NAMES)
+    + ", e.g. 'affine-adamax'"
+)
+
+
+def split_glow_run(value: str) -> tuple[str, str]:
+    """``"affine-adamax"`` -> ``("affine", "adamax")``; raises ``ValueError`` for anything else."""
+    model, sep, optimizer = value.rpartition("-")
+    if not sep or model not in GLOW_MODELS or optimizer not in OPTIMIZER_NAMES:
+        raise ValueError(_GLOW_RUN_TEXT)
+    return model, optimizer
+
+
+def _glow_run_problem(value: str) -> str | None:
+    try:
+        split_glow_run(value)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 Dataset = checked(Text, _dataset_problem, _DATASET_TEXT)
+GlowRun = checked(Text, _glow_run_problem, _GLOW_RUN_TEXT)
 Nonlinearity = checked(Text, _nonlinearity_problem, "a nonlinearity of iresnet.layers.NONLINEARITIES")
 Coeff = one_of(OpenUnit, choice(*BASELINES))
 
@@ -141,7 +171,7 @@ class ClassifierParams:
     epochs: PositiveInt = param("training epochs")
     batch_size: PositiveInt = param("training batch size")
     eval_batch_size: PositiveInt = param("evaluation batch size")
-    optimizer: choice("sgd", "adam", "adamax") = param("optimiser")
+    optimizer: choice(*OPTIMIZER_NAMES) = param("optimiser")
     lr: PositiveReal = param("learning rate")
     momentum: real(0.0, 1.0, hi_open=True) = param("SGD momentum")
     weight_decay: real(0.0) = param("weight decay")
@@ -154,6 +184,41 @@ class ClassifierParams:
 
     def check(self) -> None:
         _check_stages(self.n_blocks, self.strides, self.channels)
+
+
+@section
+class GlowChannels:
+    affine: PerStage = param("hidden width per scale of the affine Glow's coupling networks")
+    additive: PerStage = param("hidden width per scale of the additive Glow's coupling networks")
+    iresnet: PerStage = param("hidden width per scale of the Glow-style i-ResNet's residual branches")
+
+
+@section
+class GlowClassifierParams:
+    """Table 3 (Sec. 5.2). Data, augmentation, epochs, batch sizes, the lr schedule and the SGD settings come from
+    ``classifier`` (Table 2's), so every model here is trained as Table 2's i-ResNet is, except for its optimiser."""
+
+    runs: list_of(GlowRun, unique=True) = param(
+        "models trained, <model>-<optimizer>: model affine (Glow: 1x1 conv, affine coupling), additive (Glow: "
+        "reverse permutation, additive coupling) or iresnet (Glow-style i-ResNet); optimizer sgd (classifier's lr, "
+        "momentum, weight decay) or adam / adamax (glow_classifier.lr and weight_decay)"
+    )
+    seeds: list_of(NonNegativeInt, unique=True) = param("training seeds (init and data order), one model per run each")
+    n_steps: PerStage = param("steps of flow per scale (the i-ResNet: residual blocks)")
+    strides: Strides = param("stride per scale (2 = invertible squeeze)")
+    init_ds: InitDs = param("initial squeeze (2) or none (1)")
+    inj_pad: NonNegativeInt = param("zero channels appended to the input (a coupling needs >= 2 channels)")
+    channels: GlowChannels = param("hidden widths of each model, chosen for matching parameter counts")
+    coeff: OpenUnit = param("Lipschitz coefficient c of the Glow-style i-ResNet")
+    lr: PositiveReal = param("learning rate of the adam / adamax runs (Glow's optimiser)")
+    weight_decay: real(0.0) = param("weight decay of the adam / adamax runs")
+
+    def check(self) -> None:
+        lists = {"n_steps": self.n_steps, "strides": self.strides}
+        lists.update({f"channels.{m}": getattr(self.channels, m) for m in GLOW_MODELS})
+        if len({len(v) for v in lists.values()}) != 1:
+            lengths = ", ".join(f"{k} {len(v)}" for k, v in lists.items())
+            raise ParamsError("strides", list(self.strides), f"lists of equal length ({lengths})")
 
 
 @section
@@ -280,6 +345,7 @@ class Params:
     seed: NonNegativeInt = param("global seed of every training stage")
     data: DataParams = param()
     classifier: ClassifierParams = param()
+    glow_classifier: GlowClassifierParams = param()
     singular_values: SingularValuesParams = param()
     reconstruction: ReconstructionParams = param()
     flow: FlowParams = param()
@@ -315,7 +381,7 @@ def check_spatial(params: Params, height: int, width: int) -> None:
 
     Called when params are loaded for datasets of known size, and by stages once an ``idx:`` dataset is loaded.
     """
-    for name in ("classifier", "flow"):
+    for name in ("classifier", "glow_classifier", "flow"):
         sec = getattr(params, name)
         factor = squeeze_factor(sec.init_ds, sec.strides)
         if height % factor or width % factor:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from pipeline.env import world
 from pipeline.errors import DataError, UserError, brief
 from pipeline.files import save_torch
-from pipeline.params import LR_SCHEDULES, params_hash
+from pipeline.params import LR_SCHEDULES, OPTIMIZER_NAMES, params_hash
 from pipeline.paths import Paths
 
 if TYPE_CHECKING:
@@ -258,7 +258,7 @@ def load_state_checked(model: nn.Module, state_dict: dict[str, Tensor], source: 
         ) from None
 
 
-OPTIMIZERS = ("sgd", "adam", "adamax")
+OPTIMIZERS = OPTIMIZER_NAMES
 
 
 def build_optimizer(

@@ -20,6 +20,8 @@ from iresnet.blocks import (
     set_inverse_settings,
     set_logdet_settings,
 )
+from iresnet.glow import AdditiveCoupling, InvertibleConv1x1, ReversePermutation, glow_step
+from iresnet.glow import AffineCoupling as ConvAffineCoupling
 from iresnet.inverse import InverseSettings
 from iresnet.layers import ActNorm, Squeeze
 from iresnet.logdet import LogDetSettings
@@ -60,6 +62,14 @@ FACTORIES: dict[str, tuple[Callable[[], Invertible], tuple[int, ...]]] = {
     ),
     "coupling": (lambda: perturbed(AffineCoupling(hidden=8, n_hidden_layers=2)), (2,)),
     "invertible_linear": (lambda: InvertibleLinear(2), (2,)),
+    # Glow (Table 3): an odd channel count splits unevenly (1 + 2); the 1x1 convolution also on vectors
+    "glow_conv1x1": (lambda: perturbed(InvertibleConv1x1(3)), (3, 2, 2)),
+    "glow_conv1x1_vector": (lambda: perturbed(InvertibleConv1x1(3)), (3,)),
+    "glow_reverse": (lambda: ReversePermutation(), (3, 2, 2)),
+    "glow_affine_coupling": (lambda: perturbed(ConvAffineCoupling(3, 4)), (3, 2, 2)),
+    "glow_additive_coupling": (lambda: perturbed(AdditiveCoupling(4, 4)), (4, 2, 2)),
+    "glow_step": (lambda: perturbed(glow_step(4, 4, "affine", "conv1x1")), (4, 2, 2)),
+    "glow_step_additive": (lambda: perturbed(glow_step(4, 4, "additive", "reverse")), (4, 2, 2)),
 }
 
 

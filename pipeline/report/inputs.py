@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError, brief
+from pipeline.models import glow_specs
 from pipeline.models.specs import ClassifierSpec, stage_name
 from pipeline.outputs import (
     EVALUATE_FLOW,
@@ -26,6 +27,7 @@ from pipeline.outputs import (
     TOY_DENSITY,
     TRAIN_CLASSIFIER,
     TRAIN_FLOW,
+    TRAIN_GLOW_CLASSIFIER,
     StageOutputs,
     figures,
 )
@@ -44,6 +46,24 @@ CLASSIFIER_KEYS = (
     "test_error_stderr",
     "n_test",
     "epochs",
+    "wall_time_s",
+    "n_params",
+    "throughput_img_s",
+)
+GLOW_KEYS = (  # Table 3's runs (train_glow_classifier)
+    "kind",
+    "optimizer",
+    "optimizer_lr",
+    "papers_optimizer",
+    "seed",
+    "dataset",
+    "test_error",
+    "test_correct",
+    "test_error_stderr",
+    "n_test",
+    "epochs",
+    "diverged",
+    "diverged_at",
     "wall_time_s",
     "n_params",
     "throughput_img_s",
@@ -116,14 +136,24 @@ class ReportInputs:
     logdet_bias: dict[str, Any]
     logdet_curve: list[dict[str, float]]
     toy: dict[str, Any]
-    glow_classifiers: list[dict[str, Any]] = field(default_factory=list)  # Table 3's runs; empty when not run
+    glow_runs: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # Table 3: run -> seed -> metrics
 
 
-def required_files(paths: Paths, labels: list[str], seeds: tuple[int, ...]) -> dict[Path, str]:
+def required_files(
+    paths: Paths,
+    labels: list[str],
+    seeds: tuple[int, ...],
+    glow_runs: tuple[str, ...] = (),
+    glow_seeds: tuple[int, ...] = (),
+) -> dict[Path, str]:
     """Every input of the report -> the DVC stage that writes it."""
     files = {paths.prepared / STATS: "prepare", PREPARE.metrics_path(paths): "prepare"}
     for label in labels:
         files.update({TRAIN_CLASSIFIER.metrics_path(paths, label, seed): stage_name(label, seed) for seed in seeds})
+    for run in glow_runs:
+        files.update(
+            {TRAIN_GLOW_CLASSIFIER.metrics_path(paths, run, s): glow_specs.stage_name(run, s) for s in glow_seeds}
+        )
     for outputs in (SINGULAR_VALUES, RECONSTRUCTION, TRAIN_FLOW, EVALUATE_FLOW, LOGDET_BIAS, TOY_DENSITY):
         files[outputs.metrics_path(paths)] = outputs.stage
     files[LOGDET_BIAS.curve_path(paths, "terms")] = LOGDET_BIAS.stage
@@ -131,10 +161,16 @@ def required_files(paths: Paths, labels: list[str], seeds: tuple[int, ...]) -> d
     return files
 
 
-def check_present(paths: Paths, labels: list[str], seeds: tuple[int, ...]) -> None:
+def check_present(
+    paths: Paths,
+    labels: list[str],
+    seeds: tuple[int, ...],
+    glow_runs: tuple[str, ...] = (),
+    glow_seeds: tuple[int, ...] = (),
+) -> None:
     """Raise one :class:`DataError` listing every missing input with the stage that writes it."""
     by_stage: dict[str, list[str]] = {}
-    for path, stage in required_files(paths, labels, seeds).items():
+    for path, stage in required_files(paths, labels, seeds, glow_runs, glow_seeds).items():
         if not path.is_file():
             by_stage.setdefault(stage, []).append(str(path.relative_to(paths.root)))
     if by_stage:
@@ -192,30 +228,24 @@ def read_curve(path: Path, stage: str, columns: tuple[str, ...]) -> list[dict[st
         raise DataError(f"{path} holds a non-number ({brief(err)}); re-run stage `{stage}`.") from None
 
 
-GLOW_CLASSIFIER = "glow_classifier"  # Table 3's runs, one JSON per run somewhere under reports/metrics/glow_classifier/
-GLOW_CLASSIFIER_KEYS = ("variant", "seed", "test_error")
-
-
-def read_glow_classifiers(paths: Paths) -> list[dict[str, Any]]:
-    """Table 3's per-run metrics (i-ResNet vs Glow classifiers), or ``[]`` when that stage has not run: every JSON
-    under ``reports/metrics/glow_classifier/`` with ``variant`` (``glow-affine``, ``glow-additive``,
-    ``iresnet-glow``), ``seed``, ``test_error``, and where present ``optimizer``, ``diverged`` and ``test_correct``
-    (0/1 per test image, as a string or a list; returned as the string the paired comparison reads)."""
-    folder = paths.metrics / GLOW_CLASSIFIER
-    runs = []
-    for path in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
-        run = _read(path, GLOW_CLASSIFIER, GLOW_CLASSIFIER_KEYS)
-        if isinstance(run.get("test_correct"), list):
-            run["test_correct"] = "".join("1" if flag else "0" for flag in run["test_correct"])
-        runs.append(run)
-    return runs
-
-
-def load_inputs(paths: Paths, coeffs: tuple[float | str, ...], seeds: tuple[int, ...]) -> ReportInputs:
+def load_inputs(
+    paths: Paths,
+    coeffs: tuple[float | str, ...],
+    seeds: tuple[int, ...],
+    glow_runs: tuple[str, ...] = (),
+    glow_seeds: tuple[int, ...] = (),
+) -> ReportInputs:
     """Read and check every input (``coeffs``, ``seeds``: ``classifier.coeffs`` and ``classifier.seeds``, naming the
-    classifier files)."""
+    classifier files; ``glow_runs``, ``glow_seeds``: ``glow_classifier.runs`` and ``.seeds``, naming Table 3's)."""
     labels = [ClassifierSpec.of(c).label for c in coeffs]
-    check_present(paths, labels, seeds)
+    check_present(paths, labels, seeds, glow_runs, glow_seeds)
+    glow = {
+        run: {
+            s: _read(TRAIN_GLOW_CLASSIFIER.metrics_path(paths, run, s), glow_specs.stage_name(run, s), GLOW_KEYS)
+            for s in glow_seeds
+        }
+        for run in glow_runs
+    }
     runs = {
         label: {
             seed: _read(TRAIN_CLASSIFIER.metrics_path(paths, label, seed), stage_name(label, seed), CLASSIFIER_KEYS)
@@ -259,5 +289,5 @@ def load_inputs(paths: Paths, coeffs: tuple[float | str, ...], seeds: tuple[int,
         logdet_bias=metrics(LOGDET_BIAS, LOGDET_KEYS),
         logdet_curve=read_curve(LOGDET_BIAS.curve_path(paths, "terms"), LOGDET_BIAS.stage, LOGDET_CURVE_COLUMNS),
         toy=toy,
-        glow_classifiers=read_glow_classifiers(paths),
+        glow_runs=glow,
     )

@@ -25,6 +25,9 @@ from pipeline.outputs import (
 )
 from pipeline.params import IDX_PREFIX
 from pipeline.report.classifiers import CLOSE_COEFF, SEED_STDS, close_labels, compare_with_vanilla, seed_summaries
+from pipeline.report.glow import PAPER as TABLE3_PAPER
+from pipeline.report.glow import PAPER_NOTE as TABLE3_NOTE
+from pipeline.report.glow import table3_finding
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.tables import (
     BASELINE_NAMES,
@@ -507,6 +510,7 @@ def runcost_finding(inputs: ReportInputs, table: ReportTable) -> str:
 
 
 PAPER = {
+    "table3": TABLE3_PAPER,
     "table2": "i-ResNets with c ≥ 0.7 classify about as well as the vanilla ResNet (MNIST, CIFAR10, CIFAR100), and "
     "only the i-ResNets come with a guaranteed inverse.",
     "fig6": "about two thirds of the layers of the vanilla and BatchNorm ResNets have a largest singular value above "
@@ -569,6 +573,12 @@ def render_page(inputs: ReportInputs, tables: dict[str, ReportTable]) -> str:
             tables["table2"].markdown()
             + "\nThe paper's own Table 2 numbers are not carried here; see Behrmann et al. 2019, "
             "Table 2.",
+        ),
+        section(
+            "table3",
+            "Table 3: i-ResNets vs Glow as classifiers",
+            table3_finding(inputs),
+            tables["table3"].markdown() + TABLE3_NOTE,
         ),
         section(
             "fig6",

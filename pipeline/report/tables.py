@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.files import finite_or_none, write_bytes_atomic
+from pipeline.models.glow_specs import stage_name as glow_stage_name
 from pipeline.models.specs import stage_name
 from pipeline.outputs import ZCA_MARK
 from pipeline.paths import Paths
@@ -375,6 +376,7 @@ def stage_costs(inputs: ReportInputs) -> list[tuple[str, dict[str, Any]]]:
     out += [
         (stage_name(label, seed), m) for label, by_seed in inputs.classifier_runs.items() for seed, m in by_seed.items()
     ]
+    out += [(glow_stage_name(run, seed), m) for run, by_seed in inputs.glow_runs.items() for seed, m in by_seed.items()]
     out += [
         ("singular_values", inputs.singular_values),
         ("reconstruction", inputs.reconstruction),

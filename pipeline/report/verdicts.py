@@ -30,6 +30,7 @@ import pandas as pd
 
 from pipeline.check_repro import CONSISTENT, judge
 from pipeline.files import finite_or_none
+from pipeline.report import glow
 from pipeline.report.classifiers import CLOSE_COEFF, close_labels, compare_with_vanilla, seed_summaries
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.tables import (
@@ -72,7 +73,6 @@ MOST = 0.5  # "about two thirds" of the layers: at least half
 PAPER_DEVICE = "cuda"  # the paper's timings: 4 GeForce GTX 1080 GPUs
 MNIST_LIKE, CIFAR_LIKE = ("mnist", "mnist-5k"), ("cifar10", "cifar100")
 
-IRESNET_GLOW, GLOW_VARIANTS = "iresnet-glow", ("glow-affine", "glow-additive")  # Table 3's models
 
 
 @dataclass(frozen=True)
@@ -204,69 +204,40 @@ def table2_guarantee(singular_values: dict[str, Any], coeffs: dict[str, float | 
 # --- Table 3 -------------------------------------------------------------------------------------------------------
 
 
-def _glow_groups(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
-    """(variant, optimizer) -> seed -> run, over the runs that did not diverge and carry per-image outcomes."""
-    groups: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
-    for r in runs:
-        if r.get("diverged") or r.get("test_correct") is None:
-            continue
-        key = (str(r["variant"]), str(r.get("optimizer", "?")).lower())
-        groups.setdefault(key, {})[int(r["seed"])] = r
-    return groups
-
-
-def table3_accuracy(runs: list[dict[str, Any]]) -> Finding:
-    """The Glow-style i-ResNet against every Glow variant (per optimizer that trained it) by Table 2's rule, on the
-    same test images seed by seed. The i-ResNet's SGD runs are used where it has them (the paper's setting)."""
-    if not runs:
-        return Finding("not run", NOT_TESTABLE)
-    groups = _glow_groups(runs)
-    ours = {key: g for key, g in groups.items() if key[0] == IRESNET_GLOW}
-    glows = {key: g for key, g in groups.items() if key[0] in GLOW_VARIANTS}
-    if not ours or not glows:
-        missing = "i-ResNet (Glow-style)" if not ours else "Glow"
-        return Finding(f"not run: no {missing} run that trained without diverging", NOT_TESTABLE)
-    key = (IRESNET_GLOW, "sgd") if (IRESNET_GLOW, "sgd") in ours else sorted(ours)[0]
-    parts, verdicts = [], []
-    for (variant, optimizer), glow in sorted(glows.items()):
-        s = seed_summaries({"glow": glow, "iresnet": ours[key]}, reference="glow")
-        if not s["iresnet"].differences:
-            continue
-        verdict = compare_with_vanilla(s["iresnet"], s["glow"])
-        verdicts.append(verdict)
-        word = {"better": "lower", "worse": "higher", "same": "no different"}[verdict]
-        parts.append(
-            f"− {variant} ({optimizer}) {_points(s['iresnet'].mean_difference)} over {len(s['iresnet'].differences)} "
-            f"seeds: {word}"
-        )
-    if not verdicts:
-        return Finding("not run: the i-ResNet and Glow runs share no seed", NOT_TESTABLE)
-    found = f"i-ResNet Glow-style ({key[1]}) test error " + "; ".join(parts) + " (each seed's paired 95% interval)"
-    better = sum(v == "better" for v in verdicts)
-    if "worse" in verdicts or better == 0:
-        return Finding(found, NOT_REPRODUCED)
-    return Finding(found, share_verdict(better, len(verdicts)))
-
-
-def table3_training(runs: list[dict[str, Any]]) -> Finding:
-    """Which SGD runs diverged: the paper trained i-ResNets with SGD, while every Glow needed Adam/Adamax."""
-    if not runs:
-        return Finding("not run", NOT_TESTABLE)
-    sgd = [r for r in runs if str(r.get("optimizer", "")).lower() == "sgd"]
-    glow = [r for r in sgd if r["variant"] in GLOW_VARIANTS]
-    ours = [r for r in sgd if r["variant"] == IRESNET_GLOW]
-    if not glow or not ours:
-        return Finding(f"not run: no {'Glow' if not glow else 'i-ResNet'} run with SGD", NOT_TESTABLE)
-    glow_diverged, ours_diverged = (
-        sum(bool(r.get("diverged")) for r in glow),
-        sum(bool(r.get("diverged")) for r in ours),
+def table3_accuracy(inputs: ReportInputs) -> Finding:
+    """Every Glow trained with the paper's optimiser against every i-ResNet trained with SGD (Glow-style and Table 2's),
+    paired per seed on the same test images (:func:`pipeline.report.glow.accuracy_pairs`): a pair is decided when
+    every seed's 95% interval of Glow − i-ResNet lies on one side of 0. Reproduced when every pair favours the
+    i-ResNet; not reproduced when any favours Glow or none is decided; partly otherwise."""
+    pairs = glow.accuracy_pairs(inputs)
+    if not pairs:
+        return Finding("not run (no Glow with Adam/Adamax, or no i-ResNet with SGD)", NOT_TESTABLE)
+    found = "; ".join(
+        f"{g.model} ({g.optimizer}) − {i.model}: "
+        + ", ".join(f"{_points(d['mean'])} [{_points(d['low'])}, {_points(d['high'])}]" for d in diffs.values())
+        + f" ({side})"
+        for g, i, diffs, side in pairs
     )
-    found = (
-        f"with SGD, {glow_diverged} of {len(glow)} Glow runs and {ours_diverged} of {len(ours)} i-ResNet runs diverged"
-    )
-    if ours_diverged:
+    sides = [p[3] for p in pairs]
+    if "Glow" in sides or "i-ResNet" not in sides:
         return Finding(found, NOT_REPRODUCED)
-    return Finding(found, share_verdict(glow_diverged, len(glow)))
+    return Finding(found, share_verdict(sides.count("i-ResNet"), len(sides)))
+
+
+def table3_training(inputs: ReportInputs) -> Finding:
+    """The runs with Table 2's SGD (:func:`pipeline.report.glow.sgd_outcomes`): reproduced when every Glow SGD run
+    diverged (NaN/inf loss) on every seed and no i-ResNet SGD run did; not reproduced when no Glow run diverged or an
+    i-ResNet did; partly otherwise."""
+    outcomes = glow.sgd_outcomes(inputs)
+    glows = [o for o in outcomes if o[0].is_glow]
+    if not glows:
+        return Finding("not run (no Glow trained with SGD)", NOT_TESTABLE)
+    found = "; ".join(f"{run.name}: {state}" for run, _, _, state in outcomes)
+    iresnet_diverged = any(any_ for run, _, any_, _ in outcomes if not run.is_glow)
+    glow_every = sum(every for _, every, _, _ in glows)
+    if iresnet_diverged or not any(any_ for _, _, any_, _ in glows):
+        return Finding(found, NOT_REPRODUCED)
+    return Finding(found, share_verdict(glow_every, len(glows)) if glow_every else PARTLY)
 
 
 # --- Table 4 -------------------------------------------------------------------------------------------------------
@@ -696,11 +667,11 @@ CLAIMS: tuple[Claim, ...] = (
         "i-ResNet (Glow-style) classifies better than Glow",
         "on CIFAR10 the i-ResNet, even with Glow's depth and width, has a lower test error than Glow with affine or "
         "additive couplings.",
-        ("glow_classifier/**/*.json",),
-        "the Glow-style i-ResNet against each Glow variant by Table 2's rule (better when every seed's paired 95% "
-        "interval lies below 0); reproduced when better than all, not reproduced when worse than any or better "
-        "than none.",
-        lambda i: table3_accuracy(i.glow_classifiers),
+        ("glow_classifier/*/seed*.json", "classifier/*/seed*.json"),
+        "every Glow (Adam/Adamax) against every i-ResNet (SGD), paired per seed on the same test images: a pair is "
+        "decided when every seed's 95% interval lies on one side of 0; reproduced when every pair favours the "
+        "i-ResNet, not reproduced when any favours Glow or none is decided, partly otherwise.",
+        table3_accuracy,
     ),
     Claim(
         "table3-training",
@@ -708,10 +679,10 @@ CLAIMS: tuple[Claim, ...] = (
         "Table 3, Sec. 5.2",
         "Glow needs Adam; the i-ResNet trains with SGD",
         "i-ResNets train with SGD (lr 0.1); every Glow version needed Adam/Adamax with a small lr to avoid divergence.",
-        ("glow_classifier/**/*.json",),
-        "counts of SGD runs that diverged: reproduced when every Glow run and no i-ResNet run did, not reproduced "
-        "when no Glow run or any i-ResNet run did.",
-        lambda i: table3_training(i.glow_classifiers),
+        ("glow_classifier/*/seed*.json",),
+        "the runs with Table 2's SGD: reproduced when every Glow run diverged (NaN/inf loss) on every seed and no "
+        "i-ResNet run did, not reproduced when no Glow run diverged or an i-ResNet did, partly otherwise.",
+        table3_training,
     ),
     Claim(
         "table4-bpd",

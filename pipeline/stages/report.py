@@ -3,9 +3,9 @@
 Reads (never MLflow) the metrics files, curves and figures of every other stage (:mod:`pipeline.report.inputs`).
 Writes:
 
-- ``reports/tables/{table2,table4,toy,runcost}.{md,tex,csv}`` (:mod:`pipeline.report.tables`) and
-  ``reports/tables/verdicts.{md,tex,csv}``: one row per claim of the paper with its verdict
-  (:mod:`pipeline.report.verdicts`);
+- ``reports/tables/{table2,table3,table4,toy,runcost}.{md,tex,csv}`` (:mod:`pipeline.report.tables`, Table 3 in
+  :mod:`pipeline.report.glow`) and ``reports/tables/verdicts.{md,tex,csv}``: one row per claim of the paper with its
+  verdict (:mod:`pipeline.report.verdicts`);
 - ``reports/metrics/summary.json``: the few headline numbers ``dvc exp show`` / ``dvc metrics diff`` compare;
 - ``reports/README.md``: the verdict table, then every table and figure with what the paper and this run found
   (:mod:`pipeline.report.page`).
@@ -21,6 +21,7 @@ from pipeline.outputs import PAGE, REPORT, SUMMARY, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.report.classifiers import seed_summaries
+from pipeline.report.glow import table3
 from pipeline.report.inputs import ReportInputs, load_inputs
 from pipeline.report.page import all_certified, render_page
 from pipeline.report.tables import build_tables, made_with_all, percent
@@ -61,6 +62,15 @@ def summary(inputs: ReportInputs, total_wall_time_s: float) -> dict[str, Any]:
             name: {"iresnet_nll": finite_or_none(e["iresnet_nll"]), "glow_nll": finite_or_none(e["glow_nll"])}
             for name, e in inputs.toy["datasets"].items()
         },
+        "glow_classifier": {  # Table 3: each run's test error over its seeds, and on how many seeds it diverged
+            run: {
+                "test_error_pct": percent(s.mean),
+                "test_error_seed_std_pct": None if s.std is None else percent(s.std),
+                "n_seeds": len(s.errors),
+                "diverged_seeds": sum(bool(m["diverged"]) for m in inputs.glow_runs[run].values()),
+            }
+            for run, s in seed_summaries(inputs.glow_runs).items()
+        },
         "total_wall_time_s": total_wall_time_s,
     }
     out["made_with"] = made_with_all(inputs)
@@ -73,8 +83,9 @@ def summary(inputs: ReportInputs, total_wall_time_s: float) -> dict[str, Any]:
 def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[str, Any]:
     """Build every table, the summary and the page; returns headline metrics (flat) for the CLI and MLflow."""
     out = StageRun(REPORT, paths, tracker)
-    inputs = load_inputs(paths, params.classifier.coeffs, params.classifier.seeds)
-    tables = {t.name: t for t in [*build_tables(inputs), verdict_table(inputs)]}
+    g = params.glow_classifier
+    inputs = load_inputs(paths, params.classifier.coeffs, params.classifier.seeds, g.runs, g.seeds)
+    tables = {t.name: t for t in [*build_tables(inputs), table3(inputs), verdict_table(inputs)]}
     for table in tables.values():
         table.write(paths)
     total = float(tables["runcost"].data.loc["total", "wall_time_s"])

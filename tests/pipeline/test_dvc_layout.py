@@ -67,7 +67,8 @@ def test_code_deps_are_exactly_the_imported_modules(stage: str) -> None:
 def test_outputs_are_exactly_the_registry(stage: str) -> None:
     spec = DVC["stages"][stage]
     declared = _paths(spec.get("outs", [])) | _paths(spec.get("metrics", [])) | _paths(spec.get("plots", []))
-    expected = {p.replace(LABEL, "${item.coeff}").replace(SEED, "${item.seed}") for p in STAGES[stage].files()}
+    label = next(iter(spec.get("matrix", {"coeff": None})))  # the matrix axis that names the model: coeff, run
+    expected = {p.replace(LABEL, f"${{item.{label}}}").replace(SEED, "${item.seed}") for p in STAGES[stage].files()}
     assert declared == expected
 
 

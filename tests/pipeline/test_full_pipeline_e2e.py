@@ -15,7 +15,7 @@ from repo_copy import ALWAYS_CHANGED, RepoCopy, commit_all, make_repo_copy, ran_
 
 from pipeline.outputs import figures
 
-TABLES = ("table2", "table4", "toy", "runcost", "verdicts")
+TABLES = ("table2", "table3", "table4", "toy", "runcost", "verdicts")
 
 # Only the keys that make each stage tiny; every other key keeps its committed default, so a key added later to a
 # section still gets a valid value. 8x8 images (``idx:tiny``: 30 train / 12 test, 3 classes).
@@ -32,6 +32,10 @@ TINY = {
         "eval_batch_size": 16,
         "milestones": [],
         "max_train_batches": 1,
+    },
+    "glow_classifier": {  # Table 3: one step per scale at 4x4 and 2x2 (after init_ds 2)
+        "n_steps": [1, 1],
+        "channels": {"affine": [4, 4], "additive": [4, 4], "iresnet": [4, 4]},
     },
     "singular_values": {"lower_iters": 5},
     "reconstruction": {
@@ -92,6 +96,7 @@ def test_dvc_repro_whole_graph(
     repo.dvc("repro", timeout=600)
     stages = set(yaml.safe_load((repo.root / "dvc.lock").read_text())["stages"])
     assert {"prepare", "train_classifier@vanilla-0", "train_classifier@0.9-1", "report"} <= stages
+    assert {"train_glow_classifier@affine-adamax-0", "train_glow_classifier@additive-sgd-0"} <= stages
 
     reports = repo.root / "reports"
     for name in TABLES:

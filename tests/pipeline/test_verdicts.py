@@ -16,7 +16,6 @@ from test_report import _metrics, write_fixture
 from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
 from pipeline.report import verdicts as v
-from pipeline.report.inputs import read_glow_classifiers
 from pipeline.stages import report
 from pipeline.stats import mean_interval, t95
 
@@ -114,54 +113,6 @@ def _certs(certified: dict[str, bool]) -> dict[str, Any]:
 def test_table2_guarantee(certified: dict[str, bool], verdict: str) -> None:
     coeffs = {k: None if k == "vanilla" else float(k) for k in certified}
     assert v.table2_guarantee(_certs(certified), coeffs).verdict == verdict
-
-
-def _glow(variant: str, wrong: int, optimizer: str = "adam", diverged: bool = False) -> list[dict[str, Any]]:
-    return [
-        {**_run(wrong, seed, None), "variant": variant, "optimizer": optimizer, "diverged": diverged} for seed in SHIFT
-    ]
-
-
-@pytest.mark.parametrize(
-    ("affine", "additive", "verdict"),
-    [
-        (40 + WORSE, 40 + WORSE, R),  # the i-ResNet (40 wrong) better than both
-        (40 + WORSE, 40 + SAME, P),  # better than one, no different from the other
-        (40 + WORSE, 40 - WORSE, N),  # worse than one
-        (40 + SAME, 40 + SAME, N),  # better than none
-    ],
-)
-def test_table3_accuracy(affine: int, additive: int, verdict: str) -> None:
-    runs = _glow(v.IRESNET_GLOW, 40, "sgd") + _glow("glow-affine", affine) + _glow("glow-additive", additive)
-    runs += _glow("glow-affine", 900, "sgd", diverged=True)  # diverged runs take no part in the comparison
-    assert v.table3_accuracy(runs).verdict == verdict
-
-
-def test_table3_without_its_metrics_is_not_run(tmp_path: Path) -> None:
-    assert read_glow_classifiers(Paths.at(tmp_path)) == []
-    for rule in (v.table3_accuracy, v.table3_training):
-        assert rule([]) == v.Finding("not run", T)
-    assert v.table3_accuracy(_glow(v.IRESNET_GLOW, 40, "sgd")).verdict == T  # no Glow run
-
-
-def test_glow_reader_takes_lists_of_outcomes(tmp_path: Path) -> None:
-    paths = Paths.at(tmp_path)
-    folder = paths.metrics / "glow_classifier" / "glow-affine"
-    folder.mkdir(parents=True)
-    run = {**_glow("glow-affine", 40)[0], "test_correct": [0, 1, 1]}
-    (folder / "seed0.json").write_text(json.dumps(run))
-    assert read_glow_classifiers(paths)[0]["test_correct"] == "011"
-
-
-@pytest.mark.parametrize(
-    ("glow_diverged", "ours_diverged", "verdict"),
-    [((True, True), False, R), ((True, False), False, P), ((False, False), False, N), ((True, True), True, N)],
-)
-def test_table3_training(glow_diverged: tuple[bool, bool], ours_diverged: bool, verdict: str) -> None:
-    runs = _glow("glow-affine", 40, "sgd", glow_diverged[0]) + _glow("glow-additive", 40, "SGD", glow_diverged[1])
-    runs += _glow(v.IRESNET_GLOW, 40, "sgd", ours_diverged) + _glow("glow-affine", 40, "adam")
-    assert v.table3_training(runs).verdict == verdict
-    assert v.table3_training(_glow("glow-affine", 40, "adam") + _glow(v.IRESNET_GLOW, 40, "sgd")).verdict == T
 
 
 # A flow at the paper's CIFAR10 scale: 3,072 dims, 50,000 train images, 96 blocks, 200 epochs.
@@ -446,5 +397,5 @@ def test_page_opens_with_the_verdict_table(tmp_path: Path, params: Params) -> No
     assert page.startswith("# Results\n\n## Verdicts\n") and first_table < page.index("**Profile:**")
     assert page[first_table + 1 :].startswith((paths.tables / "verdicts.md").read_text())
     by_id = dict(zip(data["id"], data["verdict"]))
-    assert by_id["fig3-iresnet"] == N and by_id["table3-accuracy"] == T
+    assert by_id["fig3-iresnet"] == N and by_id["table3-accuracy"] == R  # the fixture's Glows err more
     assert "the i-ResNet inverse reconstructs exactly — not reproduced" in page
