@@ -18,7 +18,8 @@ bad data or initialisation, and stays an error.
 
 Writes ``models/glow_classifier/<run>/seed<k>/model.pt``, ``reports/metrics/glow_classifier/<run>/seed<k>.json``
 (with the per-image correctness on the test split, ``test_correct``, for paired comparisons with the other models of
-Table 3 and Table 2) and ``reports/curves/glow_classifier/<run>/seed<k>.csv``.
+Table 3 and Table 2) and ``reports/curves/glow_classifier/<run>/seed<k>.csv`` (validation loss and error per epoch;
+the test split is read once, by the final evaluation).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from pipeline.training import (
     seed_everything,
 )
 
-CURVE_COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_error", "lr", "diverged_batch")
+CURVE_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_error", "lr", "diverged_batch")
 # The classifier keys these runs read (not coeffs / seeds, which pick Table 2's models).
 CLASSIFIER_KEYS = (
     "epochs",
@@ -128,7 +129,7 @@ def run(
     tracker = out.tracker
     seed_everything(seed)
     dev = device()
-    train, test = (tuple(t.to(dev) for t in load_prepared(paths, split)) for split in ("train", "test"))
+    train, val = (tuple(t.to(dev) for t in load_prepared(paths, split)) for split in ("train", "val"))
     summary = load_stats(paths)
     stats = load_channel_stats(paths)
     in_shape = tuple(train[0].shape[1:])
@@ -139,7 +140,7 @@ def run(
     settings = optimizer_settings(params, spec)
     optimizer = build_optimizer(spec.optimizer, model.parameters(), **settings)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(p.milestones), p.gamma)
-    data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_test", "shape", "mean", "std")}
+    data_summary = {k: summary[k] for k in ("dataset", "n_train", "n_val", "n_test", "shape", "mean", "std")}
     fingerprint = run_fingerprint(params, spec, seed, data_summary)
     resume = ResumeFile.for_run(paths, f"glow-classifier-{spec.label}-seed{seed}", fingerprint, "train_glow_classifier")
     if any(isinstance(m, ActNorm) for m in model.modules()):
@@ -171,13 +172,13 @@ def run(
                 train_loss, train_acc, seen = math.nan, math.nan, done * p.batch_size
             train_seconds = time.perf_counter() - t0
             scheduler.step()
-            test_loss, test_error, _ = evaluate(model, test, stats, p.eval_batch_size)
+            val_loss, val_error, _ = evaluate(model, val, stats, p.eval_batch_size)
             record = {
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "train_accuracy": train_acc,
-                "test_loss": test_loss,
-                "test_error": test_error,
+                "val_loss": val_loss,
+                "val_error": val_error,
                 "lr": lr,
                 "diverged_batch": diverged_batch,
                 "images": seen,
@@ -204,7 +205,9 @@ def run(
         std=stats.std.tolist(),
     )
     out.write_curve("epochs", history, CURVE_COLUMNS)
-    _, _, correct = evaluate(model, test, stats, p.eval_batch_size)  # the final model's outcome on each test image
+    # The final evaluation, the only one that reads the test split: the final model's outcome on each test image.
+    test = tuple(t.to(dev) for t in load_prepared(paths, "test"))
+    test_loss, test_error, correct = evaluate(model, test, stats, p.eval_batch_size)
     metrics = {
         "model": spec.label,
         "kind": spec.model,
@@ -214,16 +217,19 @@ def run(
         "seed": seed,
         "dataset": summary["dataset"],
         "n_train": len(train[0]),
+        "n_val": len(val[0]),
         "n_test": len(test[0]),
         "epochs": len(history),
         "diverged": stopped is not None,
         "diverged_at": stopped,
-        "test_error": last["test_error"],
-        "test_error_stderr": binomial_stderr(last["test_error"], len(test[0])),
-        "test_loss": finite_or_none(last["test_loss"]),
+        "val_error": last["val_error"],
+        "val_loss": finite_or_none(last["val_loss"]),
+        "test_error": test_error,
+        "test_error_stderr": binomial_stderr(test_error, len(test[0])),
+        "test_loss": finite_or_none(test_loss),
         "train_loss": finite_or_none(last["train_loss"]),
         "train_accuracy": finite_or_none(last["train_accuracy"]),
         "test_correct": outcomes_text(correct),  # "1": classified correctly; in test-split order
     }
-    inputs = {split: split_file(paths, split) for split in ("train", "test")}
-    return loop.close(out, model, metrics, example=stats.normalize(test[0][:2]), inputs=inputs)
+    inputs = {split: split_file(paths, split) for split in ("train", "val", "test")}
+    return loop.close(out, model, metrics, example=stats.normalize(val[0][:2]), inputs=inputs)

@@ -46,10 +46,13 @@ METRIC_KEYS = {
     "seed",
     "dataset",
     "n_train",
+    "n_val",
     "n_test",
     "epochs",
     "diverged",
     "diverged_at",
+    "val_error",
+    "val_loss",
     "test_error",
     "test_error_stderr",
     "test_loss",
@@ -61,7 +64,7 @@ METRIC_KEYS = {
     "wall_time_s",
     "made_with",
 }
-DETERMINISTIC = ("test_error", "test_loss", "train_loss", "epochs", "diverged", "diverged_at", "test_correct")
+DETERMINISTIC = ("val_error", "val_loss", "test_error", "test_loss", "train_loss", "epochs", "diverged", "diverged_at", "test_correct")
 
 
 def glow_project(root: Path, **glow: Any) -> tuple[Params, Paths]:
@@ -164,7 +167,8 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, run: str) -> None:
 
     curve = pd.read_csv(TRAIN_GLOW_CLASSIFIER.curve_path(paths, "epochs", run, 0))
     assert list(curve.columns) == list(train_glow_classifier.CURVE_COLUMNS) and curve["epoch"].tolist() == [1, 2]
-    assert curve["diverged_batch"].tolist() == [0, 0] and curve["test_error"].iloc[-1] == metrics["test_error"]
+    assert curve["diverged_batch"].tolist() == [0, 0] and curve["val_error"].iloc[-1] == metrics["val_error"]
+    assert "test_error" not in curve.columns  # the test split is read once, after training
     assert not list((paths.workspace / ".resume").glob("*.pt"))
 
 
