@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import iresnet.spectral_norm as sn
 from iresnet.layers import Squeeze
 from iresnet.spectral_norm import (
     DENSE_MARGIN,
@@ -447,3 +448,107 @@ def test_every_certificate_is_strictly_above_the_exact_norm(seed: int) -> None:
         linear.weight.copy_(weight[:, :, 0, 0].float())
     svd = float(torch.linalg.matrix_norm(linear.weight.detach().double(), ord=2))
     assert svd < layer_lipschitz_bound(linear) <= svd * (1 + 2 * DENSE_MARGIN)
+
+
+# ------------------------------------------------------------------ the certificate's grids, from their definition
+
+# (c_out, c_in, kh, kw, input_hw, padding): odd and rectangular inputs, non-square kernels, padding below, at and
+# above k // 2 (with k = 1, p = 1 the output height H + 2p - kh + 1 is the binding constraint, not H + p).
+GRID_CASES = [
+    (3, 2, 3, 3, (4, 5), 1),
+    (2, 3, 5, 5, (5, 7), 2),
+    (2, 2, 3, 3, (6, 3), 1),
+    (1, 2, 5, 5, (3, 4), 2),
+    (2, 2, 3, 3, (5, 5), 2),
+    (2, 2, 1, 1, (4, 3), 1),
+    (2, 3, 3, 3, (4, 6), 0),
+    (2, 2, 3, 5, (5, 4), 2),
+]
+
+
+def embedded_circular_conv(weight: Tensor, x: Tensor, grid: tuple[int, int], padding: int) -> Tensor:
+    """Embed ``x`` at the top-left of an ``N_h x N_w`` grid, apply the circular convolution in
+    :func:`conv_singular_values`' centred-tap convention (written out with rolls), and read zero-padded output ``o``
+    off grid row ``o - p + kh // 2`` (mod ``N_h``), likewise in width: the construction the certificate rests on."""
+    (n_h, n_w), (h, w), (kh, kw), p = grid, x.shape[-2:], weight.shape[-2:], padding
+    grid_x = x.new_zeros(*x.shape[:-2], n_h, n_w)
+    grid_x[..., :h, :w] = x
+    out = 0
+    for a in range(kh):
+        for b in range(kw):  # y[i, j] += K[:, :, a, b] x[(i + a - kh//2) mod N_h, (j + b - kw//2) mod N_w]
+            shifted = torch.roll(grid_x, shifts=(-(a - kh // 2), -(b - kw // 2)), dims=(-2, -1))
+            out = out + torch.einsum("oc,bchw->bohw", weight[:, :, a, b], shifted)
+    rows = (torch.arange(h + 2 * p - kh + 1) - p + kh // 2) % n_h
+    cols = (torch.arange(w + 2 * p - kw + 1) - p + kw // 2) % n_w
+    return out[..., rows[:, None], cols[None, :]]
+
+
+def grid_is_valid(weight: Tensor, hw: tuple[int, int], padding: int, grid: tuple[int, int]) -> bool:
+    """Is the zero-padded convolution (embed, circular convolution on ``grid``, restrict) with embedding and restriction
+    of norm <= 1: the input fits, the outputs sit on distinct grid positions, and the values agree (random probes)?"""
+    (kh, kw), p = weight.shape[-2:], padding
+    if grid[0] < hw[0] or grid[1] < hw[1]:
+        return False  # the input does not even fit
+    if grid[0] < hw[0] + 2 * p - kh + 1 or grid[1] < hw[1] + 2 * p - kw + 1:
+        return False  # two outputs would be read off one grid row: not a restriction (norm up to sqrt 2, not <= 1)
+    x = torch.randn(3, weight.shape[1], *hw, generator=torch.Generator().manual_seed(7), dtype=F64)
+    return torch.allclose(
+        embedded_circular_conv(weight, x, grid, padding), F.conv2d(x, weight, padding=padding), rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("case", GRID_CASES, ids=lambda c: f"{c[0]}to{c[1]}_k{c[2]}x{c[3]}_{c[4][0]}x{c[4][1]}_p{c[5]}")
+def test_certificate_uses_exactly_the_valid_grids(case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every grid the certificate takes its minimum over is one on which the zero-padded convolution is a restriction
+    of the circular one (checked by the construction itself, not by the size formula); the range starts at the least
+    such size on each axis (one smaller is not valid) and ends at H + 2p; the bound is the margin times that minimum."""
+    c_out, c_in, kh, kw, hw, p = case
+    weight = torch.randn(c_out, c_in, kh, kw, generator=torch.Generator().manual_seed(c_in + kh), dtype=F64)
+    grids: list[tuple[int, int]] = []
+    values: list[float] = []
+    original = sn.conv_singular_values
+
+    def recording(w: Tensor, input_hw: tuple[int, int]) -> Tensor:
+        grids.append(tuple(int(s) for s in input_hw))
+        out = original(w, input_hw)
+        values.append(float(out[0]))
+        return out
+
+    monkeypatch.setattr(sn, "conv_singular_values", recording)
+    bound = sn.conv_norm_upper_bound(weight, hw, p, dense_limit=0)
+    monkeypatch.undo()
+    assert grids, "no circular grid was evaluated"
+    for grid in grids:
+        assert grid_is_valid(weight, hw, p, grid), f"grid {grid} does not contain the zero-padded operator"
+    least_h, least_w = min(g[0] for g in grids), min(g[1] for g in grids)
+    assert not grid_is_valid(weight, hw, p, (least_h - 1, least_w)), "the height range starts above the least valid"
+    assert not grid_is_valid(weight, hw, p, (least_h, least_w - 1)), "the width range starts above the least valid"
+    expected = {(n_h, n_w) for n_h in range(least_h, hw[0] + 2 * p + 1) for n_w in range(least_w, hw[1] + 2 * p + 1)}
+    assert sorted(grids) == sorted(expected)
+    assert bound == (1.0 + DENSE_MARGIN) * min(values)
+
+
+@pytest.mark.parametrize("case", GRID_CASES, ids=lambda c: f"{c[0]}to{c[1]}_k{c[2]}x{c[3]}_{c[4][0]}x{c[4][1]}_p{c[5]}")
+def test_circular_certificate_is_above_the_dense_svd_norm_for_random_kernels(case: tuple) -> None:
+    """The circular certificate alone (no dense shortcut) is >= the exact norm from the dense operator's SVD, for 40
+    random kernels per geometry: Gaussian, concentrated on the first tap row or column (the taps that wrap onto an
+    input row when a grid is one size too small), or all of one sign. Measured: a height range started one too small
+    under-estimates here for 2to2_k3x3_5x5_p2, a width range one too small for three geometries; the grid test above
+    catches every such start exactly."""
+    c_out, c_in, kh, kw, hw, p = case
+    generator = torch.Generator().manual_seed(100 + kh * 10 + hw[0])
+    for trial in range(40):
+        weight = torch.randn(c_out, c_in, kh, kw, generator=generator, dtype=F64)
+        if trial % 4 == 1:
+            weight[:, :, 1:] *= 0.1  # energy in the first tap row: the one that wraps under a too-small grid
+        elif trial % 4 == 2:
+            weight[:, :, :, 1:] *= 0.1
+        elif trial % 4 == 3:
+            weight = weight.abs()  # all taps one sign: the peak response sits at frequency 0
+        exact = float(
+            torch.linalg.matrix_norm(
+                dense_operator(lambda z, w=weight: F.conv2d(z, w, padding=p), (1, c_in, *hw)), ord=2
+            )
+        )
+        bound = conv_norm_upper_bound(weight, hw, p, dense_limit=0)
+        assert bound >= exact, (trial, bound, exact, bound / exact - 1)
