@@ -247,3 +247,27 @@ def test_block_inverse_equals_plain_iteration_with_eq2_weights() -> None:
     x_plain, info = fixed_point_inverse(block.g, y)  # eval mode: every call recomputes the same Eq. 2 weight
     assert torch.equal(x_block, x_plain)
     assert block.last_inverse_info == info
+
+
+@pytest.mark.parametrize("name", ["linear-0.5", "mlp-0.9", "conv-0.9"])
+@pytest.mark.parametrize("atol", [1e-3, 1e-9])
+def test_early_stop_returns_the_last_iterate_bitwise(name: str, atol: float) -> None:
+    # Algorithm 1 written out by hand: x_0 = y, x_{k+1} = y - g(x_k), stop once max|x_{k+1} - x_k| <= atol and
+    # return x_{k+1}. Same operations in the same order, so the library's answer must agree bit for bit; returning
+    # x_k instead (one step behind) differs by about the reported residual, far above 0.
+    g, shape, _ = BRANCHES[name]()
+    y = 2 * torch.randn(3, *shape, dtype=DTYPE)
+    x, residuals = y, []
+    for _ in range(1000):
+        x_next = y - g(x)
+        residuals.append(float((x_next - x).abs().max()))
+        x = x_next
+        if residuals[-1] <= atol:
+            break
+    assert residuals[-1] <= atol and len(residuals) > 1
+    x_lib, info = fixed_point_inverse(g, y, max_iter=1000, atol=atol)
+    assert info.converged and info.iterations == len(residuals) and info.residuals == residuals
+    assert torch.equal(x_lib, x)
+    # The returned iterate is one step ahead of the one whose residual was reported.
+    x_prev, _ = fixed_point_inverse(g, y, max_iter=info.iterations - 1, atol=0)
+    assert float((x_lib - x_prev).abs().max()) == info.residual > 0

@@ -20,8 +20,36 @@ from tests.pipeline.classifier_helpers import REPO, classifier_project
 EPOCHS = 8  # one batch of 8x8 images per epoch: a fraction of a second each
 
 
-def _start(root: Path, *extra: str) -> subprocess.Popen:
+# The stage as ``python -m pipeline.cli`` runs it, except that right after the first epoch's resume checkpoint is
+# saved it writes a marker file and pauses (until the test's signal). Eight tiny epochs take a second or two, so
+# without the pause the stage could finish before the signal arrived (then no checkpoint, exit 0: the test would
+# fail or, worse, test nothing); the marker is the evidence that the stage is mid-run with a checkpoint on disk.
+# The library and pipeline code are unchanged: the pause wraps EpochLoop.save from outside.
+_PAUSING_CLI = """
+import os, runpy, sys, time
+from pathlib import Path
+from pipeline.training import EpochLoop
+marker = Path(os.environ["IRESNET_TEST_PAUSE_MARKER"])
+save = EpochLoop.save
+def save_then_pause(self, epoch, record):
+    save(self, epoch, record)
+    if not marker.exists():
+        marker.write_text(str(epoch))
+        time.sleep(600)
+EpochLoop.save = save_then_pause
+runpy.run_module("pipeline.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def _marker(root: Path) -> Path:
+    return root / "paused-after-epoch"
+
+
+def _start(root: Path, *extra: str, pause: bool = False) -> subprocess.Popen:
     env = {**os.environ, "IRESNET_TRACKING": "1", "IRESNET_PROGRESS": "0", "IRESNET_THREADS": "1"}
+    _marker(root).unlink(missing_ok=True)
+    if pause:
+        env["IRESNET_TEST_PAUSE_MARKER"] = str(_marker(root))
     args = [
         "--root",
         str(root),
@@ -34,8 +62,9 @@ def _start(root: Path, *extra: str) -> subprocess.Popen:
         "0",
         *extra,
     ]
+    command = ["-c", _PAUSING_CLI] if pause else ["-m", "pipeline.cli"]
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, *command, *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -44,13 +73,18 @@ def _start(root: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _after_first_checkpoint(proc: subprocess.Popen, root: Path, signum: int) -> tuple[int, str]:
-    """Send ``signum`` once the stage has saved an epoch; returns its exit code and stderr."""
-    deadline = time.monotonic() + 90
-    while not list((root / ".resume").glob("*.pt")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
+def _signal_mid_run(root: Path, signum: int) -> tuple[int, str]:
+    """Start the stage, wait until it has saved an epoch and paused (:data:`_PAUSING_CLI`), send ``signum``; returns
+    the exit code and stderr."""
+    proc = _start(root, pause=True)
+    deadline = time.monotonic() + 120
+    while not _marker(root).exists():
+        assert proc.poll() is None, ("the stage ended before it paused", proc.communicate())
+        assert time.monotonic() < deadline, "the stage did not save its first epoch within 120 s"
         time.sleep(0.05)
+    assert int(_marker(root).read_text()) < EPOCHS  # mid-run: epochs remain
+    assert len(list((root / ".resume").glob("*.pt"))) == 1, "paused without a resume checkpoint"
+    assert proc.poll() is None, proc.communicate()  # still running: the signal reaches a live stage
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=90)
     return proc.returncode, err
@@ -83,7 +117,7 @@ def test_a_signal_ends_the_stage_cleanly_and_the_resumed_stage_continues_its_run
 ) -> None:
     from mlflow import MlflowClient
 
-    returncode, err = _after_first_checkpoint(_start(project), project, signum)
+    returncode, err = _signal_mid_run(project, signum)
     assert returncode == code, err
     assert "Traceback" not in err
     (line,) = [text for text in err.splitlines() if text.strip()]
@@ -103,7 +137,7 @@ def test_a_signal_ends_the_stage_cleanly_and_the_resumed_stage_continues_its_run
 
 
 def test_a_run_left_running_by_kill_9_is_continued_or_closed(project: Path) -> None:
-    returncode, _ = _after_first_checkpoint(_start(project), project, signal.SIGKILL)
+    returncode, _ = _signal_mid_run(project, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
     (orphan,) = _runs(project)
     assert orphan.info.status == "RUNNING"  # nobody could close it
@@ -112,7 +146,8 @@ def test_a_run_left_running_by_kill_9_is_continued_or_closed(project: Path) -> N
     (run,) = _runs(project)
     assert run.info.run_id == orphan.info.run_id and run.info.status == "FINISHED"
 
-    returncode, _ = _after_first_checkpoint(_start(project), project, signal.SIGKILL)
+    returncode, _ = _signal_mid_run(project, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL  # killed mid-run again, not finished before the signal
     for checkpoint in (project / ".resume").glob("*.pt"):
         checkpoint.unlink()  # this time the next run starts afresh
     _finish(project)
