@@ -64,7 +64,17 @@ METRIC_KEYS = {
     "wall_time_s",
     "made_with",
 }
-DETERMINISTIC = ("val_error", "val_loss", "test_error", "test_loss", "train_loss", "epochs", "diverged", "diverged_at", "test_correct")
+DETERMINISTIC = (
+    "val_error",
+    "val_loss",
+    "test_error",
+    "test_loss",
+    "train_loss",
+    "epochs",
+    "diverged",
+    "diverged_at",
+    "test_correct",
+)
 
 
 def glow_project(root: Path, **glow: Any) -> tuple[Params, Paths]:

@@ -306,9 +306,9 @@ NEW_TOY_KEYS = ("warmup_steps", "lr_schedule", "glow_scale_cap", "seeds", "n_val
 def _archive_before_flow_options() -> bytes:
     """``iresnet/`` and ``pipeline/`` of :data:`BEFORE_FLOW_OPTIONS` as a tar archive.
 
-    Skips (with the reason in the -ra summary) only where the history cannot exist: no git, or a tree that is not a
-    git checkout. A git checkout that lacks the commit, a shallow clone above all, fails: there the check would be
-    lost without anyone noticing, and fetching the history brings it back."""
+    Skips, with the reason in the summary (``-ra``), where the history is not there: no git, a tree that is not a git
+    checkout, or a shallow clone (CI services often clone one commit deep; ``git fetch --unshallow`` brings the check
+    back). A full clone that lacks the commit fails: there the history was rewritten and the check is lost."""
     if shutil.which("git") is None:
         pytest.skip(f"needs git to read the code of commit {BEFORE_FLOW_OPTIONS}; git is not installed")
     inside = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-inside-work-tree"], capture_output=True)
@@ -321,16 +321,13 @@ def _archive_before_flow_options() -> bytes:
         shallow = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--is-shallow-repository"], capture_output=True, text=True
         ).stdout.strip()
-        hint = (
-            "this clone is shallow: run `git fetch --unshallow` (in CI, check out with the full history)"
-            if shallow == "true"
-            else "fetch the full history of the repository"
-        )
-        pytest.fail(
+        what = (
             f"commit {BEFORE_FLOW_OPTIONS} (the code before the flow options, which this bit-identity check trains "
-            f"against) is not in {REPO}: {hint}. git said: {archive.stderr.decode().strip()}",
-            pytrace=False,
+            f"against) is not in {REPO}"
         )
+        if shallow == "true":
+            pytest.skip(f"SKIPPED A BIT-IDENTITY CHECK: {what}, a shallow clone; run `git fetch --unshallow`")
+        pytest.fail(f"{what}. git said: {archive.stderr.decode().strip()}", pytrace=False)
     return archive.stdout
 
 

@@ -4,7 +4,6 @@ threshold and without the metrics it needs; the verdict table's files; the page 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ import pytest
 from test_report import _metrics, write_fixture
 
 from pipeline.params import Params, parse_params
-from pipeline.paths import Paths
 from pipeline.report import verdicts as v
 from pipeline.stages import report
 from pipeline.stats import mean_interval, t95
