@@ -30,6 +30,7 @@ TINY: dict[str, Any] = {
     "data.val_fraction": 0.125,
     "data.max_test": 128,
     "classifier.coeffs": ["vanilla", 0.9],
+    "classifier.n_blocks": [1, 1, 1],  # singular_values' exact spectra of 6 blocks: 3 min on 2 busy cores
     "classifier.seeds": [0],  # one seed per model and toy flow: a seed is the same code path, three took 3x the time
     "toy.seeds": [0],
     "classifier.epochs": 1,
@@ -54,6 +55,19 @@ TINY: dict[str, Any] = {
     "toy.n_test": 256,
     "toy.grid_size": 20,
     "tracking.enabled": False,
+}
+# --smoke (scripts/gpu_run.sh --tiny, CPU against CPU): smaller still, a check of the script, not of CUDA.
+SMOKE: dict[str, Any] = {
+    "flow.n_blocks": [1, 1, 1],
+    "flow.channels": [8, 8, 8],
+    "flow.max_train_batches": 2,
+    "reconstruction.iterations": [1, 5],
+    "evaluate_flow.n_examples": 8,
+    "logdet_bias.n_examples": 2,
+    "toy.steps": 10,
+    "toy.n_blocks": 2,
+    "toy.n_test": 128,
+    "toy.n_val": 128,
 }
 DETERMINISTIC = ("prepare", "classifier", "singular_values", "reconstruction")
 # Fractions of a small test or validation set (one flipped prediction of 128 moves them by 0.008): compared to
@@ -159,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-3, help="deterministic stages (default 1e-3)")
     parser.add_argument("--stochastic-rtol", type=float, default=0.1, help="stages with device-drawn probes (0.1)")
     parser.add_argument("--keep", type=Path, default=None, help="keep both projects under this folder")
+    parser.add_argument("--smoke", action="store_true", help="smaller still (SMOKE): a check of this script")
     parser.add_argument("--json", type=Path, default=None, help="also write the verdict and timings to this file")
     args = parser.parse_args(argv)
 
@@ -171,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = os.environ.get("IRESNET_THREADS")
     torch.set_num_threads(int(threads) if threads else min(8, torch.get_num_threads()))
     target = parse_device(args.device)
-    params = load_params(Paths.at(Path(__file__).resolve().parents[1]).params_file, TINY)
+    params = load_params(
+        Paths.at(Path(__file__).resolve().parents[1]).params_file, {**TINY, **(SMOKE if args.smoke else {})}
+    )
     base = Path(tempfile.mkdtemp(prefix="iresnet-gpu-check-")) if args.keep is None else args.keep
     roots = {"cpu": base / "cpu", "cuda": base / "cuda"}
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {device_info(target)}")

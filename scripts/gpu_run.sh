@@ -36,14 +36,14 @@ echo "gpu_run: tiny=$tiny out=$out wheels=$wheels"
 
 if [ "$tiny" = 1 ]; then
   device=cpu
-  L_CHECK=${L_CHECK:-400}; L_BENCH=${L_BENCH:-120}; L_FLOW=${L_FLOW:-120}; L_TOY=${L_TOY:-90}; L_DDP=${L_DDP:-90}
+  L_CHECK=${L_CHECK:-300}; L_BENCH=${L_BENCH:-120}; L_FLOW=${L_FLOW:-120}; L_TOY=${L_TOY:-90}; L_DDP=${L_DDP:-90}
   FLOW_BUDGET=${FLOW_BUDGET:-3}; TOY_STEPS=${TOY_STEPS:-10}
-  check_args=(--device cpu --stochastic-rtol 0.1); bench_args=(--quick); tiny_arg=(--tiny)
+  check_args=(--device cpu --smoke); bench_args=(--quick); tiny_arg=(--tiny)
 else
   device=cuda
-  # 5 minutes in all: 75 + 50 + 80 + 40 + 30 s at most, plus the install
-  L_CHECK=${L_CHECK:-75}; L_BENCH=${L_BENCH:-50}; L_FLOW=${L_FLOW:-80}; L_TOY=${L_TOY:-40}; L_DDP=${L_DDP:-30}
-  FLOW_BUDGET=${FLOW_BUDGET:-40}; TOY_STEPS=${TOY_STEPS:-200}
+  # 5 minutes in all: 90 + 50 + 70 + 40 + 30 s at most, plus the install (~5 s) and env (~5 s)
+  L_CHECK=${L_CHECK:-90}; L_BENCH=${L_BENCH:-50}; L_FLOW=${L_FLOW:-70}; L_TOY=${L_TOY:-40}; L_DDP=${L_DDP:-30}
+  FLOW_BUDGET=${FLOW_BUDGET:-35}; TOY_STEPS=${TOY_STEPS:-200}
   check_args=(--device cuda); bench_args=(); tiny_arg=()
 fi
 
