@@ -82,3 +82,25 @@ def test_tiny_runs_are_marked(tmp_path: Path) -> None:
     folder.mkdir()
     _write(folder, "env", {"torch": "2.14.1", "device": "cpu", "date": "d", "tiny": True})
     assert "tiny CPU smoke-test profile" in gpu_section(folder)
+
+
+def test_the_report_page_ends_with_the_gpu_section(tmp_path: Path, repo_params: dict) -> None:
+    """The report stage's page: the one line before a GPU run, the run's device after its files are copied in."""
+    import copy
+
+    from pipeline.params import parse_params
+    from pipeline.stages import report
+    from tests.pipeline.test_report import write_fixture
+
+    raw = copy.deepcopy(repo_params)
+    raw["classifier"]["coeffs"] = ["vanilla", 0.9, 0.7, 0.5]
+    params = parse_params(raw)
+    paths = write_fixture(tmp_path)
+    report.run(params, paths)
+    page = (paths.reports / "README.md").read_text()
+    assert page.endswith("\n## GPU\n\n" + NOT_RUN + "\n")
+    (paths.reports / "gpu").mkdir()
+    _write(paths.reports / "gpu", "env", {"gpu": "NVIDIA H200", "torch": "2.11.0", "date": "2027-01-02"})
+    report.run(params, paths)
+    page = (paths.reports / "README.md").read_text()
+    assert "## GPU" in page and "NVIDIA H200" in page and NOT_RUN not in page
