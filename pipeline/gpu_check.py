@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-3, help="deterministic stages (default 1e-3)")
     parser.add_argument("--stochastic-rtol", type=float, default=0.1, help="stages with device-drawn probes (0.1)")
     parser.add_argument("--keep", type=Path, default=None, help="keep both projects under this folder")
-    parser.add_argument("--smoke", action="store_true", help="smaller still (SMOKE): a check of this script")
+    parser.add_argument(
+        "--smoke", action="store_true", help="smaller still (SMOKE), and with --device cpu one run: checks the script"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the verdict and timings to this file")
     args = parser.parse_args(argv)
 
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {device_info(target)}")
     seconds = {}
     for name, dev in (("cpu", torch.device("cpu")), ("cuda", target)):
+        if args.smoke and name == "cuda" and dev.type == "cpu":  # CPU against CPU: the one run against itself
+            roots[name], seconds[name] = roots["cpu"], 0.0
+            continue
         roots[name].mkdir(parents=True, exist_ok=True)
         set_device(dev)
         seconds[name] = run_pipeline(roots[name], params)
