@@ -201,7 +201,7 @@ def ddp_run(tiny: bool) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     synchronize()
     barrier(World(here.rank, 2, here.local_rank))  # a barrier of the real group (World(…, 2, …): not skipped)
     dist.destroy_process_group()

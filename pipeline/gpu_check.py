@@ -58,6 +58,8 @@ TINY: dict[str, Any] = {
 }
 # --smoke (scripts/gpu_run.sh --tiny, CPU against CPU): smaller still, a check of the script, not of CUDA.
 SMOKE: dict[str, Any] = {
+    "classifier.channels": [4, 4, 4],  # singular_values' dense spectra at 28x28 x 8 channels: minutes on busy cores
+    "singular_values.lower_iters": 5,
     "flow.n_blocks": [1, 1, 1],
     "flow.channels": [8, 8, 8],
     "flow.max_train_batches": 2,
