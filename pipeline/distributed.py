@@ -17,6 +17,7 @@ Without torchrun (``WORLD_SIZE`` unset or 1) none of this runs: a stage is today
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,15 +26,23 @@ from torch import Tensor, nn
 from pipeline.env import World, world
 from pipeline.errors import ParamsError
 
+#: How long an NCCL collective (the closing barrier among them) waits for the slowest rank.
+NCCL_TIMEOUT = timedelta(hours=2)
 
-def init_process_group(device: torch.device) -> World:
-    """Join the torchrun process group (NCCL on CUDA, gloo on the CPU) when there is one; returns this process's
+
+def init_process_group(device: torch.device, force: bool = False) -> World:
+    """Join the torchrun process group (NCCL on CUDA, gloo on the CPU) when there is one (``force``: also in a
+    torchrun of one process, as ``scripts/gpu_run.sh`` checks NCCL on one GPU); returns this process's
     :class:`World`. Idempotent."""
     import torch.distributed as dist
 
     here = world()
-    if here.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if (here.distributed or force) and not dist.is_initialized():
+        if device.type == "cuda":  # bound to this rank's GPU; rank 0 alone writes the outputs (plots, samples,
+            # MLflow) while the others wait at the closing barrier: longer than NCCL's default 10 minutes
+            dist.init_process_group("nccl", device_id=device, timeout=NCCL_TIMEOUT)
+        else:
+            dist.init_process_group("gloo")
     return here
 
 
@@ -144,12 +153,28 @@ def sync_rng(here: World) -> None:
 
     if not here.distributed:
         return
+    from pipeline.env import device
+
+    dev = device()
     state = torch.get_rng_state()
-    states: list[Any] = [state, torch.cuda.get_rng_state() if torch.cuda.is_available() else None]
+    cuda = dev.type == "cuda"
+    states: list[Any] = [state, None if cuda else (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)]
     dist.broadcast_object_list(states, src=0)
     torch.set_rng_state(states[0])
-    if states[1] is not None:
+    if cuda:  # the probes drawn on the GPU: a stream of each rank's own (rank 0's on every rank would give every
+        # part of a global batch the same probes), from the synchronised CPU state, the same on every rank
+        torch.cuda.manual_seed(rank_cuda_seed(states[0], here.rank))
+    elif states[1] is not None:
         torch.cuda.set_rng_state(states[1])
+
+
+def rank_cuda_seed(cpu_state: Tensor, rank: int) -> int:
+    """The seed of rank ``rank``'s CUDA generator for the epoch that starts from the (synchronised) CPU RNG state
+    ``cpu_state``: a hash of the state (it moves every epoch), different for every rank; draws nothing."""
+    import hashlib
+
+    digest = hashlib.sha256(cpu_state.numpy().tobytes() + rank.to_bytes(4, "little")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def barrier(here: World) -> None:

@@ -82,6 +82,20 @@ def device() -> Any:
     return _current_device if _current_device is not None else torch.device("cpu")
 
 
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run the body with the global RNG seeded by ``seed``, restoring it after: the CPU generator, and on CUDA the
+    stage device's generator too (``torch.manual_seed`` seeds every CUDA generator; ``fork_rng(devices=[])`` alone
+    would leave the device's reseeded, and the probes drawn after it would repeat the same stream at every call).
+    On the CPU: exactly ``fork_rng(devices=[])`` + ``manual_seed``."""
+    import torch
+
+    here = device()
+    with torch.random.fork_rng(devices=[here] if here.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def synchronize() -> None:
     """Wait for the device's queued work (CUDA runs asynchronously): call before reading a wall clock."""
     import torch

@@ -30,6 +30,9 @@ TINY: dict[str, Any] = {
     "data.val_fraction": 0.125,
     "data.max_test": 128,
     "classifier.coeffs": ["vanilla", 0.9],
+    "classifier.n_blocks": [1, 1, 1],  # singular_values' exact spectra of 6 blocks: 3 min on 2 busy cores
+    "classifier.seeds": [0],  # one seed per model and toy flow: a seed is the same code path, three took 3x the time
+    "toy.seeds": [0],
     "classifier.epochs": 1,
     "classifier.max_train_batches": 8,
     "classifier.eval_batch_size": 128,
@@ -53,11 +56,28 @@ TINY: dict[str, Any] = {
     "toy.grid_size": 20,
     "tracking.enabled": False,
 }
+# --smoke (scripts/gpu_run.sh --tiny, CPU against CPU): smaller still, a check of the script, not of CUDA.
+SMOKE: dict[str, Any] = {
+    "classifier.channels": [4, 4, 4],  # singular_values' dense spectra at 28x28 x 8 channels: minutes on busy cores
+    "singular_values.lower_iters": 5,
+    "flow.n_blocks": [1, 1, 1],
+    "flow.channels": [8, 8, 8],
+    "flow.max_train_batches": 2,
+    "reconstruction.iterations": [1, 5],
+    "evaluate_flow.n_examples": 8,
+    "logdet_bias.n_examples": 2,
+    "toy.steps": 10,
+    "toy.n_blocks": 2,
+    "toy.n_test": 128,
+    "toy.n_val": 128,
+}
 DETERMINISTIC = ("prepare", "classifier", "singular_values", "reconstruction")
 # Fractions of a small test or validation set (one flipped prediction of 128 moves them by 0.008): compared to
 # COUNT_ATOL.
 COUNTED = ("test_error", "val_error", "accuracy")
 COUNT_ATOL = 0.02
+# Beyond this, a metric has diverged (both devices must then have diverged; their digits are not compared).
+DIVERGED = 1.0e6
 TIMING = ("time", "seconds", "throughput", "steps_per_s", "per_100", "device", "gpu")
 
 
@@ -101,6 +121,25 @@ def numbers(data: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def diverged(value: float) -> bool:
+    """A number no converged computation gives: non-finite, or beyond :data:`DIVERGED` (the vanilla net's
+    reconstruction error, ~1e73 on the CPU, whose digits float rounding decides)."""
+    return not math.isfinite(value) or abs(value) > DIVERGED
+
+
+def agree(key: str, a: float, b: float, tol: float) -> bool:
+    """Whether the CPU's ``a`` and the device's ``b`` of metric ``key`` agree: to ``tol`` relative, integers
+    (iteration counts) to 1, counted fractions (:data:`COUNTED`) to :data:`COUNT_ATOL`, diverged values when both
+    diverged."""
+    if diverged(a) or diverged(b):
+        return diverged(a) and diverged(b)
+    return (
+        abs(a - b) / max(abs(a), 1e-3) <= tol
+        or (a.is_integer() and b.is_integer() and abs(a - b) <= 1)  # e.g. iterations
+        or (any(word in key for word in COUNTED) and abs(a - b) <= COUNT_ATOL)
+    )
+
+
 def compare(cpu_root: Path, gpu_root: Path, rtol: float, stochastic_rtol: float) -> list[str]:
     """Print every metric of both runs; returns the failures."""
     from pipeline.files import read_json
@@ -121,13 +160,9 @@ def compare(cpu_root: Path, gpu_root: Path, rtol: float, stochastic_rtol: float)
             if key not in b:
                 failures.append(f"{name} {key}: missing on CUDA")
                 continue
-            diff = abs(a[key] - b[key]) / max(abs(a[key]), 1e-3)
-            close = (
-                diff <= tol
-                or (a[key].is_integer() and b[key].is_integer() and abs(a[key] - b[key]) <= 1)  # e.g. iterations
-                or (any(word in key for word in COUNTED) and abs(a[key] - b[key]) <= COUNT_ATOL)
-            )
-            verdict = "ok" if close else "DIFFERS"
+            diff = abs(a[key] - b[key]) / max(abs(a[key]), 1e-3) if math.isfinite(a[key] - b[key]) else math.inf
+            close = agree(key, a[key], b[key], tol)
+            verdict = ("ok (diverged on both)" if diverged(a[key]) else "ok") if close else "DIFFERS"
             print(f"  {name:<28} {key:<44} cpu {a[key]:>12.6g}  cuda {b[key]:>12.6g}  rel {diff:.1e} {verdict}")
             if not close:
                 failures.append(f"{name} {key}: cpu {a[key]:.6g}, cuda {b[key]:.6g} (rel {diff:.1e} > {tol:g})")
@@ -140,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-3, help="deterministic stages (default 1e-3)")
     parser.add_argument("--stochastic-rtol", type=float, default=0.1, help="stages with device-drawn probes (0.1)")
     parser.add_argument("--keep", type=Path, default=None, help="keep both projects under this folder")
+    parser.add_argument(
+        "--smoke", action="store_true", help="smaller still (SMOKE), and with --device cpu one run: checks the script"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the verdict and timings to this file")
     args = parser.parse_args(argv)
 
     import torch
@@ -151,12 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = os.environ.get("IRESNET_THREADS")
     torch.set_num_threads(int(threads) if threads else min(8, torch.get_num_threads()))
     target = parse_device(args.device)
-    params = load_params(Paths.at(Path(__file__).resolve().parents[1]).params_file, TINY)
+    params = load_params(
+        Paths.at(Path(__file__).resolve().parents[1]).params_file, {**TINY, **(SMOKE if args.smoke else {})}
+    )
     base = Path(tempfile.mkdtemp(prefix="iresnet-gpu-check-")) if args.keep is None else args.keep
     roots = {"cpu": base / "cpu", "cuda": base / "cuda"}
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {device_info(target)}")
     seconds = {}
     for name, dev in (("cpu", torch.device("cpu")), ("cuda", target)):
+        if args.smoke and name == "cuda" and dev.type == "cpu":  # CPU against CPU: the one run against itself
+            roots[name], seconds[name] = roots["cpu"], 0.0
+            continue
         roots[name].mkdir(parents=True, exist_ok=True)
         set_device(dev)
         seconds[name] = run_pipeline(roots[name], params)
@@ -166,6 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     for failure in failures:
         print(f"FAIL {failure}")
     print(f"GPU CHECK: {'FAIL' if failures else 'PASS'} (cpu {seconds['cpu']:.1f} s, {target} {seconds['cuda']:.1f} s)")
+    if args.json is not None:
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        verdict = {
+            "part": "gpu_check",
+            "pass": not failures,
+            "failures": failures,
+            "seconds": {"cpu": seconds["cpu"], str(target): seconds["cuda"]},
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            **device_info(target),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        args.json.write_text(json.dumps(verdict, indent=1) + "\n")
     if args.keep is None:
         shutil.rmtree(base, ignore_errors=True)
     return 1 if failures else 0

@@ -97,7 +97,7 @@ def plot_reconstruction_error(path: Path, curve: pd.DataFrame, tolerances: tuple
 
 def _rgb(image: Tensor) -> np.ndarray:
     """``(C, H, W)`` -> ``(H, W, 3)`` in ``[0, 1]``: grey repeated to RGB, non-finite pixels red."""
-    img = image.permute(1, 2, 0).numpy()
+    img = image.detach().cpu().permute(1, 2, 0).numpy()
     img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
     bad = ~np.isfinite(img).all(axis=2)
     img = np.clip(np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)

@@ -34,6 +34,7 @@ def plot_preview(path: Path, images: Tensor, labels: Tensor, title: str, zca: ZC
     classes, rows = preview_rows(labels)
 
     def mosaic(x: Tensor) -> Tensor:
+        x = x.detach().cpu()  # the same tensor on the CPU
         return tile([[x[i].permute(1, 2, 0).numpy() for i in idx] for idx in rows], fill=0.5, cols=PER_CLASS)
 
     panels = [("images", mosaic(images))]

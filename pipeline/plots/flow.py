@@ -19,7 +19,7 @@ def plot_samples(path: Path, samples: Tensor, data: Tensor, title: str, data_nam
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.8))
     for ax, name, images in ((axes[0], data_name, data), (axes[1], "samples", samples)):
-        grid = tile(square_rows(list(images.permute(0, 2, 3, 1).numpy())), fill=1.0)
+        grid = tile(square_rows(list(images.detach().cpu().permute(0, 2, 3, 1).numpy())), fill=1.0)
         ax.imshow(grid.squeeze(-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(name, fontsize=10)
         ax.axis("off")

@@ -34,7 +34,7 @@ def plot_toy_densities(path: Path, panels: list[Panel], columns: list[str], note
         for col, key in enumerate(columns):
             ax = axes[row, col]
             ax.imshow(
-                images[key].numpy(),
+                images[key].detach().cpu().numpy(),
                 origin="lower",
                 extent=(-WINDOW, WINDOW, -WINDOW, WINDOW),
                 cmap="magma",

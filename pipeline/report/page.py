@@ -558,8 +558,9 @@ def _figure(outputs: StageOutputs, key: str, alt: str) -> str:
     return f"![{alt}](figures/{outputs.figures[key]})\n"
 
 
-def render_page(inputs: ReportInputs, tables: dict[str, ReportTable]) -> str:
-    """The whole ``reports/README.md``: the verdict table first, then a section per table or figure."""
+def render_page(inputs: ReportInputs, tables: dict[str, ReportTable], gpu: str = "") -> str:
+    """The whole ``reports/README.md``: the verdict table first, then a section per table or figure, then ``gpu``
+    (:func:`pipeline.report.gpu.gpu_section`) when given."""
     verdicts = tables["verdicts"]
 
     def section(key: str, title: str, ours: str, body: str) -> str:
@@ -632,4 +633,4 @@ def render_page(inputs: ReportInputs, tables: dict[str, ReportTable]) -> str:
         "(never from MLflow); tables also as LaTeX and CSV in `reports/tables/`. Regenerate with `dvc repro`.\n\n"
         f"**Profile:** {profile(inputs)}\n"
     )
-    return "\n".join([head, *sections])
+    return "\n".join([head, *sections, *([gpu] if gpu else [])])

@@ -22,6 +22,7 @@ from pipeline.params import Params
 from pipeline.paths import Paths
 from pipeline.report.classifiers import seed_summaries
 from pipeline.report.glow import table3
+from pipeline.report.gpu import gpu_section
 from pipeline.report.inputs import ReportInputs, load_inputs
 from pipeline.report.page import all_certified, render_page
 from pipeline.report.tables import build_tables, made_with_all, percent
@@ -91,7 +92,8 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     total = float(tables["runcost"].data.loc["total", "wall_time_s"])
     head = summary(inputs, total)
     write_json(paths.metrics / SUMMARY, head)
-    write_bytes_atomic(paths.reports / PAGE, render_page(inputs, tables).encode())
+    page = render_page(inputs, tables, gpu=gpu_section(paths.reports / "gpu"))  # reports/gpu/: scripts/gpu_run.sh
+    write_bytes_atomic(paths.reports / PAGE, page.encode())
     for path in (paths.tables, paths.metrics / SUMMARY, paths.reports / PAGE):
         out.artifact(path, "report")
 

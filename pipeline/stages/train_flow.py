@@ -33,7 +33,7 @@ from pipeline.console import progress
 from pipeline.data.batches import batch_indices, evenly_spaced, n_batches
 from pipeline.data.store import load_prepared, load_stats, load_zca, split_file
 from pipeline.distributed import Method, check_divides, global_mean, shard, sync_rng, wrap
-from pipeline.env import device, world
+from pipeline.env import device, seeded_rng, world
 from pipeline.models.flows import (
     MODEL_KIND,
     FlowSpace,
@@ -167,8 +167,7 @@ def evaluate_epoch(model: MultiscaleFlow, space: FlowSpace, x: Tensor, batch_siz
     of a split's images, made once per run: the validation images after every epoch); the probes come from ``seed``
     and leave the training streams untouched."""
     model.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):  # on CUDA the device's generator is restored too
         logpz, logdet = [], []
         for idx in batch_indices(len(x), batch_size, shuffle=False):
             a, b = model.log_prob_parts(x[idx])
@@ -249,14 +248,18 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
             sync_rng(here)  # every rank draws the same permutation (a no-op in one process)
             train_bpd, seen = train_epoch(model, optimizer, train_images, space, noise, params, epoch, advance, net)
             train_seconds = time.perf_counter() - t0
-            val = evaluate_epoch(model, space, val_x, p.eval_batch_size, params.seed + _EVAL_SEED_OFFSET)
+            if here.is_main:
+                val = evaluate_epoch(model, space, val_x, p.eval_batch_size, params.seed + _EVAL_SEED_OFFSET)
+                recon_error = reconstruction_error(model, recon_x)
+            else:  # torchrun: only rank 0 records (and writes) the epoch's validation; the others go on training
+                val, recon_error = {"bpd": float("nan"), "logpz": float("nan"), "logdet": float("nan")}, float("nan")
             record = {
                 "epoch": epoch,
                 "train_bpd": train_bpd,
                 "val_bpd": val["bpd"],
                 "logpz": val["logpz"],
                 "logdet": val["logdet"],
-                "recon_error": reconstruction_error(model, recon_x),
+                "recon_error": recon_error,
                 "lr": optimizer.param_groups[0]["lr"],
                 "images": seen,
                 "train_seconds": train_seconds,
