@@ -34,6 +34,7 @@ TINY_TOY = {
     "lr_schedule": "constant",
     "glow_scale_cap": True,
     "n_test": 16,
+    "n_val": 16,
     "grid_size": 4,
 }
 
