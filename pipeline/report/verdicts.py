@@ -74,7 +74,6 @@ PAPER_DEVICE = "cuda"  # the paper's timings: 4 GeForce GTX 1080 GPUs
 MNIST_LIKE, CIFAR_LIKE = ("mnist", "mnist-5k"), ("cifar10", "cifar100")
 
 
-
 @dataclass(frozen=True)
 class Finding:
     """What this run found (short text with its uncertainty) and the verdict (one of :data:`VERDICTS`)."""
