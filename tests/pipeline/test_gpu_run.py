@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ PARTS = ("env", "gpu_check", "bench", "flow", "toy", "ddp")
 def test_gpu_run_tiny_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "GPU_WHEELS": os.environ.get("GPU_WHEELS", str(tmp_path / "no-wheels"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the script calls `python`
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "gpu_run.sh"), "--tiny", str(out)],
         env=env,
