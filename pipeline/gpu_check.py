@@ -94,6 +94,7 @@ def run_pipeline(root: Path, params: Any) -> float:
         toy_density,
         train_classifier,
         train_flow,
+        train_glow_classifier,
     )
 
     paths = Paths.at(root)
@@ -102,6 +103,9 @@ def run_pipeline(root: Path, params: Any) -> float:
     for coeff in params.classifier.coeffs:
         for seed in params.classifier.seeds:
             train_classifier.run(params, paths, coeff=coeff, seed=seed)
+    for run in params.glow_classifier.runs:
+        for seed in params.glow_classifier.seeds:
+            train_glow_classifier.run(params, paths, run_label=run, seed=seed)
     for stage in (singular_values, reconstruction, train_flow, evaluate_flow, logdet_bias, toy_density, report):
         stage.run(params, paths)
     return time.perf_counter() - start
