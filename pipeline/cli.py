@@ -223,7 +223,9 @@ def launch(nproc: int) -> NoReturn:
     see ``WORLD_SIZE`` and so never launch again."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command += ["-m", "pipeline.cli", *without_nproc(sys.argv[1:])]
-    proc = subprocess.Popen(command)
+    from pipeline.processes import die_with_parent
+
+    proc = subprocess.Popen(command, preexec_fn=die_with_parent)  # torchrun (and so its workers) dies with this one
     try:
         code = proc.wait()
     except KeyboardInterrupt as err:  # SIGINT or SIGTERM (DVC stopping the stage): torchrun stops its processes
@@ -254,7 +256,10 @@ def run_stage(
     import torch
 
     from pipeline.env import device_info, world
+    from pipeline.processes import die_with_parent
     from pipeline.tracking import stage_run
+
+    die_with_parent()  # a stopped `dvc repro` (or pool, or torchrun) must not leave this stage training on unseen
 
     # torch's default uses every core. Results can differ in the last bits between thread counts (reductions split
     # differently), so the committed outputs are made with a fixed count, pipeline.env.EXACT_THREADS (2: measured
@@ -365,7 +370,7 @@ def train_classifier(
 ) -> None:
     """Train one classifier of Table 2 from one seed: validation error per epoch, the test error once at the end
     (resumes from its last epoch checkpoint if an earlier run was killed)."""
-    from pipeline.models.specs import stage_name
+    from pipeline.models.specs import run_name
     from pipeline.stages import train_classifier as stage
 
     def batch_key(params: Params) -> tuple[str, int]:
@@ -387,7 +392,7 @@ def train_classifier(
     run_stage(
         ctx,
         "classifier",
-        stage_name(coeff, seed),
+        run_name(coeff, seed),
         runner,
         ("data", "classifier"),  # not the global `seed`: the run's seed is its matrix item
         {"classifier.epochs": epochs},
@@ -405,7 +410,7 @@ def train_glow_classifier(
 ) -> None:
     """Train one classifier of Table 3 (Glow or the Glow-style i-ResNet) from one seed; a run that diverges is
     recorded as such (resumes from its last epoch checkpoint if an earlier run was killed)."""
-    from pipeline.models.glow_specs import stage_name
+    from pipeline.models.glow_specs import run_name
     from pipeline.stages import train_glow_classifier as stage
 
     def runner(params: Params, paths: Paths, tracker: Any) -> dict[str, Any]:
@@ -415,12 +420,91 @@ def train_glow_classifier(
     run_stage(
         ctx,
         "classifier",
-        stage_name(run, seed),
+        run_name(run, seed),
         runner,
         ("data", "classifier", "glow_classifier"),
         {"classifier.epochs": epochs},
         {"run": run, "seed": seed},
     )
+
+
+def run_each(ctx: typer.Context, what: str, runs: Sequence[tuple[str, list[str]]]) -> None:
+    """Run each ``(name, command)`` (a stage command and its options, e.g. ``["train-classifier", "--coeff", "0.9",
+    "--seed", "1"]``) as an ``iresnet`` process of its own with this command's global options
+    (:func:`pipeline.processes.run_jobs`). On the CPU they run side by side, one torch thread each, as many at once as
+    ``--threads`` says (default: one per core), so each run's bytes are those of ``iresnet --threads 1 <command>``
+    whatever the count; on a GPU, or with ``--nproc``, one at a time with the global options as given."""
+    import torch
+
+    from pipeline.env import DeviceError, parse_device
+    from pipeline.processes import Job, die_with_parent, run_jobs
+
+    die_with_parent()
+    settings: Settings = ctx.obj
+    try:
+        on_gpu = parse_device(settings.device, None).type == "cuda"
+    except DeviceError as err:
+        fail(err)
+    base = [sys.executable, "-m", "pipeline.cli", "--root", str(settings.root)]
+    base += ["--params", str(settings.params_file)] if settings.params_file is not None else []
+    for text in settings.sets:
+        base += ["--set", text]
+    base += ["--device", settings.device] if settings.device is not None else []
+    if on_gpu or (settings.nproc or 1) > 1:
+        workers = 1
+        base += ["--threads", str(settings.threads)] if settings.threads is not None else []
+        base += ["--nproc", str(settings.nproc)] if settings.nproc is not None else []
+    else:
+        workers = settings.threads or torch.get_num_threads()
+        base += ["--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("IRESNET_THREADS", "IRESNET_NPROC")}
+    env["IRESNET_PROGRESS"] = "0"  # their bars would only fill the logs; this process shows one over the runs
+    jobs = [Job(name, base + command) for name, command in runs]
+    try:
+        run_jobs(jobs, min(workers, len(jobs)) or 1, env, what)
+    except UserError as err:
+        fail(err)
+    except KeyboardInterrupt as err:
+        print_error(interrupted_message(what, None))
+        raise typer.Exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)) from None
+    console.print(f"{what}: {len(jobs)} runs done", highlight=False)
+
+
+@app.command()
+def train_classifiers(ctx: typer.Context) -> None:
+    """Train every classifier of Table 2, one per (entry of classifier.coeffs, entry of classifier.seeds), each as
+    `train-classifier --coeff C --seed S` in a process of its own, side by side on the CPU (the DVC stage)."""
+    from pipeline.models.specs import classifier_specs, run_name
+
+    try:
+        params, _ = load(ctx)
+    except UserError as err:
+        fail(err)
+    runs = [
+        (run_name(spec.label, seed), ["train-classifier", "--coeff", spec.label, "--seed", str(seed)])
+        for spec in classifier_specs(params.classifier)
+        for seed in params.classifier.seeds
+    ]
+    run_each(ctx, "train_classifier", runs)
+
+
+@app.command()
+def train_glow_classifiers(ctx: typer.Context) -> None:
+    """Train every classifier of Table 3, one per (entry of glow_classifier.runs, entry of glow_classifier.seeds),
+    each as `train-glow-classifier --run R --seed S` in a process of its own, side by side on the CPU (the DVC
+    stage)."""
+    from pipeline.models.glow_specs import STAGE, run_name
+
+    try:
+        params, _ = load(ctx)
+    except UserError as err:
+        fail(err)
+    runs = [
+        (run_name(label, seed), ["train-glow-classifier", "--run", label, "--seed", str(seed)])
+        for label in params.glow_classifier.runs
+        for seed in params.glow_classifier.seeds
+    ]
+    run_each(ctx, STAGE, runs)
 
 
 @app.command()

@@ -3,9 +3,9 @@
 :data:`STAGES` is the registry: for each DVC stage its metrics JSON (under ``reports/metrics/``), CSV curves
 (``reports/curves/``), PNG figures (``reports/figures/``) and other outputs (models, prepared data, tables). The
 stages write these files, the report reads them, and a test checks that ``dvc.yaml`` declares exactly them.
-``{label}`` and ``{seed}`` stand for a classifier's label and training seed (the two matrix axes of
-``train_classifier``, and of ``train_glow_classifier`` with a run of ``glow_classifier.runs`` as the label): each
-(label, seed) run writes its own files, ``.../<label>/seed<k>...``.
+``{label}`` and ``{seed}`` stand for a classifier's label and training seed (the runs of ``train_classifier``, and of
+``train_glow_classifier`` with an entry of ``glow_classifier.runs`` as the label): each (label, seed) run writes its own
+files, ``.../<label>/seed<k>...``, and ``dvc.yaml`` declares their folders (:meth:`StageOutputs.declared`).
 
 :class:`StageRun` is the frame of a stage's ``run()``: it starts the clock, hands out the output paths, writes curves,
 and :meth:`StageRun.finish` ends the stage the same way everywhere (wall time, metrics JSON, MLflow artifacts).
@@ -59,13 +59,18 @@ class StageOutputs:
         return paths.root / self.other[index]
 
     def files(self) -> list[str]:
-        """Every output path from the project root, ``{label}`` and ``{seed}`` unfilled (what ``dvc.yaml`` declares)."""
+        """Every output path from the project root, ``{label}`` and ``{seed}`` unfilled."""
         out = list(self.other) + ([f"models/{self.model}"] if self.model is not None else [])
         out += [f"reports/curves/{name}" for name in self.curves.values()]
         out += [f"reports/figures/{name}" for name in self.figures.values()]
         if self.metrics is not None:
             out.append(f"reports/metrics/{self.metrics}")
         return out
+
+    def declared(self) -> list[str]:
+        """What ``dvc.yaml`` declares: :meth:`files`, a path with placeholders as the folder above the first (one
+        stage writes every (label, seed) run: ``models/classifier`` for ``models/classifier/{label}/...``)."""
+        return [name.split(f"/{LABEL}", 1)[0] for name in self.files()]
 
 
 def _fill(name: str, label: str | None, seed: int | None) -> str:

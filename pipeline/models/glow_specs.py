@@ -69,6 +69,7 @@ def resolve_seed(params: GlowClassifierParams, seed: int) -> int:
     return seed
 
 
-def stage_name(label: str, seed: int) -> str:
-    """The DVC stage of one run: ``train_glow_classifier@affine-adamax-0``."""
+def run_name(label: str, seed: int) -> str:
+    """The name of one run of the ``train_glow_classifier`` stage (its MLflow run, its run-cost row):
+    ``train_glow_classifier@affine-adamax-0``."""
     return f"{STAGE}@{label}-{seed}"

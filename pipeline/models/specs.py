@@ -59,8 +59,9 @@ def resolve_spec(params: ClassifierParams, text: str | float | None) -> Classifi
     raise ParamsError("--coeff", text, f"one of the entries of classifier.coeffs ({', '.join(labels)}); add it there")
 
 
-def stage_name(label: str, seed: int) -> str:
-    """The DVC stage of one run, as DVC names a two-axis matrix item: ``train_classifier@0.9-1``."""
+def run_name(label: str, seed: int) -> str:
+    """The name of one (label, seed) run of the ``train_classifier`` stage, its MLflow run and its row of the run-cost
+    table: ``train_classifier@0.9-1``."""
     return f"train_classifier@{label}-{seed}"
 
 

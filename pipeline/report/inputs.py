@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError, brief
-from pipeline.models import glow_specs
-from pipeline.models.specs import ClassifierSpec, stage_name
+from pipeline.models.specs import ClassifierSpec
 from pipeline.outputs import (
     EVALUATE_FLOW,
     LOGDET_BIAS,
@@ -149,10 +148,10 @@ def required_files(
     """Every input of the report -> the DVC stage that writes it."""
     files = {paths.prepared / STATS: "prepare", PREPARE.metrics_path(paths): "prepare"}
     for label in labels:
-        files.update({TRAIN_CLASSIFIER.metrics_path(paths, label, seed): stage_name(label, seed) for seed in seeds})
+        files.update({TRAIN_CLASSIFIER.metrics_path(paths, label, seed): TRAIN_CLASSIFIER.stage for seed in seeds})
     for run in glow_runs:
         files.update(
-            {TRAIN_GLOW_CLASSIFIER.metrics_path(paths, run, s): glow_specs.stage_name(run, s) for s in glow_seeds}
+            {TRAIN_GLOW_CLASSIFIER.metrics_path(paths, run, s): TRAIN_GLOW_CLASSIFIER.stage for s in glow_seeds}
         )
     for outputs in (SINGULAR_VALUES, RECONSTRUCTION, TRAIN_FLOW, EVALUATE_FLOW, LOGDET_BIAS, TOY_DENSITY):
         files[outputs.metrics_path(paths)] = outputs.stage
@@ -241,14 +240,14 @@ def load_inputs(
     check_present(paths, labels, seeds, glow_runs, glow_seeds)
     glow = {
         run: {
-            s: _read(TRAIN_GLOW_CLASSIFIER.metrics_path(paths, run, s), glow_specs.stage_name(run, s), GLOW_KEYS)
+            s: _read(TRAIN_GLOW_CLASSIFIER.metrics_path(paths, run, s), TRAIN_GLOW_CLASSIFIER.stage, GLOW_KEYS)
             for s in glow_seeds
         }
         for run in glow_runs
     }
     runs = {
         label: {
-            seed: _read(TRAIN_CLASSIFIER.metrics_path(paths, label, seed), stage_name(label, seed), CLASSIFIER_KEYS)
+            seed: _read(TRAIN_CLASSIFIER.metrics_path(paths, label, seed), TRAIN_CLASSIFIER.stage, CLASSIFIER_KEYS)
             for seed in seeds
         }
         for label in labels

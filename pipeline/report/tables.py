@@ -13,8 +13,8 @@ from typing import Any
 import pandas as pd
 
 from pipeline.files import finite_or_none, write_bytes_atomic
-from pipeline.models.glow_specs import stage_name as glow_stage_name
-from pipeline.models.specs import stage_name
+from pipeline.models.glow_specs import run_name as glow_run_name
+from pipeline.models.specs import run_name
 from pipeline.outputs import ZCA_MARK
 from pipeline.paths import Paths
 from pipeline.report.classifiers import compare_with_vanilla, seed_summaries
@@ -374,9 +374,9 @@ def stage_costs(inputs: ReportInputs) -> list[tuple[str, dict[str, Any]]]:
     """(stage, metrics) for every stage whose metrics file the report read, in pipeline order."""
     out = [("prepare", inputs.prepare)]
     out += [
-        (stage_name(label, seed), m) for label, by_seed in inputs.classifier_runs.items() for seed, m in by_seed.items()
+        (run_name(label, seed), m) for label, by_seed in inputs.classifier_runs.items() for seed, m in by_seed.items()
     ]
-    out += [(glow_stage_name(run, seed), m) for run, by_seed in inputs.glow_runs.items() for seed, m in by_seed.items()]
+    out += [(glow_run_name(run, seed), m) for run, by_seed in inputs.glow_runs.items() for seed, m in by_seed.items()]
     out += [
         ("singular_values", inputs.singular_values),
         ("reconstruction", inputs.reconstruction),

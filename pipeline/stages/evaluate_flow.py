@@ -46,7 +46,7 @@ from pipeline.models.baselines import LOGIT_ALPHA, LogitGaussian, PixelHistogram
 from pipeline.models.classifiers import LoadedClassifier, load_classifier
 from pipeline.models.flows import FlowSpace, TrainedFlow, dims_text, load_flow_with_test_inputs
 from pipeline.models.sample_quality import CONFIDENT, class_probabilities, classifier_view
-from pipeline.models.specs import ClassifierSpec, reference_seed, stage_name
+from pipeline.models.specs import ClassifierSpec, reference_seed
 from pipeline.outputs import EVALUATE_FLOW, TRAIN_CLASSIFIER, StageRun
 from pipeline.params import Params
 from pipeline.paths import Paths
@@ -199,7 +199,8 @@ def load_scorer(paths: Paths, spec: ClassifierSpec, seed: int) -> LoadedClassifi
     if not path.exists():
         raise DataError(
             f"evaluate_flow.sample_classifier is {spec.label}, but {path} does not exist: run "
-            f"`dvc repro {stage_name(spec.label, seed)}` first, or set evaluate_flow.sample_classifier: null."
+            f"`dvc repro {TRAIN_CLASSIFIER.stage}` (or `iresnet train-classifier --coeff {spec.label} --seed {seed}`) "
+            "first, or set evaluate_flow.sample_classifier: null."
         )
     with torch.random.fork_rng(devices=[]):
         return load_classifier(paths, spec, seed)

@@ -179,7 +179,8 @@ def test_samples_are_scored_by_a_trained_classifier(tiny_project: Path, tiny_par
     raw = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9]}}
     params, paths, _ = trained_project(tiny_project, raw, epochs=1, coeff=0.5)
     params = with_section(params, "evaluate_flow", max_samples=2, sample_classifier=0.9, n_scored_samples=7)
-    with pytest.raises(DataError, match=r"sample_classifier is 0.9, .* run `dvc repro train_classifier@0.9-0` first"):
+    expected = r"sample_classifier is 0.9, .* `dvc repro train_classifier` \(or `iresnet train-classifier --coeff 0.9"
+    with pytest.raises(DataError, match=expected):
         evaluate_flow.run(params, paths)
     assert not EVALUATE_FLOW.metrics_path(paths).exists()
     train_classifier.run(params, paths, coeff=0.9)

@@ -60,9 +60,7 @@ def test_two_queued_experiments_train_in_parallel_without_sharing_a_checkpoint(
     fresh_store(repo.root)
 
     for name, iters in (("exp-a", 3), ("exp-b", 4)):
-        repo.dvc(
-            "exp", "run", "--queue", "-n", name, "-S", f"singular_values.lower_iters={iters}", "train_classifier@0.9-0"
-        )
+        repo.dvc("exp", "run", "--queue", "-n", name, "-S", f"singular_values.lower_iters={iters}", "train_classifier")
     ran = repo.dvc("exp", "run", "--run-all", "-j", "2", timeout=300)
     status = repo.dvc("queue", "status")
     assert status.count("Success") == 2, f"{ran}\n{status}"

@@ -62,10 +62,9 @@ def test_a_profile_dvc_yaml_runs_every_stage_under_its_folder_with_cached_data_a
             assert path.startswith("configs/cifar10/")
             cached = path.startswith(("configs/cifar10/data/prepared", "configs/cifar10/models/"))
             assert options["cache"] is cached, path
-    assert profile["stages"]["train_classifier"]["matrix"] == {
-        "coeff": "${classifier.coeffs}",
-        "seed": "${classifier.seeds}",
-    }
+    assert profile["stages"]["train_classifier"]["cmd"] == (
+        "python -m pipeline.cli --root configs/cifar10 --params configs/cifar10/params.yaml train-classifiers"
+    )
 
 
 def test_unknown_profile_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -143,5 +143,5 @@ def test_report_writes_table3_and_names_a_missing_run(tmp_path: Path, repo_param
     assert list(csv["run"]) == [*RUNS, "table2"] and (paths.tables / "table3.tex").is_file()
     assert "## Table 3: i-ResNets vs Glow as classifiers" in (paths.reports / "README.md").read_text()
     (paths.metrics / "glow_classifier" / "additive-sgd" / "seed0.json").unlink()
-    with pytest.raises(DataError, match=r"`train_glow_classifier@additive-sgd-0` writes reports/metrics/glow_"):
+    with pytest.raises(DataError, match=r"`train_glow_classifier` writes reports/metrics/glow_"):
         report.run(params, paths)
