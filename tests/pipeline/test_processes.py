@@ -133,3 +133,78 @@ def test_a_classifiers_bytes_do_not_depend_on_the_number_of_workers(
     model = Path("models/classifier/0.5/seed0/model.pt")
     assert (roots["pool"] / model).read_bytes() == (roots["alone"] / model).read_bytes()
     assert (roots["pool"] / "models/classifier/0.9/seed0/model.pt").is_file()
+
+
+def _stage_processes(root: Path) -> list[int]:
+    """Pids of the ``pipeline.cli`` processes working in ``root``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"pipeline.cli" in (entry / "cmdline").read_bytes():
+                if Path(os.readlink(entry / "cwd")) == root and _alive(int(entry.name)):
+                    found.append(int(entry.name))
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_dvc_repro_leaves_no_stage_running(
+    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, fresh_store: Callable, signum: int
+) -> None:
+    """``dvc repro`` stopped mid-stage (SIGTERM, or SIGKILL where DVC can pass nothing on): the pool and its training
+    processes stop too, instead of training on and writing outputs that dvc.lock does not record."""
+    from repo_copy import commit_all, make_repo_copy
+
+    params = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9, 0.5]}}
+    params["classifier"].update(epochs=10_000, milestones=[1], max_train_batches=1)  # trains far longer than the test
+    repo = make_repo_copy(tmp_path / "repo", params)
+    make_idx_folder(repo.root / "tiny")
+    fresh_store(repo.root)
+    commit_all(repo)
+    repo.dvc("repro", "prepare")
+    dvc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "train_classifier"],
+        cwd=repo.root,
+        env=repo.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    root = repo.root.resolve()
+    try:
+        assert _wait_for(lambda: len(_stage_processes(root)) == 3, timeout=120), "the pool and 2 runs never started"
+        dvc.send_signal(signum)
+        dvc.wait(timeout=120)
+        assert _wait_for(lambda: not _stage_processes(root), timeout=60), "a stage process outlived dvc repro"
+    finally:
+        dvc.kill()
+        for pid in _stage_processes(root):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_a_killed_data_parallel_launcher_leaves_no_worker_running(tiny_project: Path, tiny_params: dict) -> None:
+    """``kill -9`` of the ``--nproc 2`` launcher: torchrun and both of its training processes stop too."""
+    params = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9]}}
+    params["classifier"].update(epochs=10_000, milestones=[1], max_train_batches=1)
+    params["tracking"] = {**params["tracking"], "enabled": False}
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "IRESNET_PROGRESS": "0", "PYTHONPATH": str(REPO)}
+    env.pop("IRESNET_THREADS", None)
+    root = tiny_project.resolve()
+    command = [sys.executable, "-m", "pipeline.cli", "--root", str(root)]
+    subprocess.run([*command, "prepare"], env=env, cwd=root, capture_output=True, timeout=300, check=True)
+    args = ["--device", "cpu", "--nproc", "2", "train-classifier", "--coeff", "0.9", "--seed", "0"]
+    launcher = subprocess.Popen(
+        [*command, *args], env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert _wait_for(lambda: len(_stage_processes(root)) == 4, timeout=120), "launcher, torchrun, 2 workers"
+        launcher.kill()
+        launcher.wait(timeout=30)
+        assert _wait_for(lambda: not _stage_processes(root), timeout=60), "torchrun or a worker outlived the launcher"
+    finally:
+        launcher.kill()
+        for pid in _stage_processes(root):
+            os.kill(pid, signal.SIGKILL)
