@@ -29,7 +29,7 @@ try:
     import typer
     import typer.core
 
-    from pipeline.console import console, metrics_table, print_error
+    from pipeline.console import console, metrics_table, print_error, progress_enabled
     from pipeline.errors import Interrupted, TrackingError, UserError, interrupt
     from pipeline.params import Params, load_params, parse_override
     from pipeline.paths import Paths
@@ -274,6 +274,7 @@ def run_stage(
     tracker = None
     try:
         with on_signals(signal.SIGINT, signal.SIGTERM):
+            progress_enabled()  # a malformed IRESNET_PROGRESS is refused now, not when the first bar appears
             params, paths = load(ctx, overrides)
             if batch_key is not None and (here.distributed or nproc > 1):
                 from pipeline.distributed import check_divides, init_process_group

@@ -9,15 +9,21 @@ from dataclasses import dataclass
 from typing import Any
 
 _OFF = ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
 
 
 def env_flag(name: str, default: bool = True) -> bool:
-    """``name`` as an on/off switch: ``0``, ``false``, ``no`` or ``off`` (any case) mean off, anything else on;
-    unset (or empty) gives ``default``."""
+    """``name`` as an on/off switch: ``1``, ``true``, ``yes``, ``on`` or ``0``, ``false``, ``no``, ``off`` (any case);
+    unset (or empty) gives ``default``. Anything else is refused (:class:`pipeline.errors.ParamsError`): a typo must
+    not silently mean "on"."""
     value = os.environ.get(name, "").strip().lower()
     if not value:
         return default
-    return value not in _OFF
+    if value not in _OFF + _ON:
+        from pipeline.errors import ParamsError
+
+        raise ParamsError(name, os.environ[name], f"an on/off switch: one of {', '.join(_ON + _OFF)} (or unset)")
+    return value in _ON
 
 
 # ---------------------------------------------------------------------------------------------------------------------

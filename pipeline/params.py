@@ -420,6 +420,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ParamsError("--set", text, "KEY=VALUE, e.g. data.dataset=cifar10")
+    if not value.strip():  # YAML reads nothing as null: say which one is meant rather than guess
+        raise ParamsError(key, value, "a value after `=`; to clear a key write KEY=null")
     try:
         return key.strip(), _yaml_load(value)
     except YAMLError as err:
@@ -427,11 +429,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``raw`` with dotted ``overrides`` set (``None`` values are skipped: option not given)."""
+    """A copy of ``raw`` with dotted ``overrides`` set; ``None`` sets the key to null (``-S key=null``)."""
     out = copy.deepcopy(dict(raw))
     for dotted, value in overrides.items():
-        if value is None:
-            continue
         node = out
         *parents, leaf = dotted.split(".")
         for i, part in enumerate(parents):

@@ -497,7 +497,10 @@ def preview_finding(inputs: ReportInputs) -> str:
 
 def runcost_finding(inputs: ReportInputs, table: ReportTable) -> str:
     total = table.data.loc["total", "wall_time_s"]
-    text = f"all stages together took {float(total):.0f} s of compute (each stage's own timer)"
+    text = (
+        f"the runs took {float(total):.0f} s together, each by its own timer (the classifiers' runs train side by "
+        "side, several at once, so the stages' wall time is less)"
+    )
     rates = {label: inputs.classifiers[label].get("throughput_img_s") for label in inputs.classifiers}
     if rates.get("vanilla") and iresnet_labels(inputs):
         label = iresnet_labels(inputs)[0]

@@ -407,7 +407,8 @@ def _params_text(n_params: Any) -> str:
 
 
 def runcost_table(inputs: ReportInputs) -> ReportTable:
-    """Wall time, throughput and parameter count per stage (from each metrics file), with the total time.
+    """Wall time, throughput and parameter count per stage, and per run of the classifier stages (from each metrics
+    file), with the sum of the times (more than the wall time of the whole: a classifier stage's runs overlap).
 
     The CSV keeps numbers only: a per-kind parameter count (the toy stage) is in the Markdown/LaTeX and toy tables.
     """

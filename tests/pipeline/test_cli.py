@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -136,3 +137,24 @@ def test_version() -> None:
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"iresnet {version('iresnet')}"
+
+
+def test_a_malformed_switch_is_refused_before_the_stage_runs(
+    tiny_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IRESNET_PROGRESS", "maybe")
+    result = runner.invoke(app, ["--root", str(tiny_project), "prepare"])
+    assert result.exit_code == 1 and "`IRESNET_PROGRESS` = 'maybe'" in result.output
+    assert not (tiny_project / "data" / "prepared").exists()
+
+
+def test_set_null_clears_a_key_and_an_empty_value_is_refused(tiny_project: Path) -> None:
+    empty = runner.invoke(app, ["--root", str(tiny_project), "-S", "data.max_train=", "prepare"])
+    assert empty.exit_code == 1 and "to clear a key write KEY=null" in empty.output
+    counts = []
+    for value in ("12", "null"):
+        done = runner.invoke(app, ["--root", str(tiny_project), "-S", f"data.max_train={value}", "prepare"])
+        assert done.exit_code == 0, done.output
+        metrics = json.loads((tiny_project / "reports" / "metrics" / "prepare.json").read_text())
+        counts.append(metrics["n_train"] + metrics["n_val"])
+    assert counts[0] == 12 and counts[1] > 12  # null is "no cap", not "the file's value"

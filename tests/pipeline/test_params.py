@@ -186,9 +186,15 @@ def test_missing_or_malformed_file(tmp_path: Path) -> None:
 def test_overrides(repo_params: dict) -> None:
     key, value = parse_override("classifier.coeffs=[0.9, vanilla]")
     assert (key, value) == ("classifier.coeffs", [0.9, "vanilla"])
-    out = apply_overrides(repo_params, {"classifier.coeffs": value, "data.zca.epsilon": 1e-3, "seed": None})
+    out = apply_overrides(repo_params, {"classifier.coeffs": value, "data.zca.epsilon": 1e-3, "data.max_train": 5})
     assert out["classifier"]["coeffs"] == [0.9, "vanilla"] and out["data"]["zca"]["epsilon"] == 1e-3
-    assert out["seed"] == repo_params["seed"]  # None = option not given
+    assert out["data"]["max_train"] == 5
+    cleared = apply_overrides(out, dict([parse_override("data.max_train=null")]))
+    assert cleared["data"]["max_train"] is None and parse_params(cleared).data.max_train is None  # null is a value
+    with pytest.raises(ParamsError, match=r"`seed` = None: expected"):
+        parse_params(apply_overrides(repo_params, dict([parse_override("seed=null")])))  # refused where not nullable
+    with pytest.raises(ParamsError, match="to clear a key write KEY=null"):
+        parse_override("flow.logit_alpha=")
     assert repo_params["classifier"]["coeffs"] != [0.9, "vanilla"]  # the input is not modified
     with pytest.raises(ParamsError, match="existing key"):
         apply_overrides(repo_params, {"data.colour": True})

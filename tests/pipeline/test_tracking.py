@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.errors import ParamsError
 from pipeline.params import params_hash
 from pipeline.paths import Paths
 from pipeline.tracking import (
@@ -49,6 +50,13 @@ def test_uri_and_switches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     for off in ("0", "false", "OFF"):
         monkeypatch.setenv("IRESNET_TRACKING", off)
         assert not tracking_enabled(True)
+    for on in ("yes", " On "):
+        monkeypatch.setenv("IRESNET_TRACKING", on)
+        assert tracking_enabled(True)
+    for bad in ("maybe", "2", "of"):  # a typo is refused, not read as "on"
+        monkeypatch.setenv("IRESNET_TRACKING", bad)
+        with pytest.raises(ParamsError, match=f"`IRESNET_TRACKING` = '{bad}': expected an on/off switch"):
+            tracking_enabled(True)
     with pytest.raises(ValueError, match="unknown tracking family"):
         experiment_name("models")
     flat = {"data.dataset": "idx:tiny", "data.zca.enabled": True, "data.zca.epsilon": 0.01, "seed": 3}
