@@ -60,8 +60,20 @@ def save_torch(path: Path, obj: Any) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Pretty, key-sorted JSON with a trailing newline, written atomically."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    """Pretty, key-sorted, strict JSON with a trailing newline, written atomically: a NaN or infinite float is written
+    as null (Python's ``NaN``/``Infinity`` tokens are not JSON, and DVC, jq or a browser would refuse the file)."""
+    text = json.dumps(_finite(data), indent=2, sort_keys=True, allow_nan=False)
+    write_bytes_atomic(path, (text + "\n").encode())
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
 
 
 def finite_or_none(value: Any) -> float | None:

@@ -3,6 +3,7 @@ traceback), and an earlier good output is never lost."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -139,3 +140,20 @@ def test_nan_mid_training_keeps_the_earlier_model(trained: Path) -> None:
     assert code == 1
     _one_error_line(output, "became nan", "epoch 1", "Lower")
     assert _model(trained).read_bytes() == before
+
+
+def test_metrics_json_is_strict_json(tmp_path: Path) -> None:
+    """NaN and infinities are written as null: Python's NaN/Infinity tokens are not JSON (DVC, jq, browsers refuse)."""
+    from pipeline.files import write_json
+
+    path = tmp_path / "m.json"
+    write_json(path, {"loss": float("nan"), "curve": [1.5, float("inf"), -float("inf")], "nested": {"ok": 2.0}})
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-JSON token {token}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "curve": [1.5, None, None],
+        "loss": None,
+        "nested": {"ok": 2.0},
+    }
