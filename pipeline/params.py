@@ -47,6 +47,9 @@ Text = string()
 PositiveInt = integer(lo=1)
 NonNegativeInt = integer(lo=0)
 PositiveReal = real(0.0, lo_open=True)
+# Above 10 no optimiser here trains (1e308 overflowed SGD's momentum into a traceback); seeds within numpy's range.
+LearningRate = real(0.0, 10.0, lo_open=True)
+Seed = integer(lo=0, hi=2**32 - 1)
 OpenUnit = real(0.0, 1.0, lo_open=True, hi_open=True)
 HalfOrLess = real(0.0, 0.5, lo_open=True)  # a held-out part that leaves at least as many images for training
 PerStage = list_of(PositiveInt)
@@ -128,7 +131,7 @@ class DataParams:
     dataset: Dataset = param("dataset name")
     root: Text = param("folder holding torchvision-layout datasets")
     download: Bool = param("allow torchvision to download a missing dataset")
-    split_seed: NonNegativeInt = param("seed of the stratified splits (test of mnist-5k, validation) and subsampling")
+    split_seed: Seed = param("seed of the stratified splits (test of mnist-5k, validation) and subsampling")
     test_fraction: OpenUnit = param("fraction of mnist-5k held out as the test split")
     val_fraction: HalfOrLess = param("fraction of the train part held out (stratified) as the validation split")
     max_train: optional(PositiveInt) = param("keep at most this many images of the train part (train + validation)")
@@ -157,7 +160,7 @@ class DataParams:
 @section
 class ClassifierParams:
     coeffs: list_of(Coeff, unique=True) = param("Lipschitz coefficients c and baselines")
-    seeds: list_of(NonNegativeInt, unique=True) = param(
+    seeds: list_of(Seed, unique=True) = param(
         "training seeds (init and data order), one model per coefficient and seed; the first feeds the figures"
     )
     n_blocks: PerStage = param("residual blocks per stage")
@@ -172,7 +175,7 @@ class ClassifierParams:
     batch_size: PositiveInt = param("training batch size")
     eval_batch_size: PositiveInt = param("evaluation batch size")
     optimizer: choice(*OPTIMIZER_NAMES) = param("optimiser")
-    lr: PositiveReal = param("learning rate")
+    lr: LearningRate = param("learning rate")
     momentum: real(0.0, 1.0, hi_open=True) = param("SGD momentum")
     weight_decay: real(0.0) = param("weight decay")
     milestones: list_of(PositiveInt, min_len=0, increasing=True) = param("lr decay epochs")
@@ -203,14 +206,14 @@ class GlowClassifierParams:
         "reverse permutation, additive coupling) or iresnet (Glow-style i-ResNet); optimizer sgd (classifier's lr, "
         "momentum, weight decay) or adam / adamax (glow_classifier.lr and weight_decay)"
     )
-    seeds: list_of(NonNegativeInt, unique=True) = param("training seeds (init and data order), one model per run each")
+    seeds: list_of(Seed, unique=True) = param("training seeds (init and data order), one model per run each")
     n_steps: PerStage = param("steps of flow per scale (the i-ResNet: residual blocks)")
     strides: Strides = param("stride per scale (2 = invertible squeeze)")
     init_ds: InitDs = param("initial squeeze (2) or none (1)")
     inj_pad: NonNegativeInt = param("zero channels appended to the input (a coupling needs >= 2 channels)")
     channels: GlowChannels = param("hidden widths of each model, chosen for matching parameter counts")
     coeff: OpenUnit = param("Lipschitz coefficient c of the Glow-style i-ResNet")
-    lr: PositiveReal = param("learning rate of the adam / adamax runs (Glow's optimiser)")
+    lr: LearningRate = param("learning rate of the adam / adamax runs (Glow's optimiser)")
     weight_decay: real(0.0) = param("weight decay of the adam / adamax runs")
 
     def check(self) -> None:
@@ -263,7 +266,7 @@ class FlowParams:
     batch_size: PositiveInt = param("training batch size")
     eval_batch_size: PositiveInt = param("evaluation batch size")
     optimizer: choice("adamax", "adam") = param("optimiser")
-    lr: PositiveReal = param("learning rate")
+    lr: LearningRate = param("learning rate")
     warmup_epochs: NonNegativeInt = param("linear learning-rate warm-up epochs")
     lr_schedule: LrSchedule = param("learning rate after the warm-up: constant or cosine decay to 0")
     weight_decay: real(0.0) = param("weight decay")
@@ -307,7 +310,7 @@ class LogdetBiasParams:
 @section
 class ToyParams:
     datasets: list_of(choice(*TOY_DATASETS), unique=True) = param("2-D densities")
-    seeds: list_of(NonNegativeInt, unique=True) = param("training seeds (model init and batch stream), one flow each")
+    seeds: list_of(Seed, unique=True) = param("training seeds (model init and batch stream), one flow each")
     n_blocks: PositiveInt = param("residual blocks (coupling layers for the Glow-style flow)")
     hidden: PerStage = param("hidden widths of each block's MLP (all equal)")
     coeff: OpenUnit = param("Lipschitz coefficient c")
@@ -315,8 +318,8 @@ class ToyParams:
     n_power_iter: PositiveInt = param("spectral-norm power iterations per training step")
     steps: PositiveInt = param("optimiser steps")
     batch_size: PositiveInt = param("samples per step")
-    lr: PositiveReal = param("Adam learning rate of the i-ResNet flow")
-    glow_lr: PositiveReal = param("Adam learning rate of the Glow-style flow")
+    lr: LearningRate = param("Adam learning rate of the i-ResNet flow")
+    glow_lr: LearningRate = param("Adam learning rate of the Glow-style flow")
     warmup_steps: NonNegativeInt = param("linear learning-rate warm-up steps (both flows)")
     lr_schedule: LrSchedule = param("learning rate after the warm-up: constant or cosine decay to 0")
     glow_scale_cap: Bool = param("Glow couplings' log-scale through tanh (|s| < 1 per layer)")
@@ -342,7 +345,7 @@ class TrackingParams:
 class Params:
     """All of ``params.yaml``."""
 
-    seed: NonNegativeInt = param("global seed of every training stage")
+    seed: Seed = param("global seed of every training stage")
     data: DataParams = param()
     classifier: ClassifierParams = param()
     glow_classifier: GlowClassifierParams = param()

@@ -42,11 +42,14 @@ class Allowed:
 
 
 def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    def text(bound: float) -> str:  # integers in full (a seed's 4294967295, not 4.29497e+09)
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
     parts = []
     if lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+        parts.append(f"{'>' if lo_open else '>='} {text(lo)}")
     if hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+        parts.append(f"{'<' if hi_open else '<='} {text(hi)}")
     return " and ".join(parts)
 
 

@@ -89,6 +89,10 @@ BAD = [
     ("classifier.nonlin", "tanh", "classifier.nonlin", "'elu'"),
     ("classifier.optimizer", "rmsprop", "classifier.optimizer", "'sgd'"),
     ("classifier.lr", 0, "classifier.lr", "> 0"),
+    ("classifier.lr", 1e308, "classifier.lr", "<= 10"),  # accepted once, then overflowed in training
+    ("toy.glow_lr", 11.0, "toy.glow_lr", "<= 10"),
+    ("seed", 2**32, "seed", "<= 4294967295"),  # numpy's seed range
+    ("classifier.seeds[1]", 2**32, "classifier.seeds[1]", "<= 4294967295"),
     ("classifier.momentum", 1.0, "classifier.momentum", "< 1"),
     ("classifier.weight_decay", -1e-4, "classifier.weight_decay", ">= 0"),
     ("classifier.milestones", [3, 2], "classifier.milestones", "increasing"),
