@@ -371,8 +371,10 @@ def train_classifier(
 ) -> None:
     """Train one classifier of Table 2 from one seed: validation error per epoch, the test error once at the end
     (resumes from its last epoch checkpoint if an earlier run was killed)."""
-    from pipeline.models.specs import run_name
+    from pipeline.models.specs import coeff_label, run_name
     from pipeline.stages import train_classifier as stage
+
+    coeff = coeff_label(coeff)  # "０.９" or "0.90" names the run (and finds the entry) as "0.9" does
 
     def batch_key(params: Params) -> tuple[str, int]:
         return "classifier.batch_size", params.classifier.batch_size

@@ -43,16 +43,22 @@ def classifier_specs(params: ClassifierParams) -> list[ClassifierSpec]:
     return [ClassifierSpec.of(value) for value in params.coeffs]
 
 
+def coeff_label(text: str) -> str:
+    """The label a ``--coeff`` names: a number in canonical form (``"0.90"``, ``"０.９"`` -> ``"0.9"``), a baseline as
+    given."""
+    try:
+        return str(float(text))
+    except ValueError:
+        return text
+
+
 def resolve_spec(params: ClassifierParams, text: str | float | None) -> ClassifierSpec:
     """The entry of ``classifier.coeffs`` that the CLI's ``--coeff`` names (``"vanilla"``, ``"0.9"``, ``0.9``)."""
     specs = classifier_specs(params)
     labels = [spec.label for spec in specs]
     if text is None:
         raise ParamsError("--coeff", None, f"one of the entries of classifier.coeffs: {', '.join(labels)}")
-    try:
-        label = str(float(text))
-    except ValueError:
-        label = str(text)
+    label = coeff_label(str(text))
     for spec in specs:
         if spec.label == label:
             return spec

@@ -30,8 +30,18 @@ def test_a_trained_classifier_is_an_mlflow_model_with_its_inputs(
     monkeypatch.setenv("IRESNET_TRACKING", "1")
     result = CliRunner().invoke(
         app,
-        ["--root", str(tmp_path), "-S", "tracking.enabled=true", "train-classifier", "--coeff", "0.9", "--seed", "0"],
-    )
+        [
+            "--root",
+            str(tmp_path),
+            "-S",
+            "tracking.enabled=true",
+            "train-classifier",
+            "--coeff",
+            "０.９０",
+            "--seed",
+            "0",
+        ],
+    )  # full-width digits and a trailing zero: the run is named (and the model found) as for 0.9
     assert result.exit_code == 0, result.output
 
     client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")

@@ -22,7 +22,7 @@ from pipeline.data.store import load_prepared
 from pipeline.errors import DataError, ParamsError
 from pipeline.files import read_json, write_json
 from pipeline.models.classifiers import load_classifier
-from pipeline.models.specs import ClassifierSpec, resolve_spec
+from pipeline.models.specs import ClassifierSpec, coeff_label, resolve_spec
 from pipeline.outputs import TRAIN_CLASSIFIER
 from pipeline.params import ClassifierParams, load_params, parse_params
 from pipeline.paths import Paths
@@ -206,6 +206,7 @@ def test_bad_input_is_explained(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="'plain'"):
         resolve_spec(params.classifier, "plain")
     assert resolve_spec(params.classifier, "0.90").label == "0.9"
+    assert coeff_label("０.９") == coeff_label("0.90") == "0.9" and coeff_label("vanilla") == "vanilla"
     with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
         ClassifierSpec.of(1.5)
     with pytest.raises(ValueError, match="unknown model 'plain'; expected vanilla, batchnorm or a coefficient"):
