@@ -108,7 +108,7 @@ def optional(inner: Any) -> Any:
 
 def one_of(*types: Any) -> Any:
     """A value one of ``types`` accepts (tried in order)."""
-    union = typing.Union[tuple(types)]  # noqa: UP007 - built from a runtime tuple
+    union = typing.Union[tuple(types)]  # built from a runtime tuple
     return Annotated[union, Field(union_mode="left_to_right"), Allowed(" or ".join(_allowed(t) for t in types))]
 
 

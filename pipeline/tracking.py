@@ -427,7 +427,7 @@ class MlflowTracker:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        digest = hashlib.md5(path.read_bytes()).hexdigest()  # noqa: S324 - identity, not security
+        digest = hashlib.md5(path.read_bytes()).hexdigest()  # identity, not security
         with warnings.catch_warnings():  # a local path fits two registered source kinds (the same one, twice)
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(str(path))

@@ -173,7 +173,7 @@ class ResumeFile:
             return None
         try:
             return torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        except Exception as err:  # any unreadable file gets the same advice
             raise DataError(
                 f"the resume checkpoint {self.path} cannot be read ({brief(err)}). Delete it to train from scratch."
             ) from None
@@ -236,7 +236,7 @@ def load_model_file(path: Path, kind: str) -> dict[str, Any]:
         raise DataError(f"no model at {path}: run the stage that trains it first (e.g. `dvc repro`).")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise DataError(
             f"the model file {path} cannot be read ({brief(err)}); re-run the stage that writes it."
         ) from None

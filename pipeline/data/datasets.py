@@ -153,7 +153,7 @@ def raw_files(data: DataParams, base: Path) -> dict[str, Path | None]:
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()  # noqa: S324 - torchvision publishes md5 sums; integrity only, not security
+    digest = hashlib.md5()  # torchvision publishes md5 sums; integrity only, not security
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)

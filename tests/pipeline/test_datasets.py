@@ -143,7 +143,7 @@ def test_stratified_split_holds_out_the_rounded_total_by_largest_remainder() -> 
     assert len(held) == 4 and len(kept) == 26
 
 
-def _check_mnist_5k_splits(raw, x: np.ndarray, y: np.ndarray) -> None:  # noqa: ANN001 - RawData
+def _check_mnist_5k_splits(raw, x: np.ndarray, y: np.ndarray) -> None:  # raw: a RawData
     """3,500 / 500 / 1,000 digits, 350 / 50 / 100 of each class, disjoint, each image the digit its index names."""
     assert raw.train_images.shape == (3500, 1, 28, 28) and raw.val_images.shape == (500, 1, 28, 28)
     assert raw.test_images.shape == (1000, 1, 28, 28)

@@ -34,7 +34,7 @@ def store(tmp_path: Path, fresh_store: Callable, monkeypatch: pytest.MonkeyPatch
     return Paths.at(tmp_path)
 
 
-def _client(paths: Paths):  # noqa: ANN202 - MlflowClient, imported lazily
+def _client(paths: Paths):  # MlflowClient, imported lazily
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri(paths))
