@@ -120,6 +120,9 @@ DEFAULT_FAMILIES = ("CLF", "DENS", "TOY")
 #: run's thread count over one thread (``<case>_step_speedup_over_1_thread``): what the exact mode's fixed thread
 #: count (``IRESNET_THREADS=2``) gains over the single-threaded mode it replaced.
 THREAD_SPEEDUP_CASES = ("clf_elu", "dens_series", "toy_100")
+#: Cases also timed as the classifier stages run them: as many one-thread processes side by side as the run has
+#: threads (``<case>_side_by_side_speedup``: their combined throughput over one process on all the threads).
+SIDE_BY_SIDE_CASES = ("clf_elu",)
 _device = torch.device("cpu")  # where measure_case runs (set by it): _timed waits for CUDA before reading clocks
 
 # Quick mode (a smoke test of a few seconds): tiny shapes, 1 block per stage, few repeats.
@@ -386,27 +389,35 @@ def _selected(only: Sequence[str] | None) -> list[str]:
 
 
 def _in_subprocess(
-    name: str, quick: bool, threads: int, device: str = "cpu", measure: str = "measure_case"
+    name: str, quick: bool, threads: int, device: str = "cpu", measure: str = "measure_case", copies: int = 1
 ) -> dict[str, Any]:
     """``measure`` (:func:`measure_case` or :func:`measure_step`) in a fresh interpreter (fresh allocator, honest
-    peak memory)."""
+    peak memory); with ``copies`` > 1, that many interpreters at once, side by side, and the first one's result."""
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     code = (
         f"import json, sys, torch; from pipeline.bench import {measure}; "
         f"torch.set_num_threads({threads}); print(json.dumps({measure}({name!r}, {quick!r}, {device!r})))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark case {name} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = [sys.executable, "-c", code]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)]
+    procs += [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, cwd=root) for _ in range(copies - 1)]
+    out, err = procs[0].communicate()
+    if any(proc.wait() != 0 for proc in procs):
+        raise RuntimeError(f"benchmark case {name} failed:\n{err}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _ratios(cases: dict[str, dict[str, Any]], one_thread: dict[str, dict[str, float]]) -> dict[str, float]:
+def _ratios(
+    cases: dict[str, dict[str, Any]],
+    one_thread: dict[str, dict[str, float]],
+    side_by_side: dict[str, dict[str, float]] | None = None,
+    threads: int = 1,
+) -> dict[str, float]:
     def step(name: str) -> float | None:
         return cases[name]["step_s"]["median"] if name in cases else None
 
@@ -424,6 +435,8 @@ def _ratios(cases: dict[str, dict[str, Any]], one_thread: dict[str, dict[str, fl
         ratios[f"{name}_inverse_step_over_forward"] = case["inverse_step_over_forward"]
     for name, step_1 in one_thread.items():  # > 1: the run's thread count is faster than one thread
         ratios[f"{name}_step_speedup_over_1_thread"] = _ratio(step_1["median"], step(name))
+    for name, beside in (side_by_side or {}).items():  # > 1: one-thread processes side by side beat all the threads
+        ratios[f"{name}_side_by_side_speedup"] = _ratio(threads * (step(name) or 0.0), beside["median"])
     return {k: v for k, v in ratios.items() if v is not None}
 
 
@@ -458,6 +471,12 @@ def run_benchmarks(
             one_thread[name] = (
                 _in_subprocess(name, quick, 1, device, "measure_step") if isolate else _one_thread(name, quick)
             )
+    side_by_side: dict[str, dict[str, float]] = {}
+    if threads > 1 and device == "cpu" and isolate:
+        for name in (n for n in SIDE_BY_SIDE_CASES if n in cases):
+            if progress:
+                print(f"bench: {name}, {threads} one-thread processes side by side ...", file=sys.stderr, flush=True)
+            side_by_side[name] = _in_subprocess(name, quick, 1, device, "measure_step", copies=threads)
     meta = {
         "torch": torch.__version__,
         "threads": threads,
@@ -472,7 +491,13 @@ def run_benchmarks(
         + ("; each case in a fresh process" if isolate else "; all cases in one process (allocator reuse)"),
         "step": "forward + loss + backward, no optimiser",
     }
-    return {"meta": meta, "cases": cases, "one_thread_step_s": one_thread, "ratios": _ratios(cases, one_thread)}
+    return {
+        "meta": meta,
+        "cases": cases,
+        "one_thread_step_s": one_thread,
+        "side_by_side_step_s": side_by_side,
+        "ratios": _ratios(cases, one_thread, side_by_side, threads),
+    }
 
 
 def _one_thread(name: str, quick: bool) -> dict[str, float]:

@@ -96,3 +96,19 @@ def test_bench_command_writes_json_with_the_default_threads(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())
     assert list(results["cases"]) == list(FAMILIES["TOY"])
+
+
+def test_the_side_by_side_speedup_is_measured_in_the_same_run() -> None:
+    """As the classifier stages train: 2 one-thread processes at once, against one process on 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = run_benchmarks(quick=True, only=["CLF"], isolate=True)
+    finally:
+        torch.set_num_threads(threads)
+    beside, step_2 = (
+        results["side_by_side_step_s"]["clf_elu"]["median"],
+        results["cases"]["clf_elu"]["step_s"]["median"],
+    )
+    assert results["ratios"]["clf_elu_side_by_side_speedup"] == 2 * step_2 / beside
+    assert run_benchmarks(quick=True, only=["CLF"])["side_by_side_step_s"] == {}  # one thread: nothing side by side
