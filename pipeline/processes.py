@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from pipeline.console import progress
-from pipeline.errors import Interrupted, UserError, interrupt
+from pipeline.errors import UserError, interrupt
 
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 _POLL_S = 0.2  # how often the pool looks for finished jobs
@@ -94,7 +94,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, env: Mapping[str, str] | None = 
                         failure = JobFailed(job.name, proc.returncode, _tail(log))
                     log.close()
                     advance(info=job.name)
-    except Interrupted:
+    except BaseException:  # a signal (Interrupted), or a job that could not start: stop the ones running
         for signum in previous:  # stopping is under way: a second signal must not cut it short
             signal.signal(signum, signal.SIG_IGN)
         _stop(running)

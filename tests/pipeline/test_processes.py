@@ -208,3 +208,19 @@ def test_a_killed_data_parallel_launcher_leaves_no_worker_running(tiny_project: 
         launcher.kill()
         for pid in _stage_processes(root):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_job_that_cannot_start_stops_the_running_ones(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    sleeper = Job(
+        "sleeper",
+        [
+            sys.executable,
+            "-c",
+            f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)",
+        ],
+    )
+    missing = Job("missing", [str(tmp_path / "no-such-program")])
+    with pytest.raises(FileNotFoundError):
+        run_jobs([sleeper, _span_job(tmp_path, "wait"), missing], workers=2)  # starts after "wait" ends
+    assert not _alive(int(pid_file.read_text()))
