@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -195,3 +196,13 @@ def test_final_results_do_not_repeat_a_curve_at_step_0(store: Paths) -> None:
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "test_error")] == [(1, 0.5), (2, 0.25)]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "n_params")] == [(0, 10.0)]
     assert client.get_run(run_id).data.metrics["test_error"] == 0.25
+
+
+def test_mlflow_telemetry_is_off_unless_asked_for() -> None:
+    """MLflow reads MLFLOW_DISABLE_TELEMETRY; importing the pipeline sets it unless the user did."""
+    code = "import os, pipeline; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    for given, expected in ((None, "true"), ("false", "false")):
+        run_env = env if given is None else {**env, "MLFLOW_DISABLE_TELEMETRY": given}
+        done = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expected  # off by default; a user's own choice wins
