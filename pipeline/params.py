@@ -47,8 +47,9 @@ Text = string()
 PositiveInt = integer(lo=1)
 NonNegativeInt = integer(lo=0)
 PositiveReal = real(0.0, lo_open=True)
-# Above 10 no optimiser here trains (1e308 overflowed SGD's momentum into a traceback); seeds within numpy's range.
-LearningRate = real(0.0, 10.0, lo_open=True)
+# Up to 1e9 a rate too large stops training with a diagnosis (tested at 1e8); 1e308 ended in a traceback. Seeds
+# within numpy's range.
+LearningRate = real(0.0, 1e9, lo_open=True)
 Seed = integer(lo=0, hi=2**32 - 1)
 OpenUnit = real(0.0, 1.0, lo_open=True, hi_open=True)
 HalfOrLess = real(0.0, 0.5, lo_open=True)  # a held-out part that leaves at least as many images for training

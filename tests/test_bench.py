@@ -25,7 +25,7 @@ def _numbers(tree: object) -> list[float]:
 def test_quick_benchmark_structure_and_finite_numbers() -> None:
     results = run_benchmarks(quick=True)
     assert json.loads(json.dumps(results)) == results  # JSON-serialisable as is
-    assert set(results) == {"meta", "cases", "one_thread_step_s", "ratios"}
+    assert set(results) == {"meta", "cases", "one_thread_step_s", "side_by_side_step_s", "ratios"}
     assert list(results["cases"]) == [name for family in DEFAULT_FAMILIES for name in FAMILIES[family]]
     for name, case in results["cases"].items():
         for key in ("step_s", "forward_s", "inverse_fixed_s"):

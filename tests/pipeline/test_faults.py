@@ -129,12 +129,12 @@ def test_an_unwritable_output_folder_keeps_the_earlier_outputs(trained: Path, mo
 
 def test_nan_mid_training_keeps_the_earlier_model(trained: Path) -> None:
     """The existing diagnosis (where, and what to try) as one line; the earlier model is untouched."""
-    from pipeline.files import read_json, write_json
+    from pipeline.files import read_json
 
     stats_path = trained / "data" / "prepared" / "stats.json"
     stats = read_json(stats_path)
     stats["mean"] = [float("nan")]
-    write_json(stats_path, stats)
+    stats_path.write_text(json.dumps(stats))  # Python's NaN token: write_json itself writes only strict JSON
     before = _model(trained).read_bytes()
     code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--seed", "0")
     assert code == 1

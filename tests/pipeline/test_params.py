@@ -89,8 +89,8 @@ BAD = [
     ("classifier.nonlin", "tanh", "classifier.nonlin", "'elu'"),
     ("classifier.optimizer", "rmsprop", "classifier.optimizer", "'sgd'"),
     ("classifier.lr", 0, "classifier.lr", "> 0"),
-    ("classifier.lr", 1e308, "classifier.lr", "<= 10"),  # accepted once, then overflowed in training
-    ("toy.glow_lr", 11.0, "toy.glow_lr", "<= 10"),
+    ("classifier.lr", 1e308, "classifier.lr", "<= 1e+09"),  # accepted once, then a traceback in training
+    ("toy.glow_lr", 2e9, "toy.glow_lr", "<= 1e+09"),
     ("seed", 2**32, "seed", "<= 4294967295"),  # numpy's seed range
     ("classifier.seeds[1]", 2**32, "classifier.seeds[1]", "<= 4294967295"),
     ("classifier.momentum", 1.0, "classifier.momentum", "< 1"),
