@@ -148,6 +148,20 @@ def _stage_processes(root: Path) -> list[int]:
     return found
 
 
+def _stop_and_expect_none_left(parent: subprocess.Popen, root: Path, running: int, signum: int) -> None:
+    """Once ``running`` ``pipeline.cli`` processes work in ``root``, send ``signum`` to ``parent``; within a minute
+    none may be left (any that are, are killed after the check)."""
+    try:
+        assert _wait_for(lambda: len(_stage_processes(root)) == running, timeout=120), "they never all started"
+        parent.send_signal(signum)
+        parent.wait(timeout=120)
+        assert _wait_for(lambda: not _stage_processes(root), timeout=60), "a process outlived what started it"
+    finally:
+        parent.kill()
+        for pid in _stage_processes(root):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_a_stopped_dvc_repro_leaves_no_stage_running(
@@ -171,16 +185,7 @@ def test_a_stopped_dvc_repro_leaves_no_stage_running(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    root = repo.root.resolve()
-    try:
-        assert _wait_for(lambda: len(_stage_processes(root)) == 3, timeout=120), "the pool and 2 runs never started"
-        dvc.send_signal(signum)
-        dvc.wait(timeout=120)
-        assert _wait_for(lambda: not _stage_processes(root), timeout=60), "a stage process outlived dvc repro"
-    finally:
-        dvc.kill()
-        for pid in _stage_processes(root):
-            os.kill(pid, signal.SIGKILL)
+    _stop_and_expect_none_left(dvc, repo.root.resolve(), 3, signum)  # the pool and its 2 runs
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
@@ -199,15 +204,7 @@ def test_a_killed_data_parallel_launcher_leaves_no_worker_running(tiny_project: 
     launcher = subprocess.Popen(
         [*command, *args], env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    try:
-        assert _wait_for(lambda: len(_stage_processes(root)) == 4, timeout=120), "launcher, torchrun, 2 workers"
-        launcher.kill()
-        launcher.wait(timeout=30)
-        assert _wait_for(lambda: not _stage_processes(root), timeout=60), "torchrun or a worker outlived the launcher"
-    finally:
-        launcher.kill()
-        for pid in _stage_processes(root):
-            os.kill(pid, signal.SIGKILL)
+    _stop_and_expect_none_left(launcher, root, 4, signal.SIGKILL)  # launcher, torchrun, 2 workers
 
 
 def test_a_job_that_cannot_start_stops_the_running_ones(tmp_path: Path) -> None:
