@@ -248,7 +248,7 @@ def run_stage(
     """Load params, run ``runner(params, paths, tracker)`` in an MLflow run of ``family``, print its metrics.
 
     ``sections``: the top-level params sections the stage reads; they are logged to MLflow and hashed into the
-    run's ``params_hash`` tag. ``extra_params``: the command's own choices (the DVC matrix item, e.g. ``coeff``),
+    run's ``params_hash`` tag. ``extra_params``: the command's own choices (the run's model and seed, e.g. ``coeff``),
     logged as params too. ``batch_key``: set for the stages that train data-parallel (``--nproc``); it names their
     global batch size, which must divide by the number of processes. Other stages run as one process whatever
     ``--nproc`` says. Under torchrun, only rank 0 tracks and prints.
@@ -397,7 +397,7 @@ def train_classifier(
         "classifier",
         run_name(coeff, seed),
         runner,
-        ("data", "classifier"),  # not the global `seed`: the run's seed is its matrix item
+        ("data", "classifier"),  # not the global `seed`: the run's seed is its entry of classifier.seeds
         {"classifier.epochs": epochs},
         {"coeff": coeff, "seed": seed},
         batch_key=batch_key,
