@@ -1,7 +1,9 @@
-"""Stage ``train_classifier@<label>-<seed>``: one classifier of Table 2 / Fig. 6 (App. C.2), trained from one seed.
+"""One run of stage ``train_classifier`` (``train_classifier@<label>-<seed>``): a classifier of Table 2 / Fig. 6
+(App. C.2), trained from one seed. The stage runs one per (label, seed), side by side (``iresnet train-classifiers``,
+:mod:`pipeline.processes`).
 
-The seed is the matrix item's entry of ``classifier.seeds`` (not the global ``seed``): it sets the initial weights,
-the data order and the augmentation, so each (label, seed) is one independent training run.
+The seed is the run's entry of ``classifier.seeds`` (not the global ``seed``): it sets the initial weights, the data
+order and the augmentation, so each (label, seed) is one independent training run.
 
 Momentum SGD with weight decay and a step schedule (``classifier.milestones``, ``gamma``), random shifts (and flips)
 on the ``[0, 1]`` images, then normalisation by the train split's per-channel mean and std. Each epoch logs train

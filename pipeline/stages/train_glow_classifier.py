@@ -1,4 +1,5 @@
-"""Stage ``train_glow_classifier@<run>-<seed>``: one classifier of Table 3 (Sec. 5.2), trained from one seed.
+"""One run of stage ``train_glow_classifier`` (``train_glow_classifier@<run>-<seed>``): a classifier of Table 3
+(Sec. 5.2), trained from one seed; the stage runs one per (run, seed), side by side, as ``train_classifier``.
 
 ``<run>`` is an entry of ``glow_classifier.runs``, ``<model>-<optimizer>`` (:mod:`pipeline.models.glow_specs`):
 Glow with 1x1 convolutions and affine couplings (``affine``), Glow with reverse permutations and additive couplings
