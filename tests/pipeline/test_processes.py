@@ -148,11 +148,16 @@ def _stage_processes(root: Path) -> list[int]:
     return found
 
 
-def _stop_and_expect_none_left(parent: subprocess.Popen, root: Path, running: int, signum: int) -> None:
+def _stop_and_expect_none_left(
+    parent: subprocess.Popen, root: Path, running: int, signum: int, log: Path | None = None
+) -> None:
     """Once ``running`` ``pipeline.cli`` processes work in ``root``, send ``signum`` to ``parent``; within a minute
-    none may be left (any that are, are killed after the check)."""
+    none may be left (any that are, are killed after the check). ``log``, the parent's output, explains a failure."""
     try:
-        assert _wait_for(lambda: len(_stage_processes(root)) == running, timeout=120), "they never all started"
+        started = _wait_for(lambda: len(_stage_processes(root)) == running, timeout=120)
+        assert started, f"they never all started: {len(_stage_processes(root))} of {running} running; " + (
+            log.read_text()[-3000:] if log is not None else ""
+        )
         parent.send_signal(signum)
         parent.wait(timeout=120)
         assert _wait_for(lambda: not _stage_processes(root), timeout=60), "a process outlived what started it"
@@ -178,14 +183,16 @@ def test_a_stopped_dvc_repro_leaves_no_stage_running(
     fresh_store(repo.root)
     commit_all(repo)
     repo.dvc("repro", "prepare")
-    dvc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "train_classifier"],
-        cwd=repo.root,
-        env=repo.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _stop_and_expect_none_left(dvc, repo.root.resolve(), 3, signum)  # the pool and its 2 runs
+    log = tmp_path / "dvc.log"
+    with log.open("w") as out:  # two workers whatever the machine's core count, so the pool runs both at once
+        dvc = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro", "train_classifier"],
+            cwd=repo.root,
+            env={**repo.env, "IRESNET_THREADS": "2"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    _stop_and_expect_none_left(dvc, repo.root.resolve(), 3, signum, log)  # the pool and its 2 runs
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
