@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -177,6 +177,13 @@ def load(ctx: typer.Context, overrides: Mapping[str, Any] | None = None) -> tupl
     return params, paths
 
 
+def declared(stage: str) -> list[str]:
+    """What DVC stage ``stage`` writes, as ``dvc.yaml`` declares it (paths from the root)."""
+    from pipeline.outputs import STAGES
+
+    return STAGES[stage].declared()
+
+
 BatchKey = Callable[[Params], tuple[str, int]]  # a data-parallel stage's global batch size: (param key, value)
 
 
@@ -244,8 +251,13 @@ def run_stage(
     overrides: Mapping[str, Any] | None = None,
     extra_params: Mapping[str, Any] | None = None,
     batch_key: BatchKey | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Load params, run ``runner(params, paths, tracker)`` in an MLflow run of ``family``, print its metrics.
+
+    ``outputs``: what the run writes (paths from the root; default: what ``dvc.yaml`` declares for DVC stage
+    ``stage``); they are replaced all together or not at all (:func:`pipeline.output_set.replaced_together`): a
+    failed or stopped run leaves the previous ones.
 
     ``sections``: the top-level params sections the stage reads; they are logged to MLflow and hashed into the
     run's ``params_hash`` tag. ``extra_params``: the command's own choices (the run's model and seed, e.g. ``coeff``),
@@ -256,6 +268,7 @@ def run_stage(
     import torch
 
     from pipeline.env import device_info, world
+    from pipeline.output_set import replaced_together
     from pipeline.processes import die_with_parent
     from pipeline.tracking import stage_run
 
@@ -287,7 +300,9 @@ def run_stage(
             logged = {**params.section_dict(*sections), **(extra_params or {})}
             enabled = params.tracking.enabled and here.is_main
             tags = {**device_info(device), "world_size": here.size}
-            with stage_run(family, stage, logged, paths, enabled, tags) as tracker:
+            outputs = declared(stage) if outputs is None else outputs
+            written = replaced_together(paths.root, stage, outputs) if here.is_main else nullcontext()
+            with written, stage_run(family, stage, logged, paths, enabled, tags) as tracker:
                 metrics = runner(params, paths, tracker)
                 tracker.log_results(metrics)
             if here.distributed:
@@ -336,13 +351,15 @@ DRY_RUN_HELP = "Print parameters, activation memory per example and the time per
 @app.command()
 def raw_data(ctx: typer.Context) -> None:
     """Hash the raw dataset files `prepare` reads into data/raw.json (a dep of prepare: DVC re-runs it on a change)."""
+    from pipeline.output_set import replaced_together
     from pipeline.stages import raw_data as stage
 
     try:
         params, paths = load(ctx)
+        with replaced_together(paths.root, "raw_data", declared("raw_data")):
+            record = stage.run(params, paths)
     except UserError as err:
         fail(err)
-    record = stage.run(params, paths)
     missing = sorted(name for name, digest in record["files"].items() if digest is None)
     note = f"; missing: {', '.join(missing)}" if missing else ""
     console.print(f"raw data of {record['dataset']}: {len(record['files'])} files hashed{note}", highlight=False)
@@ -372,6 +389,7 @@ def train_classifier(
     """Train one classifier of Table 2 from one seed: validation error per epoch, the test error once at the end
     (resumes from its last epoch checkpoint if an earlier run was killed)."""
     from pipeline.models.specs import coeff_label, run_name
+    from pipeline.outputs import TRAIN_CLASSIFIER
     from pipeline.stages import train_classifier as stage
 
     coeff = coeff_label(coeff)  # "０.９" or "0.90" names the run (and finds the entry) as "0.9" does
@@ -401,6 +419,7 @@ def train_classifier(
         {"classifier.epochs": epochs},
         {"coeff": coeff, "seed": seed},
         batch_key=batch_key,
+        outputs=TRAIN_CLASSIFIER.run_files(coeff, seed),
     )
 
 
@@ -414,6 +433,7 @@ def train_glow_classifier(
     """Train one classifier of Table 3 (Glow or the Glow-style i-ResNet) from one seed; a run that diverges is
     recorded as such (resumes from its last epoch checkpoint if an earlier run was killed)."""
     from pipeline.models.glow_specs import run_name
+    from pipeline.outputs import TRAIN_GLOW_CLASSIFIER
     from pipeline.stages import train_glow_classifier as stage
 
     def runner(params: Params, paths: Paths, tracker: Any) -> dict[str, Any]:
@@ -428,6 +448,7 @@ def train_glow_classifier(
         ("data", "classifier", "glow_classifier"),
         {"classifier.epochs": epochs},
         {"run": run, "seed": seed},
+        outputs=TRAIN_GLOW_CLASSIFIER.run_files(run, seed),
     )
 
 
@@ -440,6 +461,7 @@ def run_each(ctx: typer.Context, what: str, runs: Sequence[tuple[str, list[str]]
     import torch
 
     from pipeline.env import DeviceError, parse_device
+    from pipeline.output_set import replaced_together
     from pipeline.processes import Job, die_with_parent, run_jobs
 
     die_with_parent()
@@ -464,7 +486,8 @@ def run_each(ctx: typer.Context, what: str, runs: Sequence[tuple[str, list[str]]
     env["IRESNET_PROGRESS"] = "0"  # their bars would only fill the logs; this process shows one over the runs
     jobs = [Job(name, base + command) for name, command in runs]
     try:
-        run_jobs(jobs, min(workers, len(jobs)) or 1, env, what)
+        with replaced_together(Paths.at(settings.root).root, what, declared(what)):  # all runs' outputs, or none
+            run_jobs(jobs, min(workers, len(jobs)) or 1, env, what)
     except UserError as err:
         fail(err)
     except KeyboardInterrupt as err:

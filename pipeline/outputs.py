@@ -67,6 +67,10 @@ class StageOutputs:
             out.append(f"reports/metrics/{self.metrics}")
         return out
 
+    def run_files(self, label: str, seed: int) -> list[str]:
+        """What one (``label``, ``seed``) run writes: :meth:`files` filled in."""
+        return [_fill(name, label, seed) for name in self.files()]
+
     def declared(self) -> list[str]:
         """What ``dvc.yaml`` declares: :meth:`files`, a path with placeholders as the folder above the first (one
         stage writes every (label, seed) run: ``models/classifier`` for ``models/classifier/{label}/...``)."""

@@ -8,6 +8,9 @@ EPYC), and each run's bytes depend only on its own one-thread computation, never
 
 :func:`die_with_parent` asks Linux to send SIGTERM to the calling process when its parent exits, so a stage whose
 ``dvc repro`` (or pool) was stopped, even by ``kill -9``, stops too instead of training on unseen.
+
+:func:`owner_tags` names a process so that a later one can tell whether it still runs (:func:`owner_alive`): an
+MLflow run or a set of outputs moved aside by a process that ``kill -9`` ended is recognised as abandoned.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +50,33 @@ class Job:
 
     name: str
     argv: Sequence[str]
+
+
+#: Who owns something a process holds open (an MLflow run, a set of outputs moved aside): host, pid, and the pid's
+#: start time, which tells a reused pid apart.
+OWNER_TAGS = ("iresnet.host", "iresnet.pid", "iresnet.pid_started")
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process, so a later one can tell a live owner from one that ``kill -9`` ended."""
+    import psutil
+
+    me = psutil.Process()
+    return dict(zip(OWNER_TAGS, (socket.gethostname(), str(me.pid), f"{me.create_time():.3f}"), strict=True))
+
+
+def owner_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process the owner tags name still runs (one on another host counts as alive: unknowable)."""
+    import psutil
+
+    if any(name not in tags for name in OWNER_TAGS):
+        return False  # written before these tags existed: nobody can still hold it
+    if tags["iresnet.host"] != socket.gethostname():
+        return True
+    try:
+        return f"{psutil.Process(int(tags['iresnet.pid'])).create_time():.3f}" == tags["iresnet.pid_started"]
+    except (psutil.Error, ValueError):
+        return False
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:

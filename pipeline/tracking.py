@@ -17,7 +17,6 @@ import functools
 import hashlib
 import math
 import os
-import socket
 import subprocess
 import time
 import warnings
@@ -30,6 +29,7 @@ from pipeline.env import env_flag
 from pipeline.errors import TrackingError, signals_held
 from pipeline.params import params_hash
 from pipeline.paths import Paths
+from pipeline.processes import owner_alive, owner_tags
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -195,32 +195,6 @@ class NullTracker:
     @contextmanager
     def child_run(self, name: str, params: Mapping[str, Any]) -> Iterator[Tracker]:
         yield NullTracker()
-
-
-OWNER_TAGS = ("iresnet.host", "iresnet.pid", "iresnet.pid_started")
-
-
-def owner_tags() -> dict[str, str]:
-    """Tags naming the process that holds a run open, so a later stage can tell a live run from one left RUNNING by
-    ``kill -9`` (host, pid, and the pid's start time, which tells a reused pid apart)."""
-    import psutil
-
-    me = psutil.Process()
-    return dict(zip(OWNER_TAGS, (socket.gethostname(), str(me.pid), f"{me.create_time():.3f}"), strict=True))
-
-
-def owner_alive(tags: Mapping[str, str]) -> bool:
-    """Whether the process the owner tags name still runs (a run from another host counts as alive: unknowable)."""
-    import psutil
-
-    if any(name not in tags for name in OWNER_TAGS):
-        return False  # a run started before these tags existed: nobody can still hold it open
-    if tags["iresnet.host"] != socket.gethostname():
-        return True
-    try:
-        return f"{psutil.Process(int(tags['iresnet.pid'])).create_time():.3f}" == tags["iresnet.pid_started"]
-    except (psutil.Error, ValueError):
-        return False
 
 
 class SignalSafeClient:

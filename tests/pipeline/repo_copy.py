@@ -85,3 +85,9 @@ def ran_stages(repro: str) -> list[str]:
     """The stages a ``dvc repro`` output says it ran, ``raw_data`` (which always runs) left out."""
     names = [line.split("'")[1] for line in repro.splitlines() if line.startswith("Running stage '")]
     return [name for name in names if name != ALWAYS_CHANGED]
+
+
+def outputs_of(root: Path) -> dict[str, bytes]:
+    """Every file the stages write (under data/, models/, reports/), by path from ``root``."""
+    folders = [root / name for name in ("data", "models", "reports")]
+    return {str(p.relative_to(root)): p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}

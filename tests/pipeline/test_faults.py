@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.outputs import TRAIN_CLASSIFIER
 from pipeline.paths import Paths
 from pipeline.stages import train_classifier
-from tests.pipeline.classifier_helpers import classifier_project
+from tests.pipeline.classifier_helpers import TINY_CLASSIFIER, classifier_project
 
 runner = CliRunner()
 
@@ -103,14 +106,15 @@ def test_a_corrupt_model_file(trained: Path) -> None:
 
 def test_an_unwritable_output_folder_keeps_the_earlier_outputs(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model's folder refuses writes: a one-line error naming it, and the earlier model stays whole. (Root writes
-    through permission bits, so as root the refusal is simulated at the rename that publishes a file.)"""
+    through permission bits, so as root the refusal is simulated at the rename that publishes a new file, after the
+    training: the stage then puts its previous outputs back.)"""
     folder = _model(trained).parent
     before = _model(trained).read_bytes()
     if os.geteuid() == 0:
         real_replace = os.replace
 
         def refused(src: str | Path, dst: str | Path) -> None:
-            if Path(dst).parent == folder:
+            if Path(dst).parent == folder and str(src).endswith(".tmp"):
                 raise PermissionError(13, "Permission denied", str(dst))
             real_replace(src, dst)
 
@@ -157,3 +161,45 @@ def test_metrics_json_is_strict_json(tmp_path: Path) -> None:
         "loss": None,
         "nested": {"ok": 2.0},
     }
+
+
+def test_a_failed_dvc_repro_keeps_the_last_good_outputs(
+    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, fresh_store: Callable
+) -> None:
+    """A stage that fails half-way (a blow-up found in training) and one that fails at once (a params file refused)
+    leave every output as ``dvc.lock`` records it: DVC deletes nothing before a stage (``persist``), and the stage
+    puts its previous outputs back (:mod:`pipeline.output_set`)."""
+    import subprocess
+
+    from repo_copy import commit_all, make_repo_copy, outputs_of
+
+    params = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9, 0.5]}}
+    params["classifier"].update(epochs=1, max_train_batches=2)
+    repo = make_repo_copy(tmp_path / "repo", params)
+    make_idx_folder(repo.root / "tiny")
+    fresh_store(repo.root)
+    repo.dvc("repro", "train_classifier")
+    commit_all(repo)
+    good = outputs_of(repo.root)
+    assert any(name.endswith("model.pt") for name in good) and "data/raw.json" in good
+
+    def repro_fails(change: dict, *expected: str) -> None:
+        edited = {**params, "classifier": {**params["classifier"], **change}}
+        (repo.root / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", "repro", "train_classifier"],
+            cwd=repo.root,
+            env={**repo.env, "IRESNET_THREADS": "2"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode != 0 and all(text in done.stdout + done.stderr for text in expected), done.stderr
+        assert outputs_of(repo.root) == good
+        status = repo.dvc("status", "train_classifier")  # it and the stages before it
+        assert "changed outs" not in status and "deleted" not in status, status
+        assert not any((repo.root / ".outputs-backup").iterdir())
+
+    repro_fails({"lr": 1.0e8}, "became nan")  # fails in the classifier runs, after both started writing
+    repro_fails({"epochs": 0}, "classifier.epochs")  # refused by raw_data, the first stage to read params

@@ -173,16 +173,20 @@ def test_a_stopped_dvc_repro_leaves_no_stage_running(
     tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, fresh_store: Callable, signum: int
 ) -> None:
     """``dvc repro`` stopped mid-stage (SIGTERM, or SIGKILL where DVC can pass nothing on): the pool and its training
-    processes stop too, instead of training on and writing outputs that dvc.lock does not record."""
-    from repo_copy import commit_all, make_repo_copy
+    processes stop too, instead of training on and writing outputs that dvc.lock does not record, and the outputs of
+    the last good run are back in place."""
+    from repo_copy import commit_all, make_repo_copy, outputs_of
 
     params = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9, 0.5]}}
-    params["classifier"].update(epochs=10_000, milestones=[1], max_train_batches=1)  # trains far longer than the test
+    params["classifier"].update(epochs=1, milestones=[1], max_train_batches=1)
     repo = make_repo_copy(tmp_path / "repo", params)
     make_idx_folder(repo.root / "tiny")
     fresh_store(repo.root)
+    repo.dvc("repro", "train_classifier")
     commit_all(repo)
-    repo.dvc("repro", "prepare")
+    good = outputs_of(repo.root)
+    params["classifier"]["epochs"] = 10_000  # trains far longer than the test
+    (repo.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = tmp_path / "dvc.log"
     with log.open("w") as out:  # two workers whatever the machine's core count, so the pool runs both at once
         dvc = subprocess.Popen(
@@ -193,6 +197,8 @@ def test_a_stopped_dvc_repro_leaves_no_stage_running(
             stderr=subprocess.STDOUT,
         )
     _stop_and_expect_none_left(dvc, repo.root.resolve(), 3, signum, log)  # the pool and its 2 runs
+    assert outputs_of(repo.root) == good
+    assert "changed outs" not in repo.dvc("status", "train_classifier")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
