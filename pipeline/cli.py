@@ -16,6 +16,7 @@ Adding a stage::
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -312,7 +313,7 @@ def run_stage(
     except UserError as err:
         fail(err)
     except KeyboardInterrupt as err:
-        print_error(interrupted_message(stage, tracker.checkpoint_epoch if tracker is not None else None))
+        print_error(interrupted_message(tracker.checkpoint_epoch if tracker is not None else None))
         raise typer.Exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)) from None
     if here.is_main:
         console.print(metrics_table(f"{stage}: results", metrics))
@@ -491,7 +492,7 @@ def run_each(ctx: typer.Context, what: str, runs: Sequence[tuple[str, list[str]]
     except UserError as err:
         fail(err)
     except KeyboardInterrupt as err:
-        print_error(interrupted_message(what, None))
+        print_error(interrupted_message(None))
         raise typer.Exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)) from None
     console.print(f"{what}: {len(jobs)} runs done", highlight=False)
 
@@ -677,15 +678,25 @@ def on_signals(*signums: signal.Signals) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def interrupted_message(stage: str, checkpoint_epoch: int | None) -> str:
-    """What a stage stopped by a signal tells its user: how to go on, and from where."""
-    stage = os.environ.get("DVC_STAGE") or stage
+def interrupted_message(checkpoint_epoch: int | None) -> str:
+    """What a stage stopped by a signal tells its user: the exact command that goes on, and from where."""
+    again = f"run `{rerun_command()}` again"
     if checkpoint_epoch:
         return (
-            f"interrupted: run `dvc repro {stage}` again to resume from epoch {checkpoint_epoch + 1} "
+            f"interrupted: {again} to resume from epoch {checkpoint_epoch + 1} "
             f"(the checkpoint of epoch {checkpoint_epoch} is kept)."
         )
-    return f"interrupted: run `dvc repro {stage}` again to run it."
+    return f"interrupted: {again} to run it."
+
+
+def rerun_command() -> str:
+    """The command that runs this stage again: ``dvc repro <stage>`` under DVC (which sets ``DVC_STAGE``), else this
+    very command line, ``-S`` values included (``dvc repro`` would run the params file's values, not these, and
+    leave the checkpoint of this run unused)."""
+    if os.environ.get("DVC_STAGE"):
+        return f"dvc repro {os.environ['DVC_STAGE']}"
+    program = "iresnet" if Path(sys.argv[0]).name == "iresnet" else "python -m pipeline.cli"
+    return " ".join([program, shlex.join(sys.argv[1:])])
 
 
 def ui_command(uri: str, port: int) -> list[str]:

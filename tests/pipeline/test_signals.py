@@ -121,9 +121,8 @@ def test_a_signal_ends_the_stage_cleanly_and_the_resumed_stage_continues_its_run
     assert returncode == code, err
     assert "Traceback" not in err
     (line,) = [text for text in err.splitlines() if text.strip()]
-    assert line.startswith("error: interrupted: run `dvc repro train_classifier@0.9-0` again to resume from epoch "), (
-        line
-    )
+    command = f"python -m pipeline.cli --root {project} -S tracking.enabled=true train-classifier --coeff 0.9 --seed 0"
+    assert line.startswith(f"error: interrupted: run `{command}` again to resume from epoch "), line  # with its -S
     assert len(list((project / ".resume").glob("*.pt"))) == 1  # the checkpoint is kept
     (killed,) = _runs(project)
     assert killed.info.status == "KILLED"
@@ -190,3 +189,19 @@ def test_a_signal_during_a_store_write_waits_for_the_write_to_end() -> None:
                     os.kill(os.getpid(), signal.SIGINT)
                 done.append("inner ended")
         assert done[-1] == "inner ended" and caught.value.signum == signal.SIGINT
+
+
+def test_the_resume_hint_names_the_command_that_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DVC, `dvc repro <stage>`; run by hand, that very command line with its `-S` values (a `dvc repro` would
+    run the params file's values instead and leave this run's checkpoint unused)."""
+    from pipeline.cli import interrupted_message
+
+    argv = ["/venv/bin/iresnet", "-S", "classifier.lr=0.5", "train-classifier", "--coeff", "0.9", "--seed", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert interrupted_message(3) == (
+        "interrupted: run `iresnet -S classifier.lr=0.5 train-classifier --coeff 0.9 --seed 1` again to resume from "
+        "epoch 4 (the checkpoint of epoch 3 is kept)."
+    )
+    monkeypatch.setenv("DVC_STAGE", "train_classifier")
+    assert interrupted_message(None) == "interrupted: run `dvc repro train_classifier` again to run it."
