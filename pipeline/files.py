@@ -48,6 +48,15 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def probe_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and a file in it, then delete that file: an ``OSError`` says ``folder`` cannot take
+    the files a stage is about to write (read-only, not a folder, disk full), before any compute is spent."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-probe-{os.getpid()}-{uuid.uuid4().hex}"
+    probe.touch(exist_ok=False)
+    probe.unlink()
+
+
 def save_torch(path: Path, obj: Any) -> None:
     """``torch.save`` atomically and deterministically.
 
@@ -68,7 +77,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def _finite(data: Any) -> Any:
     if isinstance(data, float):
-        return data if math.isfinite(data) else None
+        return finite_or_none(data)
     if isinstance(data, dict):
         return {key: _finite(value) for key, value in data.items()}
     if isinstance(data, (list, tuple)):

@@ -14,14 +14,13 @@ move anything back; the next run whose outputs overlap that set finds it, sees i
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import OutputError, brief, signals_held
+from pipeline.files import probe_writable
 from pipeline.processes import owner_alive, owner_tags
 
 BACKUP = ".outputs-backup"  # under the project root; git and DVC ignore it
@@ -59,11 +58,8 @@ def replaced_together(root: Path, name: str, outputs: Sequence[str]) -> Iterator
 
 
 def _check_writable(folder: Path) -> None:
-    probe = folder / f".write-probe-{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.touch(exist_ok=False)
-        probe.unlink()
+        probe_writable(folder)
     except OSError as err:
         raise OutputError(
             f"cannot write into {folder} ({err.strerror or brief(err)}): make it a writable folder (or free space on "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import os
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.env import env_flag
-from pipeline.errors import TrackingError, signals_held
+from pipeline.errors import TrackingError, brief, signals_held
 from pipeline.params import params_hash
 from pipeline.paths import Paths
 from pipeline.processes import owner_alive, owner_tags
@@ -65,8 +66,12 @@ def init_store(paths: Paths, uri: str | None = None) -> dict[str, str]:
     from filelock import FileLock
     from mlflow import MlflowClient
 
+    from pipeline.files import probe_writable  # imports torch: not at start-up, which `iresnet ui` shares
+
     uri = uri or tracking_uri(paths)
     paths.workspace.mkdir(parents=True, exist_ok=True)
+    if not _is_remote(uri):  # artifacts are logged at a stage's end: a folder that refuses them must stop it now
+        probe_writable(paths.mlartifacts)
     # The lock file matches the .gitignore pattern ``mlflow.db-*``.
     with FileLock(str(paths.workspace / "mlflow.db-init.lock"), timeout=300):
         client = MlflowClient(uri)
@@ -197,9 +202,31 @@ class NullTracker:
         yield NullTracker()
 
 
+def store_error(uri: str, err: BaseException, doing: str = "write to") -> TrackingError:
+    """The one-line error for a store that fails (locked, read-only, full, unreachable): names it and the ways out."""
+    while err.__cause__ is not None:  # MLflow wraps SQLAlchemy, which wraps sqlite3: the innermost names the cause
+        err = err.__cause__
+    return TrackingError(
+        f"cannot {doing} the MLflow store {uri} ({type(err).__name__}: {brief(err)}). Make it writable, wait for "
+        "whatever holds it locked, point MLFLOW_TRACKING_URI elsewhere, or run without tracking: IRESNET_TRACKING=0 "
+        "or `tracking.enabled: false`."
+    )
+
+
+def _store_failure(err: Exception) -> bool:
+    """Whether ``err`` from an MLflow call is the store failing (a database or file error), not an answer such as
+    "no such run", which the caller handles."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.error_code == "TEMPORARILY_UNAVAILABLE"  # how MLflow re-raises every SQLAlchemy error
+    return isinstance(err, OSError) or type(err).__module__.startswith(("sqlalchemy", "sqlite3"))
+
+
 class SignalSafeClient:
     """An ``MlflowClient`` whose every call runs with SIGINT and SIGTERM held (:func:`pipeline.errors.signals_held`):
-    a signal that arrives during a store write stops the stage right after it, never inside its transaction."""
+    a signal that arrives during a store write stops the stage right after it, never inside its transaction. A call
+    that the store fails raises :class:`TrackingError` (:func:`store_error`), which the CLI prints as one line."""
 
     def __init__(self, client: MlflowClient) -> None:
         self._client = client
@@ -212,7 +239,12 @@ class SignalSafeClient:
         @functools.wraps(value)
         def held(*args: Any, **kwargs: Any) -> Any:
             with signals_held():
-                return value(*args, **kwargs)
+                try:
+                    return value(*args, **kwargs)
+                except Exception as err:
+                    if _store_failure(err):
+                        raise store_error(self._client.tracking_uri, err) from err
+                    raise
 
         return held
 
@@ -436,6 +468,9 @@ def stage_run(
         return
     from mlflow import MlflowClient
 
+    # MLflow logs every failed database call with its traceback before raising; the error reaches the user as one
+    # line (store_error), so those logs would only bury it.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     uri = tracking_uri(paths)
     try:
         experiment_id = init_store(paths, uri)[family]
@@ -447,11 +482,10 @@ def stage_run(
             {**run_tags(stage, params, paths), **{k: str(v) for k, v in (tags or {}).items()}},
             params,
         )
+    except TrackingError:
+        raise
     except Exception as err:  # sqlite locked, a broken file, an unreachable server, a lock timeout ...
-        raise TrackingError(
-            f"cannot start an MLflow run in {uri} ({type(err).__name__}: {err}). Fix or move that store, point "
-            f"MLFLOW_TRACKING_URI elsewhere, or run without tracking: IRESNET_TRACKING=0 or `tracking.enabled: false`."
-        ) from err
+        raise store_error(uri, err, "start a run in") from err
     with _ended(tracker):
         yield tracker
 
@@ -464,11 +498,14 @@ def _ended(tracker: MlflowTracker) -> Iterator[None]:
         yield
         run_id = tracker.run_id  # a stage that logged nothing still gets its (empty) run
     except BaseException as err:
+        if isinstance(err, TrackingError):
+            raise  # the store just failed (a lock holds for 20 s a call): a later stage closes the run as KILLED
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         try:
             tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
-        finally:
             tracker.client.set_terminated(tracker.run_id, status)
+        except TrackingError:
+            pass  # the store fails too: the stage's own error is the one to report
         raise
     else:
         tracker.client.set_terminated(run_id, "FINISHED")

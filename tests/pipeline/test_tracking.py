@@ -206,3 +206,59 @@ def test_mlflow_telemetry_is_off_unless_asked_for() -> None:
         run_env = env if given is None else {**env, "MLFLOW_DISABLE_TELEMETRY": given}
         done = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True)
         assert done.stdout.strip() == expected  # off by default; a user's own choice wins
+
+
+@pytest.fixture
+def locked(store: Paths, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """``lock()`` takes an exclusive lock on the store's database (as another writer mid-transaction would); it is
+    released at the end of the test. MLflow waits 20 s for a lock (``PRAGMA busy_timeout = 20000``); here 0.1 s."""
+    import sqlite3
+
+    from mlflow.store.db import utils
+
+    text = utils.sql.text
+    monkeypatch.setattr(utils.sql, "text", lambda sql: text(sql.replace("busy_timeout = 20000", "busy_timeout = 100")))
+    holder = sqlite3.connect(store.mlflow_db, isolation_level=None)
+
+    def lock() -> None:
+        holder.execute("BEGIN EXCLUSIVE")
+
+    yield lock
+    holder.close()
+
+
+def test_a_store_locked_mid_run_fails_in_one_line(store: Paths, locked: Callable[[], None]) -> None:
+    """Every call that the store fails is one TrackingError naming the store, its cause and the way out; the failed
+    attempt to mark the run FAILED does not bury it under a second error."""
+    from pipeline.errors import TrackingError
+
+    with pytest.raises(TrackingError) as err:
+        with stage_run("data", "prepare", PARAMS, store) as tracker:
+            locked()
+            tracker.log_metrics({"x": 1.0})
+    message = str(err.value)
+    assert "\n" not in message and not isinstance(err.value.__context__, TrackingError)  # the first, not the cleanup's
+    assert all(part in message for part in (tracking_uri(store), "database is locked", "IRESNET_TRACKING=0")), message
+
+
+def test_a_failure_in_a_locked_store_keeps_the_stages_own_error(store: Paths, locked: Callable[[], None]) -> None:
+    """The stage's error stays the one reported when the store then refuses to record it."""
+    with pytest.raises(RuntimeError, match="diverged") as err:
+        with stage_run("data", "prepare", PARAMS, store) as tracker:
+            assert tracker.run_id
+            locked()
+            raise RuntimeError("loss diverged")
+    assert err.value.__context__ is None
+
+
+def test_an_artifact_folder_that_takes_no_file_stops_the_stage_before_it_runs(store: Paths) -> None:
+    """Artifacts are logged at a stage's end: a folder that refuses them (here mlartifacts is a file: a read-only
+    folder does the same for a user who is not root) is found before any compute."""
+    from pipeline.errors import TrackingError
+
+    (store.root / "mlartifacts").write_text("not a folder")
+    ran = []
+    with pytest.raises(TrackingError, match=r"mlartifacts.*IRESNET_TRACKING=0"):
+        with stage_run("data", "prepare", PARAMS, store):
+            ran.append(True)
+    assert not ran
