@@ -262,6 +262,20 @@ def _as_images(images: np.ndarray) -> np.ndarray:
     return images[:, None] if images.ndim == 3 else images  # (N, H, W) -> (N, 1, H, W)
 
 
+def _check_agree(arrays: dict[str, np.ndarray], name: str, source: str) -> None:
+    """Both splits hold images, of one shape: files from two datasets (28x28 training, 32x32 test images) or an empty
+    file would pass ``prepare`` and fail every later stage with advice to run ``prepare`` again."""
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_labels"]) == 0:
+            raise DataError(f"the {split} split of {name} ({source}) holds no images: use files that hold some.")
+    shapes = {split: tuple(arrays[f"{split}_images"].shape[1:]) for split in ("train", "test")}
+    if shapes["train"] != shapes["test"]:
+        raise DataError(
+            f"{name} ({source}) has training images of shape {shapes['train']} but test images of shape "
+            f"{shapes['test']}: its files come from different datasets; use four files that belong together."
+        )
+
+
 def load_dataset(data: DataParams, base: Path) -> RawData:
     """Load ``data.dataset`` (``data.root`` and ``idx:`` folders are relative to ``base``), split and subsample it.
 
@@ -294,6 +308,7 @@ def load_dataset(data: DataParams, base: Path) -> RawData:
             arrays, source = _load_cifar(name, root, data.download), f"torchvision layout under {root}"
         split = {"method": "official"}
         source_idx = {"train": np.arange(len(arrays["train_labels"])), "test": np.arange(len(arrays["test_labels"]))}
+    _check_agree(arrays, name, source)
 
     parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # split -> (images, labels, source indices)
     for stream, (split_name, limit) in enumerate((("train", data.max_train), ("test", data.max_test)), start=1):

@@ -62,12 +62,42 @@ def _load(path: Path) -> dict[str, Tensor]:
 
 
 def load_stats(paths: Paths) -> dict[str, Any]:
-    """The contents of ``stats.json``."""
+    """The contents of ``stats.json``, checked to hold what the stages read (a hand-edited or foreign file is refused
+    here, not met later as a KeyError)."""
     path = _require(stats_file(paths))
     try:
-        return read_json(path)
+        stats = read_json(path)
     except (ValueError, OSError) as err:  # truncated or garbled JSON
         raise DataError(f"prepared data {path} is unreadable ({brief(err)}); delete it and {_HINT}.") from None
+    problem = _stats_problem(stats)
+    if problem is not None:
+        raise DataError(f"prepared data {path} is not what `prepare` writes ({problem}); delete it and {_HINT}.")
+    return stats
+
+
+def _stats_problem(stats: Any) -> str | None:
+    """What is wrong with a ``stats.json`` document, or ``None``."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(stats, dict):
+        return f"a JSON object was expected, not {type(stats).__name__}"
+    counts = ("n_classes", *(f"n_{split}" for split in SPLITS))
+    missing = [key for key in ("dataset", "shape", *counts, "mean", "std") if key not in stats]
+    if missing:
+        return f"no {', '.join(missing)}"
+    shape = stats["shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(count(d) and d > 0 for d in shape)):
+        return f"shape {shape!r} is not [channels, height, width]"
+    if not all(count(stats[key]) for key in counts):
+        return "the counts n_classes, n_train, n_val, n_test are not all whole numbers"
+    for key in ("mean", "std"):
+        values = stats[key]
+        numbers = isinstance(values, list) and all(isinstance(v, (int, float)) for v in values)
+        if not (numbers and len(values) == shape[0]):
+            return f"{key} is not a list of {shape[0]} numbers, one per channel"
+    return None
 
 
 def load_prepared(paths: Paths, split: str) -> tuple[Tensor, Tensor]:

@@ -203,3 +203,78 @@ def test_a_failed_dvc_repro_keeps_the_last_good_outputs(
 
     repro_fails({"lr": 1.0e8}, "became nan")  # fails in the classifier runs, after both started writing
     repro_fails({"epochs": 0}, "classifier.epochs")  # refused by raw_data, the first stage to read params
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{}", "no dataset, shape"),
+        ("[1, 2]", "a JSON object was expected, not list"),
+        (
+            '{"dataset": "x", "shape": [1, 8], "n_classes": 3, "n_train": 1, "n_val": 1, "n_test": 1, "mean": [0], '
+            '"std": [1]}',
+            "is not [channels, height, width]",
+        ),
+    ],
+)
+def test_a_stats_file_of_another_shape(trained: Path, content: str, problem: str) -> None:
+    """Valid JSON that is not what `prepare` writes: refused in one line before any compute, not a KeyError."""
+    path = trained / "data" / "prepared" / "stats.json"
+    path.write_text(content)
+    before = _model(trained).read_bytes()
+    code, output = _cli(trained, "train-classifier", "--coeff", "0.9", "--seed", "0")
+    assert code == 1
+    _one_error_line(output, str(path), problem, "dvc repro prepare")
+    assert _model(trained).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"n_train": 0}, "the train split of idx:tiny"),
+        ({"n_test": 0}, "the test split of idx:tiny"),
+        ({"test_size": 10}, "training images of shape (8, 8) but test images of shape (10, 10)"),
+    ],
+)
+def test_idx_files_that_disagree_are_refused_by_prepare(
+    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, change: dict, expected: str
+) -> None:
+    """An empty split, or training and test images of two sizes: refused by `prepare` (which otherwise wrote data
+    that every later stage refused with advice to run `prepare` again)."""
+    import numpy as np
+
+    from tests.pipeline.conftest import IDX_NAMES, idx_bytes, tiny_arrays
+
+    folder = tmp_path / "tiny"
+    make_idx_folder(folder, n_train=change.get("n_train", 30), n_test=change.get("n_test", 12))
+    if "test_size" in change:
+        size = change["test_size"]
+        images = np.zeros((12, size, size), dtype=np.uint8)
+        (folder / IDX_NAMES["test_images"]).write_bytes(idx_bytes(images))
+        (folder / IDX_NAMES["test_labels"]).write_bytes(idx_bytes(tiny_arrays(n_test=12)["test_labels"]))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
+    code, output = _cli(tmp_path, "prepare")
+    assert code == 1
+    _one_error_line(output, expected)
+    assert not (tmp_path / "data" / "prepared").exists()
+
+
+def test_a_batch_larger_than_the_training_set_trains_on_all_of_it(
+    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable
+) -> None:
+    """One batch an epoch holding every training image: the metrics are finite numbers in strict JSON."""
+    import math
+
+    from pipeline.files import read_json
+    from tests.pipeline.flow_helpers import trained_project
+
+    make_idx_folder(tmp_path / "tiny")
+    params, paths, _ = trained_project(tmp_path, tiny_params, batch_size=10_000)
+    assert params.flow.batch_size > read_json(paths.prepared / "stats.json")["n_train"]
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-JSON token {token}")
+
+    metrics = json.loads((paths.metrics / "flow.json").read_text(), parse_constant=refuse)
+    for key in ("train_bpd", "val_bpd", "val_logdet", "recon_error"):
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (key, metrics[key])
