@@ -12,6 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+__all__ = ["Invertible", "InvertibleSequential", "zero_logdet"]
+
 
 class Invertible(nn.Module):
     """Base class of an invertible layer: ``forward(x) -> (y, logdet)`` and ``inverse(y) -> x``."""

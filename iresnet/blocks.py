@@ -14,6 +14,18 @@ from iresnet.layers import make_nonlinearity
 from iresnet.logdet import LogDetSettings, estimate_logdet
 from iresnet.spectral_norm import LipschitzConv2d, LipschitzLinear, frozen_weights, layer_lipschitz_bound
 
+__all__ = [
+    "InvertibleResidualBlock",
+    "conv_branch",
+    "inverse_settings_as",
+    "lipschitz_bounds",
+    "logdet_settings_as",
+    "mlp_branch",
+    "residual_blocks",
+    "set_inverse_settings",
+    "set_logdet_settings",
+]
+
 
 class InvertibleResidualBlock(Invertible):
     """``y = x + g(x)``, invertible when ``Lip(g) < 1`` (Theorem 1).

@@ -30,6 +30,20 @@ from iresnet.base import Invertible, InvertibleSequential, zero_logdet
 from iresnet.layers import ActNorm, InjectivePad, Squeeze
 from iresnet.models import _squeezed, classifier_head
 
+__all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "COUPLINGS",
+    "GlowClassifier",
+    "GlowConfig",
+    "InvertibleConv1x1",
+    "PERMUTATIONS",
+    "ReversePermutation",
+    "SCALE_OFFSET",
+    "coupling_net",
+    "glow_step",
+]
+
 COUPLINGS: tuple[str, ...] = ("affine", "additive")
 PERMUTATIONS: tuple[str, ...] = ("conv1x1", "reverse")
 SCALE_OFFSET = 2.0  # Glow's affine scale is sigmoid(s + 2): 0.88 for s = 0, a near-identity start

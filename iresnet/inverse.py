@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+__all__ = ["InverseInfo", "InverseSettings", "fixed_point_inverse", "lipschitz_error_bound"]
+
 
 @dataclass(frozen=True)
 class InverseSettings:

@@ -19,6 +19,21 @@ from torch import Tensor, nn
 
 from iresnet.base import Invertible, zero_logdet
 
+__all__ = [
+    "ActNorm",
+    "ELU",
+    "InjectivePad",
+    "LipSwish",
+    "Logit",
+    "MaxMin",
+    "NONLINEARITIES",
+    "Softplus",
+    "Squeeze",
+    "elu",
+    "make_nonlinearity",
+    "softplus",
+]
+
 
 class ActNorm(Invertible):
     """``y = (x + bias) * exp(log_scale)`` per channel (dim 1), for ``(B, C)`` or ``(B, C, H, W)`` inputs.

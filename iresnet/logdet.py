@@ -22,6 +22,27 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+__all__ = [
+    "Branch",
+    "ESTIMATORS",
+    "Estimator",
+    "LogDetSettings",
+    "PROBES",
+    "Probe",
+    "branch_jacobian",
+    "chain_truncation_bound",
+    "draw_probe",
+    "estimate_logdet",
+    "exact_logdet",
+    "hutchinson_traces",
+    "logdet_bounds",
+    "neumann_logdet",
+    "power_series_logdet",
+    "series_coefficients",
+    "truncation_bound",
+    "unbiased_logdet",
+]
+
 Branch = Callable[[Tensor], Tensor]
 Estimator = Literal["series", "unbiased", "neumann", "exact", "none"]
 Probe = Literal["gaussian", "rademacher"]

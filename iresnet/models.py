@@ -16,6 +16,16 @@ from iresnet.layers import ActNorm, InjectivePad, Logit, Squeeze
 from iresnet.logdet import LogDetSettings
 from iresnet.priors import ConditionalGaussian, DiagonalGaussian
 
+__all__ = [
+    "FLOW_PRIORS",
+    "FlowConfig",
+    "IResNetClassifier",
+    "MultiscaleFlow",
+    "ResNetConfig",
+    "bits_per_dim",
+    "classifier_head",
+]
+
 
 @dataclass(frozen=True)
 class ResNetConfig:

@@ -8,11 +8,19 @@ import math
 import torch
 from torch import Tensor, nn
 
+__all__ = ["ConditionalGaussian", "DiagonalGaussian", "standard_normal_logprob"]
+
 _LOG_2PI = math.log(2 * math.pi)
 
 
 def standard_normal_logprob(z: Tensor) -> Tensor:
-    """``ln N(z; 0, I)`` summed over all but the batch dimension: ``(B, *shape) -> (B,)``."""
+    """``ln N(z; 0, I)`` summed over all but the batch dimension: ``(B, *shape) -> (B,)``.
+
+    >>> import math, torch
+    >>> logp = standard_normal_logprob(torch.zeros(3, 2, 2))  # 4 dimensions at the mode: -2 ln(2 pi)
+    >>> logp.shape, round(float(logp[0]), 6) == round(-2 * math.log(2 * math.pi), 6)
+    (torch.Size([3]), True)
+    """
     return (-0.5 * (z.pow(2) + _LOG_2PI)).flatten(1).sum(1)
 
 

@@ -84,15 +84,17 @@ def hoist_global_options(args: list[str], options: Sequence[Any], commands: set[
 
 
 def _version(value: bool) -> None:
-    """``--version``: the installed package's version, then exit."""
+    """``--version``: the installed versions of the library and the pipeline, then exit."""
     if value:
         from importlib.metadata import PackageNotFoundError, version
 
-        try:
-            text = version("iresnet")
-        except PackageNotFoundError:
-            text = "unknown (not installed: `pip install -e .`)"
-        console.print(f"iresnet {text}", highlight=False)
+        texts = []
+        for name in ("iresnet", "iresnet-pipeline"):  # the library and this pipeline (pipeline/pyproject.toml)
+            try:
+                texts.append(f"{name} {version(name)}")
+            except PackageNotFoundError:
+                texts.append(f"{name} unknown (not installed: `pip install -e . -e ./pipeline`)")
+        console.print(", ".join(texts), highlight=False)
         raise typer.Exit()
 
 

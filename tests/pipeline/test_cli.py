@@ -136,7 +136,8 @@ def test_version() -> None:
     from importlib.metadata import version
 
     result = runner.invoke(app, ["--version"])
-    assert result.exit_code == 0 and result.output.strip() == f"iresnet {version('iresnet')}"
+    expected = f"iresnet {version('iresnet')}, iresnet-pipeline {version('iresnet-pipeline')}"
+    assert result.exit_code == 0 and result.output.strip() == expected
 
 
 def test_a_malformed_switch_is_refused_before_the_stage_runs(
