@@ -9,7 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app, without_nproc
+from pipeline.cli import app
+from pipeline.runner import without_nproc
 from pipeline.env import DeviceError, World, parse_device, world
 from tests.pipeline.classifier_helpers import classifier_project
 

@@ -14,7 +14,9 @@ from pipeline.outputs import STAGES
 REPO = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 # Modules that change how a stage runs or reports, never what it writes: editing them re-runs nothing.
-INFRASTRUCTURE = {"cli", "console", "env", "errors", "output_set", "params", "paths", "processes", "schema", "tracking"}
+INFRASTRUCTURE = {
+    "cli", "console", "env", "errors", "output_set", "params", "paths", "processes", "runner", "schema", "tracking"
+}  # fmt: skip
 
 
 def _imports(path: Path) -> set[str]:

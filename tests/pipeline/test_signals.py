@@ -160,7 +160,7 @@ def test_a_run_left_running_by_kill_9_is_continued_or_closed(project: Path) -> N
 def test_a_signal_during_a_store_write_waits_for_the_write_to_end() -> None:
     """A signal inside an MLflow call (here a fake client's) is held until the call returns, then raised: the store's
     transaction is never cut in the middle (that left SQLite locked for the cleanup's writes)."""
-    from pipeline.cli import on_signals
+    from pipeline.runner import on_signals
     from pipeline.errors import Interrupted, signals_held
     from pipeline.tracking import SignalSafeClient
 
@@ -194,7 +194,7 @@ def test_a_signal_during_a_store_write_waits_for_the_write_to_end() -> None:
 def test_the_resume_hint_names_the_command_that_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under DVC, `dvc repro <stage>`; run by hand, that very command line with its `-S` values (a `dvc repro` would
     run the params file's values instead and leave this run's checkpoint unused)."""
-    from pipeline.cli import interrupted_message
+    from pipeline.runner import interrupted_message
 
     argv = ["/venv/bin/iresnet", "-S", "classifier.lr=0.5", "train-classifier", "--coeff", "0.9", "--seed", "1"]
     monkeypatch.setattr(sys, "argv", argv)
