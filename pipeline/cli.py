@@ -204,7 +204,7 @@ def train_classifier(
         return "classifier.batch_size", params.classifier.batch_size
 
     if dry:
-        from pipeline import dry_run as measure
+        from pipeline.tools import dry_run as measure
 
         def runner_dry(params: Params, paths: Paths, nproc: int) -> dict[str, Any]:
             return measure.classifier(params, paths, coeff, nproc)
@@ -321,7 +321,7 @@ def train_flow(
         return "flow.batch_size", params.flow.batch_size
 
     if dry:
-        from pipeline import dry_run as measure
+        from pipeline.tools import dry_run as measure
 
         return dry_run(ctx, measure.flow, {"flow.epochs": epochs}, batch_key)
 
@@ -382,8 +382,8 @@ def bench(
 
     import torch
 
-    from pipeline import bench as stage
     from pipeline.env import DeviceError, parse_device
+    from pipeline.tools import bench as stage
 
     if ctx.obj.threads is not None:
         torch.set_num_threads(ctx.obj.threads)  # each case's subprocess uses the same count (default: torch's)

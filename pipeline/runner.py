@@ -206,7 +206,8 @@ def dry_run(
     batch_key: BatchKey,
 ) -> None:
     """``--dry-run`` of a training stage: parameters, activation memory per example and the time per epoch from 10
-    measured steps on the current device (:mod:`pipeline.dry_run`), for each of ``--nproc`` processes; no outputs."""
+    measured steps on the current device (:mod:`pipeline.tools.dry_run`), for each of ``--nproc`` processes; no
+    outputs."""
     import torch
 
     if ctx.obj.threads is not None:

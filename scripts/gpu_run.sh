@@ -4,11 +4,11 @@
 # Installs the wheels of scripts/fetch_gpu_wheels.sh (GPU_WHEELS, default gpu_wheels/) into OUT/site with
 # `pip install --no-index --no-deps --target` and puts it on PYTHONPATH after the repository, then runs, each part
 # under its own `timeout` and none stopping the others:
-#   gpu_check  python -m pipeline.gpu_check       every stage at tiny size on the CPU and CUDA, compared
+#   gpu_check  python -m pipeline.tools.gpu_check       every stage at tiny size on the CPU and CUDA, compared
 #   bench      python -m pipeline.cli bench --only PAPER,DENS   the paper's runtime claims (spectral norm, log-det)
-#   flow       python -m pipeline.gpu_budget flow  configs/mnist's flow for a fixed budget; s/epoch, test bits/dim
-#   toy        python -m pipeline.gpu_budget toy   configs/mnist's 2-D toy (Fig. 2 scale) for a fixed number of steps
-#   ddp        torchrun --nproc-per-node 1 -m pipeline.gpu_budget ddp   NCCL process group + DDP steps
+#   flow       python -m pipeline.tools.gpu_budget flow  configs/mnist's flow for a fixed budget; s/epoch, test bits/dim
+#   toy        python -m pipeline.tools.gpu_budget toy   configs/mnist's 2-D toy (Fig. 2 scale) for a fixed number of steps
+#   ddp        torchrun --nproc-per-node 1 -m pipeline.tools.gpu_budget ddp   NCCL process group + DDP steps
 # Every result is JSON under OUT (<part>.json, <part>.status.json, env.json, run.json); the logs beside them.
 # Copy OUT/*.json to reports/gpu/ and run the report stage to show them in reports/README.md.
 # --tiny (or GPU_RUN_PROFILE=tiny): the same parts at smoke-test size on the CPU (a few minutes on 2 cores).
@@ -82,14 +82,14 @@ info = {'part': 'env', 'python': platform.python_version(), 'torch': torch.__ver
 json.dump(info, open('$out/env.json', 'w'), indent=1)
 print(json.dumps(info, indent=1))
 "
-part gpu_check "$L_CHECK" "$py" -m pipeline.gpu_check "${check_args[@]}" --json "$out/gpu_check.json"
+part gpu_check "$L_CHECK" "$py" -m pipeline.tools.gpu_check "${check_args[@]}" --json "$out/gpu_check.json"
 part bench "$L_BENCH" "$py" -m pipeline.cli --device "$device" bench "${bench_args[@]}" --only PAPER,DENS \
   --json "$out/bench.json"
-part flow "$L_FLOW" "$py" -m pipeline.gpu_budget flow --device "$device" --budget "$FLOW_BUDGET" "${tiny_arg[@]}" \
+part flow "$L_FLOW" "$py" -m pipeline.tools.gpu_budget flow --device "$device" --budget "$FLOW_BUDGET" "${tiny_arg[@]}" \
   --json "$out/flow.json"
-part toy "$L_TOY" "$py" -m pipeline.gpu_budget toy --device "$device" --steps "$TOY_STEPS" "${tiny_arg[@]}" \
+part toy "$L_TOY" "$py" -m pipeline.tools.gpu_budget toy --device "$device" --steps "$TOY_STEPS" "${tiny_arg[@]}" \
   --json "$out/toy.json"
-part ddp "$L_DDP" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m pipeline.gpu_budget ddp \
+part ddp "$L_DDP" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m pipeline.tools.gpu_budget ddp \
   --device "$device" "${tiny_arg[@]}" --json "$out/ddp.json"
 
 total=$(( $(date +%s) - t_start ))

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.bench import DEFAULT_FAMILIES, FAMILIES, render, run_benchmarks
+from pipeline.tools.bench import DEFAULT_FAMILIES, FAMILIES, render, run_benchmarks
 
 
 def _numbers(tree: object) -> list[float]:

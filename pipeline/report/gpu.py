@@ -112,7 +112,8 @@ def claims(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
         )
     check = results.get("gpu_check")
     if check:
-        rows.append(("every stage, CUDA vs CPU (pipeline.gpu_check)", "-", "PASS" if check.get("pass") else "FAIL"))
+        verdict = "PASS" if check.get("pass") else "FAIL"
+        rows.append(("every stage, CUDA vs CPU (pipeline.tools.gpu_check)", "-", verdict))
     ddp = results.get("ddp")
     if ddp:
         rows.append(("torchrun, 1 process: process group and DDP steps", "-", f"{ddp.get('backend')} ok"))

@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.runner import without_nproc
 from pipeline.env import DeviceError, World, parse_device, world
+from pipeline.runner import without_nproc
 from tests.pipeline.classifier_helpers import classifier_project
 
 runner = CliRunner()
@@ -85,8 +85,8 @@ def test_world_reads_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.gpu
 def test_every_stage_on_cuda_agrees_with_the_cpu(tmp_path: Path) -> None:
-    """The GPU check script (``python -m pipeline.gpu_check``) at tiny size: every stage on both devices."""
-    from pipeline.gpu_check import main
+    """The GPU check script (``python -m pipeline.tools.gpu_check``) at tiny size: every stage on both devices."""
+    from pipeline.tools.gpu_check import main
 
     assert main(["--keep", str(tmp_path)]) == 0
 

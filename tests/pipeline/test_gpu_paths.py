@@ -148,7 +148,7 @@ def test_eigenvalues_on_the_cpu_unchanged() -> None:
 
 
 def test_gpu_check_tolerates_a_metric_diverged_on_both_devices() -> None:
-    from pipeline.gpu_check import agree
+    from pipeline.tools.gpu_check import agree
 
     assert agree("vanilla.recon_error", 1.3e73, 4.1e71, 1e-3)
     assert agree("vanilla.recon_error", float("inf"), 2e70, 1e-3)

@@ -1,5 +1,5 @@
 """Paper-scale profiles: ``configs/<profile>/params.yaml`` with the paper's settings, and the ``dvc.yaml`` that
-:mod:`pipeline.profiles` derives from the root one (DVC-cached data and models, reports in git)."""
+:mod:`pipeline.tools.profiles` derives from the root one (DVC-cached data and models, reports in git)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.params import load_params
-from pipeline.profiles import main, profiles, render
+from pipeline.tools.profiles import main, profiles, render
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = yaml.safe_load((REPO / "dvc.yaml").read_text())

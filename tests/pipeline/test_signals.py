@@ -160,8 +160,8 @@ def test_a_run_left_running_by_kill_9_is_continued_or_closed(project: Path) -> N
 def test_a_signal_during_a_store_write_waits_for_the_write_to_end() -> None:
     """A signal inside an MLflow call (here a fake client's) is held until the call returns, then raised: the store's
     transaction is never cut in the middle (that left SQLite locked for the cleanup's writes)."""
-    from pipeline.runner import on_signals
     from pipeline.errors import Interrupted, signals_held
+    from pipeline.runner import on_signals
     from pipeline.tracking import SignalSafeClient
 
     done: list[str] = []

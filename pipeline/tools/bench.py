@@ -393,10 +393,10 @@ def _in_subprocess(
 ) -> dict[str, Any]:
     """``measure`` (:func:`measure_case` or :func:`measure_step`) in a fresh interpreter (fresh allocator, honest
     peak memory); with ``copies`` > 1, that many interpreters at once, side by side, and the first one's result."""
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the repository
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     code = (
-        f"import json, sys, torch; from pipeline.bench import {measure}; "
+        f"import json, sys, torch; from pipeline.tools.bench import {measure}; "
         f"torch.set_num_threads({threads}); print(json.dumps({measure}({name!r}, {quick!r}, {device!r})))"
     )
     args = [sys.executable, "-c", code]
@@ -548,7 +548,7 @@ def render(results: dict[str, Any]) -> list[Table]:
     return [cases, ratios]
 
 
-if __name__ == "__main__":  # python -m pipeline.bench [--quick]
+if __name__ == "__main__":  # python -m pipeline.tools.bench [--quick]
     from rich.console import Console
 
     out = run_benchmarks(quick="--quick" in sys.argv, progress=True)

@@ -1,4 +1,5 @@
-"""Every stage at tiny size on the CPU and on CUDA, and their metrics side by side: ``python -m pipeline.gpu_check``.
+"""Every stage at tiny size on the CPU and on CUDA, and their metrics side by side:
+``python -m pipeline.tools.gpu_check``.
 
 Runs ``raw_data`` .. ``report`` in two temporary projects (the committed ``params.yaml`` with :data:`TINY` on top,
 the offline mnist-5k data), one per device, in this process, then compares every number of every metrics file.
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(threads) if threads else min(8, torch.get_num_threads()))
     target = parse_device(args.device)
     params = load_params(
-        Paths.at(Path(__file__).resolve().parents[1]).params_file, {**TINY, **(SMOKE if args.smoke else {})}
+        Paths.at(Path(__file__).resolve().parents[2]).params_file, {**TINY, **(SMOKE if args.smoke else {})}
     )
     base = Path(tempfile.mkdtemp(prefix="iresnet-gpu-check-")) if args.keep is None else args.keep
     roots = {"cpu": base / "cpu", "cuda": base / "cuda"}

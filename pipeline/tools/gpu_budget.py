@@ -1,11 +1,11 @@
 """Paper-scale runs for a fixed wall-time budget, for the GPU node's short slot (issue 22; ``scripts/gpu_run.sh``).
 
-``python -m pipeline.gpu_budget flow --budget 90 --json out.json``: the MNIST flow of ``configs/mnist/params.yaml``
-(Table 4's 3 x 32 blocks) trains on the offline mnist-5k digits (the node has no network) for ``--budget`` seconds of
-training steps; reports the time per step, the time per epoch and for the paper's 200 epochs of 60,000 images
-extrapolated from it, and the validation and test bits/dim (the training estimator, fixed noise and probes) reached
-after the budget. ``toy``: the 2-D toy of the same profile (Fig. 2: 100 blocks, batch 500) for ``--steps`` steps on
-one dataset; its steps per second extrapolated to the profile's steps.
+``python -m pipeline.tools.gpu_budget flow --budget 90 --json out.json``: the MNIST flow of
+``configs/mnist/params.yaml`` (Table 4's 3 x 32 blocks) trains on the offline mnist-5k digits (the node has no
+network) for ``--budget`` seconds of training steps; reports the time per step, the time per epoch and for the
+paper's 200 epochs of 60,000 images extrapolated from it, and the validation and test bits/dim (the training
+estimator, fixed noise and probes) reached after the budget. ``toy``: the 2-D toy of the same profile (Fig. 2: 100
+blocks, batch 500) for ``--steps`` steps on one dataset; its steps per second extrapolated to the profile's steps.
 
 ``--tiny`` shrinks both to a CPU smoke test of seconds. Not a stage: it writes only into a temporary project and the
 JSON file; MLflow is off.
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROFILE = Path(__file__).resolve().parents[1] / "configs" / "mnist" / "params.yaml"
+PROFILE = Path(__file__).resolve().parents[2] / "configs" / "mnist" / "params.yaml"
 PAPER_TRAIN_IMAGES = 55000  # configs/mnist: MNIST's 60,000 less 5,000 validation images
 OFFLINE_DATA: dict[str, Any] = {
     "data.dataset": "mnist-5k",
@@ -179,9 +179,9 @@ def ddp_run(tiny: bool) -> dict[str, Any]:
     import torch.distributed as dist
 
     from iresnet.models import MultiscaleFlow
-    from pipeline.bench import _QUICK_DENS
     from pipeline.distributed import Method, barrier, init_process_group, wrap
     from pipeline.env import World, device, synchronize, world
+    from pipeline.tools.bench import _QUICK_DENS
 
     dev = device()
     start = time.perf_counter()
