@@ -8,6 +8,7 @@ containers and tests can treat every layer alike (as in distrax / zuko / nflows)
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -41,14 +42,14 @@ class InvertibleSequential(Invertible):
 
     def inverse(self, y: Tensor) -> Tensor:
         for layer in reversed(self.layers):
-            y = layer.inverse(y)
+            y = cast(Invertible, layer).inverse(y)
         return y
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def __getitem__(self, index: int) -> Invertible:
-        return self.layers[index]
+        return cast(Invertible, self.layers[index])
 
 
 def zero_logdet(x: Tensor) -> Tensor:

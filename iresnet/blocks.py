@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -78,7 +79,8 @@ class InvertibleResidualBlock(Invertible):
             if isinstance(module, (LipschitzConv2d, LipschitzLinear)):
                 bound *= layer_lipschitz_bound(module)
             elif isinstance(module, nn.BatchNorm2d):
-                scale = module.weight.detach().abs() / (module.running_var + module.eps).sqrt()
+                running_var = cast(Tensor, module.running_var)  # tracked: set by BatchNorm2d's defaults
+                scale = module.weight.detach().abs() / (running_var + module.eps).sqrt()
                 bound *= float(scale.max())
         return bound
 

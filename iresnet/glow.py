@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +76,10 @@ class InvertibleConv1x1(Invertible):
 
     Shapes: ``x, y: (B, C, H, W)`` or ``(B, C)``; ``logdet = H W Σ_i log|s_i|``, ``(B,)`` (one pixel for vectors).
     """
+
+    permutation: Tensor  # buffers: P, the signs of s, and where L's free entries sit
+    sign: Tensor
+    lower_index: Tensor
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -139,7 +144,7 @@ def coupling_net(in_channels: int, hidden: int, out_channels: int) -> nn.Sequent
     """
     last = nn.Conv2d(hidden, out_channels, 3, padding=1)
     nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
+    nn.init.zeros_(cast(Tensor, last.bias))
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden, 3, padding=1),
         nn.ReLU(),

@@ -43,6 +43,8 @@ class ActNorm(Invertible):
     deviation. ``logdet`` is ``H * W * sum(log_scale)`` per example (``sum(log_scale)`` for 2-D inputs), shape ``(B,)``.
     """
 
+    initialized: Tensor  # a buffer: whether the data-dependent initialisation has run
+
     def __init__(self, num_features: int, eps: float = 1e-6) -> None:
         super().__init__()
         if num_features < 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -281,7 +282,7 @@ class MultiscaleFlow(nn.Module):
         for stage in reversed(range(len(self.stages))):
             if self._factors(stage):
                 h = torch.cat([factored(stage, h), h], dim=1)
-            h = self.stages[stage].inverse(h)
+            h = cast(Invertible, self.stages[stage]).inverse(h)
         return h
 
     def decode(self, zs: list[Tensor]) -> Tensor:
@@ -291,10 +292,15 @@ class MultiscaleFlow(nn.Module):
     def log_prob_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(ln p(z), ln|det J_F(x)|)``, each ``(B,)``: the two terms of Eq. 3, whose sum is :meth:`log_prob`."""
         zs, kept, logdet = self._encode(x)
+        priors = self._priors()
         if self.config.prior == "conditional":
-            factored = sum(prior.log_prob(z, h) for prior, z, h in zip(self.priors[:-1], zs[:-1], kept))
-            return factored + self.priors[-1].log_prob(zs[-1]), logdet
-        return sum(prior.log_prob(z) for prior, z in zip(self.priors, zs)), logdet
+            factored = sum(prior.log_prob(z, h) for prior, z, h in zip(priors[:-1], zs[:-1], kept))
+            return factored + priors[-1].log_prob(zs[-1]), logdet
+        return cast(Tensor, sum(prior.log_prob(z) for prior, z in zip(priors, zs))), logdet
+
+    def _priors(self) -> list[Any]:
+        """The prior of each scale: a DiagonalGaussian, or a ConditionalGaussian for the factored-out parts."""
+        return list(self.priors)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``ln p(x)`` per example, shape ``(B,)`` (Eq. 3, with the configured log-det estimator)."""
@@ -311,10 +317,11 @@ class MultiscaleFlow(nn.Module):
         With the conditional prior, the last scale's latent is drawn first and each factored-out part given the kept
         half that the inverse has reached (coarse to fine); otherwise every prior is drawn in order, then inverted.
         """
+        priors = self._priors()
         if self.config.prior == "conditional":
-            top = self.priors[-1].sample(n, temperature, generator)
-            return self._decode(top, lambda stage, h: self.priors[stage].sample(h, temperature, generator))
-        return self.decode([prior.sample(n, temperature, generator) for prior in self.priors])
+            top = priors[-1].sample(n, temperature, generator)
+            return self._decode(top, lambda stage, h: priors[stage].sample(h, temperature, generator))
+        return self.decode([prior.sample(n, temperature, generator) for prior in priors])
 
 
 def bits_per_dim(log_prob: Tensor, n_dims: int, n_bins: int = 256) -> Tensor:

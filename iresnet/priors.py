@@ -4,6 +4,7 @@ Gaussian for factored-out latents."""
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +67,7 @@ class ConditionalGaussian(nn.Module):
         self.shape = tuple(shape)
         self.conv = nn.Conv2d(cond_channels, 2 * self.shape[0], kernel_size, padding=kernel_size // 2)
         nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
+        nn.init.zeros_(cast(Tensor, self.conv.bias))
 
     def params(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean, log_std)``, each ``(B, *shape)``, given the kept half ``h``."""

@@ -68,6 +68,9 @@ class _SpectrallyNormalised(nn.Module):
     """
 
     weight: nn.Parameter
+    u: Tensor  # buffers, registered by _init_vectors
+    v: Tensor
+    sigma: Tensor
 
     def __init__(self, coeff: float | None, n_power_iter: int) -> None:
         super().__init__()
@@ -195,14 +198,14 @@ class LipschitzConv2d(_SpectrallyNormalised):
             raise ValueError(
                 f"kernel_size must be odd and positive so that 'same' zero padding exists, got {kernel_size}"
             )
-        input_hw = tuple(int(s) for s in input_hw)
-        if len(input_hw) != 2 or min(input_hw) < 1:
-            raise ValueError(f"input_hw must be the (H, W) the layer sees, two positive ints; got {input_hw}")
+        hw = tuple(int(s) for s in input_hw)
+        if len(hw) != 2 or min(hw) < 1:
+            raise ValueError(f"input_hw must be the (H, W) the layer sees, two positive ints; got {hw}")
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"channel counts must be positive, got in={in_channels}, out={out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = kernel_size
-        self.input_hw: tuple[int, int] = input_hw  # type: ignore[assignment]
+        self.input_hw: tuple[int, int] = (hw[0], hw[1])
         self.padding = kernel_size // 2
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
@@ -211,7 +214,7 @@ class LipschitzConv2d(_SpectrallyNormalised):
         if self.bias is not None:
             bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
             nn.init.uniform_(self.bias, -bound, bound)
-        self._init_vectors((1, in_channels, *input_hw))
+        self._init_vectors((1, in_channels, *hw))
 
     def _op(self, v: Tensor, weight: Tensor) -> Tensor:
         return F.conv2d(v, weight, padding=self.padding)

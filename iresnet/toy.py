@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -118,7 +119,7 @@ class _MLPLogDet(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, nonlin: str, *params: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx, x: Tensor, nonlin: str, *params: Tensor) -> tuple[Tensor, Tensor]:
         activation_ = ACTIVATIONS[nonlin]
         n = len(params) // 2
         weights, biases = params[:n], params[n:]
@@ -201,7 +202,7 @@ def stacked_mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], 
 
 class _StackedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, nonlin: str, *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, nonlin: str, *params: Tensor) -> Tensor:
         activation_ = ACTIVATIONS[nonlin]
         n = len(params) // 2
         weights, biases = params[:n], params[n:]
@@ -218,7 +219,7 @@ class _StackedMLP(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         n = ctx.n_layers
         saved = ctx.saved_tensors
         weights, inputs, slopes = saved[:n], saved[n : 2 * n], saved[2 * n :]
@@ -276,7 +277,7 @@ class _NormalisedWeight(torch.autograd.Function):
     batched outer product; the same value as autograd's up to rounding)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, coeff: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, coeff: float) -> Tensor:
         ratio = (_times(u, weight) * v).sum(-1) / coeff  # σ / c
         scale = ratio.clamp(min=1.0)
         ctx.save_for_backward(weight, u, v, scale, ratio >= 1.0)  # torch.clamp passes the gradient at equality
@@ -285,7 +286,7 @@ class _NormalisedWeight(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         weight, u, v, scale, active = ctx.saved_tensors
         grad_weight = grad / scale[..., None, None]
         if bool(active.any()):
@@ -346,7 +347,7 @@ class ToyResidualBlock(InvertibleResidualBlock):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.logdet_settings.estimator != "exact" or self.nonlin not in ACTIVATIONS:
             return super().forward(x)
-        linears = [m for m in self.g if isinstance(m, LipschitzLinear)]
+        linears = [m for m in self.g.children() if isinstance(m, LipschitzLinear)]
         if x.ndim != 2 or x.shape[1] != linears[0].in_features:
             raise ValueError(f"expected input (B, {linears[0].in_features}), got {tuple(x.shape)}")
         # _forward_weight runs the training-mode power iteration, exactly once per forward as LipschitzLinear does.
@@ -444,6 +445,11 @@ def toy_glow(n_layers: int = 100, hidden: int = 64, n_hidden_layers: int = 3, sc
 # --- M flows of one shape trained as one model --------------------------------------------------------------------
 
 
+def _layers(flow: Flow2d) -> list[nn.Module]:
+    """The layers of a flow built by :func:`toy_iresnet` or :func:`toy_glow`, in order."""
+    return list(cast(InvertibleSequential, flow.transform).layers)
+
+
 def _stack(tensors: Sequence[Sequence[Tensor]]) -> Tensor:
     """``[[t_{m,n}]]`` (models x blocks, equal shapes) -> ``(M, N, *shape)``, detached."""
     return torch.stack([torch.stack([t.detach() for t in row]) for row in tensors])
@@ -452,6 +458,8 @@ def _stack(tensors: Sequence[Sequence[Tensor]]) -> Tensor:
 class _StackedActNorms(nn.Module):
     """The ``N`` ActNorms of each of ``M`` flows, ``(M, N, 2)`` parameters; data-dependent initialisation as
     :class:`iresnet.layers.ActNorm` (per model, from the batch that reaches it in its first training forward)."""
+
+    initialized: Tensor  # a buffer, (M, N)
 
     def __init__(self, actnorms: Sequence[Sequence[ActNorm]]) -> None:
         super().__init__()
@@ -491,8 +499,8 @@ class _StackedMLPs(nn.Module):
         first = linears[0][0]
         self.n_layers = len(first)
         self.normalised = isinstance(first[0], LipschitzLinear)
-        self.coeff = first[0].coeff if self.normalised else None
-        self.n_power_iter = first[0].n_power_iter if self.normalised else 0
+        self.coeff: float | None = first[0].coeff if isinstance(first[0], LipschitzLinear) else None
+        self.n_power_iter: int = first[0].n_power_iter if isinstance(first[0], LipschitzLinear) else 0
         layer = lambda j: [[mlp[j] for mlp in row] for row in linears]  # noqa: E731 - (M, N) modules of layer j
         self.weights = nn.ParameterList(
             [nn.Parameter(_stack([[m.weight for m in r] for r in layer(j)])) for j in range(self.n_layers)]
@@ -552,7 +560,7 @@ class StackedToyIResNet(nn.Module):
     def __init__(self, flows: Sequence[Flow2d]) -> None:
         super().__init__()
         _check_same_shape(flows)
-        blocks = [[layer for layer in flow.transform.layers if isinstance(layer, ToyResidualBlock)] for flow in flows]
+        blocks = [[layer for layer in _layers(flow) if isinstance(layer, ToyResidualBlock)] for flow in flows]
         nonlin = blocks[0][0].nonlin
         if nonlin not in ACTIVATIONS:
             raise ValueError(
@@ -566,8 +574,8 @@ class StackedToyIResNet(nn.Module):
     def _linears(flows: Sequence[Flow2d]) -> list[list[list[LipschitzLinear]]]:
         return [
             [
-                [m for m in layer.g if isinstance(m, LipschitzLinear)]
-                for layer in flow.transform.layers
+                [m for m in layer.g.children() if isinstance(m, LipschitzLinear)]
+                for layer in _layers(flow)
                 if isinstance(layer, ToyResidualBlock)
             ]
             for flow in flows
@@ -575,7 +583,7 @@ class StackedToyIResNet(nn.Module):
 
     @staticmethod
     def _actnorms(flows: Sequence[Flow2d]) -> list[list[ActNorm]]:
-        return [[layer for layer in flow.transform.layers if isinstance(layer, ActNorm)] for flow in flows]
+        return [[layer for layer in _layers(flow) if isinstance(layer, ActNorm)] for flow in flows]
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``ln p_m(x_m)`` for every model: ``(M, B, 2) -> (M, B)``."""
@@ -631,7 +639,7 @@ class StackedToyGlow(nn.Module):
 
     @staticmethod
     def _layers(flow: Flow2d, kind: type) -> list:
-        return [layer for layer in flow.transform.layers if isinstance(layer, kind)]
+        return [layer for layer in _layers(flow) if isinstance(layer, kind)]
 
     @classmethod
     def _linears(cls, flows: Sequence[Flow2d]) -> list[list[list[nn.Linear]]]:
