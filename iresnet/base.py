@@ -1,25 +1,32 @@
 """The contract every invertible layer follows, written once.
 
-Direction is data -> latent. ``forward(x)`` returns ``(y, logdet)`` with ``logdet`` of shape ``(B,)`` holding
-``ln|det dy/dx|`` per example; ``inverse(y)`` returns ``x``. The return type never depends on arguments, so
+Direction is data -> latent. ``forward(x, settings=None)`` returns ``(y, logdet)`` with ``logdet`` of shape ``(B,)``
+holding ``ln|det dy/dx|`` per example; ``inverse(y)`` returns ``x``. The return type never depends on arguments, so
 containers and tests can treat every layer alike (as in distrax / zuko / nflows).
+
+``settings`` (:class:`iresnet.logdet.LogDetSettings`) chooses the log-det estimator of the residual blocks for this
+call (terms, probes, or ``"none"``), passed down through every container; ``None`` keeps each block's own default.
+Layers whose log-det is exact accept and ignore it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from iresnet.logdet import LogDetSettings
 
 __all__ = ["Invertible", "InvertibleSequential", "zero_logdet"]
 
 
 class Invertible(nn.Module):
-    """Base class of an invertible layer: ``forward(x) -> (y, logdet)`` and ``inverse(y) -> x``."""
+    """Base class of an invertible layer: ``forward(x, settings=None) -> (y, logdet)`` and ``inverse(y) -> x``."""
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     def inverse(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -33,10 +40,10 @@ class InvertibleSequential(Invertible):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         logdet = x.new_zeros(x.shape[0])
         for layer in self.layers:
-            x, layer_logdet = layer(x)
+            x, layer_logdet = layer(x, settings)
             logdet = logdet + layer_logdet
         return x, logdet
 

@@ -20,20 +20,19 @@ __all__ = [
     "conv_branch",
     "inverse_settings_as",
     "lipschitz_bounds",
-    "logdet_settings_as",
     "mlp_branch",
     "residual_blocks",
     "set_inverse_settings",
-    "set_logdet_settings",
 ]
 
 
 class InvertibleResidualBlock(Invertible):
     """``y = x + g(x)``, invertible when ``Lip(g) < 1`` (Theorem 1).
 
-    ``forward(x) -> (y, logdet)`` estimates ``ln det(I + J_g(x))`` with the estimator named in ``logdet_settings``
-    (Eq. 4 / Algorithm 2 by default); ``inverse(y)`` runs the fixed-point iteration of Algorithm 1 with
-    ``inverse_settings`` and keeps its convergence report in ``last_inverse_info``.
+    ``forward(x, settings) -> (y, logdet)`` estimates ``ln det(I + J_g(x))`` with the estimator ``settings`` names,
+    or this block's default ``logdet_settings`` when it is ``None`` (Eq. 4 / Algorithm 2 by default);
+    ``inverse(y)`` runs the fixed-point iteration of Algorithm 1 with ``inverse_settings`` and keeps its
+    convergence report in ``last_inverse_info``.
     Shapes: ``x, y: (B, *shape)``, ``logdet: (B,)``.
 
     >>> import torch
@@ -56,8 +55,8 @@ class InvertibleResidualBlock(Invertible):
         self.inverse_settings = inverse_settings or InverseSettings()
         self.last_inverse_info: InverseInfo | None = None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        gx, logdet = estimate_logdet(self.g, x, self.logdet_settings)
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
+        gx, logdet = estimate_logdet(self.g, x, settings or self.logdet_settings)
         return x + gx, logdet
 
     def inverse(self, y: Tensor) -> Tensor:
@@ -147,12 +146,6 @@ def set_inverse_settings(module: nn.Module, settings: InverseSettings) -> None:
         block.inverse_settings = settings
 
 
-def set_logdet_settings(module: nn.Module, settings: LogDetSettings) -> None:
-    """Use ``settings`` for the log-det estimator of every residual block inside ``module``."""
-    for block in residual_blocks(module):
-        block.logdet_settings = settings
-
-
 def lipschitz_bounds(module: nn.Module) -> list[float]:
     """The certified ``Lip(g)`` of every residual block inside ``module``, in order (the ``L_b`` of Theorem 3 and
     Lemma 7; :meth:`InvertibleResidualBlock.lipschitz_bound`)."""
@@ -173,14 +166,6 @@ def inverse_settings_as(module: nn.Module, settings: InverseSettings) -> Iterato
     (3, 100)
     """
     with _settings_as(module, "inverse_settings", settings):
-        yield
-
-
-@contextmanager
-def logdet_settings_as(module: nn.Module, settings: LogDetSettings) -> Iterator[None]:
-    """Every residual block inside ``module`` estimates its log-det with ``settings`` within the ``with``; each
-    block's own settings come back afterwards, also after an exception."""
-    with _settings_as(module, "logdet_settings", settings):
         yield
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,9 @@ from torch import Tensor, nn
 from iresnet.base import Invertible, InvertibleSequential, zero_logdet
 from iresnet.layers import ActNorm, InjectivePad, Squeeze
 from iresnet.models import _squeezed, classifier_head
+
+if TYPE_CHECKING:
+    from iresnet.logdet import LogDetSettings
 
 __all__ = [
     "AdditiveCoupling",
@@ -111,7 +114,7 @@ class InvertibleConv1x1(Invertible):
         permutation, lower, upper = self.factors()
         return permutation @ lower @ upper
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         logdet = (_pixels(x) * self.log_scale.sum()).expand(x.shape[0])
         return _mix(x, self.weight()), logdet
 
@@ -128,7 +131,7 @@ class ReversePermutation(Invertible):
     A permutation: volume preserving, ``logdet = 0``; it is its own inverse. ``(B, C, ...) -> (B, C, ...)``.
     """
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         return x.flip(1), zero_logdet(x)
 
     def inverse(self, y: Tensor) -> Tensor:
@@ -179,7 +182,7 @@ class AdditiveCoupling(_Coupling):
     ``t`` is :func:`coupling_net` with ``C - ⌊C/2⌋`` outputs. Shapes: ``x, y: (B, C, H, W)``, ``logdet: (B,)``.
     """
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         x_a, x_b = self._halves(x)
         return torch.cat([x_a, x_b + self.net(x_a)], dim=1), zero_logdet(x)
 
@@ -206,7 +209,7 @@ class AffineCoupling(_Coupling):
         z = raw + SCALE_OFFSET
         return shift, torch.sigmoid(z), z
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         x_a, x_b = self._halves(x)
         shift, scale, z = self._shift_scale(x_a)
         # ln σ(z) = min(z, 0) - ln(1 + e^{-|z|}): finite for any z (ln of σ would be -inf once σ underflows), and from

@@ -11,13 +11,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iresnet.base import Invertible, zero_logdet
+
+if TYPE_CHECKING:
+    from iresnet.logdet import LogDetSettings
 
 __all__ = [
     "ActNorm",
@@ -76,7 +79,7 @@ class ActNorm(Invertible):
         self.log_scale.copy_(torch.where(std > self.eps, -torch.log(std.clamp_min(self.eps)), torch.zeros_like(std)))
         self.initialized.fill_(True)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
         if self.training and not bool(self.initialized):
             self._initialise(x)
@@ -103,7 +106,7 @@ class Squeeze(Invertible):
             raise ValueError(f"factor must be a positive int, got {factor}")
         self.factor = factor
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         if x.ndim != 4 or x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise ValueError(
                 f"Squeeze({self.factor}) needs (B, C, H, W) with H and W divisible by {self.factor}, "
@@ -134,7 +137,7 @@ class InjectivePad(Invertible):
             raise ValueError(f"pad_channels must be >= 0, got {pad_channels}")
         self.pad_channels = pad_channels
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         if x.ndim < 2:
             raise ValueError(f"InjectivePad needs (B, C, ...), got {tuple(x.shape)}")
         zeros = x.new_zeros(x.shape[0], self.pad_channels, *x.shape[2:])
@@ -167,7 +170,7 @@ class Logit(Invertible):
             raise ValueError(f"alpha must lie in (0, 1/2), got {alpha}")
         self.alpha = float(alpha)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         scale = 1 - 2 * self.alpha
         p = self.alpha + scale * (x + 0.5)
         q = self.alpha + scale * (0.5 - x)  # 1 - p

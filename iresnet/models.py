@@ -254,15 +254,16 @@ class MultiscaleFlow(nn.Module):
         """Whether half of stage ``stage``'s output is factored out."""
         return self.config.factor_out and stage < len(self.stages) - 1
 
-    def _encode(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    def _encode(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """``x -> (zs, kept, logdet)``; ``kept[i]`` is the half of stage ``i``'s output that goes on (``zs[i]``'s
-        condition), for every factored-out ``zs[i]``."""
+        condition), for every factored-out ``zs[i]``. ``settings``: the log-det estimator of this call (``None``:
+        the configured one)."""
         zs: list[Tensor] = []
         kept: list[Tensor] = []
         logdet = x.new_zeros(x.shape[0])
         h = x
         for stage, layers in enumerate(self.stages):
-            h, stage_logdet = layers(h)
+            h, stage_logdet = layers(h, settings)
             logdet = logdet + stage_logdet
             if self._factors(stage):
                 z, h = h.chunk(2, dim=1)
@@ -271,9 +272,10 @@ class MultiscaleFlow(nn.Module):
         zs.append(h)
         return zs, kept, logdet
 
-    def encode(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """``x -> (zs, logdet)``: the latents of every scale and ``ln|det J_F(x)|`` of shape ``(B,)``."""
-        zs, _, logdet = self._encode(x)
+    def encode(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[list[Tensor], Tensor]:
+        """``x -> (zs, logdet)``: the latents of every scale and ``ln|det J_F(x)|`` of shape ``(B,)``, estimated with
+        ``settings`` (``None``: the configured estimator; ``LogDetSettings("none")``: no log-det, zeros)."""
+        zs, _, logdet = self._encode(x, settings)
         return zs, logdet
 
     def _decode(self, top: Tensor, factored: Callable[[int, Tensor], Tensor]) -> Tensor:
@@ -289,9 +291,9 @@ class MultiscaleFlow(nn.Module):
         """Inverse of ``encode`` (fixed-point inverse in every block)."""
         return self._decode(zs[-1], lambda stage, _: zs[stage])
 
-    def log_prob_parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def log_prob_parts(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         """``(ln p(z), ln|det J_F(x)|)``, each ``(B,)``: the two terms of Eq. 3, whose sum is :meth:`log_prob`."""
-        zs, kept, logdet = self._encode(x)
+        zs, kept, logdet = self._encode(x, settings)
         priors = self._priors()
         if self.config.prior == "conditional":
             factored = sum(prior.log_prob(z, h) for prior, z, h in zip(priors[:-1], zs[:-1], kept))
@@ -302,13 +304,14 @@ class MultiscaleFlow(nn.Module):
         """The prior of each scale: a DiagonalGaussian, or a ConditionalGaussian for the factored-out parts."""
         return list(self.priors)
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """``ln p(x)`` per example, shape ``(B,)`` (Eq. 3, with the configured log-det estimator)."""
-        logpz, logdet = self.log_prob_parts(x)
+    def log_prob(self, x: Tensor, settings: LogDetSettings | None = None) -> Tensor:
+        """``ln p(x)`` per example, shape ``(B,)`` (Eq. 3), the log-det estimated with ``settings`` (``None``: the
+        configured estimator, ``FlowConfig.logdet``)."""
+        logpz, logdet = self.log_prob_parts(x, settings)
         return logpz + logdet
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.log_prob(x)
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> Tensor:
+        return self.log_prob(x, settings)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:

@@ -315,12 +315,13 @@ class Flow2d(nn.Module):
         super().__init__()
         self.transform = transform
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        z, logdet = self.transform(x)
+    def log_prob(self, x: Tensor, settings: LogDetSettings | None = None) -> Tensor:
+        """``settings``: the log-det estimator of this call (``None``: each block's own, exact by default)."""
+        z, logdet = self.transform(x, settings)
         return standard_normal_logprob(z) + logdet
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.log_prob(x)
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> Tensor:
+        return self.log_prob(x, settings)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -335,7 +336,8 @@ class ToyResidualBlock(InvertibleResidualBlock):
     closed form from the forward pass (:func:`mlp_logdet`, Eq. 3 with the exact ``ln det``).
 
     Same parameters, state dict, inverse and certificate as :class:`InvertibleResidualBlock`; it falls back to the
-    parent's estimator when ``logdet_settings`` asks for another one or ``nonlin`` has no elementwise slope.
+    parent's estimator when the call's ``settings`` (or, without them, ``logdet_settings``) ask for another one or
+    ``nonlin`` has no elementwise slope.
     The closed-form path is differentiable once (training, Jacobians of the flow), not twice.
     Shapes: ``x, y: (B, 2)``, ``logdet: (B,)``.
     """
@@ -344,9 +346,9 @@ class ToyResidualBlock(InvertibleResidualBlock):
         super().__init__(g, logdet_settings or LogDetSettings(estimator="exact"))
         self.nonlin = nonlin
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.logdet_settings.estimator != "exact" or self.nonlin not in ACTIVATIONS:
-            return super().forward(x)
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
+        if (settings or self.logdet_settings).estimator != "exact" or self.nonlin not in ACTIVATIONS:
+            return super().forward(x, settings)
         linears = [m for m in self.g.children() if isinstance(m, LipschitzLinear)]
         if x.ndim != 2 or x.shape[1] != linears[0].in_features:
             raise ValueError(f"expected input (B, {linears[0].in_features}), got {tuple(x.shape)}")
@@ -404,7 +406,7 @@ class AffineCoupling(Invertible):
         s, t = self.net(x1).chunk(2, dim=1)
         return (torch.tanh(s) if self.scale_cap else s), t
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         x1, x2 = x[:, :1], x[:, 1:]
         s, t = self._scale_shift(x1)
         return torch.cat([x1, x2 * torch.exp(s) + t], dim=1), s.squeeze(1)
@@ -425,7 +427,7 @@ class InvertibleLinear(Invertible):
         super().__init__()
         self.weight = nn.Parameter(torch.linalg.qr(torch.randn(features, features))[0])
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, settings: LogDetSettings | None = None) -> tuple[Tensor, Tensor]:
         logdet = torch.linalg.slogdet(self.weight)[1]
         return x @ self.weight.T, logdet.expand(x.shape[0])
 

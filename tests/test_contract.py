@@ -17,8 +17,8 @@ from iresnet.blocks import (
     InvertibleResidualBlock,
     conv_branch,
     mlp_branch,
+    residual_blocks,
     set_inverse_settings,
-    set_logdet_settings,
 )
 from iresnet.glow import AdditiveCoupling, InvertibleConv1x1, ReversePermutation, glow_step
 from iresnet.glow import AffineCoupling as ConvAffineCoupling
@@ -80,11 +80,9 @@ def prepared(name: str, batch: int = 3) -> tuple[Invertible, Tensor]:
     layer = factory().double()
     x = torch.randn(batch, *shape, dtype=torch.float64)
     layer.train()
-    set_logdet_settings(layer, LogDetSettings(estimator="none"))  # not needed to converge: keeps the warm-up cheap
     with torch.no_grad():
         for _ in range(50):  # ActNorm initialises on the first call; power iterations converge
-            layer(x)
-    set_logdet_settings(layer, EXACT)
+            layer(x, LogDetSettings(estimator="none"))  # the log-det is not needed to converge: a cheap warm-up
     return layer.eval(), x
 
 
@@ -176,3 +174,24 @@ def test_block_lipschitz_bound_is_certified() -> None:
             a, b = torch.randn_like(x), torch.randn_like(x)
             ratio = (layer.g(a) - layer.g(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
             assert ratio.max() <= bound
+
+
+def test_log_det_settings_are_an_argument_of_the_call() -> None:
+    """Blocks built with the power series: `settings` of one call reach every block through the container (here the
+    exact log-det, equal to the autograd Jacobian's), and leave no state behind (the next call is the series')."""
+    torch.manual_seed(0)
+    series = LogDetSettings("series", n_terms=1)  # one term: far from exact, so the two are told apart
+    chain = InvertibleSequential(
+        [
+            InvertibleResidualBlock(mlp_branch(2, 16, 2, 0.9), series),
+            ActNorm(2),
+            InvertibleResidualBlock(mlp_branch(2, 16, 2, 0.9), series),
+        ]
+    ).double()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    chain(x)  # ActNorm initialises
+    chain.eval()
+    _, exact = chain(x, EXACT)
+    torch.testing.assert_close(exact.detach(), brute_force_logdet(chain, x), atol=1e-10, rtol=0)
+    _, again = chain(x)
+    assert (again - exact).abs().max() > 1e-3 and all(b.logdet_settings is series for b in residual_blocks(chain))

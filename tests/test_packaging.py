@@ -4,6 +4,7 @@ pipeline is the distribution ``iresnet-pipeline`` (``pipeline/pyproject.toml``).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,12 +81,16 @@ def test_every_library_module_imports_without_the_pipelines_dependencies() -> No
 def test_the_library_installs_alone_into_a_fresh_environment(tmp_path: Path) -> None:
     """`pip install <repo>` into a new venv: torch and what torch needs come in, nothing of the pipeline; then
     iresnet imports and runs a block. (Slow: pip copies the torch wheel, several GB.)"""
+    source = tmp_path / "source"  # a copy: an in-tree build would leave build/ in the repository
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "iresnet"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, source / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", str(REPO)], env=env, capture_output=True, text=True, timeout=1800
+        [str(python), "-m", "pip", "install", "-q", str(source)], env=env, capture_output=True, text=True, timeout=1800
     )
     assert install.returncode == 0, install.stderr[-3000:]
     listed = subprocess.run(

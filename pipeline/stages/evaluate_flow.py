@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from iresnet.blocks import lipschitz_bounds, logdet_settings_as
+from iresnet.blocks import lipschitz_bounds
 from iresnet.logdet import LogDetSettings, chain_truncation_bound, logdet_bounds
 from iresnet.models import MultiscaleFlow, bits_per_dim
 from pipeline.console import progress
@@ -100,9 +100,12 @@ def examples_stderr(samples: Tensor) -> float:
 
 
 @torch.no_grad()
-def _per_example(model: MultiscaleFlow, x: Tensor, space: FlowSpace, batch_size: int) -> Tensor:
-    """Bits/dim ``(N,)`` of ``x`` with the model's current log-det settings."""
-    return torch.cat([space.bpd(model.log_prob(x[idx])) for idx in batch_indices(len(x), batch_size, shuffle=False)])
+def _per_example(
+    model: MultiscaleFlow, x: Tensor, space: FlowSpace, batch_size: int, settings: LogDetSettings
+) -> Tensor:
+    """Bits/dim ``(N,)`` of ``x``, the residual blocks' log-det estimated with ``settings``."""
+    batches = batch_indices(len(x), batch_size, shuffle=False)
+    return torch.cat([space.bpd(model.log_prob(x[idx], settings)) for idx in batches])
 
 
 def hutchinson_rounds(
@@ -119,14 +122,14 @@ def hutchinson_rounds(
     ``n_terms``-term series (Algorithm 2); rounds stop once :func:`probe_stderr` ``< max_stderr_bits`` (at least 2)
     or after ``max_samples``. Probes come from the global RNG (seeded by the stage)."""
     columns: list[Tensor] = []
-    with logdet_settings_as(model, LogDetSettings("series", n_terms=n_terms, n_samples=1)):
-        for _ in range(max_samples):
-            columns.append(_per_example(model, x, space, batch_size))
-            samples = torch.stack(columns, dim=1)
-            stderr = probe_stderr(samples) if len(columns) >= _MIN_ROUNDS else math.inf
-            advance(info=f"{float(samples.mean()):.4f} ± {stderr:.1e} bits/dim")
-            if stderr < max_stderr_bits:
-                break
+    series = LogDetSettings("series", n_terms=n_terms, n_samples=1)
+    for _ in range(max_samples):
+        columns.append(_per_example(model, x, space, batch_size, series))
+        samples = torch.stack(columns, dim=1)
+        stderr = probe_stderr(samples) if len(columns) >= _MIN_ROUNDS else math.inf
+        advance(info=f"{float(samples.mean()):.4f} ± {stderr:.1e} bits/dim")
+        if stderr < max_stderr_bits:
+            break
     return samples
 
 
@@ -138,8 +141,7 @@ def lemma7_bpd(
     The prior and ActNorm terms of Eq. 3 are exact (a pass with the residual log-det switched off); the residual
     blocks add at most ``Σ_b d_b ln(1 + L_b)`` and at least ``Σ_b d_b ln(1 - L_b)`` nats to every ``ln p(x)``.
     """
-    with logdet_settings_as(model, LogDetSettings(estimator="none")):
-        rest = _per_example(model, x, space, batch_size)  # bits/dim without the residual blocks' log-det
+    rest = _per_example(model, x, space, batch_size, LogDetSettings(estimator="none"))  # without the blocks' log-det
     per_nat = 1.0 / (space.n_dims * math.log(2))  # more nats of log-density = fewer bits/dim
     mean_rest = float(rest.double().mean())
     if any(lip >= 1.0 for lip in lipschitz):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from iresnet.blocks import InvertibleResidualBlock, lipschitz_bounds, logdet_settings_as, residual_blocks
+from iresnet.blocks import InvertibleResidualBlock, lipschitz_bounds, residual_blocks
 from iresnet.logdet import (
     LogDetSettings,
     branch_jacobian,
@@ -86,8 +86,8 @@ def block_inputs(model: MultiscaleFlow, x: Tensor) -> list[Tensor]:
 
     handles = [block.register_forward_pre_hook(keep) for block in residual_blocks(model)]
     try:
-        with torch.no_grad(), logdet_settings_as(model, LogDetSettings(estimator="none")):
-            model.encode(x)
+        with torch.no_grad():
+            model.encode(x, LogDetSettings(estimator="none"))
     finally:
         for handle in handles:
             handle.remove()

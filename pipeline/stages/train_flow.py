@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from iresnet.blocks import lipschitz_bounds, logdet_settings_as, residual_blocks
+from iresnet.blocks import lipschitz_bounds, residual_blocks
 from iresnet.layers import ActNorm
 from iresnet.logdet import LogDetSettings
 from iresnet.models import MultiscaleFlow
@@ -77,8 +77,7 @@ def initialise_actnorm(model: MultiscaleFlow, x: Tensor) -> None:
     for module in model.modules():
         if isinstance(module, ActNorm):
             module.train()
-    with logdet_settings_as(model, LogDetSettings(estimator="none")):
-        model.encode(x)
+    model.encode(x, LogDetSettings(estimator="none"))
     model.eval()
 
 
@@ -195,8 +194,7 @@ def inverse_report(model: MultiscaleFlow) -> dict[str, float]:
 def reconstruction_error(model: MultiscaleFlow, x: Tensor) -> float:
     """``max |F⁻¹(F(x)) - x|`` over a batch, inverting every block by Algorithm 1 (the log-det is not needed)."""
     model.eval()
-    with logdet_settings_as(model, LogDetSettings(estimator="none")):
-        zs, _ = model.encode(x)
+    zs, _ = model.encode(x, LogDetSettings(estimator="none"))
     return float((model.decode(zs) - x).abs().max())
 
 

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from iresnet import FlowConfig, InverseSettings, IResNetClassifier, LogDetSettings, MultiscaleFlow, ResNetConfig
-from iresnet.blocks import residual_blocks, set_inverse_settings, set_logdet_settings
+from iresnet.blocks import residual_blocks, set_inverse_settings
 from iresnet.toy import toy_iresnet
 
 # --- fixed configurations (never change them: results must stay comparable) ------------------------------------
@@ -143,6 +143,9 @@ _QUICK_COUNTS = {
 # --- one case ---------------------------------------------------------------------------------------------------
 
 
+NO_LOGDET = LogDetSettings(estimator="none")  # the body alone: its forward time, what the inverse undoes
+
+
 class _Case:
     """A model, a batch, its training loss, its body's forward (no log-det) and inverse."""
 
@@ -192,10 +195,10 @@ class _Case:
     def encode(self) -> Any:
         """The body's output (no log-det): what ``decode`` inverts."""
         if self.family in ("CLF", "PAPER"):
-            return self.model.body(self.x)[0]
+            return self.model.body(self.x, NO_LOGDET)[0]
         if self.family == "DENS":
-            return self.model.encode(self.x)[0]
-        return self.model.transform(self.x)[0]
+            return self.model.encode(self.x, NO_LOGDET)[0]
+        return self.model.transform(self.x, NO_LOGDET)[0]
 
     def decode(self, z: Any) -> Tensor:
         if self.family in ("CLF", "PAPER"):
@@ -334,7 +337,6 @@ def measure_case(name: str, quick: bool = False, device: str = "cpu") -> dict[st
     }
 
     model.eval()
-    set_logdet_settings(model, LogDetSettings(estimator="none"))
     with torch.no_grad():
         case.encode()
         result["forward_s"], z = _timed(case.encode, counts["forward_repeats"])
