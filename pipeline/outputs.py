@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.env import device, device_info, made_with, world
 from pipeline.files import write_csv, write_json
@@ -28,13 +28,21 @@ LABEL, SEED = "{label}", "{seed}"
 ZCA_MARK = "†"  # marks a result on ZCA-whitened data, in figure titles and tables (as the paper's Table 4 does)
 
 
+class Curve(NamedTuple):
+    """A CSV curve: its file under ``reports/curves/`` and its columns, in order (the stage writes exactly these;
+    the report and ``dvc plots`` read them)."""
+
+    file: str
+    columns: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class StageOutputs:
     """The files one DVC stage writes, relative to their folders under ``reports/`` (``other``: to the root)."""
 
     stage: str
     metrics: str | None = None
-    curves: Mapping[str, str] = field(default_factory=dict)  # short key -> file under reports/curves/
+    curves: Mapping[str, Curve] = field(default_factory=dict)  # short key -> file under reports/curves/, columns
     figures: Mapping[str, str] = field(default_factory=dict)  # short key -> file under reports/figures/
     model: str | None = None  # the trained model's file under models/
     other: tuple[str, ...] = ()  # prepared data, folders of models, tables: paths from the project root
@@ -45,7 +53,7 @@ class StageOutputs:
         return paths.metrics / _fill(self.metrics, label, seed)
 
     def curve_path(self, paths: Paths, key: str, label: str | None = None, seed: int | None = None) -> Path:
-        return paths.curves / _fill(self.curves[key], label, seed)
+        return paths.curves / _fill(self.curves[key].file, label, seed)
 
     def figure_path(self, paths: Paths, key: str) -> Path:
         return paths.figures / self.figures[key]
@@ -61,7 +69,7 @@ class StageOutputs:
     def files(self) -> list[str]:
         """Every output path from the project root, ``{label}`` and ``{seed}`` unfilled."""
         out = list(self.other) + ([f"models/{self.model}"] if self.model is not None else [])
-        out += [f"reports/curves/{name}" for name in self.curves.values()]
+        out += [f"reports/curves/{curve.file}" for curve in self.curves.values()]
         out += [f"reports/figures/{name}" for name in self.figures.values()]
         if self.metrics is not None:
             out.append(f"reports/metrics/{self.metrics}")
@@ -92,31 +100,58 @@ PREPARE = StageOutputs("prepare", "prepare.json", figures={"preview": "data_prev
 TRAIN_CLASSIFIER = StageOutputs(
     "train_classifier",
     f"classifier/{LABEL}/seed{SEED}.json",
-    curves={"epochs": f"classifier/{LABEL}/seed{SEED}.csv"},
+    curves={
+        "epochs": Curve(
+            f"classifier/{LABEL}/seed{SEED}.csv",
+            ("epoch", "train_loss", "train_accuracy", "val_loss", "val_error", "lr", "sigma_max"),
+        )
+    },
     model=f"classifier/{LABEL}/seed{SEED}/model.pt",
 )
 TRAIN_GLOW_CLASSIFIER = StageOutputs(  # {label}: an entry of glow_classifier.runs (Table 3)
     "train_glow_classifier",
     f"glow_classifier/{LABEL}/seed{SEED}.json",
-    curves={"epochs": f"glow_classifier/{LABEL}/seed{SEED}.csv"},
+    curves={
+        "epochs": Curve(
+            f"glow_classifier/{LABEL}/seed{SEED}.csv",
+            ("epoch", "train_loss", "train_accuracy", "val_loss", "val_error", "lr", "diverged_batch"),
+        )
+    },
     model=f"glow_classifier/{LABEL}/seed{SEED}/model.pt",
 )
 SINGULAR_VALUES = StageOutputs(
     "singular_values",
     "singular_values.json",
-    curves={"layers": "singular_values.csv"},
+    curves={
+        "layers": Curve(
+            "singular_values.csv",
+            (
+                "model",
+                "weights",
+                "block",
+                "layer",
+                "kernel_size",
+                "input_hw",
+                "sigma_lower",
+                "sigma_exact",
+                "sigma_upper",
+                "sigma_running",
+                "exact_method",
+            ),
+        )
+    },
     figures={"fig6": "fig6_singular_values.png"},
 )
 RECONSTRUCTION = StageOutputs(
     "reconstruction",
     "reconstruction.json",
-    curves={"errors": "reconstruction.csv"},
+    curves={"errors": Curve("reconstruction.csv", ("model", "iterations", "mean_error", "max_error", "max_residual"))},
     figures={"fig8": "fig8_reconstruction_error.png", "fig3": "fig3_reconstructions.png"},
 )
 TRAIN_FLOW = StageOutputs(
     "train_flow",
     "flow.json",
-    curves={"epochs": "flow.csv"},
+    curves={"epochs": Curve("flow.csv", ("epoch", "train_bpd", "val_bpd", "logpz", "logdet", "recon_error", "lr"))},
     figures={"fig5": "fig5_samples.png"},
     model="flow/model.pt",
 )
@@ -124,13 +159,28 @@ EVALUATE_FLOW = StageOutputs("evaluate_flow", "evaluate_flow.json")
 LOGDET_BIAS = StageOutputs(
     "logdet_bias",
     "logdet_bias.json",
-    curves={"terms": "logdet_bias.csv"},
+    curves={
+        "terms": Curve(
+            "logdet_bias.csv",
+            (
+                "n_terms",
+                "bias",
+                "abs_bias",
+                "bias_stderr",
+                "std",
+                "theorem3_bound",
+                "bias_plain",
+                "exact_bias",
+                "exact_bias_max",
+            ),
+        )
+    },
     figures={"fig4": "fig4_logdet_bias.png"},
 )
 TOY_DENSITY = StageOutputs(
     "toy_density",
     "toy.json",
-    curves={"steps": "toy.csv"},
+    curves={"steps": Curve("toy.csv", ("dataset", "seed", "model", "step", "loss"))},
     figures={"fig2": "fig2_toy_densities.png"},
     other=("models/toy",),
 )
@@ -168,7 +218,7 @@ class StageRun:
 
         out = StageRun(SINGULAR_VALUES, paths, tracker)
         ...                                   # compute
-        out.write_curve("layers", rows, CSV_COLUMNS)
+        out.write_curve("layers", rows)
         plot_singular_values(out.figure("fig6"), ...)
         metrics = out.finish({"models": ...})  # + wall_time_s, written to the metrics JSON; artifacts logged
     """
@@ -204,11 +254,13 @@ class StageRun:
         self._artifacts[path] = folder
         return path
 
-    def write_curve(self, key: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
-        """Curve ``key`` as CSV: one line per row, the ``columns`` in that order (other keys of a row left out)."""
+    def write_curve(self, key: str, rows: Sequence[Mapping[str, Any]]) -> Path:
+        """Curve ``key`` as CSV: one line per row, its registered columns in that order (other keys of a row left
+        out)."""
         import pandas as pd
 
         path = self.curve_path(key)
+        columns = self.outputs.curves[key].columns
         write_csv(path, pd.DataFrame([{c: row[c] for c in columns} for row in rows], columns=list(columns)))
         self._artifacts[path] = "curves"
         return path

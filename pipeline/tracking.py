@@ -90,13 +90,14 @@ def init_store(paths: Paths, uri: str | None = None) -> dict[str, str]:
     return ids
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+def flatten(data: Mapping[str, Any] | list[Any], prefix: str = "", lists: bool = False) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the project's one flattener (MLflow params, results tables, the GPU
+    check's comparison). Lists stay values, or with ``lists`` are flattened by position (``{"a": [5]}`` -> ``a.0``)."""
     out: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, value in data.items() if isinstance(data, Mapping) else enumerate(data):
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
+        if isinstance(value, Mapping) or (lists and isinstance(value, list)):
+            out.update(flatten(value, f"{name}.", lists))
         else:
             out[name] = value
     return out

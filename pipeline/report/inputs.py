@@ -106,16 +106,6 @@ LOGDET_KEYS = (
     "exact_bias_terms_to_target",
     "exact_terms_searched",
 )
-LOGDET_CURVE_COLUMNS = (
-    "n_terms",
-    "bias",
-    "abs_bias",
-    "bias_stderr",
-    "std",
-    "theorem3_bound",
-    "exact_bias",
-    "exact_bias_max",
-)
 
 
 @dataclass(frozen=True)
@@ -286,7 +276,9 @@ def load_inputs(
         flow=metrics(TRAIN_FLOW, FLOW_KEYS),
         evaluate_flow=metrics(EVALUATE_FLOW, EVALUATE_KEYS),
         logdet_bias=metrics(LOGDET_BIAS, LOGDET_KEYS),
-        logdet_curve=read_curve(LOGDET_BIAS.curve_path(paths, "terms"), LOGDET_BIAS.stage, LOGDET_CURVE_COLUMNS),
+        logdet_curve=read_curve(
+            LOGDET_BIAS.curve_path(paths, "terms"), LOGDET_BIAS.stage, LOGDET_BIAS.curves["terms"].columns
+        ),
         toy=toy,
         glow_runs=glow,
     )

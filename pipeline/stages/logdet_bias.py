@@ -60,17 +60,6 @@ METHOD = (
     "exact: per-block brute-force Jacobians (float64 slogdet) on each block's real input, summed over the blocks "
     "(equal to the flow's full log-det minus its exact ActNorm terms); estimator: Algorithm 2 with Gaussian probes"
 )
-CURVE_COLUMNS = (
-    "n_terms",
-    "bias",
-    "abs_bias",
-    "bias_stderr",
-    "std",
-    "theorem3_bound",
-    "bias_plain",
-    "exact_bias",
-    "exact_bias_max",
-)
 EXACT_TERMS = 200  # the exact bias is computed for every n up to this (the curve shows n <= logdet_bias.max_terms)
 BIAS_TARGET_BPD = 1e-4  # "negligible": the metrics state the n at which the exact bias falls below it
 TRACE_TOLERANCE = 1e-10  # dense vs VJP-chain Hutchinson terms, relative to |v|² (float64 rounding is ~1e-13)
@@ -259,7 +248,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         est = flow_estimates(model, x, p.n_samples, p.max_terms, advance)
     est = Estimates(*(getattr(est, f.name).cpu() for f in fields(est)))  # from the device (the same on the CPU)
     rows = bias_curve(est, lipschitz, dims)
-    out.write_curve("terms", rows, CURVE_COLUMNS)
+    out.write_curve("terms", rows)
     per_bit = 1.0 / (flow.space.n_dims * math.log(2))
     title = (
         f"truncated log-det estimator vs exact: {len(x)} {flow.dataset} test examples x {p.n_samples} probes\n"

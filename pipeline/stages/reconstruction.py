@@ -45,7 +45,6 @@ from pipeline.plots.classifier import plot_reconstruction_error, plot_reconstruc
 from pipeline.tracking import Tracker
 from pipeline.training import seed_everything
 
-CSV_COLUMNS = ("model", "iterations", "mean_error", "max_error", "max_residual")
 TIMING_BATCH = 100
 N_SHOWN = 10  # images per row of Fig. 3
 
@@ -173,8 +172,10 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
             "seconds_per_100": seconds_per_batch(loaded, test, p.timing_iterations),
         }
 
-    out.write_curve("errors", rows, CSV_COLUMNS)
-    plot_reconstruction_error(out.figure("fig8"), pd.DataFrame(rows, columns=list(CSV_COLUMNS)), p.tolerances)
+    out.write_curve("errors", rows)
+    plot_reconstruction_error(
+        out.figure("fig8"), pd.DataFrame(rows, columns=list(RECONSTRUCTION.curves["errors"].columns)), p.tolerances
+    )
     # Fig. 3 rows: originals, the i-ResNets, then the baselines.
     order = ["original"] + [s.label for s in classifier_specs(params.classifier) if s.coeff is not None]
     order += [label for label in shown if label not in order]

@@ -56,19 +56,6 @@ from pipeline.plots.classifier import plot_singular_values
 from pipeline.tracking import Tracker
 from pipeline.training import seed_everything
 
-CSV_COLUMNS = (
-    "model",
-    "weights",
-    "block",
-    "layer",
-    "kernel_size",
-    "input_hw",
-    "sigma_lower",
-    "sigma_exact",
-    "sigma_upper",
-    "sigma_running",
-    "exact_method",
-)
 METHODS = {
     "sigma_upper": "certified upper bound: the smallest largest singular value of the circular convolution over the "
     "grids from (H+p)x(W+p) to (H+2p)x(W+2p) (2-D FFT + per-frequency SVD, Sedghi et al. 2019; exact for 1x1 "
@@ -195,8 +182,8 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
     for spec in track(classifier_specs(params.classifier), "singular values"):
         model_rows, models[spec.label] = analyse(paths, spec, reference_seed(params.classifier), params.singular_values)
         rows += model_rows
-    out.write_curve("layers", rows, CSV_COLUMNS)
-    frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    out.write_curve("layers", rows)
+    frame = pd.DataFrame(rows, columns=list(SINGULAR_VALUES.curves["layers"].columns))
     plot_singular_values(out.figure("fig6"), frame[frame["weights"] == "trained"], models)
     result = out.finish({"models": models, "methods": METHODS})
     flat: dict[str, Any] = {}

@@ -55,7 +55,6 @@ from pipeline.training import (
     seed_everything,
 )
 
-CURVE_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_error", "lr", "sigma_max")
 # Unconstrained layers never use their sigma~; a few power iterations per epoch keep it a current norm estimate
 # for monitoring (starting from the previous vectors, it converges over the epochs).
 _MONITOR_ITERS = 10
@@ -263,7 +262,7 @@ def run(
         mean=stats.mean.tolist(),
         std=stats.std.tolist(),
     )
-    out.write_curve("epochs", history, CURVE_COLUMNS)
+    out.write_curve("epochs", history)
     # The final evaluation, the only one that reads the test split: the final model's outcome on each test image.
     # (Its validation error equals the last epoch's: the same model and images, evaluated the same way.)
     test = tuple(t.to(dev) for t in load_prepared(paths, "test"))

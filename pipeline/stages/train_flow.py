@@ -59,7 +59,6 @@ from pipeline.training import (
     seed_everything,
 )
 
-CURVE_COLUMNS = ("epoch", "train_bpd", "val_bpd", "logpz", "logdet", "recon_error", "lr")
 RECON_BATCH = 64  # validation images reconstructed after every epoch
 # Power iterations run once on the fresh weights: from random vectors a few iterations per step would lag the weights
 # for hundreds of steps, with norms above c meanwhile (and certified Lip(g) >= 1 after short runs).
@@ -293,7 +292,7 @@ def run(params: Params, paths: Paths, tracker: Tracker | None = None) -> dict[st
         n_dims=space.n_dims,
         epochs=len(history),
     )
-    out.write_curve("epochs", history, CURVE_COLUMNS)
+    out.write_curve("epochs", history)
     metrics = {
         "dataset": summary["dataset"],
         "zca": p.use_zca,

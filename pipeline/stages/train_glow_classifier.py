@@ -55,7 +55,6 @@ from pipeline.training import (
     seed_everything,
 )
 
-CURVE_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_error", "lr", "diverged_batch")
 # The classifier keys these runs read (not coeffs / seeds, which pick Table 2's models).
 CLASSIFIER_KEYS = (
     "epochs",
@@ -205,7 +204,7 @@ def run(
         mean=stats.mean.tolist(),
         std=stats.std.tolist(),
     )
-    out.write_curve("epochs", history, CURVE_COLUMNS)
+    out.write_curve("epochs", history)
     # The final evaluation, the only one that reads the test split: the final model's outcome on each test image.
     test = tuple(t.to(dev) for t in load_prepared(paths, "test"))
     test_loss, test_error, correct = evaluate(model, test, stats, p.eval_batch_size)

@@ -114,16 +114,10 @@ def run_pipeline(root: Path, params: Any) -> float:
 
 def numbers(data: Any, prefix: str = "") -> dict[str, float]:
     """Every number (bools as 0/1) of a JSON document, keyed by its path."""
-    out: dict[str, float] = {}
-    if isinstance(data, dict):
-        for key, value in data.items():
-            out.update(numbers(value, f"{prefix}{key}."))
-    elif isinstance(data, list):
-        for i, value in enumerate(data):
-            out.update(numbers(value, f"{prefix}{i}."))
-    elif isinstance(data, (int, float)) and not (isinstance(data, float) and math.isnan(data)):
-        out[prefix.rstrip(".")] = float(data)
-    return out
+    from pipeline.tracking import flatten
+
+    flat = flatten(data, prefix, lists=True)
+    return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not math.isnan(v)}
 
 
 def diverged(value: float) -> bool:

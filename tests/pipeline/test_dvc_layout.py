@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.outputs import STAGES
+from pipeline.outputs import STAGES, TRAIN_CLASSIFIER, TRAIN_FLOW
 
 REPO = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -96,12 +96,11 @@ def test_top_level_plots_and_metrics_name_registered_files() -> None:
 
 def test_training_curve_plots_draw_validation_columns_the_stages_write() -> None:
     """The per-epoch plots read columns the training stages write, validation ones: no curve reads the test split."""
-    from pipeline.stages import train_classifier, train_flow
 
     plots = {next(iter(e)): e[next(iter(e))] for e in DVC["plots"] if isinstance(e, dict)}
     classifier = plots["reports/curves/classifier"]["y"]
     flow = plots["Flow bits/dim per epoch (Table 4)"]["y"]["reports/curves/flow.csv"]
-    assert classifier == "val_error" and classifier in train_classifier.CURVE_COLUMNS
-    assert flow == ["train_bpd", "val_bpd"] and set(flow) <= set(train_flow.CURVE_COLUMNS)
-    for columns in (train_classifier.CURVE_COLUMNS, train_flow.CURVE_COLUMNS):
+    assert classifier == "val_error" and classifier in TRAIN_CLASSIFIER.curves["epochs"].columns
+    assert flow == ["train_bpd", "val_bpd"] and set(flow) <= set(TRAIN_FLOW.curves["epochs"].columns)
+    for columns in (TRAIN_CLASSIFIER.curves["epochs"].columns, TRAIN_FLOW.curves["epochs"].columns):
         assert not [c for c in columns if "test" in c], columns

@@ -176,7 +176,10 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, run: str) -> None:
     assert metrics["n_params"] == sum(p.numel() for p in model.parameters())
 
     curve = pd.read_csv(TRAIN_GLOW_CLASSIFIER.curve_path(paths, "epochs", run, 0))
-    assert list(curve.columns) == list(train_glow_classifier.CURVE_COLUMNS) and curve["epoch"].tolist() == [1, 2]
+    assert list(curve.columns) == list(TRAIN_GLOW_CLASSIFIER.curves["epochs"].columns) and curve["epoch"].tolist() == [
+        1,
+        2,
+    ]
     assert curve["diverged_batch"].tolist() == [0, 0] and curve["val_error"].iloc[-1] == metrics["val_error"]
     assert "test_error" not in curve.columns  # the test split is read once, after training
     assert not list((paths.workspace / ".resume").glob("*.pt"))
@@ -304,7 +307,7 @@ def test_dvc_yaml_runs_every_run_and_seed_and_tracks_what_it_reads() -> None:
     glow = (glow - {"glow_classifier.channels"}) | {f"glow_classifier.channels.{f.name}" for f in fields(GlowChannels)}
     read = glow | {f"classifier.{key}" for key in train_glow_classifier.CLASSIFIER_KEYS}
     assert set(stage["params"]) == read
-    assert {"reports/metrics/glow_classifier": {"cache": False}} in stage["outs"]
+    assert {"reports/metrics/glow_classifier": {"cache": False, "persist": True}} in stage["outs"]
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100"])

@@ -145,7 +145,9 @@ def test_stage_outputs(tiny_project: Path, tiny_params: dict) -> None:
     assert metrics["method"].startswith("exact: per-block brute-force Jacobians")
     assert metrics["n_examples"] == 6 and metrics["n_samples"] == 4 and metrics["block_dims"] == [64, 32]
     curve = pd.read_csv(LOGDET_BIAS.curve_path(paths, "terms"))
-    assert tuple(curve.columns) == logdet_bias.CURVE_COLUMNS and curve["n_terms"].tolist() == list(range(1, 13))
+    assert tuple(curve.columns) == LOGDET_BIAS.curves["terms"].columns and curve["n_terms"].tolist() == list(
+        range(1, 13)
+    )
     assert (curve["abs_bias"] == curve["bias"].abs()).all() and (curve["std"] > 0).all()
     assert metrics["abs_bias_last"] == curve["abs_bias"].iloc[-1] and math.isfinite(metrics["exact_logdet_mean"])
     # the exact bias shrinks with n, and the stated n is where every example's bias falls below 1e-4 bits/dim

@@ -62,7 +62,7 @@ def _by_hand(label: str, paths: Paths, n: int) -> tuple[float, float]:
 def test_curve_matches_an_independent_inversion(reconstructed: tuple) -> None:
     _, paths, _ = reconstructed
     frame = pd.read_csv(RECONSTRUCTION.curve_path(paths, "errors"))
-    assert list(frame.columns) == list(reconstruction.CSV_COLUMNS)
+    assert list(frame.columns) == list(RECONSTRUCTION.curves["errors"].columns)
     assert frame["model"].tolist() == [label for label in LABELS for _ in COUNTS]
     assert frame["iterations"].tolist() == COUNTS * len(LABELS)
     for label in ("0.9", "vanilla"):
@@ -162,4 +162,4 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     assert {"pipeline/stages/reconstruction.py", "iresnet", "models/classifier", "data/prepared/test.pt"} <= set(
         stage["deps"]
     )
-    assert {"reports/metrics/reconstruction.json": {"cache": False}} in stage["outs"]
+    assert {"reports/metrics/reconstruction.json": {"cache": False, "persist": True}} in stage["outs"]

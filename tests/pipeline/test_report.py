@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import DataError
-from pipeline.outputs import figures
+from pipeline.outputs import LOGDET_BIAS, figures
 from pipeline.params import Params, parse_params
 from pipeline.paths import Paths
 from pipeline.stages import report
@@ -242,11 +242,9 @@ def write_fixture(
     paths.curves.mkdir(parents=True, exist_ok=True)
     with (paths.curves / "logdet_bias.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(
-            ["n_terms", "bias", "abs_bias", "bias_stderr", "std", "theorem3_bound", "exact_bias", "exact_bias_max"]
-        )
-        for n in range(1, 21):
-            writer.writerow([n, -(0.5**n), 0.5**n, 0.003, 0.01, 2 * 0.5**n, -(0.5**n), 1.5 * 0.5**n])
+        writer.writerow(LOGDET_BIAS.curves["terms"].columns)
+        for n in range(1, 21):  # bias_plain: the mean bias of the plain estimates
+            writer.writerow([n, -(0.5**n), 0.5**n, 0.003, 0.01, 2 * 0.5**n, -(0.5**n), -(0.5**n), 1.5 * 0.5**n])
     paths.prepared.mkdir(parents=True, exist_ok=True)
     (paths.prepared / "stats.json").write_text(json.dumps(stats or STATS))
     paths.figures.mkdir(parents=True, exist_ok=True)
@@ -608,7 +606,7 @@ def test_findings_report_what_did_not_reproduce(tmp_path: Path, params: Params) 
     files["reconstruction.json"]["models"]["0.5"]["iterations_to"]["1e-03"] = None  # smaller c, never reached
     paths = write_fixture(tmp_path, files=files)
     with (paths.curves / "logdet_bias.csv").open("a") as f:
-        f.write("21,0.5,0.5,0.003,0.01,0.1,0.5,0.5\n")  # an exact bias above its Theorem 3 bound
+        f.write("21,0.5,0.5,0.003,0.01,0.1,0.5,0.5,0.5\n")  # an exact bias above its Theorem 3 bound
     report.run(params, paths)
     page = (paths.reports / "README.md").read_text()
     assert "c = 0.5: not reached" in page and "smaller c never needs more: no" in page

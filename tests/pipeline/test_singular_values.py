@@ -42,7 +42,7 @@ def _exact_norm(weight: torch.Tensor, shape: tuple[int, int, int], padding: int)
 def test_exact_norm_of_every_convolution_and_bounds_around_it(measured: tuple) -> None:
     params, paths, _ = measured
     frame = pd.read_csv(SINGULAR_VALUES.curve_path(paths, "layers"))
-    assert list(frame.columns) == list(singular_values.CSV_COLUMNS)
+    assert list(frame.columns) == list(SINGULAR_VALUES.curves["layers"].columns)
     assert frame["model"].tolist() == [label for label in LABELS for _ in range(6)]  # 2 blocks x 3 convs
     assert set(frame["weights"]) == {"trained"}
     for label in LABELS:
@@ -177,7 +177,7 @@ def test_dvc_stage_tracks_exactly_what_it_reads() -> None:
     assert set(stage["params"]) == read
     deps = {"pipeline/stages/singular_values.py", "pipeline/models/classifiers.py", "iresnet", "models/classifier"}
     assert deps <= set(stage["deps"])
-    assert {"reports/metrics/singular_values.json": {"cache": False}} in stage["outs"]
+    assert {"reports/metrics/singular_values.json": {"cache": False, "persist": True}} in stage["outs"]
 
 
 def test_dvc_fig6_plot_draws_the_exact_norm() -> None:
@@ -189,4 +189,4 @@ def test_dvc_fig6_plot_draws_the_exact_norm() -> None:
     plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
     (fig6,) = [entry[name] for entry in plots if isinstance(entry, dict) for name in entry if "Fig. 6" in name]
     assert fig6["y"] == {"reports/curves/singular_values.csv": "sigma_exact"}
-    assert "sigma_exact" in singular_values.CSV_COLUMNS and "exact" in fig6["y_label"]
+    assert "sigma_exact" in SINGULAR_VALUES.curves["layers"].columns and "exact" in fig6["y_label"]

@@ -120,7 +120,7 @@ def test_trains_and_writes_consistent_outputs(tmp_path: Path, label: str, kind: 
     assert metrics["n_val"] == 6
 
     curve = pd.read_csv(TRAIN_CLASSIFIER.curve_path(paths, "epochs", label, 0))
-    assert list(curve.columns) == list(train_classifier.CURVE_COLUMNS) and curve["epoch"].tolist() == [1, 2]
+    assert list(curve.columns) == list(TRAIN_CLASSIFIER.curves["epochs"].columns) and curve["epoch"].tolist() == [1, 2]
     assert curve["lr"].tolist() == pytest.approx([0.05, 0.05 * 0.2], rel=1e-12)  # milestone after epoch 1
     assert curve["val_error"].iloc[-1] == metrics["val_error"]
     assert not [c for c in curve.columns if "test" in c]  # the test split is not read while training
@@ -337,7 +337,7 @@ def test_dvc_yaml_runs_every_coefficient_and_seed_and_tracks_what_it_reads() -> 
     # Every classifier key, both lists included (one stage trains them all), not the global seed (each run's seed is
     # its entry of classifier.seeds).
     assert set(stage["params"]) == {f"classifier.{f.name}" for f in fields(ClassifierParams)}
-    assert {"models/classifier": {"cache": False}} in stage["outs"]
+    assert {"models/classifier": {"cache": False, "persist": True}} in stage["outs"]
     assert {
         "pipeline/stages/train_classifier.py",
         "pipeline/models/classifiers.py",

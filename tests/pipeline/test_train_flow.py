@@ -88,7 +88,7 @@ def test_stage_outputs_and_applied_learning_rates(
     assert metrics["estimator"] == logdet_settings(params.flow).estimator
     assert math.isfinite(metrics["train_bpd"]) and metrics["recon_error"] < 1e-3
     curve = pd.read_csv(TRAIN_FLOW.curve_path(paths, "epochs"))
-    assert tuple(curve.columns) == train_flow.CURVE_COLUMNS and curve["epoch"].tolist() == [1, 2]
+    assert tuple(curve.columns) == TRAIN_FLOW.curves["epochs"].columns and curve["epoch"].tolist() == [1, 2]
     assert curve["lr"].tolist() == [lr, lr] and curve["val_bpd"].iloc[-1] == metrics["val_bpd"]
     assert not [c for c in curve.columns if "test" in c]
     assert (TRAIN_FLOW.figure_path(paths, "fig5")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
