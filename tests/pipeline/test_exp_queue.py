@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from repo_copy import commit_all, make_repo_copy
+from tests.pipeline.repo_copy import commit_all, make_repo_copy
 
 
 def test_queued_experiment_logs_into_the_workspace_store(

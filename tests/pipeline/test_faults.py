@@ -171,7 +171,7 @@ def test_a_failed_dvc_repro_keeps_the_last_good_outputs(
     puts its previous outputs back (:mod:`pipeline.output_set`)."""
     import subprocess
 
-    from repo_copy import commit_all, make_repo_copy, outputs_of
+    from tests.pipeline.repo_copy import commit_all, make_repo_copy, outputs_of
 
     params = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9, 0.5]}}
     params["classifier"].update(epochs=1, max_train_batches=2)

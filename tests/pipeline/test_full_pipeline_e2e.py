@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from repo_copy import ALWAYS_CHANGED, RepoCopy, commit_all, make_repo_copy, ran_stages, up_to_date
 
 from pipeline.outputs import figures
+from tests.pipeline.repo_copy import ALWAYS_CHANGED, RepoCopy, commit_all, make_repo_copy, ran_stages, up_to_date
 
 TABLES = ("table2", "table3", "table4", "toy", "runcost", "verdicts")
 

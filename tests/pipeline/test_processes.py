@@ -175,7 +175,7 @@ def test_a_stopped_dvc_repro_leaves_no_stage_running(
     """``dvc repro`` stopped mid-stage (SIGTERM, or SIGKILL where DVC can pass nothing on): the pool and its training
     processes stop too, instead of training on and writing outputs that dvc.lock does not record, and the outputs of
     the last good run are back in place."""
-    from repo_copy import commit_all, make_repo_copy, outputs_of
+    from tests.pipeline.repo_copy import commit_all, make_repo_copy, outputs_of
 
     params = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9, 0.5]}}
     params["classifier"].update(epochs=1, milestones=[1], max_train_batches=1)

@@ -11,7 +11,7 @@ import yaml
 from pipeline.params import load_params
 from pipeline.tools.profiles import main, profiles, render
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ROOT = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 

@@ -397,7 +397,7 @@ def test_dvc_stage_tracks_exactly_the_params_it_reads() -> None:
 
     from pipeline.params import ToyParams
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["toy_density"]
     assert set(stage["params"]) == {"seed"} | {f"toy.{f.name}" for f in fields(ToyParams)}
     assert {"pipeline/stages/toy_density.py", "pipeline/data/toy2d.py", "iresnet"} <= set(stage["deps"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # What the pipeline installs beyond torch and torch's own dependencies: the library must import without any of it.
 PIPELINE_ONLY = (

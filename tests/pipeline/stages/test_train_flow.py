@@ -39,7 +39,7 @@ from pipeline.stages import train_flow
 from pipeline.training import TrainingDiverged, config_from_dict, config_to_dict
 from tests.pipeline.flow_helpers import prepared_project, tiny_flow_params, trained_project
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 FLOW_KEYS = {
     "made_with",

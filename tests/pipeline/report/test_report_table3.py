@@ -18,7 +18,7 @@ from pipeline.report.glow import table3, table3_finding
 from pipeline.report.inputs import ReportInputs
 from pipeline.stages import report
 from pipeline.stats import outcomes, paired_difference
-from tests.pipeline.test_report import GLOW_ERRORS, _classifier_run, glow_run, write_fixture
+from tests.pipeline.report.test_report import GLOW_ERRORS, _classifier_run, glow_run, write_fixture
 
 RUNS = list(GLOW_ERRORS)  # affine-adamax, additive-adamax, iresnet-sgd, affine-sgd (diverged), additive-sgd
 

@@ -90,7 +90,7 @@ def test_the_report_page_ends_with_the_gpu_section(tmp_path: Path, repo_params: 
 
     from pipeline.params import parse_params
     from pipeline.stages import report
-    from tests.pipeline.test_report import write_fixture
+    from tests.pipeline.report.test_report import write_fixture
 
     raw = copy.deepcopy(repo_params)
     raw["classifier"]["coeffs"] = ["vanilla", 0.9, 0.7, 0.5]

@@ -23,7 +23,7 @@ import pytest
 
 from pipeline.report.gpu import NOT_RUN, gpu_section
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PARTS = ("env", "gpu_check", "bench", "flow", "toy", "ddp")
 
 
