@@ -1,5 +1,6 @@
-"""Glow as a classifier (Table 3): what the layer contract tests (tests/iresnet/test_contract.py) do not already check — the LU
-parametrisation, the bounded affine scale, the classifier's layout, head and exact reconstruction (float64)."""
+"""Glow as a classifier (Table 3): what the layer contract tests (tests/iresnet/test_contract.py) do not already
+check — the LU parametrisation, the bounded affine scale, the classifier's layout, head and exact reconstruction
+(float64)."""
 
 from __future__ import annotations
 

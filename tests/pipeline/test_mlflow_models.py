@@ -104,7 +104,7 @@ def test_toy_fits_are_nested_runs(tmp_path: Path, tiny_params: dict, fresh_store
     import yaml
     from mlflow import MlflowClient
 
-    from tests.pipeline.test_toy_density import TINY_TOY
+    from tests.pipeline.stages.test_toy_density import TINY_TOY
 
     raw = copy.deepcopy(tiny_params)
     raw["toy"] = copy.deepcopy(TINY_TOY)
