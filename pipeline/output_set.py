@@ -47,8 +47,8 @@ def replaced_together(root: Path, name: str, outputs: Sequence[str]) -> Iterator
     backup = store / name
     if backup.exists():  # the same name, owned by a live process: two runs of one stage at once
         raise OutputError(f"{backup} belongs to another run of {name} still going; wait for it to end.")
-    _move_aside(root, backup, outputs)
     try:
+        _move_aside(root, backup, outputs)  # inside: a move that fails half-way is undone too
         yield
     except BaseException:
         with signals_held():  # a second Ctrl-C must not stop the restore half-way
@@ -97,9 +97,11 @@ def _restore_if_abandoned(root: Path, backup: Path, name: str, outputs: Sequence
 
 
 def _move_aside(root: Path, backup: Path, outputs: Sequence[str]) -> None:
-    """Record ``outputs`` and this process in ``backup``'s manifest, then move each existing output into it."""
+    """Record ``outputs``, which of them exist and this process in ``backup``'s manifest, then move each existing
+    output into it."""
     backup.mkdir(parents=True)
-    manifest = {"owner": owner_tags(), "outputs": list(outputs)}
+    existing = [output for output in outputs if (root / output).exists() or (root / output).is_symlink()]
+    manifest = {"owner": owner_tags(), "outputs": list(outputs), "existing": existing}
     tmp = backup / f".{_MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(backup / _MANIFEST)  # a manifest is whole or absent
@@ -111,14 +113,19 @@ def _move_aside(root: Path, backup: Path, outputs: Sequence[str]) -> None:
 
 
 def _move_back(root: Path, backup: Path) -> None:
-    """Delete what the run wrote at each output of ``backup``'s manifest, move the saved one back, drop ``backup``."""
+    """Put every output of ``backup``'s manifest back as it was before the run, then drop ``backup``: one that was
+    moved aside replaces what the run wrote there; one that did not exist is deleted if the run wrote it; one that
+    existed but was never moved (a kill while moving) is the previous output itself and stays."""
     manifest = _read_manifest(backup)
     try:
         for output in manifest["outputs"] if manifest is not None else ():
-            _remove(root / output)
             saved = backup / output
             if saved.exists() or saved.is_symlink():
+                _remove(root / output)
+                (root / output).parent.mkdir(parents=True, exist_ok=True)
                 saved.replace(root / output)
+            elif output not in manifest["existing"]:
+                _remove(root / output)
     except OSError as err:
         raise OutputError(
             f"cannot move the previous outputs back from {backup} ({err.strerror or brief(err)}): they are kept "

@@ -411,8 +411,8 @@ class MlflowTracker:
             # mlflow.pytorch logs through the global client, and files the model under the global experiment (else
             # the Default one, with its artifacts in ./mlruns of the working directory)
             mlflow.set_tracking_uri(self.uri)
-            mlflow.set_experiment(experiment_id=self.experiment_id)
             with signals_held():  # its store writes, like the client's (SignalSafeClient)
+                mlflow.set_experiment(experiment_id=self.experiment_id)
                 info = mlflow.pytorch.log_model(
                     model,
                     name=name,
@@ -423,6 +423,10 @@ class MlflowTracker:
                     code_paths=[str(Path(iresnet.__file__).parent)],  # the model's classes travel with it
                     serialization_format="pickle",  # torch.export cannot trace the flow's log-det estimators
                 )
+        except Exception as err:  # the fluent API bypasses SignalSafeClient: the same one-line error for the store
+            if _store_failure(err):
+                raise store_error(self.uri, err) from err
+            raise
         finally:
             model.train(was_training)
         return info.model_uri

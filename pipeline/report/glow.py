@@ -35,12 +35,6 @@ from pipeline.stats import Z95
 
 REFERENCE = "iresnet-sgd"  # the Glow-style i-ResNet with the paper's optimiser: every difference is against it
 TABLE2 = "table2"  # the key of Table 2's i-ResNet among the compared runs
-PAPER = (
-    "on CIFAR10, every i-ResNet (the standard one, and one with Glow's layers and channels: “i-ResNet, Glow-style”) "
-    "classifies more accurately than Glow with affine couplings and learned 1x1 convolutions and than Glow with "
-    "additive couplings and reverse permutations; i-ResNets train with momentum SGD at lr 0.1, while every Glow "
-    "needed Adam or Adamax with a much smaller learning rate to avoid diverging."
-)
 PAPER_NOTE = "\nThe paper's own Table 3 numbers (CIFAR10) are not carried here; see Behrmann et al. 2019, Table 3.\n"
 
 

@@ -13,6 +13,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import jinja2
+
 from pipeline.outputs import (
     LOGDET_BIAS,
     PREPARE,
@@ -24,8 +26,8 @@ from pipeline.outputs import (
     StageOutputs,
 )
 from pipeline.params import IDX_PREFIX
+from pipeline.report.claims import PAGE_TEMPLATE, load_claims
 from pipeline.report.classifiers import CLOSE_COEFF, SEED_STDS, close_labels, compare_with_vanilla, seed_summaries
-from pipeline.report.glow import PAPER as TABLE3_PAPER
 from pipeline.report.glow import PAPER_NOTE as TABLE3_NOTE
 from pipeline.report.glow import table3_finding
 from pipeline.report.inputs import ReportInputs
@@ -512,35 +514,6 @@ def runcost_finding(inputs: ReportInputs, table: ReportTable) -> str:
     return text + "."
 
 
-PAPER = {
-    "table3": TABLE3_PAPER,
-    "table2": "i-ResNets with c ≥ 0.7 classify about as well as the vanilla ResNet (MNIST, CIFAR10, CIFAR100), and "
-    "only the i-ResNets come with a guaranteed inverse.",
-    "fig6": "about two thirds of the layers of the vanilla and BatchNorm ResNets have a largest singular value above "
-    "1, while every i-ResNet layer stays below 1, roughly at c.",
-    "fig3": "with 100 fixed-point iterations per block the i-ResNet (c = 0.9) reconstructs its input exactly from the "
-    "final features; the vanilla ResNet fails on CIFAR10 but is, surprisingly, nearly exact on MNIST.",
-    "fig8": "the reconstruction error falls geometrically with the iterations; 5–20 give visually perfect "
-    "reconstructions, and lowering c by 0.2 roughly halves the iterations needed (0.15–0.75 s per 100 CIFAR10 "
-    "images at 5–20 iterations, 4.3 s at 100).",
-    "table4": "the i-ResNet flow reaches 1.06 bits/dim on MNIST and 3.45 on CIFAR10, competitive with Glow and FFJORD "
-    f"(ZCA-whitened results are marked {ZCA_MARK} as not directly comparable).",
-    "fig4": "the truncated power series' bias is negligible at 10 terms and numerically zero at 20 (1000 test "
-    "examples).",
-    "fig5": "samples drawn through the fixed-point inverse of flows trained on MNIST and CIFAR10.",
-    "fig2": "the i-ResNet flow fits the 2-D toy densities more accurately than Glow.",
-    "runcost": "the constraint costs 0.5 s vs 0.2 s per forward+backward of 128 CIFAR10 images (1 power iteration, "
-    "4 GTX 1080), and a log-det with 5 series terms costs about 4x a classification step.",
-}
-
-
-def _section(title: str, paper: str, ours: str, body: str, verdict: str = "") -> str:
-    """One section: the paper's finding, this run's, the verdicts of its claims (from the verdict table), then the
-    table or figure."""
-    verdict = f"\n\n{verdict}" if verdict else ""
-    return f"## {title}\n\n**Paper:** {paper}  \n**This run:** {ours}{verdict}\n\n{body}\n"
-
-
 def verdicts_head(table: ReportTable) -> str:
     """The page's opening: the verdict table, what its verdicts mean, and how many claims did not reproduce."""
     counts = table.data["verdict"].value_counts()
@@ -562,78 +535,37 @@ def _figure(outputs: StageOutputs, key: str, alt: str) -> str:
 
 
 def render_page(inputs: ReportInputs, tables: dict[str, ReportTable], gpu: str = "") -> str:
-    """The whole ``reports/README.md``: the verdict table first, then a section per table or figure, then ``gpu``
-    (:func:`pipeline.report.gpu.gpu_section`) when given."""
+    """The whole ``reports/README.md``: ``page.md.j2`` filled with the verdict table first, then a section per table
+    or figure of ``claims.yaml`` (its title and the paper's finding, this run's finding and the verdicts of its
+    claims, then the table or figure), then ``gpu`` (:func:`pipeline.report.gpu.gpu_section`) when given."""
     verdicts = tables["verdicts"]
-
-    def section(key: str, title: str, ours: str, body: str) -> str:
-        return _section(title, PAPER[key], ours, body, verdict_line(verdicts, key))
-
-    sections = [
-        section(
-            "table2",
-            "Table 2: classification error and guaranteed inverse",
+    found = {  # this run's finding and what the section shows, by the section keys of claims.yaml
+        "table2": (
             table2_finding(inputs),
             tables["table2"].markdown()
-            + "\nThe paper's own Table 2 numbers are not carried here; see Behrmann et al. 2019, "
-            "Table 2.",
+            + "\nThe paper's own Table 2 numbers are not carried here; see Behrmann et al. 2019, Table 2.",
         ),
-        section(
-            "table3",
-            "Table 3: i-ResNets vs Glow as classifiers",
-            table3_finding(inputs),
-            tables["table3"].markdown() + TABLE3_NOTE,
-        ),
-        section(
-            "fig6",
-            "Fig. 6: largest singular value of every layer",
-            fig6_finding(inputs),
-            _figure(SINGULAR_VALUES, "fig6", "Fig. 6"),
-        ),
-        section(
-            "fig3",
-            "Fig. 3/7: reconstructions from the final features",
-            fig3_finding(inputs),
-            _figure(RECONSTRUCTION, "fig3", "Fig. 3"),
-        ),
-        section(
-            "fig8",
-            "Fig. 8: reconstruction error vs fixed-point iterations",
-            fig8_finding(inputs),
-            _figure(RECONSTRUCTION, "fig8", "Fig. 8"),
-        ),
-        section(
-            "table4",
-            "Table 4: bits/dim",
-            table4_finding(inputs, tables["table4"]),
-            tables["table4"].markdown() + table4_note(),
-        ),
-        section(
-            "fig4",
-            "Fig. 4/9: bias of the log-det estimator",
-            fig4_finding(inputs),
-            _figure(LOGDET_BIAS, "fig4", "Fig. 4"),
-        ),
-        section("fig5", "Fig. 5: samples", fig5_finding(inputs), _figure(TRAIN_FLOW, "fig5", "Fig. 5")),
-        section(
-            "fig2",
-            "Fig. 2: 2-D toy densities",
-            fig2_finding(inputs),
-            _figure(TOY_DENSITY, "fig2", "Fig. 2") + "\n" + tables["toy"].markdown(),
-        ),
-        section("runcost", "Run cost", runcost_finding(inputs, tables["runcost"]), tables["runcost"].markdown()),
-        _section(
-            "Data",
-            "MNIST, CIFAR10 and CIFAR100 at full size.",
-            preview_finding(inputs),
-            _figure(PREPARE, "preview", "data preview"),
-        ),
+        "table3": (table3_finding(inputs), tables["table3"].markdown() + TABLE3_NOTE),
+        "fig6": (fig6_finding(inputs), _figure(SINGULAR_VALUES, "fig6", "Fig. 6")),
+        "fig3": (fig3_finding(inputs), _figure(RECONSTRUCTION, "fig3", "Fig. 3")),
+        "fig8": (fig8_finding(inputs), _figure(RECONSTRUCTION, "fig8", "Fig. 8")),
+        "table4": (table4_finding(inputs, tables["table4"]), tables["table4"].markdown() + table4_note()),
+        "fig4": (fig4_finding(inputs), _figure(LOGDET_BIAS, "fig4", "Fig. 4")),
+        "fig5": (fig5_finding(inputs), _figure(TRAIN_FLOW, "fig5", "Fig. 5")),
+        "fig2": (fig2_finding(inputs), _figure(TOY_DENSITY, "fig2", "Fig. 2") + "\n" + tables["toy"].markdown()),
+        "runcost": (runcost_finding(inputs, tables["runcost"]), tables["runcost"].markdown()),
+        "data": (preview_finding(inputs), _figure(PREPARE, "preview", "data preview")),
+    }
+    sections = [
+        {
+            "title": section["title"],
+            "paper": section["paper"].format(zca_mark=ZCA_MARK),
+            "ours": found[section["key"]][0],
+            "verdict": verdict_line(verdicts, section["key"]),
+            "body": found[section["key"]][1],
+        }
+        for section in load_claims()["sections"]
     ]
-    head = (
-        "# Results\n\n"
-        + verdicts_head(verdicts)
-        + "\nWritten by the `report` stage from the metrics files under `reports/metrics/` and `reports/curves/` "
-        "(never from MLflow); tables also as LaTeX and CSV in `reports/tables/`. Regenerate with `dvc repro`.\n\n"
-        f"**Profile:** {profile(inputs)}\n"
-    )
-    return "\n".join([head, *sections, *([gpu] if gpu else [])])
+    environment = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined)  # Markdown, not HTML
+    template = environment.from_string(PAGE_TEMPLATE.read_text(encoding="utf-8"))
+    return template.render(verdicts=verdicts_head(verdicts), profile=profile(inputs), sections=sections, gpu=gpu)

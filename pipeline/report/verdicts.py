@@ -12,6 +12,9 @@ Verdicts (:data:`VERDICTS`):
 - **not testable at this scale**: this run cannot test it (other data, a smaller setup, other hardware, or the stage
   that would measure it did not run); the "this run" cell says why.
 
+The claims' words (what the paper says, the rule in words) are data, in ``claims.yaml``
+(:mod:`pipeline.report.claims`); this module holds their rules, :data:`JUDGES`, by claim id.
+
 Each rule is a plain function of the metrics dicts that :mod:`pipeline.report.inputs` loads, returning a
 :class:`Finding`. Rules that exist elsewhere are called, not restated: Table 2's comparison with vanilla
 (:func:`pipeline.report.classifiers.compare_with_vanilla`), the toy stage's per-dataset winner
@@ -31,6 +34,7 @@ import pandas as pd
 from pipeline.check_repro import CONSISTENT, judge
 from pipeline.files import finite_or_none
 from pipeline.report import glow
+from pipeline.report.claims import load_claims
 from pipeline.report.classifiers import CLOSE_COEFF, close_labels, compare_with_vanilla, seed_summaries
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.tables import (
@@ -606,9 +610,9 @@ def runtime_logdet(runs: dict[str, dict[int, dict[str, Any]]], flow: dict[str, A
 
 @dataclass(frozen=True)
 class Claim:
-    """One finding of the paper: ``section`` is the page section that discusses it (the keys of
-    :data:`pipeline.report.page.PAPER`), ``reads`` the metrics files its rule reads (under ``reports/metrics/``),
-    ``rule`` the rule in words, ``judge`` the rule applied to the report's inputs."""
+    """One finding of the paper, as ``claims.yaml`` states it: ``section`` is the page section that discusses it,
+    ``reads`` the metrics files its rule reads (under ``reports/metrics/``), ``rule`` the rule in words; ``judge``
+    (:data:`JUDGES`) is the rule applied to the report's inputs."""
 
     id: str
     section: str
@@ -624,201 +628,29 @@ def _c(inputs: ReportInputs) -> dict[str, float | None]:
     return _coeffs(inputs.classifier_runs)
 
 
-CLASSIFIERS = "classifier/<c>/seed<n>.json"
-CLAIMS: tuple[Claim, ...] = (
-    Claim(
-        "table2-close",
-        "table2",
-        "Table 2",
-        "c ≥ 0.7 classifies about as well as vanilla",
-        "i-ResNets with c ≥ 0.7 reach about the vanilla ResNet's test error (MNIST, CIFAR10, CIFAR100).",
-        (CLASSIFIERS,),
-        "Table 2's rule per c ≥ 0.7: worse than vanilla when a seed's paired 95% interval lies above 0 or the mean "
-        "difference exceeds 2 pooled seed stds; reproduced when none is worse, not reproduced when all are.",
-        lambda i: table2_close(i.classifier_runs),
-    ),
-    Claim(
-        "table2-small-c",
-        "table2",
-        "Table 2",
-        "small c raises the error",
-        "with very conservative normalisation (small c) the test error is higher on every dataset.",
-        (CLASSIFIERS,),
-        "the smallest c < 0.7 against vanilla and against the largest c, each by Table 2's rule; reproduced when "
-        "worse than both, not reproduced when worse than neither.",
-        lambda i: table2_small_c(i.classifier_runs),
-    ),
-    Claim(
-        "table2-guarantee",
-        "table2",
-        "Table 2",
-        "only the i-ResNets have a guaranteed inverse",
-        "guaranteed inverse: yes for every i-ResNet, no for vanilla.",
-        ("singular_values.json",),
-        "every i-ResNet's certified block Lipschitz bound below 1 and no baseline's; partly when a baseline is "
-        "certified too, not reproduced when an i-ResNet is not.",
-        lambda i: table2_guarantee(i.singular_values, _c(i)),
-    ),
-    Claim(
-        "table3-accuracy",
-        "table3",
-        "Table 3",
-        "i-ResNet (Glow-style) classifies better than Glow",
-        "on CIFAR10 the i-ResNet, even with Glow's depth and width, has a lower test error than Glow with affine or "
-        "additive couplings.",
-        ("glow_classifier/*/seed*.json", "classifier/*/seed*.json"),
-        "every Glow (Adam/Adamax) against every i-ResNet (SGD), paired per seed on the same test images: a pair is "
-        "decided when every seed's 95% interval lies on one side of 0; reproduced when every pair favours the "
-        "i-ResNet, not reproduced when any favours Glow or none is decided, partly otherwise.",
-        table3_accuracy,
-    ),
-    Claim(
-        "table3-training",
-        "table3",
-        "Table 3, Sec. 5.2",
-        "Glow needs Adam; the i-ResNet trains with SGD",
-        "i-ResNets train with SGD (lr 0.1); every Glow version needed Adam/Adamax with a small lr to avoid divergence.",
-        ("glow_classifier/*/seed*.json",),
-        "the runs with Table 2's SGD: reproduced when every Glow run diverged (NaN/inf loss) on every seed and no "
-        "i-ResNet run did, not reproduced when no Glow run diverged or an i-ResNet did, partly otherwise.",
-        table3_training,
-    ),
-    Claim(
-        "table4-bpd",
-        "table4",
-        "Table 4",
-        "1.06 bits/dim on MNIST, 3.45 on CIFAR10",
-        "the i-ResNet flow reaches 1.06 bits/dim on MNIST and 3.45 on CIFAR10, competitive with Glow and FFJORD.",
-        ("evaluate_flow.json", "flow.json"),
-        "only over the paper's dimension count and data at its scale (train images, blocks, epochs): within 1.96 "
-        "standard errors of the paper's value or below it (check-repro's rule).",
-        lambda i: table4_bpd(i.evaluate_flow, i.flow, i.stats),
-    ),
-    Claim(
-        "fig2-toy",
-        "fig2",
-        "Fig. 2",
-        "the i-ResNet fits 2-D densities better than Glow",
-        "the i-ResNet flow fits the 2-D toy densities more accurately than Glow.",
-        ("toy.json",),
-        "per dataset, lower test NLL when every seed's paired 95% interval of i-ResNet − Glow lies below 0; "
-        "reproduced on every dataset, not reproduced when on none or Glow wins as often.",
-        lambda i: fig2_toy(i.toy),
-    ),
-    Claim(
-        "fig3-iresnet",
-        "fig3",
-        "Fig. 3",
-        "the i-ResNet inverse reconstructs exactly",
-        "with 100 fixed-point iterations the i-ResNet (c = 0.9) reconstructs its input exactly from the features.",
-        ("reconstruction.json",),
-        "every i-ResNet converged with every pixel within half a grey level (1/510); not reproduced when the "
-        "largest c fails.",
-        lambda i: fig3_iresnet(i.reconstruction, _c(i)),
-    ),
-    Claim(
-        "fig7-vanilla",
-        "fig3",
-        "Fig. 3, Fig. 7",
-        "the vanilla inverse is nearly exact on MNIST, fails on CIFAR10",
-        "without the constraint the inverse fails on CIFAR10 but is, surprisingly, nearly exact on MNIST.",
-        ("reconstruction.json", "prepare.json"),
-        "the half for this run's data: on MNIST exact as for the i-ResNet, on CIFAR not.",
-        lambda i: fig7_vanilla(i.reconstruction, _c(i), str(i.stats["dataset"])),
-    ),
-    Claim(
-        "fig4-bias",
-        "fig4",
-        "Fig. 4, Fig. 9",
-        "series bias negligible at 10 terms, zero at 20",
-        "the truncated series' bias is negligible at 10 terms, numerically zero at 20, and within Theorem 3.",
-        ("logdet_bias.json",),
-        "exact bias below 0.005 bits/dim at 10 terms, every example below 1e-4 at 20, within Theorem 3 at every n; "
-        "partly when some hold.",
-        lambda i: fig4_bias(i.logdet_bias, i.logdet_curve),
-    ),
-    Claim(
-        "fig5-samples",
-        "fig5",
-        "Fig. 5",
-        "samples look like the data",
-        "samples drawn through the fixed-point inverse look like the training images.",
-        ("evaluate_flow.json", "flow.json"),
-        "95% interval of (share of samples − share of test images read as one clear digit) above −10 points; "
-        "not reproduced below, partly across.",
-        lambda i: fig5_samples(i.flow, i.evaluate_flow),
-    ),
-    Claim(
-        "fig6-iresnet",
-        "fig6",
-        "Fig. 6",
-        "every i-ResNet layer below 1, roughly at c",
-        "after training every i-ResNet layer's largest singular value stays below 1, roughly at c.",
-        ("singular_values.json",),
-        "on the exact norms: every largest norm < 1, and within 10% of c; partly when one of the two holds.",
-        lambda i: fig6_iresnet(i.singular_values, _c(i)),
-    ),
-    Claim(
-        "fig6-vanilla",
-        "fig6",
-        "Fig. 6",
-        "most vanilla layers above 1",
-        "about two thirds of the vanilla ResNet's layers have a largest singular value above 1.",
-        ("singular_values.json",),
-        "at least half of each baseline's layers with an exact norm above 1.",
-        lambda i: fig6_vanilla(i.singular_values, _c(i)),
-    ),
-    Claim(
-        "fig8-iterations",
-        "fig8",
-        "Fig. 8",
-        "5–20 iterations give visually perfect reconstructions",
-        "the error falls geometrically; 5–20 iterations give visually perfect reconstructions.",
-        ("reconstruction.json",),
-        "every i-ResNet reaches a max pixel error below half a grey level within 20 iterations.",
-        lambda i: fig8_iterations(i.reconstruction, _c(i)),
-    ),
-    Claim(
-        "fig8-halving",
-        "fig8",
-        "Fig. 8",
-        "c − 0.2 roughly halves the iterations",
-        "lowering c by 0.2 roughly halves the iterations needed for full convergence.",
-        ("reconstruction.json",),
-        "per pair at the strictest tolerance, the ratio's interval from the count grid within [1/3, 2/3]; "
-        "reproduced when every pair is, not reproduced when none overlaps.",
-        lambda i: fig8_halving(i.reconstruction),
-    ),
-    Claim(
-        "runtime-inverse",
-        "fig8",
-        "Fig. 8 (runtime)",
-        "one inverse iteration costs one forward pass",
-        "one iteration costs one forward pass: 0.15–0.75 s per 100 CIFAR10 images at 5–20 iterations.",
-        ("reconstruction.json",),
-        "fit t(n) = forward + n·iteration; 95% t interval of iteration/forward over the i-ResNets within [1/2, 2].",
-        lambda i: runtime_inverse(i.reconstruction, _c(i)),
-    ),
-    Claim(
-        "runtime-constraint",
-        "runcost",
-        "Sec. 5.1 (runtime)",
-        "the constraint slows a training step 2.5x",
-        "forward+backward of 128 images: 0.5 s with one power iteration vs 0.2 s without (4 GTX 1080).",
-        (CLASSIFIERS,),
-        "on a GPU only: 95% t interval over seeds of vanilla / i-ResNet throughput within a factor 1.5 of 2.5.",
-        lambda i: runtime_constraint(i.classifier_runs),
-    ),
-    Claim(
-        "runtime-logdet",
-        "runcost",
-        "Sec. 5.3 (runtime)",
-        "5-term log-det training costs about 4x a classification step",
-        "the log-det with 5 series terms raises the compute about 4x over the classification model.",
-        (CLASSIFIERS, "flow.json"),
-        "with 5 terms: 95% t interval over classifier seeds of classifier / flow throughput within a factor 1.5 of 4.",
-        lambda i: runtime_logdet(i.classifier_runs, i.flow),
-    ),
+#: The rule of each claim of ``claims.yaml``, by its id: what decides its verdict from the report's inputs.
+JUDGES: dict[str, Callable[[ReportInputs], Finding]] = {
+    "table2-close": lambda i: table2_close(i.classifier_runs),
+    "table2-small-c": lambda i: table2_small_c(i.classifier_runs),
+    "table2-guarantee": lambda i: table2_guarantee(i.singular_values, _c(i)),
+    "table3-accuracy": table3_accuracy,
+    "table3-training": table3_training,
+    "table4-bpd": lambda i: table4_bpd(i.evaluate_flow, i.flow, i.stats),
+    "fig2-toy": lambda i: fig2_toy(i.toy),
+    "fig3-iresnet": lambda i: fig3_iresnet(i.reconstruction, _c(i)),
+    "fig7-vanilla": lambda i: fig7_vanilla(i.reconstruction, _c(i), str(i.stats["dataset"])),
+    "fig4-bias": lambda i: fig4_bias(i.logdet_bias, i.logdet_curve),
+    "fig5-samples": lambda i: fig5_samples(i.flow, i.evaluate_flow),
+    "fig6-iresnet": lambda i: fig6_iresnet(i.singular_values, _c(i)),
+    "fig6-vanilla": lambda i: fig6_vanilla(i.singular_values, _c(i)),
+    "fig8-iterations": lambda i: fig8_iterations(i.reconstruction, _c(i)),
+    "fig8-halving": lambda i: fig8_halving(i.reconstruction),
+    "runtime-inverse": lambda i: runtime_inverse(i.reconstruction, _c(i)),
+    "runtime-constraint": lambda i: runtime_constraint(i.classifier_runs),
+    "runtime-logdet": lambda i: runtime_logdet(i.classifier_runs, i.flow),
+}
+CLAIMS: tuple[Claim, ...] = tuple(
+    Claim(**{**entry, "reads": tuple(entry["reads"])}, judge=JUDGES[entry["id"]]) for entry in load_claims()["claims"]
 )
 
 

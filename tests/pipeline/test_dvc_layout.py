@@ -36,8 +36,15 @@ def _module_file(name: str) -> Path | None:
     return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
 
 
+def _data_files(module: Path) -> set[Path]:
+    """Files beside ``module`` that it names in a string (``with_name("claims.yaml")``): the data it reads."""
+    source = module.read_text()
+    return {p for p in module.parent.iterdir() if p.suffix != ".py" and p.is_file() and f'"{p.name}"' in source}
+
+
 def code_deps(stage: str) -> set[str]:
-    """``pipeline/`` files the stage's module reaches through imports (infrastructure left out), plus ``iresnet``."""
+    """``pipeline/`` files the stage's module reaches through imports (infrastructure left out) and the data files
+    they read beside them, plus ``iresnet``."""
     todo, seen, uses_library = [f"pipeline.stages.{stage}"], set(), False
     while todo:
         name = todo.pop()
@@ -51,7 +58,8 @@ def code_deps(stage: str) -> set[str]:
             uses_library |= imported.split(".")[0] == "iresnet"
             if imported.startswith("pipeline."):
                 todo.append(imported)
-    files = {str(p.relative_to(REPO)) for p in seen if not (p.parent.name == "pipeline" and p.stem in INFRASTRUCTURE)}
+    modules = {p for p in seen if not (p.parent.name == "pipeline" and p.stem in INFRASTRUCTURE)}
+    files = {str(p.relative_to(REPO)) for p in modules | {d for m in modules for d in _data_files(m)}}
     return files | ({"iresnet"} if uses_library else set())
 
 

@@ -89,11 +89,12 @@ def test_an_output_folder_that_takes_no_file_is_refused_before_the_block(tmp_pat
 def _abandon(root: Path, name: str, outputs: list[str], owner: dict[str, str]) -> None:
     """What a run killed outright leaves: its outputs half-written, the previous ones in its backup."""
     backup = root / BACKUP / name
-    for output in outputs:
-        if (root / output).exists():
-            (backup / output).parent.mkdir(parents=True, exist_ok=True)
-            (root / output).replace(backup / output)
-    (backup / "manifest.json").write_text(json.dumps({"owner": owner, "outputs": outputs}))
+    existing = [output for output in outputs if (root / output).exists()]
+    for output in existing:
+        (backup / output).parent.mkdir(parents=True, exist_ok=True)
+        (root / output).replace(backup / output)
+    manifest = {"owner": owner, "outputs": outputs, "existing": existing}
+    (backup / "manifest.json").write_text(json.dumps(manifest))
     _write_new(root)
 
 
@@ -165,3 +166,34 @@ def test_kill_9_mid_run_then_the_next_run_restores(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), replaced_together(tmp_path, "clf", OUTPUTS):
         raise RuntimeError
     assert _tree(tmp_path) == {**previous, "reports/metrics/other.json": b"another stage's"}
+
+
+def test_a_move_aside_that_fails_half_way_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second output cannot be moved aside (a disk error, say): the first comes back and nothing is lost."""
+    previous = _previous(tmp_path)
+    real_replace = Path.replace
+
+    def failing(self: Path, target: Path) -> Path:
+        if self.name == "clf.json" and BACKUP in str(target):
+            raise OSError(5, "Input/output error")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", failing)
+    with pytest.raises(OSError), replaced_together(tmp_path, "clf", OUTPUTS):
+        raise AssertionError("the block must not run")
+    monkeypatch.undo()
+    assert {k: v for k, v in _tree(tmp_path).items() if k in previous} == previous
+
+
+def test_a_kill_while_moving_aside_loses_nothing(tmp_path: Path) -> None:
+    """Killed after moving the first output aside but before the second: the second is still the previous one, and
+    the next run must leave it, not delete it as something the run wrote."""
+    previous = _previous(tmp_path)
+    backup = tmp_path / BACKUP / "clf"
+    (backup / "models").mkdir(parents=True)
+    (tmp_path / "models/clf").replace(backup / "models/clf")  # only the first of the two was moved
+    manifest = {"owner": _dead_owner(), "outputs": OUTPUTS, "existing": OUTPUTS}
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError), replaced_together(tmp_path, "clf", OUTPUTS):
+        raise RuntimeError
+    assert {k: v for k, v in _tree(tmp_path).items() if k in previous} == previous

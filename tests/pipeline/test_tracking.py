@@ -262,3 +262,16 @@ def test_an_artifact_folder_that_takes_no_file_stops_the_stage_before_it_runs(st
         with stage_run("data", "prepare", PARAMS, store):
             ran.append(True)
     assert not ran
+
+
+def test_logging_a_model_into_a_locked_store_fails_in_one_line(store: Paths, locked: Callable[[], None]) -> None:
+    """The model is logged through MLflow's fluent API, not the wrapped client: its store failure reads the same."""
+    import torch
+
+    from pipeline.errors import TrackingError
+
+    with pytest.raises(TrackingError, match="database is locked.*IRESNET_TRACKING=0"):
+        with stage_run("data", "prepare", PARAMS, store) as tracker:
+            assert tracker.run_id
+            locked()
+            tracker.log_model(torch.nn.Linear(2, 2), torch.zeros(1, 2))

@@ -397,3 +397,15 @@ def test_page_opens_with_the_verdict_table(tmp_path: Path, params: Params) -> No
     by_id = dict(zip(data["id"], data["verdict"]))
     assert by_id["fig3-iresnet"] == N and by_id["table3-accuracy"] == R  # the fixture's Glows err more
     assert "the i-ResNet inverse reconstructs exactly — not reproduced" in page
+
+
+def test_the_claims_file_and_the_rules_match() -> None:
+    """Every claim of claims.yaml has its rule in code and every rule its claim; every claim belongs to a section of
+    the page, and the sections are distinct."""
+    from pipeline.report.claims import load_claims
+
+    data = load_claims()
+    keys = [section["key"] for section in data["sections"]]
+    assert len(keys) == len(set(keys))
+    assert [claim["id"] for claim in data["claims"]] == list(v.JUDGES)
+    assert {claim["section"] for claim in data["claims"]} <= set(keys)
