@@ -522,6 +522,10 @@ def fig6_vanilla(singular_values: dict[str, Any], coeffs: dict[str, float | None
 # --- Runtime -------------------------------------------------------------------------------------------------------
 
 
+def _threads(metrics: dict[str, Any]) -> Any:
+    return (metrics.get("made_with") or {}).get("threads")
+
+
 def _device(*metrics: dict[str, Any]) -> str:
     devices = sorted({str((m.get("made_with") or {}).get("device", "unknown")) for m in metrics})
     return "/".join(devices)
@@ -585,7 +589,10 @@ def runtime_constraint(runs: dict[str, dict[int, dict[str, Any]]]) -> Finding:
 
 def runtime_logdet(runs: dict[str, dict[int, dict[str, Any]]], flow: dict[str, Any]) -> Finding:
     """Training throughput of the largest-c classifier over the flow's (seed by seed of the classifier, 95% t
-    interval), against about 4x (within a factor 1.5); only for a flow trained with 5 series terms, the paper's."""
+    interval), against about 4x (within a factor 1.5); only for a flow trained with 5 series terms, the paper's, and
+    with as many torch threads as the classifiers (the default profile trains each classifier on one thread beside
+    the others and the flow on two alone: their step times do not compare, and their ratio moved from 2.7x to 2.4x
+    between two runs of the same code; ``iresnet bench`` compares the two steps on equal terms)."""
     iresnets = _iresnets(_coeffs(runs))
     n_terms = flow.get("n_terms")
     if not iresnets or flow.get("throughput_img_s") is None:
@@ -601,6 +608,13 @@ def runtime_logdet(runs: dict[str, dict[int, dict[str, Any]]], flow: dict[str, A
     )
     if n_terms is None or int(n_terms) != PAPER_LOGDET_TERMS:
         return Finding(found + f"; the paper's factor is for {PAPER_LOGDET_TERMS} terms", NOT_TESTABLE)
+    threads = {_threads(flow)} | {_threads(m) for m in runs[iresnets[0]].values()}
+    if len(threads) > 1:
+        return Finding(
+            found + f"; not comparable: they trained on different numbers of torch threads "
+            f"({', '.join(map(str, sorted(threads, key=str)))}); `iresnet bench` compares the two steps",
+            NOT_TESTABLE,
+        )
     band = (PAPER_LOGDET_FACTOR / ABOUT, PAPER_LOGDET_FACTOR * ABOUT)
     return Finding(found, band_verdict(iv["low"], iv["high"], band))
 

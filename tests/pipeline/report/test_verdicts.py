@@ -373,6 +373,19 @@ def test_runtime_logdet(classifier: list[float], n_terms: int, verdict: str) -> 
     assert v.runtime_logdet(runs, flow).verdict == verdict
 
 
+def test_runtime_logdet_compares_only_runs_on_as_many_threads() -> None:
+    """Classifiers trained on one thread beside each other, the flow on two alone: not testable, whatever the ratio."""
+    runs = _timed_runs([1.0] * 3, [400.0, 390.0, 410.0], "cpu")
+    for seeds in runs.values():
+        for metrics in seeds.values():
+            metrics["made_with"] = {**metrics.get("made_with", {}), "threads": 1}
+    flow = {"n_terms": 5, "throughput_img_s": 100.0, "made_with": {"device": "cpu", "threads": 2}}
+    finding = v.runtime_logdet(runs, flow)
+    assert finding.verdict == T and "different numbers of torch threads (1, 2)" in finding.found
+    flow["made_with"]["threads"] = 1
+    assert v.runtime_logdet(runs, flow).verdict == R
+
+
 @pytest.fixture
 def params(repo_params: dict) -> Params:
     raw = copy.deepcopy(repo_params)
