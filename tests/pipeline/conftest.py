@@ -116,3 +116,29 @@ def fresh_store(_template_db: Path) -> Callable[[Path], Path]:
         return root / "mlflow.db"
 
     return place
+
+
+@pytest.fixture
+def classifier_repo(
+    tmp_path: Path,
+    tiny_params: dict[str, Any],
+    make_idx_folder: Callable[..., dict],
+    fresh_store: Callable[[Path], Path],
+) -> Callable[..., tuple[Any, dict[str, Any], dict[str, bytes]]]:
+    """``make(**classifier)``: a git + DVC copy of the repository in ``tmp_path/repo`` with the tiny dataset and two
+    tiny classifiers (c = 0.9 and 0.5, one epoch, ``classifier`` settings on top) trained by ``dvc repro
+    train_classifier`` and committed; returns the copy, its params and every output's bytes (the last good ones)."""
+    from tests.pipeline.classifier_helpers import TINY_CLASSIFIER
+    from tests.pipeline.repo_copy import commit_all, make_repo_copy, outputs_of
+
+    def make(**classifier: Any) -> tuple[Any, dict[str, Any], dict[str, bytes]]:
+        params = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9, 0.5]}}
+        params["classifier"].update(epochs=1, **classifier)
+        repo = make_repo_copy(tmp_path / "repo", params)
+        make_idx_folder(repo.root / "tiny")
+        fresh_store(repo.root)
+        repo.dvc("repro", "train_classifier")
+        commit_all(repo)
+        return repo, params, outputs_of(repo.root)
+
+    return make

@@ -17,7 +17,7 @@ from pipeline.cli import app
 from pipeline.outputs import TRAIN_CLASSIFIER
 from pipeline.paths import Paths
 from pipeline.stages import train_classifier
-from tests.pipeline.classifier_helpers import TINY_CLASSIFIER, classifier_project
+from tests.pipeline.classifier_helpers import classifier_project
 
 runner = CliRunner()
 
@@ -163,24 +163,15 @@ def test_metrics_json_is_strict_json(tmp_path: Path) -> None:
     }
 
 
-def test_a_failed_dvc_repro_keeps_the_last_good_outputs(
-    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, fresh_store: Callable
-) -> None:
+def test_a_failed_dvc_repro_keeps_the_last_good_outputs(classifier_repo: Callable) -> None:
     """A stage that fails half-way (a blow-up found in training) and one that fails at once (a params file refused)
     leave every output as ``dvc.lock`` records it: DVC deletes nothing before a stage (``persist``), and the stage
     puts its previous outputs back (:mod:`pipeline.output_set`)."""
     import subprocess
 
-    from tests.pipeline.repo_copy import commit_all, make_repo_copy, outputs_of
+    from tests.pipeline.repo_copy import outputs_of
 
-    params = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9, 0.5]}}
-    params["classifier"].update(epochs=1, max_train_batches=2)
-    repo = make_repo_copy(tmp_path / "repo", params)
-    make_idx_folder(repo.root / "tiny")
-    fresh_store(repo.root)
-    repo.dvc("repro", "train_classifier")
-    commit_all(repo)
-    good = outputs_of(repo.root)
+    repo, params, good = classifier_repo(max_train_batches=2)
     assert any(name.endswith("model.pt") for name in good) and "data/raw.json" in good
 
     def repro_fails(change: dict, *expected: str) -> None:

@@ -169,22 +169,13 @@ def _stop_and_expect_none_left(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
-def test_a_stopped_dvc_repro_leaves_no_stage_running(
-    tmp_path: Path, tiny_params: dict, make_idx_folder: Callable, fresh_store: Callable, signum: int
-) -> None:
+def test_a_stopped_dvc_repro_leaves_no_stage_running(tmp_path: Path, classifier_repo: Callable, signum: int) -> None:
     """``dvc repro`` stopped mid-stage (SIGTERM, or SIGKILL where DVC can pass nothing on): the pool and its training
     processes stop too, instead of training on and writing outputs that dvc.lock does not record, and the outputs of
     the last good run are back in place."""
-    from tests.pipeline.repo_copy import commit_all, make_repo_copy, outputs_of
+    from tests.pipeline.repo_copy import outputs_of
 
-    params = {**tiny_params, "classifier": {**tiny_params["classifier"], **TINY_CLASSIFIER, "coeffs": [0.9, 0.5]}}
-    params["classifier"].update(epochs=1, milestones=[1], max_train_batches=1)
-    repo = make_repo_copy(tmp_path / "repo", params)
-    make_idx_folder(repo.root / "tiny")
-    fresh_store(repo.root)
-    repo.dvc("repro", "train_classifier")
-    commit_all(repo)
-    good = outputs_of(repo.root)
+    repo, params, good = classifier_repo(milestones=[1], max_train_batches=1)
     params["classifier"]["epochs"] = 10_000  # trains far longer than the test
     (repo.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = tmp_path / "dvc.log"
