@@ -116,10 +116,38 @@ def launch(nproc: int) -> NoReturn:
     try:
         code = proc.wait()
     except KeyboardInterrupt as err:  # SIGINT or SIGTERM (DVC stopping the stage): torchrun stops its processes
-        proc.send_signal(err.signum if isinstance(err, Interrupted) else signal.SIGINT)
+        proc.send_signal(_signum(err))
         proc.wait()
-        code = 128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)
+        code = 128 + _signum(err)
     raise typer.Exit(code)
+
+
+def _signum(err: KeyboardInterrupt) -> int:
+    """The signal that stopped the process: SIGINT or SIGTERM (:class:`Interrupted`), SIGINT for a plain Ctrl-C."""
+    return err.signum if isinstance(err, Interrupted) else signal.SIGINT
+
+
+def _stopped(err: KeyboardInterrupt, checkpoint_epoch: int | None) -> NoReturn:
+    """End a stopped command: the command that goes on (:func:`interrupted_message`), and the shell's exit status
+    for the signal (128 + its number)."""
+    print_error(interrupted_message(checkpoint_epoch))
+    raise typer.Exit(128 + _signum(err)) from None
+
+
+def _compute_here(settings: Settings) -> Any:
+    """Set this process's torch threads (``--threads``) and device (:func:`select_device`); returns the device.
+
+    torch's default uses every core. Results can differ in the last bits between thread counts (reductions split
+    differently), so the committed outputs are made with a fixed count, pipeline.env.EXACT_THREADS (2: measured
+    bit-identical run to run, and 1.3-1.4x faster than 1 thread on 2 cores): `IRESNET_THREADS=2 dvc repro --force`
+    regenerates them byte for byte on the same CPU model and torch build. Set here, not at start-up, so `--help`
+    and `iresnet ui` do not import torch.
+    """
+    import torch
+
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    return select_device(settings)
 
 
 def run_stage(
@@ -145,23 +173,13 @@ def run_stage(
     global batch size, which must divide by the number of processes. Other stages run as one process whatever
     ``--nproc`` says. Under torchrun, only rank 0 tracks and prints.
     """
-    import torch
-
     from pipeline.env import device_info, world
     from pipeline.output_set import replaced_together
     from pipeline.processes import die_with_parent
     from pipeline.tracking import stage_run
 
     die_with_parent()  # a stopped `dvc repro` (or pool, or torchrun) must not leave this stage training on unseen
-
-    # torch's default uses every core. Results can differ in the last bits between thread counts (reductions split
-    # differently), so the committed outputs are made with a fixed count, pipeline.env.EXACT_THREADS (2: measured
-    # bit-identical run to run, and 1.3-1.4x faster than 1 thread on 2 cores): `IRESNET_THREADS=2 dvc repro --force`
-    # regenerates them byte for byte on the same CPU model and torch build. Set here, not at start-up, so `--help`
-    # and `iresnet ui` do not import torch.
-    if ctx.obj.threads is not None:
-        torch.set_num_threads(ctx.obj.threads)
-    device = select_device(ctx.obj)
+    device = _compute_here(ctx.obj)
     here = world()
     nproc = (ctx.obj.nproc or 1) if batch_key is not None else 1
     tracker = None
@@ -192,8 +210,7 @@ def run_stage(
     except UserError as err:
         fail(err)
     except KeyboardInterrupt as err:
-        print_error(interrupted_message(tracker.checkpoint_epoch if tracker is not None else None))
-        raise typer.Exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)) from None
+        _stopped(err, tracker.checkpoint_epoch if tracker is not None else None)
     if here.is_main:
         console.print(metrics_table(f"{stage}: results", metrics))
     return metrics
@@ -208,11 +225,7 @@ def dry_run(
     """``--dry-run`` of a training stage: parameters, activation memory per example and the time per epoch from 10
     measured steps on the current device (:mod:`pipeline.tools.dry_run`), for each of ``--nproc`` processes; no
     outputs."""
-    import torch
-
-    if ctx.obj.threads is not None:
-        torch.set_num_threads(ctx.obj.threads)
-    select_device(ctx.obj)
+    _compute_here(ctx.obj)
     nproc = ctx.obj.nproc or 1
     try:
         params, paths = load(ctx, overrides)
@@ -229,10 +242,10 @@ def dry_run(
 def run_each(ctx: typer.Context, what: str, runs: Callable[[Params], Sequence[tuple[str, list[str]]]]) -> None:
     """Run each ``(name, command)`` that ``runs(params)`` lists (a stage command and its options, e.g.
     ``["train-classifier", "--coeff", "0.9", "--seed", "1"]``) as an ``iresnet`` process of its own with this
-    command's global options
-    (:func:`pipeline.processes.run_jobs`). On the CPU they run side by side, one torch thread each, as many at once as
-    ``--threads`` says (default: one per core), so each run's bytes are those of ``iresnet --threads 1 <command>``
-    whatever the count; on a GPU, or with ``--nproc``, one at a time with the global options as given."""
+    command's global options (:func:`pipeline.processes.run_jobs`). On the CPU they run side by side, one torch
+    thread each, as many at once as ``--threads`` says (default: one per core), so each run's bytes are those of
+    ``iresnet --threads 1 <command>`` whatever the count; on a GPU, or with ``--nproc``, one at a time with the
+    global options as given."""
     import torch
 
     from pipeline.env import DeviceError, parse_device
@@ -267,8 +280,7 @@ def run_each(ctx: typer.Context, what: str, runs: Callable[[Params], Sequence[tu
     except UserError as err:
         fail(err)
     except KeyboardInterrupt as err:
-        print_error(interrupted_message(None))
-        raise typer.Exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT)) from None
+        _stopped(err, None)
     console.print(f"{what}: {len(jobs)} runs done", highlight=False)
 
 
