@@ -136,11 +136,11 @@ def test_a_classifiers_bytes_do_not_depend_on_the_number_of_workers(
 
 
 def _stage_processes(root: Path) -> list[int]:
-    """Pids of the ``pipeline.cli`` processes working in ``root``."""
+    """Pids of the ``python -m pipeline.cli`` processes working in ``root`` (not a shell whose ``-c`` names one)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"pipeline.cli" in (entry / "cmdline").read_bytes():
+            if entry.name.isdigit() and b"pipeline.cli" in (entry / "cmdline").read_bytes().split(b"\0"):
                 if Path(os.readlink(entry / "cwd")) == root and _alive(int(entry.name)):
                     found.append(int(entry.name))
         except OSError:
@@ -183,7 +183,9 @@ def test_a_stopped_dvc_repro_leaves_no_stage_running(tmp_path: Path, classifier_
         dvc = subprocess.Popen(
             [sys.executable, "-m", "dvc", "repro", "train_classifier"],
             cwd=repo.root,
-            env={**repo.env, "IRESNET_THREADS": "2"},
+            # dash (Debian's /bin/sh, DVC's shell where SHELL is unset) does not exec a `-c` command: only the
+            # stage's own `exec` (dvc.yaml) keeps a shell from standing between DVC and the stage
+            env={**repo.env, "IRESNET_THREADS": "2", "SHELL": "/bin/sh"},
             stdout=out,
             stderr=subprocess.STDOUT,
         )

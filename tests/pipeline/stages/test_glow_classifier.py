@@ -302,7 +302,7 @@ def test_dvc_yaml_runs_every_run_and_seed_and_tracks_what_it_reads() -> None:
     from pipeline.params import GlowChannels, GlowClassifierParams
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_glow_classifier"]
-    assert "matrix" not in stage and stage["cmd"] == "python -m pipeline.cli train-glow-classifiers"
+    assert "matrix" not in stage and stage["cmd"] == "exec python -m pipeline.cli train-glow-classifiers"
     glow = {f"glow_classifier.{f.name}" for f in fields(GlowClassifierParams)}
     glow = (glow - {"glow_classifier.channels"}) | {f"glow_classifier.channels.{f.name}" for f in fields(GlowChannels)}
     read = glow | {f"classifier.{key}" for key in train_glow_classifier.CLASSIFIER_KEYS}

@@ -333,7 +333,7 @@ def test_dvc_yaml_runs_every_coefficient_and_seed_and_tracks_what_it_reads() -> 
     from dataclasses import fields
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_classifier"]
-    assert "matrix" not in stage and stage["cmd"] == "python -m pipeline.cli train-classifiers"
+    assert "matrix" not in stage and stage["cmd"] == "exec python -m pipeline.cli train-classifiers"
     # Every classifier key, both lists included (one stage trains them all), not the global seed (each run's seed is
     # its entry of classifier.seeds).
     assert set(stage["params"]) == {f"classifier.{f.name}" for f in fields(ClassifierParams)}

@@ -50,7 +50,7 @@ def test_a_profile_dvc_yaml_runs_every_stage_under_its_folder_with_cached_data_a
         root = ROOT["stages"][name]
         assert stage["wdir"] == "../.."
         assert stage["cmd"].startswith(
-            "python -m pipeline.cli --root configs/cifar10 --params configs/cifar10/params.yaml "
+            "exec python -m pipeline.cli --root configs/cifar10 --params configs/cifar10/params.yaml "
         )
         assert [d for d in stage["deps"] if d.startswith(("pipeline", "iresnet"))] == [
             d for d in root["deps"] if d.startswith(("pipeline", "iresnet"))
@@ -63,7 +63,7 @@ def test_a_profile_dvc_yaml_runs_every_stage_under_its_folder_with_cached_data_a
             cached = path.startswith(("configs/cifar10/data/prepared", "configs/cifar10/models/"))
             assert options["cache"] is cached, path
     assert profile["stages"]["train_classifier"]["cmd"] == (
-        "python -m pipeline.cli --root configs/cifar10 --params configs/cifar10/params.yaml train-classifiers"
+        "exec python -m pipeline.cli --root configs/cifar10 --params configs/cifar10/params.yaml train-classifiers"
     )
 
 
