@@ -159,35 +159,56 @@ class DataParams:
 
 
 @section
-class ClassifierParams:
-    coeffs: list_of(Coeff, unique=True) = param("Lipschitz coefficients c and baselines")
-    seeds: list_of(Seed, unique=True) = param(
-        "training seeds (init and data order), one model per coefficient and seed; the first feeds the figures"
-    )
+class NetworkParams:
+    """The architecture that classifier and flow params share, under the names the library's configs give it
+    (:class:`iresnet.ResNetConfig`, :class:`iresnet.MultiscaleFlow`'s ``FlowConfig``): :meth:`network` passes them on.
+    A stage of a classifier is a scale of a flow."""
+
     n_blocks: PerStage = param("residual blocks per stage")
     strides: Strides = param("stride per stage (2 = invertible squeeze)")
     channels: PerStage = param("hidden channels of g per stage")
     init_ds: InitDs = param("initial squeeze (2) or none (1)")
-    inj_pad: NonNegativeInt = param("zero channels appended to the input (injective padding)")
-    nonlin: Nonlinearity = param("1-Lipschitz nonlinearity")
+    nonlin: Nonlinearity = param("1-Lipschitz nonlinearity (a flow's: smooth, e.g. elu, softplus, lipswish)")
     n_power_iter: PositiveInt = param("spectral-norm power iterations per training step")
     actnorm: Bool = param("ActNorm before each residual block")
+
+    def check(self) -> None:
+        _check_stages(self.n_blocks, self.strides, self.channels)
+
+    def network(self) -> dict[str, Any]:
+        """These fields as keyword arguments of a library config."""
+        return {name: getattr(self, name) for name in NETWORK_FIELDS}
+
+
+NETWORK_FIELDS = tuple(NetworkParams.__dataclass_fields__)
+
+
+@section
+class TrainingParams:
+    """The training loop's settings that classifier and flow params share."""
+
     epochs: PositiveInt = param("training epochs")
     batch_size: PositiveInt = param("training batch size")
     eval_batch_size: PositiveInt = param("evaluation batch size")
-    optimizer: choice(*OPTIMIZER_NAMES) = param("optimiser")
     lr: LearningRate = param("learning rate")
-    momentum: real(0.0, 1.0, hi_open=True) = param("SGD momentum")
     weight_decay: real(0.0) = param("weight decay")
+    max_train_batches: optional(PositiveInt) = param("cap on batches per epoch (CPU profile)")
+
+
+@section
+class ClassifierParams(TrainingParams, NetworkParams):
+    coeffs: list_of(Coeff, unique=True) = param("Lipschitz coefficients c and baselines")
+    seeds: list_of(Seed, unique=True) = param(
+        "training seeds (init and data order), one model per coefficient and seed; the first feeds the figures"
+    )
+    inj_pad: NonNegativeInt = param("zero channels appended to the input (injective padding)")
+    optimizer: choice(*OPTIMIZER_NAMES) = param("optimiser")
+    momentum: real(0.0, 1.0, hi_open=True) = param("SGD momentum")
     milestones: list_of(PositiveInt, min_len=0, increasing=True) = param("lr decay epochs")
     gamma: real(0.0, 1.0, lo_open=True) = param("lr factor at each milestone")
     shift_px: NonNegativeInt = param("random shift augmentation, pixels")
     hflip: Bool = param("random horizontal flips")
-    max_train_batches: optional(PositiveInt) = param("cap on batches per epoch (CPU profile)")
     bf16: Bool = param("bfloat16 autocast of the training forward pass")
-
-    def check(self) -> None:
-        _check_stages(self.n_blocks, self.strides, self.channels)
 
 
 @section
@@ -240,15 +261,8 @@ class ReconstructionParams:
 
 
 @section
-class FlowParams:
-    n_blocks: PerStage = param("residual blocks per scale")
-    strides: Strides = param("stride per scale (2 = squeeze)")
-    channels: PerStage = param("hidden channels of g per scale")
-    init_ds: InitDs = param("initial squeeze (2) or none (1)")
+class FlowParams(TrainingParams, NetworkParams):
     coeff: OpenUnit = param("Lipschitz coefficient c")
-    nonlin: Nonlinearity = param("1-Lipschitz nonlinearity (smooth: elu, softplus, lipswish)")
-    n_power_iter: PositiveInt = param("spectral-norm power iterations per training step")
-    actnorm: Bool = param("ActNorm before each residual block")
     n_terms: PositiveInt = param("power-series terms while training (unbiased: terms always evaluated)")
     n_samples: PositiveInt = param("Hutchinson probes per example while training")
     estimator: choice("truncated", "unbiased") = param("log-det estimator")
@@ -263,20 +277,14 @@ class FlowParams:
     actnorm_init_images: optional(PositiveInt) = param(
         "ActNorm data initialisation on this many evenly spaced train images (null: the first training batch)"
     )
-    epochs: PositiveInt = param("training epochs")
-    batch_size: PositiveInt = param("training batch size")
-    eval_batch_size: PositiveInt = param("evaluation batch size")
     optimizer: choice("adamax", "adam") = param("optimiser")
-    lr: LearningRate = param("learning rate")
     warmup_epochs: NonNegativeInt = param("linear learning-rate warm-up epochs")
     lr_schedule: LrSchedule = param("learning rate after the warm-up: constant or cosine decay to 0")
-    weight_decay: real(0.0) = param("weight decay")
     use_zca: Bool = param("train on ZCA-whitened data (needs data.zca.enabled)")
     n_generated: PositiveInt = param("samples drawn for the samples grid")
-    max_train_batches: optional(PositiveInt) = param("cap on batches per epoch (CPU profile)")
 
     def check(self) -> None:
-        _check_stages(self.n_blocks, self.strides, self.channels)
+        super().check()
         if self.memory_efficient and self.estimator != "truncated":
             raise ParamsError(
                 "memory_efficient", True, "false with estimator unbiased (the Neumann gradient is for truncated)"

@@ -10,12 +10,10 @@ stage has written its final outputs.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
 import random
-import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import torch
+from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from pipeline.env import world
@@ -186,34 +185,20 @@ class ResumeFile:
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """A config dataclass (nested ones included) as plain data, tuples as lists: what a model file stores, and what
-    ``torch.load(weights_only=True)`` reads back."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, (tuple, list)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(config))
+    """A library config (a dataclass, nested ones included) as plain data, tuples as lists: what a model file stores,
+    and what ``torch.load(weights_only=True)`` reads back."""
+    return TypeAdapter(type(config)).dump_python(config, mode="json")
 
 
 def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-    """Inverse of :func:`config_to_dict`: lists back to tuples, nested dataclass fields rebuilt from their dicts.
-
-    An unknown or missing key raises ``TypeError`` (from the dataclass), a bad value whatever its checks raise.
-    """
-    hints = typing.get_type_hints(cls)
-    fields = {}
-    for key, value in data.items():
-        hint = hints.get(key)
-        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-            value = config_from_dict(hint, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        fields[key] = value
-    return cls(**fields)
+    """Inverse of :func:`config_to_dict`: pydantic rebuilds ``cls`` (lists back to tuples, nested configs from their
+    dicts) and runs its checks. A key ``cls`` does not know, or a bad value, raises a one-line ``ValueError`` naming
+    its key path (``logdet.n_terms: ...``); a key missing from an older file takes the field's default."""
+    try:
+        return TypeAdapter(cls).validate_python(data, extra="forbid")
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, first['loc'])) or cls.__name__}: {first['msg']}") from None
 
 
 def save_model(path: Path, kind: str, config: dict[str, Any], model: nn.Module, **extra: Any) -> None:

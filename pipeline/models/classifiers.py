@@ -30,15 +30,9 @@ def resnet_config(params: ClassifierParams, spec: ClassifierSpec, in_shape: tupl
     """The network of App. C.2 for ``spec``: constrained to ``c``, unconstrained (vanilla), or with BatchNorm."""
     return ResNetConfig(
         in_shape=tuple(in_shape),  # type: ignore[arg-type]
-        n_blocks=params.n_blocks,
-        strides=params.strides,
-        channels=params.channels,
+        **params.network(),
         coeff=spec.coeff,
-        n_power_iter=params.n_power_iter,
-        nonlin=params.nonlin,
-        init_ds=params.init_ds,
         inj_pad=params.inj_pad,
-        actnorm=params.actnorm,
         batchnorm=spec.kind == "batchnorm",
     )
 

@@ -22,7 +22,7 @@ from pipeline.data.batches import evenly_spaced
 from pipeline.data.preprocess import ZCA, dequantize
 from pipeline.data.store import load_prepared, load_zca
 from pipeline.env import device
-from pipeline.errors import DataError
+from pipeline.errors import DataError, brief
 from pipeline.outputs import TRAIN_FLOW
 from pipeline.params import FlowParams
 from pipeline.paths import Paths
@@ -47,14 +47,8 @@ def flow_config(flow: FlowParams, in_shape: tuple[int, int, int]) -> FlowConfig:
     """The library config of the flow that ``flow.*`` describes, for images of ``in_shape = (C, H, W)``."""
     return FlowConfig(
         in_shape=tuple(in_shape),
-        n_blocks=flow.n_blocks,
-        strides=flow.strides,
-        channels=flow.channels,
+        **flow.network(),
         coeff=flow.coeff,
-        n_power_iter=flow.n_power_iter,
-        nonlin=flow.nonlin,
-        init_ds=flow.init_ds,
-        actnorm=flow.actnorm,
         learned_prior=flow.prior != "fixed",  # conditional: the last scale's prior is learned too (Glow)
         logdet=logdet_settings(flow),
         logit_alpha=flow.logit_alpha,
@@ -120,7 +114,11 @@ def load_trained_flow(paths: Paths) -> TrainedFlow:
     """
     path = TRAIN_FLOW.model_path(paths)
     state = load_model_file(path, MODEL_KIND)
-    model = MultiscaleFlow(config_from_dict(FlowConfig, state["config"]))
+    try:
+        config = config_from_dict(FlowConfig, state["config"])
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{path} holds an unusable config ({brief(err)}); re-run train_flow.") from None
+    model = MultiscaleFlow(config)
     load_state_checked(model, state["state_dict"], path)
     model.to(device()).eval()  # loaded on the CPU, then moved to the stage's device
     zca = None

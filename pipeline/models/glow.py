@@ -39,18 +39,13 @@ def glow_config(params: Params, model: str, in_shape: tuple[int, int, int]) -> G
 
 def glow_style_config(params: Params, in_shape: tuple[int, int, int]) -> ResNetConfig:
     """The i-ResNet classifier in Glow's layout: a residual block where Glow has a step of flow."""
-    g, c = params.glow_classifier, params.classifier
+    g = params.glow_classifier
+    layout = {"n_blocks": g.n_steps, "strides": g.strides, "channels": g.channels.iresnet, "init_ds": g.init_ds}
     return ResNetConfig(
         in_shape=tuple(in_shape),  # type: ignore[arg-type]
-        n_blocks=g.n_steps,
-        strides=g.strides,
-        channels=g.channels.iresnet,
+        **{**params.classifier.network(), **layout},  # the classifier's blocks, laid out as Glow's steps
         coeff=g.coeff,
-        n_power_iter=c.n_power_iter,
-        nonlin=c.nonlin,
-        init_ds=g.init_ds,
         inj_pad=g.inj_pad,
-        actnorm=c.actnorm,
     )
 
 

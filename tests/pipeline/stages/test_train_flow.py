@@ -276,8 +276,12 @@ def test_config_round_trip(repo_params: dict) -> None:
     assert config_from_dict(FlowConfig, plain) == config
     assert isinstance(plain["n_blocks"], list) and isinstance(plain["logdet"], dict)  # what torch.load accepts
     assert config_from_dict(FlowConfig, {**plain, "n_blocks": tuple(plain["n_blocks"])}) == config  # older files
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="^unknown: Unexpected keyword argument"):
         config_from_dict(FlowConfig, {**plain, "unknown": 1})
+    with pytest.raises(ValueError, match=r"^logdet\.n_term: Unexpected"):  # inside a nested config too
+        config_from_dict(FlowConfig, {**plain, "logdet": {**plain["logdet"], "n_term": 3}})
+    with pytest.raises(ValueError, match=r"^FlowConfig: Value error, coeff must lie in \(0, 1\)"):  # its own checks
+        config_from_dict(FlowConfig, {**plain, "coeff": 1.5})
     assert MultiscaleFlow(config).n_dims == 784
 
 
