@@ -28,9 +28,10 @@ from typing import Any
 import pandas as pd
 
 from pipeline.models.glow_specs import MODEL_NAMES, OPTIMIZER_NAMES, GlowRun
+from pipeline.report.claims import finding
 from pipeline.report.classifiers import SeedSummary, seed_summaries
 from pipeline.report.inputs import ReportInputs
-from pipeline.report.tables import MISSING, ReportTable, difference_cell, num, percent, signed
+from pipeline.report.tables import MISSING, ReportTable, difference_cell, in_points, num, percent
 from pipeline.stats import Z95
 
 REFERENCE = "iresnet-sgd"  # the Glow-style i-ResNet with the paper's optimiser: every difference is against it
@@ -142,7 +143,7 @@ def table3(inputs: ReportInputs) -> ReportTable:
             optimiser += ", Table 2's settings"
         differences = "; ".join(
             (f"seed {seed}: " if len(x.errors) > 1 else "")  # a row with more seeds than it is paired on says which
-            + difference_cell({k: 100 * d[k] for k in ("mean", "low", "high")}, ".2f")
+            + difference_cell(in_points(d), ".2f")
             for seed, d in x.differences.items()
         )
         shown.append(
@@ -204,31 +205,25 @@ def table3_finding(inputs: ReportInputs) -> str:
     table = rows(inputs)
     s = summaries(table)
     seeds = sorted({seed for row in table if row.key != TABLE2 for seed in row.by_seed})
-    parts = [
-        f"{row.model} + {OPTIMIZER_NAMES[row.optimizer]} {100 * s[row.key].mean:.2f}%"
-        + ("" if s[row.key].std is None else f" ± {100 * s[row.key].std:.2f}")
-        + ("" if sorted(row.by_seed) == seeds else f" ({len(row.by_seed)} seed{'s' * (len(row.by_seed) != 1)})")
+    shown = [
+        {
+            "model": row.model,
+            "optimizer": OPTIMIZER_NAMES[row.optimizer],
+            "mean": 100 * s[row.key].mean,
+            "std": None if s[row.key].std is None else 100 * s[row.key].std,
+            "n_seeds": None if sorted(row.by_seed) == seeds else len(row.by_seed),
+        }
         for row in table
     ]
-    spread = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}" if seeds else "no seed"
-    text = f"test error ({spread}) {'; '.join(parts)}"
-    pairs = accuracy_pairs(inputs)
-    if pairs:
-        clauses = []
-        for glow, iresnet, diffs, verdict in pairs:
-            per_seed = ", ".join(
-                (f"seed {seed} " if len(seeds) > 1 or len(iresnet.by_seed) > 1 else "")
-                + f"{signed(100 * d['mean'])} ({signed(100 * d['low'])}, {signed(100 * d['high'])})"
-                for seed, d in diffs.items()
-            )
-            better = {"i-ResNet": "i-ResNet better", "Glow": "Glow better", "unresolved": "unresolved"}[verdict]
-            clauses.append(f"{glow.model} − {iresnet.model}: {per_seed or 'no shared seed'} ({better})")
-        text += (
-            "; paired difference Glow − i-ResNet on the same test images (points, 95% interval): "
-            + "; ".join(clauses)
-            + " (a pair is decided when every seed's interval lies on one side of 0)"
-        )
-    clauses = [f"{run.name}: {state}" for run, _, _, state in sgd_outcomes(inputs)]
-    if clauses:
-        text += f". Trained with Table 2's SGD: {'; '.join(clauses)}"
-    return text + "."
+    pairs = [
+        {
+            "glow": glow.model,
+            "iresnet": iresnet.model,
+            "differences": [(seed, in_points(d)) for seed, d in diffs.items()],
+            "name_seeds": len(seeds) > 1 or len(iresnet.by_seed) > 1,
+            "verdict": verdict,
+        }
+        for glow, iresnet, diffs, verdict in accuracy_pairs(inputs)
+    ]
+    sgd = [(run.name, state) for run, _, _, state in sgd_outcomes(inputs)]
+    return finding("table3", seeds=seeds, rows=shown, pairs=pairs, sgd=sgd)

@@ -147,8 +147,7 @@ def table2(inputs: ReportInputs) -> ReportTable:
         for key in ("mean", "low", "high"):
             rows[f"seed {seed}: − vanilla, {key} (points)"] = [points(d, key) for d in diffs]
         shown_rows[f"seed {seed}: − vanilla, points (95% interval)"] = [
-            difference_cell(None if d is None else {k: 100 * d[k] for k in ("mean", "low", "high")}, ".2f")
-            for d in diffs
+            difference_cell(None if d is None else in_points(d), ".2f") for d in diffs
         ]
     rows["mean − vanilla (points)"] = [None if x.mean_difference is None else 100 * x.mean_difference for x in s]
     shown_rows["mean − vanilla (points)"] = [num(v, "+.2f", MISSING) for v in rows["mean − vanilla (points)"]]
@@ -308,6 +307,11 @@ def with_stderr(value: Any, stderr: Any, spec: str = ".3f") -> str:
     if finite_or_none(value) is None:
         return num(value, spec)
     return num(value, spec) + (f" ± {stderr:{spec}}" if finite_or_none(stderr) is not None else "")
+
+
+def in_points(d: dict[str, float]) -> dict[str, float]:
+    """A paired difference of error fractions ``{"mean", "low", "high"}`` in percentage points."""
+    return {k: 100 * d[k] for k in ("mean", "low", "high")}
 
 
 def difference_cell(d: dict[str, float] | None, spec: str = ".3f") -> str:
