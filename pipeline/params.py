@@ -161,8 +161,8 @@ class DataParams:
 @section
 class NetworkParams:
     """The architecture that classifier and flow params share, under the names the library's configs give it
-    (:class:`iresnet.ResNetConfig`, :class:`iresnet.MultiscaleFlow`'s ``FlowConfig``): :meth:`network` passes them on.
-    A stage of a classifier is a scale of a flow."""
+    (:class:`iresnet.ResNetConfig`, :class:`iresnet.FlowConfig`): :meth:`network` passes them on. A stage of a
+    classifier is a scale of a flow."""
 
     n_blocks: PerStage = param("residual blocks per stage")
     strides: Strides = param("stride per stage (2 = invertible squeeze)")

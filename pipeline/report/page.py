@@ -268,10 +268,18 @@ def published_distance(inputs: ReportInputs, table: ReportTable) -> dict[str, An
     diff, se = float(ours.bpd - best.bpd), float(ours.stderr_examples)
     low, high = diff - Z95 * se, diff + Z95 * se
     side = {"worse": "behind", "better": "ahead", "unresolved": "unresolved"}[_side({"low": low, "high": high})]
-    published = {"method": best.method, "bpd": float(best.bpd), "dataset": paper, "diff": diff, "se": se}
     factors = flow_scale_gaps(inputs.stats, inputs.flow, ev)  # (smaller than the paper's, text)
     return {
-        "published": {**published, "low": low, "high": high, "side": side},
+        "published": {
+            "method": best.method,
+            "bpd": float(best.bpd),
+            "dataset": paper,
+            "diff": diff,
+            "se": se,
+            "low": low,
+            "high": high,
+            "side": side,
+        },
         "factors": [text for _, text in factors],
         "causes": [text for smaller, text in factors if smaller],
     }
