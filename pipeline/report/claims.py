@@ -64,7 +64,7 @@ def _defined_only(fn: Callable[..., str]) -> Callable[..., str]:
 
 @cache
 def _templates() -> dict[str, jinja2.Template]:
-    return {s["key"]: environment().from_string(s["finding"]) for s in load_claims()["sections"] if "finding" in s}
+    return {s["key"]: environment().from_string(s["finding"]) for s in load_claims()["sections"]}
 
 
 def finding(key: str, **facts: Any) -> str:
