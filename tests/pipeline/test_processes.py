@@ -148,6 +148,19 @@ def _stage_processes(root: Path) -> list[int]:
     return found
 
 
+def _describe(pid: int) -> str:
+    """A process as a failure message shows it: its command line, state and parent, and where each of its threads
+    waits in the kernel (what a process that outlives its parent is stuck on)."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        state, ppid = (proc / "stat").read_text().split(") ")[-1].split()[:2]
+        waits = sorted({(task / "wchan").read_text() for task in (proc / "task").iterdir()})
+    except OSError:
+        return f"{pid}: gone"
+    return f"{pid} (state {state}, parent {ppid}, threads wait in {', '.join(waits)}): {argv}"
+
+
 def _stop_and_expect_none_left(
     parent: subprocess.Popen, root: Path, running: int, signum: int, log: Path | None = None
 ) -> None:
@@ -160,7 +173,11 @@ def _stop_and_expect_none_left(
         )
         parent.send_signal(signum)
         parent.wait(timeout=120)
-        assert _wait_for(lambda: not _stage_processes(root), timeout=60), "a process outlived what started it"
+        assert _wait_for(lambda: not _stage_processes(root), timeout=60), (
+            "a process outlived what started it:\n"
+            + "\n".join(_describe(pid) for pid in _stage_processes(root))
+            + ("\n" + log.read_text()[-3000:] if log is not None else "")
+        )
     finally:
         parent.kill()
         for pid in _stage_processes(root):
